@@ -1,0 +1,133 @@
+"""Stage outputs and training state on disk: atomic writes, the manifest, resumable checkpoints.
+
+Every stage's output directory is a standard Hugging Face model directory plus `manifest.json`:
+
+    {"stage": "sft", "model": "tiny", "base_model": "tiny", "init_from": null,
+     "config_hash": "…", "metrics": {…}, "versions": {…}, "lora": false, "finished": true}
+
+`manifest.json` is written last, so a directory with a finished manifest holds a whole model.
+Resumable training state lives in `<output_dir>/checkpoints/`; a checkpoint counts only once its
+`COMPLETE` marker exists, so one cut short by a crash or `kill -9` is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE"
+_STEP = re.compile(r"^(?:checkpoint|step)-(\d+)$")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write aside, fsync, then rename over the target: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide a run's numbers."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("rlhf-pipeline", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_manifest(
+    output_dir: str | Path,
+    *,
+    stage: str,
+    model: str,
+    base_model: str,
+    init_from: str | None,
+    config_hash: str,
+    metrics: dict,
+    lora: bool,
+    extra: dict | None = None,
+) -> dict:
+    manifest = {
+        "stage": stage,
+        "model": model,
+        "base_model": base_model,
+        "init_from": init_from,
+        "config_hash": config_hash,
+        "metrics": metrics,
+        "lora": lora,
+        "versions": versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished": True,
+        **(extra or {}),
+    }
+    atomic_write_json(Path(output_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def is_finished(output_dir: str | Path, config_hash: str | None = None) -> bool:
+    """True if the stage in `output_dir` finished (and, if given, with this config hash)."""
+    manifest = read_manifest(output_dir)
+    if not manifest or not manifest.get("finished"):
+        return False
+    return config_hash is None or manifest.get("config_hash") == config_hash
+
+
+def mark_complete(checkpoint_dir: str | Path) -> None:
+    atomic_write_text(Path(checkpoint_dir) / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    m = _STEP.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint (`checkpoint-N` or `step-N` with a COMPLETE marker)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.iterdir() if checkpoint_step(p) is not None and (p / COMPLETE).is_file()]
+    return max(done, key=checkpoint_step, default=None)
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and any incomplete ones older than
+    the newest complete one (left by a crash)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    steps = sorted((p for p in directory.iterdir() if checkpoint_step(p) is not None), key=checkpoint_step)
+    complete = [p for p in steps if (p / COMPLETE).is_file()]
+    newest = checkpoint_step(complete[-1]) if complete else -1
+    for p in steps:
+        stale = p not in complete and checkpoint_step(p) < newest
+        if stale or (p in complete and p not in complete[-keep:]):
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,57 @@
+"""The command line shared by the stage launchers:
+
+    launch/stage1_sft.py [--config FILE] [key.sub=value ...] [--print-config]
+
+Bad configs, bad data and unloadable models end the process with one line on stderr naming the
+key, file, line or field, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from rlhf.config import ConfigError, dump_yaml, load_config
+from rlhf.data import DataError
+from rlhf.registry import ModelLoadError
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError)
+
+
+def parse(cls: type, default_config: str | None, argv: list[str] | None = None, description: str = ""):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(cls, args.config, args.overrides)
+    return cfg, args.print_config
+
+
+def run_stage(cls: type, train: Callable, default_config: str, argv: list[str] | None = None) -> int:
+    """Parse, run `train(cfg)`, and turn user errors into a one-line message and exit code 2."""
+    setup_logging()
+    try:
+        cfg, print_only = parse(cls, default_config, argv, description=(train.__doc__ or "").strip())
+        if print_only:
+            print(dump_yaml(cfg), end="")
+            return 0
+        train(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

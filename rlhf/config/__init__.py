@@ -1,0 +1,34 @@
+"""Typed, validated configs: shared parts composed per stage, loaded from YAML + overrides."""
+
+from rlhf.config.parts import (
+    DataConfig,
+    GenerationConfig,
+    LoraConfig,
+    ModelInit,
+    OptimConfig,
+    TaskConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from rlhf.config.schema import ConfigError, config_hash, dump_yaml, load_config, to_dict
+from rlhf.config.stages import NOT_HASHED, PPOStageConfig, RMStageConfig, SFTStageConfig
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "GenerationConfig",
+    "LoraConfig",
+    "ModelInit",
+    "NOT_HASHED",
+    "OptimConfig",
+    "PPOStageConfig",
+    "RMStageConfig",
+    "SFTStageConfig",
+    "TaskConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "config_hash",
+    "dump_yaml",
+    "load_config",
+    "to_dict",
+]

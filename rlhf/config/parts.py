@@ -1,0 +1,158 @@
+"""The config parts that every stage shares. Each field is documented once, here.
+
+Lists are tuples so that a loaded config is immutable; derived values (world size, global batch,
+total steps) are computed where they are used, never written back into the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf.config.schema import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelInit:
+    """How a model's weights are loaded (any stage, any model the stage loads)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
+    revision: str | None = None  # hub branch, tag or commit
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"; None: transformers' choice
+    load_in_4bit: bool = False  # QLoRA: 4-bit base weights (needs bitsandbytes and a CUDA GPU; implies LoRA)
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """PEFT LoRA: train low-rank A·B added to frozen weights (seed 003)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None  # None: the preset's list, else every linear layer
+    merge_on_save: bool = False  # also write merged full weights to <output_dir>/merged
+
+    def check(self) -> None:
+        if self.r <= 0:
+            raise ConfigError("r", f"must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from: a .jsonl/.json/.parquet file, a saved HF dataset directory or a
+    hub dataset id. None means the task's built-in generated set (see `task`)."""
+
+    train: str | None = None
+    eval: str | None = None
+    train_split: str = "train"  # split to read from a hub id or a saved DatasetDict
+    eval_split: str = "test"
+    max_length: int = 512  # tokens per example (prompt + response)
+    overlong: Literal["drop", "truncate"] = "drop"  # what to do with longer examples (counted in the log)
+    max_eval_examples: int | None = None  # cap on held-out examples used for evaluation
+
+    def check(self) -> None:
+        if self.max_length <= 0:
+            raise ConfigError("max_length", f"must be positive, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A built-in task with a checker (seed 000's subtraction), which generates the training and
+    held-out data when `data.train` / `data.eval` are null, and scores generations."""
+
+    name: Literal["subtraction"] | None = "subtraction"  # null: no task (your own data, loss-only eval)
+    train_size: int = 100_000
+    train_digits: tuple[int, ...] = (2, 3, 4, 5)  # dx buckets for training items (seed: 2, 5, 10, 20)
+    train_weights: tuple[float, ...] | None = None  # sampling weight per bucket; None: uniform
+    eval_size: int = 400
+    eval_digits: tuple[int, ...] = (2, 5)  # the seed's first two buckets
+    fewshot: bool = False  # prompt with the seed's few-shot instruction instead of the plain question
+    data_seed: int = 1234  # generated data depends on this, not on `seed`; the held-out set uses data_seed + 1
+
+    def check(self) -> None:
+        if self.train_weights is not None and len(self.train_weights) != len(self.train_digits):
+            raise ConfigError("train_weights", "needs one weight per entry of train_digits")
+        if any(d <= 0 for d in self.train_digits + self.eval_digits):
+            raise ConfigError("train_digits", "digit counts must be positive")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup
+    warmup_ratio: float = 0.0  # fraction of the steps spent warming up linearly
+    min_lr_ratio: float = 0.0  # floor of the cosine/linear decay, as a fraction of lr
+    max_grad_norm: float | None = 1.0  # null: no clipping
+
+    def check(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be positive, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: batch sizes, length, logging, checkpoints."""
+
+    batch_size: int = 8  # per device, per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 1000  # optimizer steps (PPO: rollout/update iterations)
+    log_every: int = 10
+    eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
+    save_every: int = 200  # steps between resumable checkpoints; 0: none
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest complete checkpoint in output_dir
+
+    def check(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling settings (seeds 003, 004). Greedy when do_sample is false."""
+
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+
+    def check(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ConfigError("max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be positive, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError("top_k", f"must be >= 0, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where metrics go. metrics.jsonl in the output directory is always written."""
+
+    report_to: tuple[Literal["wandb", "tensorboard"], ...] = ("tensorboard", "wandb")
+    project: str = "rlhf"  # wandb project
+    group: str | None = None  # wandb group (the pipeline sets it to the run name)
+    run_name: str | None = None  # None: derived from the output directory
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY is set
+    progress: bool = True  # progress bar with ETA on the console
+    samples_every: int = 0  # steps between tables of sample generations (PPO); 0: with each evaluation

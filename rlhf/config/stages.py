@@ -1,0 +1,177 @@
+"""One config per stage, composed from the shared parts. Defaults here are the tiny CPU default;
+configs/ holds the YAML that users edit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf.config.parts import (
+    DataConfig,
+    GenerationConfig,
+    LoraConfig,
+    ModelInit,
+    OptimConfig,
+    TaskConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from rlhf.config.schema import ConfigError
+
+# Top-level keys that never change what a stage computes: left out of the config hash that
+# decides whether a finished stage can be reused.
+NOT_HASHED = ("output_dir", "tracking")
+
+
+@dataclass(frozen=True)
+class SFTStageConfig:
+    """Stage 1: supervised fine-tuning; cross-entropy on the completion / assistant tokens."""
+
+    model: str = "tiny"  # registry preset, local directory (e.g. an earlier stage's output) or hub id
+    output_dir: str = "runs/tiny/sft"
+    seed: int = 0
+    model_init: ModelInit = field(default_factory=ModelInit)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """Built-in preference pairs for the task (used when data.train / data.eval are null)."""
+
+    train_size: int = 20_000
+    eval_size: int = 1_000
+    kinds: tuple[str, ...] = ("wrong_digit", "missed_borrow", "sign_error", "dropped_digit")
+    onpolicy_fraction: float = 0.0  # share of train pairs whose rejected answer is the init model's own wrong sample
+    onpolicy_samples: int = 4  # samples per prompt when mining on-policy mistakes
+    onpolicy_temperature: float = 1.0
+
+    def check(self) -> None:
+        if not 0.0 <= self.onpolicy_fraction <= 1.0:
+            raise ConfigError("onpolicy_fraction", f"must be in [0, 1], got {self.onpolicy_fraction}")
+        from rlhf.tasks.subtraction import WRONG_KINDS
+
+        for k in self.kinds:
+            if k not in WRONG_KINDS:
+                raise ConfigError("kinds", f"unknown kind {k!r}; known: {list(WRONG_KINDS)}")
+
+
+@dataclass(frozen=True)
+class RewardLossConfig:
+    """L = −log σ(r_chosen − r_rejected − m) (+ centering); see stages/reward/loss.py."""
+
+    use_margin: bool = True  # subtract a pair's `margin` field when the data has one
+    center_coef: float | None = None  # weight of mean((r_c + r_r)^2), pulls rewards toward 0 (Eisenstein et al. 2023)
+
+
+@dataclass(frozen=True)
+class RMStageConfig:
+    """Stage 2: reward model = the same decoder with a scalar head, trained on chosen/rejected pairs."""
+
+    model: str = "tiny"  # usually the SFT output, e.g. runs/x/sft
+    output_dir: str = "runs/tiny/rm"
+    seed: int = 0
+    model_init: ModelInit = field(default_factory=ModelInit)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Step 1 of PPO: how many prompts are answered per iteration, and how."""
+
+    prompts_per_step: int = 64  # per process
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.0)
+    )
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """The PPO update (InstructGPT; Ziegler et al. 2019). Losses in stages/ppo/losses.py."""
+
+    epochs: int = 2  # passes over each rollout
+    minibatches: int = 4  # per epoch; each is split further by train.grad_accum
+    clip_range: float = 0.2  # ε of the clipped surrogate (seed 003)
+    value_clip_range: float | None = 0.2  # clip of value predictions around the rollout's; null: off
+    entropy_coef: float = 0.0  # weight of the entropy bonus
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE λ
+    whiten_advantages: bool = True
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL(policy‖ref) in the reward (Schulman 2020)
+    kl_coef: float = 0.05  # β (initial β when kl_target is set)
+    kl_target: float | None = None  # adaptive β toward this KL per sequence (Ziegler et al. 2019); null: fixed β
+    kl_horizon: int = 10_000  # episodes over which the adaptive controller moves β
+    max_approx_kl: float | None = None  # stop the epoch loop early when approx KL of an update exceeds this
+
+    def check(self) -> None:
+        if self.epochs <= 0 or self.minibatches <= 0:
+            raise ConfigError("epochs", "epochs and minibatches must be positive")
+        if not 0.0 < self.clip_range < 1.0:
+            raise ConfigError("clip_range", f"must be in (0, 1), got {self.clip_range}")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ConfigError("gamma", "gamma and lam must be in [0, 1]")
+        if self.kl_coef < 0:
+            raise ConfigError("kl_coef", f"must be >= 0, got {self.kl_coef}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ConfigError("kl_target", f"must be positive, got {self.kl_target}")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Step 3 of PPO: the sequence score = weighted reward-model score + weighted rule rewards."""
+
+    model_weight: float = 1.0  # weight of the reward model's score (0: rule rewards only)
+    rules: dict[str, float] = field(default_factory=dict)  # rule name -> weight, e.g. {subtraction: 1.0}
+    normalize: Literal["none", "batch", "running"] = "none"  # whiten scores per batch or by running stats
+    clip: float | None = None  # clip scores to [-clip, clip] after normalisation
+    missing_eos_penalty: float | None = -1.0  # added to the score of a response that never emitted EOS
+
+    def check(self) -> None:
+        from rlhf.rewards import RULES
+
+        for name in self.rules:
+            if name not in RULES:
+                raise ConfigError(f"rules.{name}", f"unknown rule reward; known: {sorted(RULES)}")
+
+
+@dataclass(frozen=True)
+class PPOStageConfig:
+    """Stage 3: PPO on the policy with a KL penalty to the frozen reference."""
+
+    policy: str = "tiny"  # the SFT output; also the frozen reference
+    reward_model: str | None = None  # the RM output; null with reward.model_weight = 0 for rule rewards only
+    value_model: str | None = None  # null: initialise from the reward model (or the policy if there is none)
+    output_dir: str = "runs/tiny/ppo"
+    seed: int = 0
+    model_init: ModelInit = field(default_factory=ModelInit)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # prompts: any SFT format, only the prompt is used
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # the policy
+    value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # the value model
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def check(self) -> None:
+        if self.reward_model is None and self.reward.model_weight != 0:
+            raise ConfigError("reward_model", "is null but reward.model_weight is not 0; set one or the other")
+        if self.reward_model is None and not self.reward.rules:
+            raise ConfigError("reward.rules", "no reward model and no rule rewards: nothing to optimise")
+        if self.rollout.prompts_per_step % self.ppo.minibatches:
+            raise ConfigError("ppo.minibatches", "must divide rollout.prompts_per_step")

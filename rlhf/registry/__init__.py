@@ -1,0 +1,40 @@
+"""The model registry: presets, and builders for the policy, reward and value models."""
+
+from rlhf.registry.models import (
+    ModelLoadError,
+    ModelSource,
+    backbone,
+    build_policy,
+    build_scalar_model,
+    config_of,
+    last_token_index,
+    position_ids_from_mask,
+    sequence_scores,
+    token_scores,
+    load_tokenizer,
+    prepare_tokenizer,
+    resolve,
+    score_head,
+)
+from rlhf.registry.presets import PRESETS, Preset
+from rlhf.registry.tiny import build_tiny_tokenizer
+
+__all__ = [
+    "PRESETS",
+    "ModelLoadError",
+    "ModelSource",
+    "Preset",
+    "backbone",
+    "build_policy",
+    "build_scalar_model",
+    "build_tiny_tokenizer",
+    "config_of",
+    "last_token_index",
+    "position_ids_from_mask",
+    "sequence_scores",
+    "token_scores",
+    "load_tokenizer",
+    "prepare_tokenizer",
+    "resolve",
+    "score_head",
+]

@@ -1,0 +1,216 @@
+"""Seed 000's subtraction task: generators in the seed's formats, the checker, per-digit accuracy.
+
+The seed asks `请计算：x - y = ，直接返回计算结果` and expects the exact integer x − y. Its test set has
+1,000 items, a quarter each with x of up to 2, 5, 10 and 20 digits (`dx`), and y of 1..dx digits.
+Its scripts draw x = int(random() * 10**dx), dy = int(random() * dx) + 1, y = int(random() * 10**dy);
+`sample_item` draws the same way, from a seeded `random.Random` so files are reproducible.
+
+Two deliberate differences from the seed's scripts, both documented in the README:
+- the seed's SFT script writes `%d + %d` in the question while the answer is x − y (a typo in
+  the post); our SFT generator writes `-`. Files written by the seed's script still load.
+- run verbatim, the seed's SFT script writes raw newlines inside JSON strings (its `\\n` are
+  Python escapes). Our writer uses `json.dumps`, so every line is valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+PROMPT = "请计算：%d - %d = ，直接返回计算结果"
+SEED_BUCKETS = (2, 5, 10, 20)
+
+# The few-shot instruction of the seed's SFT set, with its operator typo fixed (see module doc).
+FEWSHOT_PROMPT = (
+    "你是一个数学计算器，能计算两个数字的减法。\n"
+    "请直接返回计算结果，不要包含计算过程，也不要包含算式和等于号，直接给出结果的数字。\n"
+    "例子：\n"
+    "<input>请计算：29 - 68 = ，直接返回计算结果</input>\n<output>-39</output>\n"
+    "<input>请计算：87 - 16 = ，直接返回计算结果</input>\n<output>71</output>\n"
+    "<input>请计算：75 - 99 = ，直接返回计算结果</input>\n<output>-24</output>\n"
+    "<input>请计算：32 - 7 = ，直接返回计算结果</input>\n<output>25</output>\n"
+    "<input>请计算：35 - 2 = ，直接返回计算结果</input>\n<output>33</output>\n"
+    "输入：\n"
+    "请计算：%d - %d = ，直接返回计算结果"
+)
+
+# Matches the question in both prompts, the seed's `+` typo included; the last match is the
+# question (the few-shot prompt quotes five solved examples before it).
+_QUESTION = re.compile(r"请计算：(-?\d+) [-+] (-?\d+) = ")
+
+WRONG_KINDS = ("wrong_digit", "missed_borrow", "sign_error", "dropped_digit")
+
+
+def sample_item(rng: random.Random, dx: int) -> tuple[int, int]:
+    """One (x, y) exactly as the seed's scripts draw it for a bucket of `dx` digits."""
+    x = int(rng.random() * (10**dx))
+    dy = int(rng.random() * dx) + 1
+    y = int(rng.random() * (10**dy))
+    return x, y
+
+
+def bucket_of(x: int, y: int, buckets: Sequence[int] = SEED_BUCKETS) -> int:
+    """The digit bucket of an item: the smallest bucket that holds both operands.
+
+    Files in the seed's format do not record the bucket an item was drawn for; this recovers it
+    for all but the rare items whose x happened to be short (e.g. x < 100 drawn for dx = 5).
+    """
+    width = max(len(str(abs(x))), len(str(abs(y))))
+    for b in sorted(buckets):
+        if width <= b:
+            return b
+    return max(buckets)
+
+
+def parse_question(prompt: str) -> tuple[int, int]:
+    """(x, y) of the question in a seed prompt; ValueError if there is none."""
+    matches = _QUESTION.findall(prompt)
+    if not matches:
+        raise ValueError(f"no subtraction question in prompt: {prompt[:80]!r}")
+    x, y = matches[-1]
+    return int(x), int(y)
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """Exact match of the integer, ignoring surrounding white space (the seed's scoring)."""
+    return response.strip() == str(answer).strip()
+
+
+def test_items(n: int, digits: Sequence[int], seed: int) -> list[tuple[int, int, int]]:
+    """(dx, x, y) for n items split evenly over `digits`, in the seed's order."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        dx = digits[i * len(digits) // n]
+        x, y = sample_item(rng, dx)
+        out.append((dx, x, y))
+    return out
+
+
+def train_items(n: int, digits: Sequence[int], weights: Sequence[float] | None, seed: int):
+    """(dx, x, y) for n items with dx drawn from `digits` by `weights` (uniform if None)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        dx = rng.choices(digits, weights=weights)[0]
+        x, y = sample_item(rng, dx)
+        out.append((dx, x, y))
+    return out
+
+
+def test_record(x: int, y: int) -> dict:
+    """A line of the seed's test file: {"prompt": ..., "answer": ...}."""
+    return {"prompt": PROMPT % (x, y), "answer": str(x - y)}
+
+
+def sft_record(x: int, y: int, fewshot: bool = True) -> dict:
+    """A line of the seed's SFT file: {"messages": [user, assistant]}."""
+    question = (FEWSHOT_PROMPT if fewshot else PROMPT) % (x, y)
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": str(x - y)},
+        ]
+    }
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    """Write records one JSON object per line (atomically: aside, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+def wrong_answer(x: int, y: int, kind: str, rng: random.Random) -> str | None:
+    """A realistic wrong answer to x − y of the given kind, or None if the kind does not apply.
+
+    - wrong_digit: one digit of the result replaced by another;
+    - missed_borrow: a borrow forgotten in column subtraction (the result too large by 10^(k+1));
+    - sign_error: the right magnitude with the wrong sign;
+    - dropped_digit: one digit of the result left out.
+    """
+    diff = x - y
+    sign = "-" if diff < 0 else ""
+    mag = str(abs(diff))
+    if kind == "wrong_digit":
+        i = rng.randrange(len(mag))
+        choices = [d for d in "0123456789" if d != mag[i] and not (i == 0 and d == "0" and len(mag) > 1)]
+        out = sign + mag[:i] + rng.choice(choices) + mag[i + 1 :]
+    elif kind == "missed_borrow":
+        big, small = (x, y) if diff >= 0 else (y, x)
+        borrows = _borrow_columns(big, small)
+        if not borrows:
+            return None
+        k = rng.choice(borrows)  # column k borrowed from column k + 1; forgetting it adds 10^(k+1)
+        out = sign + str(abs(diff) + 10 ** (k + 1))
+    elif kind == "sign_error":
+        if diff == 0:
+            return None
+        out = str(-diff)
+    elif kind == "dropped_digit":
+        if len(mag) < 2:
+            return None
+        i = rng.randrange(len(mag))
+        rest = mag[:i] + mag[i + 1 :]
+        out = sign + str(int(rest))
+    else:
+        raise ValueError(f"unknown kind of wrong answer {kind!r}; expected one of {WRONG_KINDS}")
+    return None if out == str(diff) else out
+
+
+def preference_record(x: int, y: int, kinds: Sequence[str], rng: random.Random, fewshot: bool = False) -> dict:
+    """A pair in the prompt/chosen/rejected format: the right difference against a wrong answer
+    of a kind drawn from those that apply to this item (recorded in `kind`)."""
+    options = list(kinds)
+    rng.shuffle(options)
+    for kind in options:
+        wrong = wrong_answer(x, y, kind, rng)
+        if wrong is not None:
+            question = (FEWSHOT_PROMPT if fewshot else PROMPT) % (x, y)
+            return {"prompt": question, "chosen": str(x - y), "rejected": wrong, "kind": kind}
+    # every item admits a wrong digit, so this is only reached when kinds excludes it
+    raise ValueError(f"none of the kinds {list(kinds)} applies to {x} - {y}")
+
+
+def _borrow_columns(big: int, small: int) -> list[int]:
+    """Columns (0 = units) where big − small borrows from the next column; big ≥ small ≥ 0."""
+    cols, borrow, k = [], 0, 0
+    while big or small:
+        a, b = big % 10 - borrow, small % 10
+        borrow = int(a < b)
+        if borrow:
+            cols.append(k)
+        big, small, k = big // 10, small // 10, k + 1
+    return cols
+
+
+def accuracy_report(
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    responses: Sequence[str],
+    buckets: Sequence[int] = SEED_BUCKETS,
+) -> dict:
+    """eval.json's task block: overall exact-match accuracy and accuracy per digit bucket."""
+    hits: dict[int, list[bool]] = defaultdict(list)
+    for prompt, answer, response in zip(prompts, answers, responses, strict=True):
+        x, y = parse_question(prompt)
+        hits[bucket_of(x, y, buckets)].append(is_correct(response, answer))
+    flat = [h for v in hits.values() for h in v]
+    return {
+        "task": "subtraction",
+        "accuracy": round(sum(flat) / max(len(flat), 1), 4),
+        "accuracy_by_digits": {str(b): round(sum(v) / len(v), 4) for b, v in sorted(hits.items())},
+        "n_by_digits": {str(b): len(v) for b, v in sorted(hits.items())},
+        "n": len(flat),
+    }

@@ -1,0 +1,47 @@
+"""Shared test set-up: no hub, no network dashboards, small thread pools, and helpers to run the
+real entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def run_entry(script: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a launcher (e.g. launch/stage1_sft.py) as a user would, in a subprocess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+@pytest.fixture
+def seed_000_scripts() -> dict[str, str]:
+    """The two Python scripts of seed 000 (test-set and SFT-set generators), verbatim."""
+    files = sorted((SHARED / "seeds").glob("000_*.txt"))
+    if not files:
+        pytest.skip("../shared/seeds/000_*.txt not found beside the checkout")
+    text = files[0].read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    scripts = {"test": next(b for b in blocks if "LLM_minus_test_data" in b),
+               "sft": next(b for b in blocks if "LLM_minus_SFT_train_data" in b)}
+    return scripts

@@ -1,0 +1,110 @@
+"""SFT data: every file type and format is detected and normalised; bad input stops with one
+line naming the file, the line and the field."""
+
+import json
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from rlhf.config import DataConfig, TaskConfig
+from rlhf.data import DataError, load_records, normalize_sft, read_records
+
+QUESTION = "请计算：52 - 17 = ，直接返回计算结果"
+CANONICAL = {"prompt": [{"role": "user", "content": QUESTION}], "completion": [{"role": "assistant", "content": "35"}]}
+
+SAME_ITEM_IN_EACH_FORMAT = {
+    "messages": {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "35"}]},
+    "prompt_completion": {"prompt": QUESTION, "completion": "35"},
+    "prompt_completion_chat": {"prompt": [{"role": "user", "content": QUESTION}],
+                               "completion": [{"role": "assistant", "content": "35"}]},
+    "prompt_answer": {"prompt": QUESTION, "answer": "35"},
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(SAME_ITEM_IN_EACH_FORMAT))
+def test_every_chat_format_normalises_to_the_same_example(tmp_path, name):
+    path = write_jsonl(tmp_path / "d.jsonl", [SAME_ITEM_IN_EACH_FORMAT[name]] * 2)
+    examples, fmt = normalize_sft(read_records(path))
+    assert fmt == name.replace("_chat", "")
+    assert examples == [CANONICAL, CANONICAL]
+
+
+def test_text_format(tmp_path):
+    examples, fmt = normalize_sft(read_records(write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])))
+    assert fmt == "text" and examples == [{"text": "hello"}]
+
+
+def test_multi_turn_chat_keeps_all_turns(tmp_path):
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    examples, _ = normalize_sft(read_records(write_jsonl(tmp_path / "m.jsonl", [row, SAME_ITEM_IN_EACH_FORMAT["messages"]])))
+    assert all("messages" in e for e in examples) and len(examples[0]["messages"]) == 4
+
+
+def test_json_parquet_and_saved_dataset(tmp_path):
+    rows = [SAME_ITEM_IN_EACH_FORMAT["prompt_answer"]] * 3
+    (tmp_path / "d.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    for source in ("d.json", "d.parquet", "saved"):
+        examples, fmt = normalize_sft(read_records(str(tmp_path / source)))
+        assert fmt == "prompt_answer" and examples == [CANONICAL] * 3, source
+
+
+def test_json_array_errors_name_the_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n {"prompt": "a", "answer": "1"},\n {"prompt": "b"}\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}:3: field 'answer': missing"):
+        normalize_sft(read_records(str(path)))
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "q", "answer": "1"', "invalid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"prompt": "q"}', "field 'answer': missing"),
+        ('{"prompt": "", "answer": "1"}', "field 'prompt': empty"),
+        ('{"prompt": "q", "answer": null}', "field 'answer': missing"),
+        ('{"prompt": 3, "answer": "1"}', "field 'prompt': expected a string or a list of messages, got int"),
+        ('{"prompt": [{"role": "robot", "content": "x"}], "answer": "1"}', "field 'prompt[0].role'"),
+        ('{"prompt": [{"role": "user", "content": "  "}], "answer": "1"}', "field 'prompt[0].content': empty"),
+    ],
+)
+def test_bad_line_names_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok", "answer": "1"}\n\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        normalize_sft(read_records(str(path)))
+    text = str(err.value)
+    assert text.startswith(f"{path}:3: ") and message in text and "\n" not in text
+
+
+def test_unknown_format_and_missing_files(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "reply": "r"}])
+    with pytest.raises(DataError, match="cannot tell the SFT format"):
+        normalize_sft(read_records(path))
+    with pytest.raises(DataError, match="no such file"):
+        read_records(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_records(str(tmp_path / "x.csv"))
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_records(str(tmp_path / "bin.jsonl"))
+
+
+def test_generated_task_data_when_paths_are_null():
+    task = TaskConfig(train_size=50, eval_size=20, eval_digits=(2, 5))
+    train, label = load_records(DataConfig(), task, "train")
+    assert label == "task:subtraction/train" and len(train) == 50
+    evals, _ = load_records(DataConfig(), task, "eval")
+    examples, fmt = normalize_sft(evals)
+    assert fmt == "prompt_answer" and len(examples) == 20
+    # deterministic in data_seed
+    assert [r.data for r in load_records(DataConfig(), task, "train")[0]] == [r.data for r in train]

@@ -1,0 +1,133 @@
+"""The model registry builds policy, reward and value models for four decoder architectures, and
+loads them back from local directories (full weights and LoRA adapters)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf.config import LoraConfig, ModelInit
+from rlhf.registry import (
+    PRESETS,
+    ModelLoadError,
+    backbone,
+    build_policy,
+    build_scalar_model,
+    load_tokenizer,
+    prepare_tokenizer,
+    resolve,
+    score_head,
+)
+
+ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"]
+INIT = ModelInit()
+
+
+def batch(tokenizer):
+    tokenizer.padding_side = "right"
+    return tokenizer(["请计算：12 - 3 = ，直接返回计算结果", "请计算：1 - 2 = "], return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_policy_and_scalar_models_for_each_architecture(name, tmp_path):
+    source = resolve(name)
+    tokenizer = load_tokenizer(source, INIT)
+    policy = build_policy(source, INIT, tokenizer, seed=0).eval()
+    inputs = batch(tokenizer)
+    logits = policy(**inputs).logits  # (B, T, V)
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+    reward = build_scalar_model(source, INIT, tokenizer, seed=0).eval()
+    assert reward(**inputs).logits.shape == (2, 1)
+    hidden = backbone(reward)(**inputs).last_hidden_state  # (B, T, H)
+    assert score_head(reward)(hidden).shape == (2, inputs["input_ids"].shape[1], 1)
+
+    # Save and load back with plain transformers from the local directory.
+    policy.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    assert torch.allclose(again(**inputs).logits, logits, atol=1e-5)
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+    # ... and through the registry, as a later stage would.
+    source2 = resolve(str(tmp_path / "policy"))
+    assert source2.path == str(tmp_path / "policy")
+    assert torch.allclose(build_policy(source2, INIT, load_tokenizer(source2, INIT))(**inputs).logits, logits, atol=1e-5)
+    # A reward model initialised from that causal LM keeps its body and gets a fresh head.
+    rm = build_scalar_model(source2, INIT, load_tokenizer(source2, INIT))
+    assert torch.allclose(backbone(rm)(**inputs).last_hidden_state, backbone(again)(**inputs).last_hidden_state,
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_lora_wraps_each_architecture(name):
+    source = resolve(name)
+    tokenizer = load_tokenizer(source, INIT)
+    model = build_policy(source, INIT, tokenizer, LoraConfig(enabled=True, r=4, alpha=8))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    scalar = build_scalar_model(source, INIT, tokenizer, LoraConfig(enabled=True, r=4, alpha=8))
+    trainable = [n for n, p in scalar.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
+
+
+def test_lora_adapter_directory_resolves_to_its_base(tmp_path):
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, INIT)
+    model = build_policy(source, INIT, tokenizer, LoraConfig(enabled=True, r=4, alpha=8), seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # make the adapter do something
+    inputs = batch(tokenizer)
+    expected = model.eval()(**inputs).logits
+    model.save_pretrained(tmp_path / "sft")
+    tokenizer.save_pretrained(tmp_path / "sft")
+    build_policy(source, INIT, tokenizer, seed=0).save_pretrained(tmp_path / "sft" / "base_model")
+    loaded_source = resolve(str(tmp_path / "sft"))
+    assert loaded_source.adapter == str(tmp_path / "sft")
+    merged = build_policy(loaded_source, INIT, load_tokenizer(loaded_source, INIT))
+    assert torch.allclose(merged(**inputs).logits, expected, atol=1e-4)
+
+
+def test_pad_token_is_never_eos():
+    tok = AutoTokenizer.from_pretrained(str(_saved_tokenizer_without_pad()))
+    assert tok.pad_token is None
+    tok = prepare_tokenizer(tok)
+    assert tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.chat_template
+
+
+def _saved_tokenizer_without_pad(path="/tmp/rlhf-test-tok-nopad"):
+    from rlhf.registry import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.pad_token = None
+    tok.chat_template = None
+    tok.save_pretrained(path)
+    return path
+
+
+def test_unknown_names_fail_clearly(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve("runs/nothing/sft")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+    source = resolve("nobody/no-such-model")  # looks like a hub id; offline in tests
+    with pytest.raises(ModelLoadError, match="cannot load model 'nobody/no-such-model'"):
+        load_tokenizer(source, INIT)
+
+
+def test_presets_cover_popular_families():
+    hub = {p.hub_id for p in PRESETS.values() if p.hub_id}
+    for family in ("Qwen/Qwen2.5", "meta-llama/Llama-3", "mistralai/Mistral", "google/gemma", "openai-community/gpt2"):
+        assert any(h.startswith(family) for h in hub), family
+
+
+def test_saved_reward_model_loads_with_auto_class(tmp_path):
+    source = resolve("tiny-qwen2")
+    tokenizer = load_tokenizer(source, INIT)
+    rm = build_scalar_model(source, INIT, tokenizer, seed=0)
+    rm.save_pretrained(tmp_path / "rm")
+    inputs = batch(tokenizer)
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert torch.allclose(again(**inputs).logits, rm(**inputs).logits, atol=1e-5)
