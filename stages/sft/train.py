@@ -1,0 +1,121 @@
+"""Stage 1: supervised fine-tuning with TRL's SFTTrainer, loss on the answer tokens only.
+
+Read top to bottom: data -> model -> trainer -> train (resuming if a checkpoint exists) ->
+save -> evaluate the saved directory by generation -> manifest. Launch with
+
+    accelerate launch launch/stage1_sft.py --config configs/tiny/sft.yaml [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, write_manifest
+from rlhf.config import NOT_HASHED, SFTStageConfig, config_hash, dump_yaml, to_dict
+from rlhf.data import load_records, normalize_sft
+from rlhf.data.lengths import limit_length
+from rlhf.evaluation import evaluate_generations
+from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.registry import build_policy, load_tokenizer, resolve
+from rlhf.tracking import Tracking
+
+log = logging.getLogger("rlhf.sft")
+
+
+def train(cfg: SFTStageConfig) -> dict:
+    state = PartialState()
+    out = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    started = time.time()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)  # this directory is being rewritten
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process)
+
+    # 1. Data: read, detect the format, normalise (errors name file, line and field).
+    train_records, train_source = load_records(cfg.data, cfg.task, "train")
+    train_examples, fmt = normalize_sft(train_records)
+    eval_records, eval_source = load_records(cfg.data, cfg.task, "eval")
+    eval_examples = normalize_sft(eval_records)[0] if eval_records else []
+    log.info("train: %d examples from %s (format: %s); eval: %d from %s",
+             len(train_examples), train_source, fmt, len(eval_examples), eval_source)
+
+    # 2. Model and tokenizer from the registry (preset, local directory or hub id).
+    source = resolve(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model_init)
+    model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+
+    # 3. TRL's SFTTrainer. Loss on the completion for prompt/completion data, on every assistant
+    #    turn for multi-turn chats; we truncate or drop over-long examples ourselves, to count them.
+    multi_turn = "messages" in train_examples[0]
+    args = SFTConfig(
+        **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, cfg.tracking.progress),
+        max_length=None,
+        completion_only_loss=None if "text" in train_examples[0] else not multi_turn,
+        assistant_only_loss=multi_turn,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_examples),
+        eval_dataset=Dataset.from_list(eval_examples) if eval_examples and cfg.train.eval_every else None,
+        processing_class=tokenizer,
+        callbacks=[TrackingCallback(tracking, "sft")],
+    )
+    trainer.train_dataset, over = limit_length(trainer.train_dataset, cfg.data.max_length, cfg.data.overlong)
+    if over:
+        log.warning("%d of %d training examples longer than data.max_length=%d were %s",
+                    over, len(train_examples), cfg.data.max_length,
+                    "dropped" if cfg.data.overlong == "drop" else "truncated")
+
+    # 4. Train, resuming from the newest complete checkpoint if there is one.
+    resume = resume_point(out, cfg.train, state.is_main_process)
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    # 5. Save a standard Hugging Face directory (adapter with LoRA) + tokenizer.
+    save_output(trainer, tokenizer, out, source, cfg.model_init, cfg.lora, cfg.seed, scalar_head=False)
+    state.wait_for_everyone()
+
+    # 6. Evaluate what was saved, as a user would load it: the directory itself, generating
+    #    greedily with the chat template. Main process only; the others wait.
+    metrics: dict = {"train_loss": result.training_loss, "overlong": over, "format": fmt}
+    if state.is_main_process:
+        if eval_examples:
+            saved = resolve(str(out))
+            eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
+            task_metrics, samples = evaluate_generations(eval_model, tokenizer, eval_examples, cfg.task.name,
+                                                         cfg.generation)
+            eval_report = {**task_metrics, "eval_source": eval_source, "samples": samples}
+            atomic_write_json(out / "eval.json", eval_report)
+            metrics.update({k: v for k, v in task_metrics.items() if k != "task"})
+            flat = {f"eval/sft/{k}": v for k, v in task_metrics.items() if isinstance(v, (int, float))}
+            flat.update({f"eval/sft/accuracy_{d}": a for d, a in task_metrics.get("accuracy_by_digits", {}).items()})
+            tracking.log(flat, step=trainer.state.global_step)
+        metrics["wall_time_s"] = round(time.time() - started, 1)
+
+        # 7. The manifest, written last: its presence means the directory is complete.
+        write_manifest(
+            out,
+            stage="sft",
+            model=cfg.model,
+            base_model=source.root,
+            init_from=cfg.model if source.manifest else None,
+            config_hash=config_hash(cfg, ignore=NOT_HASHED),
+            metrics=metrics,
+            lora=cfg.lora.enabled,
+            extra={"data": {"train": train_source, "eval": eval_source, "format": fmt}},
+        )
+    tracking.finish()
+    state.wait_for_everyone()
+    return metrics
