@@ -1,0 +1,234 @@
+"""Stage 2: the reward model — the same decoder with a scalar head, trained on chosen/rejected
+pairs with the pairwise loss −log σ(r_chosen − r_rejected − m) (stages/reward/loss.py).
+
+Read top to bottom: model -> pairs (file, or generated for the task, plus the init model's own
+mistakes) -> tokens -> TRL's RewardTrainer with our loss -> save -> evaluate the saved directory
+-> manifest. Launch with
+
+    accelerate launch launch/stage2_rm.py --config configs/tiny/rm.yaml model=runs/x/sft
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer
+
+from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, write_manifest
+from rlhf.config import NOT_HASHED, RMStageConfig, config_hash, dump_yaml, to_dict
+from rlhf.data import load_records, normalize_preferences
+from rlhf.data.lengths import limit_length
+from rlhf.generation import render_prompts
+from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve, sequence_scores
+from rlhf.tasks import task_preference_records
+from rlhf.tracking import Tracking
+from stages.reward.loss import pair_accuracy, pairwise_loss
+from stages.reward.onpolicy import mine_onpolicy_pairs
+
+log = logging.getLogger("rlhf.rm")
+
+
+class PairwiseRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer (data collation, loop, checkpoints, DeepSpeed) with our loss function.
+    The reward is the model's own pooled output: the head read at the last non-pad token."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        chosen, rejected = outputs.logits.squeeze(-1).float().chunk(2)  # (B,), (B,)
+        loss = pairwise_loss(chosen, rejected, inputs.get("margin"), self.args.center_rewards_coefficient)
+        mode = "train" if model.training else "eval"
+        with torch.no_grad():
+            gather = self.accelerator.gather_for_metrics
+            self._metrics[mode]["accuracy"].append(gather(pair_accuracy(chosen, rejected)).mean().item())
+            self._metrics[mode]["margin"].append(gather((chosen - rejected).mean()).mean().item())
+            self._metrics[mode]["chosen_score"].append(gather(chosen.mean()).mean().item())
+            self._metrics[mode]["rejected_score"].append(gather(rejected.mean()).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+
+def train(cfg: RMStageConfig) -> dict:
+    state = PartialState()
+    out = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    started = time.time()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)  # this directory is being rewritten
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    tracking = Tracking(cfg.tracking, out, "rm", to_dict(cfg), state.is_main_process)
+
+    # 1. Tokenizer and the init model (usually the SFT output).
+    source = resolve(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model_init)
+
+    # 2. Pairs: a file in any preference format, or generated for the task; with the task's
+    #    pairs, a share of the rejected answers are the init model's own mistakes.
+    train_pairs, train_source, train_dropped = _load_pairs(cfg, "train")
+    eval_pairs, eval_source, _ = _load_pairs(cfg, "eval")
+    if cfg.pairs.onpolicy_fraction > 0 and cfg.data.train is None:
+        policy = build_policy(source, cfg.model_init, tokenizer, seed=cfg.seed)
+        n_train = round(cfg.pairs.onpolicy_fraction * len(train_pairs))
+        mined = _mine(policy, tokenizer, train_pairs[len(train_pairs) - n_train :], n_train, cfg)
+        train_pairs = train_pairs[: len(train_pairs) - len(mined)] + mined
+        if cfg.data.eval is None:
+            eval_pairs += _mine(policy, tokenizer, eval_pairs, round(cfg.pairs.onpolicy_fraction * len(eval_pairs)), cfg)
+        del policy
+        log.info("on-policy pairs: %d train, %d eval", len(mined), sum(p.get("kind") == "onpolicy" for p in eval_pairs))
+    if train_dropped:
+        log.warning("dropped training pairs: %s", dict(train_dropped))
+    log.info("train: %d pairs from %s; eval: %d pairs from %s", len(train_pairs), train_source, len(eval_pairs),
+             eval_source)
+
+    # 3. Tokens: chat-rendered prompt + response + EOS, exactly the sequence PPO will score.
+    use_margin = cfg.loss.use_margin and any("margin" in p for p in train_pairs)
+    train_rows = encode_pairs(tokenizer, train_pairs, use_margin)
+    train_set, over = limit_length(Dataset.from_list(train_rows), cfg.data.max_length, cfg.data.overlong,
+                                   columns=("chosen_ids", "rejected_ids"))
+    if over:
+        log.warning("%d training pairs longer than data.max_length=%d were %s", over, cfg.data.max_length,
+                    "dropped" if cfg.data.overlong == "drop" else "truncated")
+    eval_rows = encode_pairs(tokenizer, eval_pairs, use_margin)
+
+    # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
+    model = build_scalar_model(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+    args = RewardConfig(
+        **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, cfg.tracking.progress),
+        max_length=None,
+        center_rewards_coefficient=cfg.loss.center_coef,
+        disable_dropout=True,
+    )
+    trainer = PairwiseRewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows and cfg.train.eval_every else None,
+        processing_class=tokenizer,
+        callbacks=[TrackingCallback(tracking, "rm")],
+    )
+
+    # 5. Train, resuming from the newest complete checkpoint if there is one.
+    resume = resume_point(out, cfg.train, state.is_main_process)
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    # 6. Save a standard sequence-classification directory (adapter with LoRA) + tokenizer.
+    save_output(trainer, tokenizer, out, source, cfg.model_init, cfg.lora, cfg.seed, scalar_head=True)
+    state.wait_for_everyone()
+
+    # 7. Evaluate the saved directory on held-out pairs: accuracy (per kind of wrong answer),
+    #    margin and the score distributions of chosen and rejected.
+    metrics: dict = {"train_loss": result.training_loss, "overlong": over, "dropped": dict(train_dropped)}
+    if state.is_main_process:
+        if eval_pairs:
+            saved = resolve(str(out))
+            reward_model = build_scalar_model(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
+            report = evaluate_pairs(reward_model, tokenizer, eval_pairs, eval_rows)
+            atomic_write_json(out / "eval.json", {**report, "eval_source": eval_source})
+            metrics.update({k: v for k, v in report.items() if k != "scores"})
+            flat = {"eval/rm/accuracy": report["accuracy"], "eval/rm/margin": report["mean_margin"]}
+            flat.update({f"eval/rm/accuracy_{k}": v for k, v in report["accuracy_by_kind"].items()})
+            tracking.log(flat, step=trainer.state.global_step)
+        metrics["wall_time_s"] = round(time.time() - started, 1)
+
+        # 8. The manifest, written last: its presence means the directory is complete.
+        write_manifest(
+            out,
+            stage="rm",
+            model=cfg.model,
+            base_model=source.root,
+            init_from=cfg.model if source.manifest else None,
+            config_hash=config_hash(cfg, ignore=NOT_HASHED),
+            metrics=metrics,
+            lora=cfg.lora.enabled,
+            extra={"data": {"train": train_source, "eval": eval_source}},
+        )
+    tracking.finish()
+    state.wait_for_everyone()
+    return metrics
+
+
+def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counter]:
+    size = cfg.pairs.train_size if split == "train" else cfg.pairs.eval_size
+    records, label = load_records(
+        cfg.data, cfg.task, split, generate=lambda: task_preference_records(cfg.task, cfg.pairs.kinds, size, split)
+    )
+    if not records:
+        return [], label, Counter()
+    pairs, fmt, dropped = normalize_preferences(records)
+    return pairs, f"{label} ({fmt})", dropped
+
+
+def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig) -> list[dict]:
+    if wanted <= 0:
+        return []
+    return mine_onpolicy_pairs(policy, tokenizer, pairs, wanted, cfg.pairs.onpolicy_samples,
+                               cfg.pairs.onpolicy_temperature, max_new_tokens=16)
+
+
+def encode_pairs(tokenizer, pairs: list[dict], use_margin: bool) -> list[dict]:
+    """{chosen_ids, rejected_ids[, margin]} per pair: the chat-rendered prompt with the assistant
+    marker, then the response tokens and EOS — the same sequence a PPO rollout produces."""
+    if not pairs:
+        return []
+    prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in pairs])
+    chosen = tokenizer([p["chosen"][0]["content"] for p in pairs], add_special_tokens=False)["input_ids"]
+    rejected = tokenizer([p["rejected"][0]["content"] for p in pairs], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    rows = []
+    for p, pi, c, r in zip(pairs, prompt_ids, chosen, rejected, strict=True):
+        row = {"chosen_ids": pi + c + eos, "rejected_ids": pi + r + eos}
+        if use_margin:
+            row["margin"] = float(p.get("margin", 0.0))
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def score_rows(model, tokenizer, rows: list[list[int]], batch_size: int = 256) -> torch.Tensor:
+    """Reward of each token sequence, read at its last real token. -> (N,)"""
+    model.eval()
+    scores = []
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        scores.append(sequence_scores(model, ids.to(device), mask.to(device)).cpu())
+    return torch.cat(scores)
+
+
+def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dict:
+    chosen = score_rows(model, tokenizer, [r["chosen_ids"] for r in rows])  # (N,)
+    rejected = score_rows(model, tokenizer, [r["rejected_ids"] for r in rows])  # (N,)
+    right = (chosen > rejected).tolist()
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for p, ok in zip(pairs, right, strict=True):
+        by_kind[p.get("kind", "all")].append(ok)
+    return {
+        "accuracy": round(sum(right) / len(right), 4),
+        "mean_margin": round((chosen - rejected).mean().item(), 4),
+        "accuracy_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
+        "n_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
+        "n": len(right),
+        "scores": {"chosen": [round(x, 4) for x in chosen.tolist()],
+                   "rejected": [round(x, 4) for x in rejected.tolist()]},
+        "samples": [
+            {"prompt": p["prompt"][-1]["content"], "chosen": p["chosen"][0]["content"],
+             "rejected": p["rejected"][0]["content"], "kind": p.get("kind"),
+             "chosen_score": round(c, 4), "rejected_score": round(r, 4)}
+            for p, c, r in list(zip(pairs, chosen.tolist(), rejected.tolist()))[:8]
+        ],
+    }
