@@ -1,0 +1,37 @@
+"""Advantages and returns by GAE, and how well the value model explains the returns."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stages.ppo.masked import masked_var
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), per token, backwards:
+      δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   returns_t = A_t + V_t,
+    with V = 0 past the last real token (the episode ends at EOS). rewards, values, mask (B, T)
+    -> advantages (B, T), returns (B, T); both 0 on padding."""
+    rewards, values, mask = rewards.float(), values.float() * mask, mask.float()
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(returns − V) / Var(returns) over real tokens: 1 is a perfect value model, ≤ 0 useless."""
+    var_returns = masked_var(returns, mask)
+    if var_returns.item() < 1e-12:
+        return math.nan
+    return (1.0 - masked_var(returns - values, mask) / var_returns).item()

@@ -1,0 +1,139 @@
+"""PPO's pure functions against values worked out by hand (in the comments)."""
+
+import math
+
+import pytest
+import torch
+
+from stages.ppo.advantages import explained_variance, gae
+from stages.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
+from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from stages.ppo.masked import last_index, masked_mean, masked_var, masked_whiten
+
+X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+M = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+
+def test_masked_mean_and_var():
+    # masked values 1, 2, 4: mean 7/3; squared deviations 16/9 + 1/9 + 25/9 = 14/3; / (n-1) = 7/3
+    assert masked_mean(X, M).item() == pytest.approx(7 / 3)
+    assert masked_var(X, M).item() == pytest.approx(7 / 3)
+    assert masked_var(X, M, unbiased=False).item() == pytest.approx(14 / 9)
+    assert torch.allclose(masked_mean(X, M, dim=1), torch.tensor([1.5, 4.0]))
+    assert masked_mean(X, torch.zeros_like(M)).item() == 0.0  # empty mask: 0, not NaN
+
+
+def test_masked_whiten():
+    w = masked_whiten(X, M)
+    assert masked_mean(w, M).item() == pytest.approx(0.0, abs=1e-6)
+    assert masked_var(w, M).item() == pytest.approx(1.0, abs=1e-4)
+    assert w[0, 2] == 0 and w[1, 1] == 0 and w[1, 2] == 0
+
+
+def test_last_index():
+    assert last_index(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])).tolist() == [1, 2, 0]
+
+
+def test_logprobs_and_entropy():
+    # logits [0, 0, ln 2] -> softmax [1/4, 1/4, 1/2]
+    logits = torch.tensor([[[0.0, 0.0, math.log(2)], [0.0, 0.0, math.log(2)]]])
+    lp = logprobs_from_logits(logits, torch.tensor([[2, 0]]))
+    assert lp.tolist()[0] == pytest.approx([math.log(0.5), math.log(0.25)], abs=1e-6)
+    # H = 2 * (1/4) ln 4 + (1/2) ln 2 = 1.5 ln 2
+    assert entropy_from_logits(logits)[0, 0].item() == pytest.approx(1.5 * math.log(2), abs=1e-6)
+    # bf16 logits are upcast: the result is fp32
+    assert logprobs_from_logits(logits.bfloat16(), torch.tensor([[2, 0]])).dtype == torch.float32
+
+
+def test_kl_estimators_by_hand():
+    # p = 0.5, q = 0.25: r = ln 2; k1 = ln 2; k2 = (ln 2)^2 / 2; k3 = 1/2 - 1 + ln 2
+    lp, ref = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])
+    assert kl_estimate(lp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_estimate(lp, ref, "k2").item() == pytest.approx(math.log(2) ** 2 / 2)
+    assert kl_estimate(lp, ref, "k3").item() == pytest.approx(0.5 - 1 + math.log(2))
+    with pytest.raises(ValueError):
+        kl_estimate(lp, ref, "k4")
+
+
+def test_k1_and_k3_are_unbiased():
+    # E_p[k] over a discrete distribution equals KL(p || q) exactly for k1 and k3.
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.3, 0.5])
+    true_kl = (p * (p / q).log()).sum().item()
+    for kind in ("k1", "k3"):
+        expected = (p * kl_estimate(p.log(), q.log(), kind)).sum().item()
+        assert expected == pytest.approx(true_kl, abs=1e-6)
+
+
+def test_kl_penalized_rewards_by_hand():
+    # beta 0.5: row 0 -> [-0.05, -0.1, -0.15 + 1.0]; row 1 -> [-0.25, -0.25 + 2.0, 0]
+    scores = torch.tensor([1.0, 2.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.7]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards = kl_penalized_rewards(scores, kl, 0.5, mask)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, 0.85], [-0.25, 1.75, 0.0]]))
+
+
+def test_gae_by_hand():
+    # Row 0, gamma 1, lambda 0.9, r = [0, 0, 1], V = [.5, .6, .7]:
+    #   d2 = 1 - .7 = .3          A2 = .3
+    #   d1 = .7 - .6 = .1         A1 = .1 + .9 * .3 = .37
+    #   d0 = .6 - .5 = .1         A0 = .1 + .9 * .37 = .433;  returns = A + V = [.933, .97, 1.0]
+    adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3), 1.0, 0.9)
+    assert adv[0].tolist() == pytest.approx([0.433, 0.37, 0.3])
+    assert ret[0].tolist() == pytest.approx([0.933, 0.97, 1.0])
+    # Row with padding (junk at the pad), gamma .5, lambda 1, r = [0, 2, 99], V = [1, 1, 99], mask [1, 1, 0]:
+    #   A2 = 0 (pad);  d1 = 2 + .5 * 0 - 1 = 1, A1 = 1;  d0 = 0 + .5 * 1 - 1 = -.5, A0 = -.5 + .5 * 1 = 0
+    adv, ret = gae(torch.tensor([[0.0, 2.0, 99.0]]), torch.tensor([[1.0, 1.0, 99.0]]), torch.tensor([[1, 1, 0]]), 0.5, 1.0)
+    assert adv[0].tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert ret[0].tolist() == pytest.approx([1.0, 2.0, 0.0])
+
+
+def test_policy_loss_by_hand():
+    # eps .2; token 1: rho 1.5, A +1 -> max(-1.5, -1.2) = -1.2 (clipped)
+    #         token 2: rho 0.5, A +1 -> max(-0.5, -0.8) = -0.5
+    #         token 3: rho 0.5, A -1 -> max(0.5, 0.8) = 0.8 (clipped);  mean = -0.3, clipfrac 2/3
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 0.5]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, stats = policy_loss(new, old, adv, torch.ones(1, 3), 0.2)
+    assert loss.item() == pytest.approx(-0.3)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    # the gradient flows only through the unclipped token: d/dlogp (-A * rho) / 3 = -(1)(.5)/3
+    new = new.clone().requires_grad_(True)
+    policy_loss(new, old, adv, torch.ones(1, 3), 0.2)[0].backward()
+    assert new.grad[0].tolist() == pytest.approx([0.0, -0.5 / 3, 0.0])
+
+
+def test_value_loss_by_hand():
+    # c = .2: t0: (1-2)^2 = 1 vs clipped V .7: (.7-2)^2 = 1.69 -> 1.69
+    #         t1: (0-0)^2 = 0 vs clipped V .3: .09 -> .09;  loss = .5 * (1.69 + .09) / 2 = .445
+    values, old, ret = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[2.0, 0.0]])
+    loss, stats = value_loss(values, old, ret, torch.ones(1, 2), 0.2)
+    assert loss.item() == pytest.approx(0.445)
+    assert stats["clipfrac"].item() == pytest.approx(1.0)
+    loss, _ = value_loss(values, old, ret, torch.ones(1, 2), None)  # unclipped: .5 * (1 + 0) / 2
+    assert loss.item() == pytest.approx(0.25)
+
+
+def test_kl_controllers():
+    # e = clip(12/6 - 1, -.2, .2) = .2: beta = .1 * (1 + .2 * 64 / 10000) = .100128
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl.update(12.0, 64)
+    assert ctl.value == pytest.approx(0.100128)
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl.update(3.0, 64)  # e = -.5 -> -.2
+    assert ctl.value == pytest.approx(0.099872)
+    again = AdaptiveKLController(1.0, 6.0, 10_000)
+    again.load_state_dict(ctl.state_dict())
+    assert again.value == ctl.value
+    fixed = FixedKLController(0.05)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.05
+
+
+def test_explained_variance():
+    ret = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.ones(1, 4)
+    assert explained_variance(ret, ret, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.zeros_like(ret) + 2.5, ret, mask) == pytest.approx(0.0, abs=1e-6)
