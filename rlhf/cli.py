@@ -34,6 +34,7 @@ def parse(cls: type, default_config: str | None, argv: list[str] | None = None, 
 def run_stage(cls: type, train: Callable, default_config: str, argv: list[str] | None = None) -> int:
     """Parse, run `train(cfg)`, and turn user errors into a one-line message and exit code 2."""
     setup_logging()
+    setup_cpu_threads()
     try:
         cfg, print_only = parse(cls, default_config, argv, description=(train.__doc__ or "").strip())
         if print_only:
@@ -43,7 +44,23 @@ def run_stage(cls: type, train: Callable, default_config: str, argv: list[str] |
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a NaN/inf caught before it reached the weights
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
+
+
+def setup_cpu_threads() -> None:
+    """On a CPU-only machine, use every core (shared among local processes). `accelerate launch`
+    sets OMP_NUM_THREADS=1 unless told otherwise, which runs a CPU job on one core; RLHF_NUM_THREADS
+    overrides the choice."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = int(os.environ.get("RLHF_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local_procs)
+    torch.set_num_threads(threads)
 
 
 def setup_logging() -> None:
