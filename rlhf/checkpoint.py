@@ -73,8 +73,11 @@ def write_manifest(
     config_hash: str,
     metrics: dict,
     lora: bool,
+    inputs: dict[str, str | None] | None = None,
     extra: dict | None = None,
 ) -> dict:
+    """`inputs` maps each earlier stage output this stage read (model, policy, reward model) to
+    that output's config hash, so a pipeline can tell when an upstream stage changed."""
     manifest = {
         "stage": stage,
         "model": model,
@@ -83,6 +86,7 @@ def write_manifest(
         "config_hash": config_hash,
         "metrics": metrics,
         "lora": lora,
+        "inputs": inputs or {},
         "versions": versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "finished": True,
@@ -92,12 +96,39 @@ def write_manifest(
     return manifest
 
 
+def input_hashes(*paths: str | None) -> dict[str, str | None]:
+    """{path: config_hash} for the given model paths that are stage outputs with a manifest."""
+    out = {}
+    for p in paths:
+        if p and Path(p).is_dir():
+            manifest = read_manifest(p)
+            if manifest:
+                out[str(p)] = manifest.get("config_hash")
+    return out
+
+
 def is_finished(output_dir: str | Path, config_hash: str | None = None) -> bool:
     """True if the stage in `output_dir` finished (and, if given, with this config hash)."""
     manifest = read_manifest(output_dir)
     if not manifest or not manifest.get("finished"):
         return False
     return config_hash is None or manifest.get("config_hash") == config_hash
+
+
+def claim_checkpoints(checkpoint_dir: str | Path, digest: str) -> bool:
+    """Tie a checkpoint directory to a config hash. Checkpoints written under another config
+    are removed (resuming from them would mix two runs); returns True if any were removed.
+    Call on the main process only."""
+    checkpoint_dir = Path(checkpoint_dir)
+    stamp = checkpoint_dir / "CONFIG_HASH"
+    removed = False
+    if stamp.is_file() and stamp.read_text().strip() != digest:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        removed = True
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        atomic_write_text(stamp, digest + "\n")
+    return removed
 
 
 def mark_complete(checkpoint_dir: str | Path) -> None:

@@ -4,13 +4,14 @@ writer (full model or LoRA adapter + tokenizer, optionally merged weights)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from rlhf.checkpoint import latest_checkpoint, mark_complete
+from rlhf.checkpoint import claim_checkpoints, latest_checkpoint, mark_complete
 from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig
 from rlhf.registry import ModelSource, build_policy, build_scalar_model
 from rlhf.tracking import Tracking
@@ -82,14 +83,18 @@ class TrackingCallback(TrainerCallback):
             mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
-def resume_point(output_dir: Path, train: TrainConfig, is_main_process: bool) -> str | None:
+def resume_point(output_dir: Path, train: TrainConfig, digest: str, state) -> str | None:
     """The newest complete checkpoint to resume from (None to start afresh). Checkpoints that a
-    crash cut short (no COMPLETE marker) are never resumed from; the main process removes them."""
+    crash cut short (no COMPLETE marker), or that another config wrote, are never resumed from;
+    the main process removes them."""
     ckpt_dir = output_dir / "checkpoints"
-    if is_main_process and ckpt_dir.is_dir():
+    if state.is_main_process and claim_checkpoints(ckpt_dir, digest):
+        logging.getLogger("rlhf").warning("removed checkpoints in %s written under another config", ckpt_dir)
+    if state.is_main_process and ckpt_dir.is_dir():
         for p in ckpt_dir.iterdir():
             if p.is_dir() and p.name.startswith("checkpoint-") and not (p / "COMPLETE").is_file():
                 shutil.rmtree(p, ignore_errors=True)
+    state.wait_for_everyone()
     if not train.resume:
         return None
     newest = latest_checkpoint(ckpt_dir)

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, write_manifest
+from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, input_hashes, write_manifest
 from rlhf.config import NOT_HASHED, SFTStageConfig, config_hash, dump_yaml, to_dict
 from rlhf.data import load_records, normalize_sft
 from rlhf.data.lengths import limit_length
@@ -78,7 +78,7 @@ def train(cfg: SFTStageConfig) -> dict:
                     "dropped" if cfg.data.overlong == "drop" else "truncated")
 
     # 4. Train, resuming from the newest complete checkpoint if there is one.
-    resume = resume_point(out, cfg.train, state.is_main_process)
+    resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
     if resume:
         log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -114,6 +114,7 @@ def train(cfg: SFTStageConfig) -> dict:
             config_hash=config_hash(cfg, ignore=NOT_HASHED),
             metrics=metrics,
             lora=cfg.lora.enabled,
+            inputs=input_hashes(cfg.model),
             extra={"data": {"train": train_source, "eval": eval_source, "format": fmt}},
         )
     tracking.finish()
