@@ -90,20 +90,14 @@ def generate_text(
 @contextlib.contextmanager
 def gathered_for_generation(model: torch.nn.Module, accelerator):
     """Under DeepSpeed ZeRO-3, gather the sharded parameters once for a whole rollout and lift
-    the per-module gather hooks, instead of gathering every layer at every generated token.
-    Elsewhere, just yield the unwrapped model."""
+    the per-module gather hooks meanwhile (DeepSpeed's own helper), instead of gathering every
+    layer at every generated token. Elsewhere, just yield the unwrapped model."""
     unwrapped = accelerator.unwrap_model(model)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None or plugin.zero_stage != 3:
         yield unwrapped
         return
-    import deepspeed
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-    engine = model  # a DeepSpeedEngine: its optimizer owns the parameter-offload hooks
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        offload = engine.optimizer.parameter_offload
-        offload._remove_module_hooks() if hasattr(offload, "_remove_module_hooks") else None
-        try:
-            yield unwrapped
-        finally:
-            offload._register_deepspeed_module(offload.module) if hasattr(offload, "_register_deepspeed_module") else None
+    with unwrap_model_for_generation(model):  # `model` is the DeepSpeedEngine
+        yield unwrapped

@@ -128,14 +128,14 @@ def _split_hh(data: dict, where: str) -> tuple[list[dict], list[dict], list[dict
     shared = texts["chosen"][:cut]
     if not texts["rejected"].startswith(shared):
         raise DataError(where, "rejected", "does not share the chosen transcript's prompt")
-    prompt = _hh_messages(shared[: -len(ASSISTANT)], where)
+    prompt = hh_messages(shared[: -len(ASSISTANT)], where)
     chosen, rejected = texts["chosen"][cut:].strip(), texts["rejected"][cut:].strip()
     if not chosen or not rejected:
         raise _Skip("empty text")
     return prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
 
 
-def _hh_messages(text: str, where: str) -> list[dict]:
+def hh_messages(text: str, where: str) -> list[dict]:
     """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c' -> user/assistant/user messages."""
     messages, pos = [], 0
     while pos < len(text):

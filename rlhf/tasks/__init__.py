@@ -12,12 +12,14 @@ from rlhf.tasks import subtraction
 TASKS = ("subtraction",)
 
 
-def task_records(task: TaskConfig, split: str) -> list[Record]:
-    """Generated records for `split` ("train" or "eval"), in the seed's file formats."""
+def task_records(task: TaskConfig, split: str, seed_offset: int = 0) -> list[Record]:
+    """Generated records for `split` ("train" or "eval"), in the seed's file formats. Training
+    items depend on data_seed + seed_offset (PPO draws fresh prompts with an offset)."""
     if task.name != "subtraction":
         raise ValueError(f"no built-in data for task {task.name!r}; set data.train / data.eval")
     if split == "train":
-        items = subtraction.train_items(task.train_size, task.train_digits, task.train_weights, task.data_seed)
+        seed = task.data_seed + seed_offset
+        items = subtraction.train_items(task.train_size, task.train_digits, task.train_weights, seed)
         records = [subtraction.sft_record(x, y, fewshot=task.fewshot) for _, x, y in items]
     else:
         items = subtraction.test_items(task.eval_size, task.eval_digits, task.data_seed + 1)

@@ -1,0 +1,117 @@
+"""PPO's four models (seed 002): the policy and the value model, which train; the frozen reference
+and the frozen reward model.
+
+The policy and the value model live in one module, `PolicyAndValue`, so that DDP or DeepSpeed
+wraps and steps them together with one optimizer (two parameter groups: separate learning rates).
+With LoRA the reference is the policy itself with its adapter switched off — the SFT weights,
+since the SFT adapter (if any) was merged in before the PPO adapter was added — so there is no
+second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from rlhf.registry import position_ids_from_mask, sequence_scores, token_scores
+
+
+class PolicyAndValue(nn.Module):
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask (B, P + R): left-padded prompt then response.
+        Returns logits (B, R, V) at the positions that predict each response token, and values
+        (B, R), V(s_t) of the state before each response token."""
+        logits = policy_logits(self.policy, input_ids, attention_mask, response_len)
+        values = token_scores(self.value_model, input_ids, attention_mask)[:, -response_len - 1 : -1]
+        return logits, values
+
+
+def policy_logits(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
+    """Logits (B, R, V) for the last `response_len` tokens; the LM head runs on those positions
+    only (`logits_to_keep`), which at real vocabulary sizes saves most of the forward's memory."""
+    out = policy(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=response_len + 1,
+    )
+    return out.logits[:, :-1]
+
+
+@torch.no_grad()
+def reference_logits(
+    unwrapped: PolicyAndValue,
+    ref_policy: nn.Module | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+) -> torch.Tensor:
+    """Logits (B, R, V) of the frozen reference: a separate copy, or (LoRA) the policy with its
+    adapter disabled."""
+    if ref_policy is not None:
+        return policy_logits(ref_policy, input_ids, attention_mask, response_len)
+    with unwrapped.policy.disable_adapter():
+        return policy_logits(unwrapped.policy, input_ids, attention_mask, response_len)
+
+
+@torch.no_grad()
+def reward_scores(reward_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's score (B,), read at the last real token (the response's EOS)."""
+    return sequence_scores(reward_model, input_ids, attention_mask)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: the reference and the reward model never change."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio compares two forwards of the same weights; dropout would make them differ."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
+    """Place a frozen model. Under DeepSpeed ZeRO-3 it becomes an inference engine whose weights
+    are sharded like the trained ones; otherwise it is simply moved to the device."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        return model.to(accelerator.device)
+    import deepspeed
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    config["train_micro_batch_size_per_gpu"] = 1
+    config.pop("train_batch_size", None)
+    config.pop("gradient_accumulation_steps", None)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """Eval mode inside the block, the previous mode after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

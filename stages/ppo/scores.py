@@ -1,0 +1,65 @@
+"""Step 3 of PPO: one score per response from the reward model and the rule rewards, with the
+missing-EOS penalty, then optional normalisation and clipping."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.config.stages import RewardConfig
+
+
+class RunningMoments:
+    """Mean and std of every score seen so far (Chan et al.'s parallel update), for `normalize: running`."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        batch_mean, batch_var = x.float().mean().item(), x.float().var(unbiased=False).item()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+def combine_scores(
+    model_scores: torch.Tensor | None,
+    rule_scores: dict[str, torch.Tensor],
+    has_eos: torch.Tensor,
+    cfg: RewardConfig,
+) -> torch.Tensor:
+    """score = w_rm · r_rm + Σ w_i · rule_i (+ penalty if the response never emitted EOS). (B,)"""
+    score = torch.zeros_like(has_eos, dtype=torch.float32)
+    if model_scores is not None and cfg.model_weight:
+        score = score + cfg.model_weight * model_scores.float()
+    for name, weight in cfg.rules.items():
+        score = score + weight * rule_scores[name].float()
+    if cfg.missing_eos_penalty is not None:
+        score = torch.where(has_eos, score, score + cfg.missing_eos_penalty)
+    return score
+
+
+def normalize_scores(
+    scores: torch.Tensor, all_scores: torch.Tensor, cfg: RewardConfig, running: RunningMoments
+) -> torch.Tensor:
+    """Whiten by this step's scores across processes (`batch`) or by all scores so far
+    (`running`), then clip to ±clip. scores (B,) local; all_scores (N,) gathered."""
+    if cfg.normalize == "batch":
+        scores = (scores - all_scores.mean()) / (all_scores.std(unbiased=False) + 1e-8)
+    elif cfg.normalize == "running":
+        running.update(all_scores)
+        scores = (scores - running.mean) / running.std
+    if cfg.clip is not None:
+        scores = scores.clamp(-cfg.clip, cfg.clip)
+    return scores
