@@ -1,0 +1,248 @@
+"""The whole pipeline in one command: SFT -> reward model -> PPO, each stage its own
+`accelerate launch` process, each stage's output feeding the next.
+
+    python launch/pipeline.py                                   # the built-in tiny default
+    python launch/pipeline.py --config configs/qwen2.5-0.5b/pipeline.yaml name=qwen \\
+        --accelerate-config configs/accelerate/zero3.yaml --num-processes 8
+    python launch/pipeline.py name=try sft.train.max_steps=200 --from-stage rm
+
+Everything lands in runs/<name>/: sft/, rm/, ppo/, logs/<stage>.log, report.html. A stage whose
+finished output was made by the same resolved config (manifest.json's config_hash) from the same
+upstream output is skipped; an interrupted stage resumes from its last complete checkpoint when
+the same command runs again. A failed stage stops the pipeline with the stage's exit code and the
+path of its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf.checkpoint import read_manifest
+from rlhf.config import ConfigError, config_hash, load_config
+from rlhf.config.schema import from_dict, parse_override, set_dotted
+from rlhf.config.stages import NOT_HASHED, PPOStageConfig, RMStageConfig, SFTStageConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("sft", "rm", "ppo")
+SCRIPTS = {"sft": "launch/stage1_sft.py", "rm": "launch/stage2_rm.py", "ppo": "launch/stage3_ppo.py"}
+CLASSES = {"sft": SFTStageConfig, "rm": RMStageConfig, "ppo": PPOStageConfig}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    config: str  # the stage's YAML
+    overrides: tuple[str, ...] = ()  # key.sub=value applied on top of it
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Names the run, the base model, the per-stage configs and how to launch them."""
+
+    name: str = "tiny"  # everything goes to <runs_dir>/<name>/
+    runs_dir: str = "runs"
+    model: str = "tiny"  # stage 1's starting model: preset, local directory or hub id
+    accelerate_config: str | None = "configs/accelerate/single.yaml"  # see configs/accelerate/
+    num_processes: int | None = None  # override the accelerate config's process count
+    main_process_port: int | None = None  # for several pipelines on one machine
+    report: bool = True  # write runs/<name>/report.html at the end
+    sft: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/sft.yaml"))
+    rm: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/rm.yaml"))
+    ppo: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/ppo.yaml"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run SFT -> RM -> PPO", formatter_class=argparse.RawTextHelpFormatter,
+                                     epilog=__doc__)
+    parser.add_argument("--config", default=str(ROOT / "configs/tiny/pipeline.yaml"), help="pipeline YAML")
+    parser.add_argument("--from-stage", choices=STAGES, help="re-run this stage and the ones after it")
+    parser.add_argument("--only", choices=STAGES, help="run just this stage (its inputs must exist)")
+    parser.add_argument("--accelerate-config", help="accelerate config file for every stage")
+    parser.add_argument("--num-processes", type=int, help="processes per stage (e.g. GPUs per node)")
+    parser.add_argument("--dry-run", action="store_true", help="print the stage commands and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="pipeline keys (name=..., model=...) or stage keys (sft.train.max_steps=...)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_pipeline(args.config, args.overrides, args.accelerate_config, args.num_processes)
+        return run(cfg, args.from_stage, args.only, args.dry_run)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def load_pipeline(path: str, overrides: list[str], accelerate_config: str | None = None,
+                  num_processes: int | None = None) -> PipelineConfig:
+    """The pipeline config; `sft.train.max_steps=5`-style overrides go to that stage."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
+    extra: dict[str, list[str]] = {s: [] for s in STAGES}
+    for item in overrides:
+        key, value = parse_override(item)
+        head, _, rest = key.partition(".")
+        if head in STAGES and rest and rest.split(".")[0] not in ("config", "overrides"):
+            extra[head].append(f"{rest}={item.split('=', 1)[1]}")
+        else:
+            set_dotted(raw, key, value)
+    cfg = from_dict(PipelineConfig, raw or {}, source=path)
+    changes = {s: dataclasses.replace(getattr(cfg, s), overrides=getattr(cfg, s).overrides + tuple(extra[s]))
+               for s in STAGES}
+    if accelerate_config:
+        changes["accelerate_config"] = accelerate_config
+    if num_processes:
+        changes["num_processes"] = num_processes
+    return dataclasses.replace(cfg, **changes)
+
+
+def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
+    """What the pipeline sets for a stage: where it writes, what it starts from, run names."""
+    run = Path(cfg.runs_dir) / cfg.name
+    wiring = {
+        "sft": [f"model={cfg.model}"],
+        "rm": [f"model={run / 'sft'}"],
+        "ppo": [f"policy={run / 'sft'}", f"reward_model={run / 'rm'}"],
+    }[stage]
+    return [f"output_dir={run / stage}", *wiring, f"tracking.group={cfg.name}",
+            f"tracking.run_name={cfg.name}-{stage}", *getattr(cfg, stage).overrides]
+
+
+def resolved_stage_config(cfg: PipelineConfig, stage: str):
+    spec = getattr(cfg, stage)
+    return load_config(CLASSES[stage], _path(spec.config), stage_overrides(cfg, stage))
+
+
+def launch_command(cfg: PipelineConfig, stage: str) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if cfg.accelerate_config:
+        cmd += ["--config_file", str(_path(cfg.accelerate_config))]
+    if cfg.num_processes:
+        cmd += ["--num_processes", str(cfg.num_processes)]
+    if cfg.main_process_port:
+        cmd += ["--main_process_port", str(cfg.main_process_port)]
+    spec = getattr(cfg, stage)
+    return cmd + [str(ROOT / SCRIPTS[stage]), "--config", str(_path(spec.config)), *stage_overrides(cfg, stage)]
+
+
+def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None, dry_run: bool = False) -> int:
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    logs = run_dir / "logs"
+    selected = [only] if only else list(STAGES[STAGES.index(from_stage) :] if from_stage else STAGES)
+    forced = set(selected) if (only or from_stage) else set()
+    upstream_ran = False
+    timings: dict[str, float] = {}
+    for stage in STAGES:
+        if stage not in selected:
+            continue
+        stage_cfg = resolved_stage_config(cfg, stage)
+        out = Path(stage_cfg.output_dir)
+        digest = config_hash(stage_cfg, ignore=NOT_HASHED)
+        if stage not in forced and not upstream_ran and _finished_and_current(out, digest):
+            print(f"[pipeline] {stage}: finished output in {out} matches its config; skipped", flush=True)
+            continue
+        if stage in forced and not dry_run:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a forced re-run starts afresh
+        cmd = launch_command(cfg, stage)
+        print(f"[pipeline] {stage}: {' '.join(cmd)}", flush=True)
+        if dry_run:
+            continue
+        logs.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        code = _run_logged(cmd, logs / f"{stage}.log")
+        timings[stage] = time.time() - started
+        if code != 0:
+            print(f"[pipeline] {stage} failed with exit code {code}; log: {logs / f'{stage}.log'}", file=sys.stderr)
+            return code
+        upstream_ran = True
+    if dry_run:
+        return 0
+    print(summary_table(run_dir), flush=True)
+    if cfg.report:
+        try:
+            from rlhf.report import write_report
+
+            print(f"[pipeline] report: {write_report(run_dir)}", flush=True)
+        except Exception as e:  # the report is a convenience; the run itself succeeded
+            print(f"[pipeline] report not written: {e}", file=sys.stderr)
+    return 0
+
+
+def _finished_and_current(out: Path, digest: str) -> bool:
+    """Finished with this config hash, from upstream outputs that are still the ones it read."""
+    manifest = read_manifest(out)
+    if not manifest or not manifest.get("finished") or manifest.get("config_hash") != digest:
+        return False
+    return all((read_manifest(path) or {}).get("config_hash") == h for path, h in manifest.get("inputs", {}).items())
+
+
+def _run_logged(cmd: list[str], log_path: Path) -> int:
+    """Run a stage, copying its output to the console and to its log file."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            log.write(chunk)
+            log.flush()
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        return proc.wait()
+
+
+def summary_table(run_dir: Path) -> str:
+    """The key figures of each stage, from their manifests and eval.json files."""
+    lines = ["", f"Pipeline summary: {run_dir}", ""]
+    rows = []
+
+    def load(stage: str, name: str) -> dict:
+        path = run_dir / stage / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    sft, rm, ppo = load("sft", "eval.json"), load("rm", "eval.json"), load("ppo", "eval.json")
+    for stage in STAGES:
+        manifest = load(stage, "manifest.json")
+        wall = manifest.get("metrics", {}).get("wall_time_s")
+        rows.append((stage, "wall time", f"{wall:.0f} s" if wall else "-"))
+    if sft:
+        rows.append(("sft", "held-out accuracy", _acc(sft)))
+    if rm:
+        rows.append(("rm", "pairwise accuracy", f"{rm.get('accuracy', float('nan')):.3f}"))
+        for kind, acc in rm.get("accuracy_by_kind", {}).items():
+            rows.append(("rm", f"  on {kind}", f"{acc:.3f}"))
+    if ppo:
+        rows.append(("ppo", "accuracy before", _acc(ppo.get("before") or {})))
+        rows.append(("ppo", "accuracy after", _acc(ppo.get("after") or {})))
+        kl, target = ppo.get("final_kl"), ppo.get("kl_target")
+        rows.append(("ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
+    width = max(len(r[1]) for r in rows)
+    lines += [f"  {s:<4} {k:<{width}}  {v}" for s, k, v in rows]
+    lines += ["", f"  outputs:     {run_dir}/{{sft,rm,ppo}}",
+              f"  TensorBoard: tensorboard --logdir {run_dir}",
+              f"  wandb:       wandb sync {run_dir}/*/wandb/offline-run-*   (offline runs)",
+              f"  report:      {run_dir}/report.html", ""]
+    return "\n".join(lines)
+
+
+def _acc(report: dict) -> str:
+    if "accuracy" not in report:
+        return "-"
+    buckets = ", ".join(f"{d}-digit {a:.3f}" for d, a in report.get("accuracy_by_digits", {}).items())
+    return f"{report['accuracy']:.3f} ({buckets})" if buckets else f"{report['accuracy']:.3f}"
+
+
+def _path(p: str) -> Path:
+    """A config path as given, or relative to the repository when it does not exist as given."""
+    path = Path(p)
+    return path if path.exists() or path.is_absolute() else ROOT / path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
