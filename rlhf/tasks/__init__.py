@@ -37,7 +37,7 @@ def task_preference_records(task: TaskConfig, kinds, size: int, split: str) -> l
     else:
         items = subtraction.test_items(size, task.eval_digits, task.data_seed + 11)
     rng = random.Random(task.data_seed + (10 if split == "train" else 11))
-    records = [subtraction.preference_record(x, y, kinds, rng, task.fewshot) for _, x, y in items]
+    records = [r for _, x, y in items if (r := subtraction.preference_record(x, y, kinds, rng, task.fewshot))]
     return [Record(r, f"task:{task.name}/{split}-pairs item {i + 1}") for i, r in enumerate(records)]
 
 

@@ -169,9 +169,10 @@ def wrong_answer(x: int, y: int, kind: str, rng: random.Random) -> str | None:
     return None if out == str(diff) else out
 
 
-def preference_record(x: int, y: int, kinds: Sequence[str], rng: random.Random, fewshot: bool = False) -> dict:
+def preference_record(x: int, y: int, kinds: Sequence[str], rng: random.Random, fewshot: bool = False) -> dict | None:
     """A pair in the prompt/chosen/rejected format: the right difference against a wrong answer
-    of a kind drawn from those that apply to this item (recorded in `kind`)."""
+    of a kind drawn from those that apply to this item (recorded in `kind`); None if no kind
+    applies (e.g. 1 - 1 has no sign to flip and no digit to drop)."""
     options = list(kinds)
     rng.shuffle(options)
     for kind in options:
@@ -179,8 +180,7 @@ def preference_record(x: int, y: int, kinds: Sequence[str], rng: random.Random, 
         if wrong is not None:
             question = (FEWSHOT_PROMPT if fewshot else PROMPT) % (x, y)
             return {"prompt": question, "chosen": str(x - y), "rejected": wrong, "kind": kind}
-    # every item admits a wrong digit, so this is only reached when kinds excludes it
-    raise ValueError(f"none of the kinds {list(kinds)} applies to {x} - {y}")
+    return None  # every item admits a wrong digit, so only when kinds leaves it out
 
 
 def _borrow_columns(big: int, small: int) -> list[int]:
