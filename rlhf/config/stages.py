@@ -37,6 +37,7 @@ class SFTStageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation
+    evaluate_base: bool = True  # also score the starting model on the held-out set (eval.json "base")
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -115,6 +116,7 @@ class PPOConfig:
     kl_target: float | None = None  # adaptive β toward this KL per sequence (Ziegler et al. 2019); null: fixed β
     kl_horizon: int = 10_000  # episodes over which the adaptive controller moves β
     max_approx_kl: float | None = None  # stop the epoch loop early when approx KL of an update exceeds this
+    value_warmup_steps: int = 0  # first iterations train the value model only (policy lr 0): better advantages
 
     def check(self) -> None:
         if self.epochs <= 0 or self.minibatches <= 0:

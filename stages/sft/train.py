@@ -52,6 +52,10 @@ def train(cfg: SFTStageConfig) -> dict:
     source = resolve(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model_init)
     model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+    base_metrics = None
+    if cfg.evaluate_base and eval_examples and state.is_main_process:
+        base_metrics, _ = evaluate_generations(model, tokenizer, eval_examples, cfg.task.name, cfg.generation)
+        log.info("base model on the held-out set: %s", {k: base_metrics.get(k) for k in ("accuracy", "accuracy_by_digits")})
 
     # 3. TRL's SFTTrainer. Loss on the completion for prompt/completion data, on every assistant
     #    turn for multi-turn chats; we truncate or drop over-long examples ourselves, to count them.
@@ -96,7 +100,7 @@ def train(cfg: SFTStageConfig) -> dict:
             eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
             task_metrics, samples = evaluate_generations(eval_model, tokenizer, eval_examples, cfg.task.name,
                                                          cfg.generation)
-            eval_report = {**task_metrics, "eval_source": eval_source, "samples": samples}
+            eval_report = {**task_metrics, "eval_source": eval_source, "base": base_metrics, "samples": samples}
             atomic_write_json(out / "eval.json", eval_report)
             metrics.update({k: v for k, v in task_metrics.items() if k != "task"})
             flat = {f"eval/sft/{k}": v for k, v in task_metrics.items() if isinstance(v, (int, float))}

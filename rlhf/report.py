@@ -1,0 +1,250 @@
+"""The run report: one self-contained HTML page (plots embedded, no network) plus the PNGs and
+the data behind every plot, from what the stages left in runs/<name>/.
+
+    python -m rlhf.report runs/tiny          # writes runs/tiny/report.html and runs/tiny/plots/
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from rlhf.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
+
+STAGES = ("sft", "rm", "ppo")
+
+# (plot file, title, [(metric key, label)], y-label): one line per metric present in the run.
+CURVES = [
+    ("sft_loss", "SFT: training loss", [("train/sft/loss", "loss")], "cross-entropy"),
+    ("sft_token_accuracy", "SFT: token accuracy on answers", [("train/sft/mean_token_accuracy", "train")], "accuracy"),
+    ("rm_loss", "RM: pairwise loss", [("train/rm/loss", "train"), ("eval/rm/loss", "held-out")], "−log σ(Δ)"),
+    ("rm_accuracy", "RM: pairwise accuracy", [("train/rm/accuracy", "train"), ("eval/rm/accuracy", "held-out")],
+     "accuracy"),
+    ("ppo_score", "PPO: score", [("train/ppo/score", "score"), ("train/ppo/rm_score", "reward model"),
+                                 ("train/ppo/rule_subtraction", "subtraction rule")], "score"),
+    ("ppo_kl", "PPO: KL to the reference and β", [("train/ppo/kl", "KL (per response)"),
+                                                  ("train/ppo/beta", "β")], "nats / coefficient"),
+    ("ppo_entropy", "PPO: policy entropy", [("train/ppo/entropy", "entropy")], "nats per token"),
+    ("ppo_clipfrac", "PPO: clip fraction and approximate KL", [("train/ppo/clipfrac", "clip fraction"),
+                                                               ("train/ppo/approx_kl", "approx KL")], ""),
+    ("ppo_value_loss", "PPO: value loss", [("train/ppo/value_loss", "value loss")], "½(V − return)²"),
+    ("ppo_explained_variance", "PPO: value explained variance", [("train/ppo/explained_variance", "explained var")],
+     "1 − Var(R − V)/Var(R)"),
+    ("ppo_eval_accuracy", "PPO: held-out accuracy during training",
+     [("eval/ppo/accuracy", "all"), ("eval/ppo/accuracy_2", "2-digit"), ("eval/ppo/accuracy_5", "5-digit")],
+     "exact match"),
+]
+
+
+def load_stage(directory: Path) -> dict:
+    """A stage's metrics (one value per step: the last one logged, so resumed runs read right),
+    eval.json and manifest.json, whichever exist."""
+    series: dict[str, dict[int, float]] = {}
+    tables: list[dict] = []
+    path = directory / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "table" in record:
+                tables.append(record)
+                continue
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and record.get("step") is not None:
+                    series.setdefault(key, {})[int(record["step"])] = float(value)
+    read = lambda name: json.loads((directory / name).read_text()) if (directory / name).is_file() else {}  # noqa: E731
+    return {
+        "series": {k: sorted(v.items()) for k, v in series.items()},
+        "tables": tables,
+        "eval": read("eval.json"),
+        "manifest": read("manifest.json"),
+    }
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    stages = {s: load_stage(run_dir / s) for s in STAGES}
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    data: dict[str, dict] = {}
+    images: list[tuple[str, str, str]] = []  # (name, title, base64 png)
+
+    for name, title, keys, ylabel in CURVES:
+        stage = stages[name.split("_")[0]]
+        lines = {label: stage["series"][key] for key, label in keys if stage["series"].get(key)}
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+        for label, points in lines.items():
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
+        _style(ax, title, "step", ylabel, legend=len(lines) > 1)
+        images.append((name, title, _save(fig, plot_dir / f"{name}.png")))
+        data[name] = {label: {"x": [p[0] for p in pts], "y": [p[1] for p in pts]} for label, pts in lines.items()}
+
+    scores = stages["rm"]["eval"].get("scores")
+    if scores:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+        lo = min(scores["chosen"] + scores["rejected"])
+        hi = max(scores["chosen"] + scores["rejected"])
+        bins = [lo + (hi - lo) * i / 40 for i in range(41)] if hi > lo else 20
+        ax.hist(scores["chosen"], bins=bins, alpha=0.6, label="chosen (right answer)", color="#2a7")
+        ax.hist(scores["rejected"], bins=bins, alpha=0.6, label="rejected (wrong answer)", color="#d54")
+        _style(ax, "RM: held-out scores, chosen vs rejected", "reward", "pairs", legend=True)
+        images.append(("rm_score_histogram", "RM score histogram", _save(fig, plot_dir / "rm_score_histogram.png")))
+        data["rm_score_histogram"] = {"chosen": scores["chosen"], "rejected": scores["rejected"]}
+
+    atomic_write_json(plot_dir / "data.json", data)
+    page = _page(run_dir, stages, images, data)
+    atomic_write_text(run_dir / "report.html", page)
+    return run_dir / "report.html"
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str, legend: bool) -> None:
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    png = buf.getvalue()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(png)
+    tmp.replace(path)
+    return base64.b64encode(png).decode()
+
+
+def accuracy_rows(stages: dict) -> list[tuple[str, dict]]:
+    """(model, task eval) for the base model, the SFT model and the PPO model."""
+    sft, ppo = stages["sft"]["eval"], stages["ppo"]["eval"]
+    rows = []
+    if sft.get("base"):
+        rows.append(("base (before SFT)", sft["base"]))
+    if "accuracy" in sft:
+        rows.append(("SFT", sft))
+    if ppo.get("before") and not sft:
+        rows.append(("before PPO", ppo["before"]))
+    if ppo.get("after"):
+        rows.append(("PPO", ppo["after"]))
+    return rows
+
+
+def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
+    e = html.escape
+    parts = [f"<h1>RLHF run <code>{e(run_dir.name)}</code></h1>",
+             f"<p class=dim>{e(str(run_dir.resolve()))}</p>"]
+
+    rows = accuracy_rows(stages)
+    if rows:
+        buckets = sorted({d for _, r in rows for d in r.get("accuracy_by_digits", {})}, key=int)
+        head = "".join(f"<th>{e(d)}-digit</th>" for d in buckets)
+        body = ""
+        for name, r in rows:
+            cells = "".join(f"<td>{_fmt(r.get('accuracy_by_digits', {}).get(d))}</td>" for d in buckets)
+            body += f"<tr><td>{e(name)}</td><td>{_fmt(r.get('accuracy'))}</td>{cells}<td>{_fmt(r.get('rm_score'))}</td></tr>"
+        parts.append("<h2>Task accuracy (held-out, exact match)</h2><table><tr><th>model</th><th>all</th>"
+                     f"{head}<th>RM score</th></tr>{body}</table>")
+
+    rm = stages["rm"]["eval"]
+    if rm.get("accuracy_by_kind"):
+        body = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v)}</td><td>{rm['n_by_kind'].get(k, '')}</td></tr>"
+                       for k, v in rm["accuracy_by_kind"].items())
+        parts.append(f"<h2>Reward model (held-out pairs)</h2><p>pairwise accuracy {_fmt(rm.get('accuracy'))}, "
+                     f"mean margin {_fmt(rm.get('mean_margin'))}</p><table><tr><th>rejected answer</th>"
+                     f"<th>accuracy</th><th>pairs</th></tr>{body}</table>")
+
+    ppo = stages["ppo"]["eval"]
+    if ppo:
+        parts.append(f"<h2>PPO</h2><p>final KL to the reference {_fmt(ppo.get('final_kl'))} nats per response "
+                     f"(target {e(str(ppo.get('kl_target')))}), β {_fmt(ppo.get('beta'))}</p>")
+        samples = [(w, s) for w in ("before", "after") for s in (ppo.get(w) or {}).get("samples", [])]
+        if samples:
+            body = "".join(f"<tr><td>{e(w)}</td><td>{e(s['prompt'])}</td><td>{e(s['response'])}</td>"
+                           f"<td>{e(s['answer'])}</td><td>{'✔' if s['correct'] else '✘'}</td></tr>" for w, s in samples)
+            parts.append("<h3>Sample generations before and after PPO</h3><table><tr><th></th><th>prompt</th>"
+                         f"<th>response</th><th>answer</th><th></th></tr>{body}</table>")
+
+    perf = ""
+    for stage in STAGES:
+        manifest, series = stages[stage]["manifest"], stages[stage]["series"]
+        wall = manifest.get("metrics", {}).get("wall_time_s")
+        rate = {"sft": series.get("train/sft/train_samples_per_second"),
+                "rm": series.get("train/rm/train_samples_per_second"),
+                "ppo": series.get("train/ppo/episodes_per_s")}[stage]
+        unit = "episodes/s" if stage == "ppo" else "examples/s"
+        tokens = series.get("train/ppo/tokens_per_s") if stage == "ppo" else None
+        if wall is None and not rate:
+            continue
+        rate_text = f"{_mean_of(rate):.1f} {unit}" if rate else "-"
+        tok_text = f"{_mean_of(tokens):.0f} generated tokens/s" if tokens else ""
+        perf += f"<tr><td>{stage}</td><td>{_fmt(wall, 0)} s</td><td>{rate_text}</td><td>{tok_text}</td></tr>"
+    if perf:
+        parts.append("<h2>Wall time and throughput</h2><table><tr><th>stage</th><th>wall time</th>"
+                     f"<th>throughput</th><th></th></tr>{perf}</table>")
+
+    if images:
+        figs = "".join(f'<figure><img alt="{e(t)}" id="plot-{e(n)}" src="data:image/png;base64,{b}"></figure>'
+                       for n, t, b in images)
+        parts.append(f"<h2>Curves</h2><div class=grid>{figs}</div>")
+    parts.append(f'<script type="application/json" id="plot-data">{e(json.dumps(data))}</script>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>RLHF run {e(run_dir.name)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1180px; margin: 24px auto;
+       padding: 0 16px; color: #222; }}
+h1 {{ font-size: 22px; margin-bottom: 0; }} h2 {{ font-size: 17px; margin-top: 28px; }} h3 {{ font-size: 15px; }}
+.dim {{ color: #777; margin-top: 2px; }}
+table {{ border-collapse: collapse; margin: 8px 0; }} td, th {{ border: 1px solid #ddd; padding: 4px 10px; }}
+th {{ background: #f5f5f5; text-align: left; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }}
+figure {{ margin: 0; }} img {{ width: 100%; height: auto; border: 1px solid #eee; }}
+</style></head><body>
+{"".join(parts)}
+</body></html>
+"""
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else html.escape(str(value))
+
+
+def _mean_of(points) -> float:
+    values = [v for _, v in points]
+    return sum(values) / len(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write runs/<name>/report.html from a pipeline run")
+    parser.add_argument("run_dir", help="e.g. runs/tiny")
+    args = parser.parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        print(f"error: {args.run_dir} is not a directory", file=sys.stderr)
+        return 2
+    print(write_report(args.run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
