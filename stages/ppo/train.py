@@ -341,8 +341,12 @@ def lr_factor(step: int, max_steps: int, optim: OptimConfig) -> float:
 
 
 def _set_lr(optimizer, step: int, cfg: PPOStageConfig) -> None:
+    """The policy's rate is 0 during the value warm-up: a freshly initialised value model gives
+    noisy advantages, and early policy steps on noise are hard to undo."""
     for group, optim in zip(optimizer.param_groups, (cfg.optim, cfg.value_optim), strict=True):
         group["lr"] = optim.lr * lr_factor(step, cfg.train.max_steps, optim)
+    if step < cfg.ppo.value_warmup_steps:
+        optimizer.param_groups[0]["lr"] = 0.0
 
 
 def _prompt_batch(prompt_ids: list, step: int, B: int, accelerator, seed: int) -> list[int]:
