@@ -1,0 +1,164 @@
+"""The pipeline end to end on test-sized models: stages chained, a summary table, a report whose
+plots carry the run's own series, dashboards that agree with metrics.jsonl, finished stages
+skipped on a re-run, and a kill -9 in the middle of PPO that the same command recovers from."""
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_entry
+from rlhf.report import load_stage
+from wandb_offline import history
+
+MINI = [
+    "model=tiny-llama",
+    "sft.task.train_size=1000", "sft.task.eval_size=24", "sft.train.max_steps=30", "sft.train.batch_size=32",
+    "sft.optim.lr=3e-3", "sft.train.log_every=5", "sft.train.save_every=15",
+    "rm.pairs.train_size=400", "rm.pairs.eval_size=48", "rm.train.max_steps=20", "rm.train.batch_size=16",
+    "rm.train.log_every=5", "rm.train.save_every=10",
+    "ppo.task.train_size=200", "ppo.task.eval_size=24", "ppo.rollout.prompts_per_step=16", "ppo.ppo.minibatches=2",
+    "ppo.rollout.generation.max_new_tokens=6", "ppo.generation.max_new_tokens=6", "ppo.train.eval_every=4",
+    "ppo.train.save_every=2", "ppo.train.log_every=1",
+]
+QUIET = [f"{s}.tracking.progress=false" for s in ("sft", "rm", "ppo")]
+
+
+def pipeline(runs, name, *extra, timeout=900):
+    return run_entry("launch/pipeline.py", f"runs_dir={runs}", f"name={name}", *MINI, *QUIET, *extra, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    result = pipeline(runs, "mini", "ppo.train.max_steps=8")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return runs / "mini", result
+
+
+def test_stages_chain_and_summary(run):
+    run_dir, result = run
+    for stage in ("sft", "rm", "ppo"):
+        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        assert manifest["finished"] and manifest["stage"] == stage
+    rm = json.loads((run_dir / "rm" / "manifest.json").read_text())
+    assert rm["model"] == str(run_dir / "sft") and str(run_dir / "sft") in rm["inputs"]
+    assert "Pipeline summary" in result.stdout and "accuracy after" in result.stdout
+    assert "tensorboard --logdir" in result.stdout and (run_dir / "logs" / "ppo.log").is_file()
+
+
+def test_rerun_skips_finished_stages(run):
+    run_dir, _ = run
+    again = pipeline(run_dir.parent, "mini", "ppo.train.max_steps=8", "--dry-run")
+    assert again.returncode == 0
+    assert all(f"{s}: finished output" in again.stdout for s in ("sft", "rm", "ppo"))
+    changed = pipeline(run_dir.parent, "mini", "ppo.train.max_steps=9", "--dry-run")
+    assert "sft: finished output" in changed.stdout and "ppo: finished output" not in changed.stdout
+
+
+def test_report_embeds_every_plot_with_the_runs_own_data(run):
+    run_dir, _ = run
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    data = json.loads((run_dir / "plots" / "data.json").read_text())
+    expected = ["sft_loss", "rm_loss", "rm_accuracy", "rm_score_histogram", "ppo_score", "ppo_kl", "ppo_entropy",
+                "ppo_clipfrac", "ppo_value_loss", "ppo_explained_variance"]
+    for name in expected:
+        png = (run_dir / "plots" / f"{name}.png").read_bytes()
+        assert base64.b64encode(png).decode() in page, f"{name}.png not embedded"
+        assert name in data
+    stages = {s: load_stage(run_dir / s) for s in ("sft", "rm", "ppo")}
+    # the plotted series are the ones in metrics.jsonl (step by step)
+    sft_loss = [(r["step"], r["train/sft/loss"]) for r in _jsonl(run_dir / "sft" / "metrics.jsonl") if "train/sft/loss" in r]
+    assert list(zip(data["sft_loss"]["loss"]["x"], data["sft_loss"]["loss"]["y"])) == sft_loss and len(sft_loss) >= 5
+    assert data["ppo_kl"]["KL (per response)"]["y"] == [v for _, v in stages["ppo"]["series"]["train/ppo/kl"]]
+    assert len(data["ppo_kl"]["β"]["x"]) == 8
+    rm_eval = json.loads((run_dir / "rm" / "eval.json").read_text())
+    assert data["rm_score_histogram"]["chosen"] == rm_eval["scores"]["chosen"]
+    # tables: accuracy per digit bucket for base, SFT and PPO; samples before and after PPO
+    for text in ("base (before SFT)", "<td>SFT</td>", "<td>PPO</td>", "2-digit", "5-digit", "before", "after",
+                 "Wall time and throughput"):
+        assert text in page, text
+    assert "http://" not in page and "https://" not in page  # opens from disk, no network
+
+
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (.ci/run installs Debian's chromium)")
+    run_dir, _ = run
+    shot = tmp_path / "report.png"
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", f"--screenshot={shot}",
+         (run_dir / "report.html").resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(shot)
+    assert pixels.shape[0] >= 2000 and pixels.shape[1] >= 1200
+    assert pixels[..., :3].std() > 0.05  # not a blank page: text, tables and plots drawn
+
+
+def test_dashboards_hold_the_same_series_as_metrics_jsonl(run):
+    run_dir, _ = run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for stage in ("sft", "rm", "ppo"):
+        expected = {k: dict(v) for k, v in load_stage(run_dir / stage)["series"].items()}
+        wandb_files = list((run_dir / stage / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(wandb_files) == 1, wandb_files
+        logged = history(wandb_files[0])
+        events = EventAccumulator(str(next((run_dir / stage / "tensorboard").iterdir())), size_guidance={"scalars": 0})
+        events.Reload()
+        board = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+        for key, series in expected.items():
+            assert logged[key] == pytest.approx(series), (stage, key)
+            assert board[key] == pytest.approx(series, rel=1e-6), (stage, key)
+    tables = [t for t in load_stage(run_dir / "ppo")["tables"] if t["table"] == "samples/ppo"]
+    assert tables and tables[0]["columns"] == ["prompt", "response", "score", "kl"]
+
+
+def test_kill_minus_9_in_ppo_then_same_command_finishes(tmp_path):
+    runs = tmp_path / "runs"
+    args = [f"runs_dir={runs}", "name=crash", *MINI, *QUIET, "ppo.train.max_steps=24", "ppo.train.save_every=3",
+            "sft.tracking.report_to=[]", "rm.tracking.report_to=[]", "ppo.tracking.report_to=[]"]
+    cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    marker = runs / "crash" / "ppo" / "checkpoints" / "step-3" / "COMPLETE"
+    deadline = time.time() + 600
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "pipeline ended before PPO's first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline, accelerate and the stage, all at once
+    proc.wait()
+    assert not (runs / "crash" / "ppo" / "manifest.json").exists()
+
+    again = run_entry("launch/pipeline.py", *args, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "sft: finished output" in again.stdout and "rm: finished output" in again.stdout
+    assert re.search(r"resumed from .*step-\d+", (runs / "crash" / "logs" / "ppo.log").read_text())
+    assert json.loads((runs / "crash" / "ppo" / "manifest.json").read_text())["metrics"]["steps"] == 24
+
+
+def test_failed_stage_stops_with_its_code_and_log(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q"}\n')
+    result = pipeline(tmp_path / "runs", "fail", f"sft.data.train={bad}")
+    assert result.returncode == 2
+    assert f"sft failed with exit code 2; log: {tmp_path / 'runs' / 'fail' / 'logs' / 'sft.log'}" in result.stderr
+    assert not (tmp_path / "runs" / "fail" / "rm").exists()
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip() and "table" not in line]

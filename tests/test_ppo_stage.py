@@ -1,0 +1,115 @@
+"""Stage 3 end to end through its real entry point on test-sized models: the policy changes and
+the reference does not, rule-only and reward-model-only runs work, a NaN stops the run before the
+weights, and an interrupted run resumes to the same result as an uninterrupted one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_entry
+from rlhf.config import ModelInit
+from rlhf.registry import build_policy, load_tokenizer, resolve
+from rlhf.tracking import read_metrics
+from stages.ppo.train import fingerprint
+
+FAST = ["task.train_size=256", "task.eval_size=16", "rollout.prompts_per_step=16", "ppo.minibatches=2",
+        "rollout.generation.max_new_tokens=6", "generation.max_new_tokens=6", "tracking.report_to=[]",
+        "tracking.progress=false", "train.eval_every=0", "optim.lr=1e-3", "value_optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    """A policy directory to start from (a test-sized random model saved as an SFT output)."""
+    out = tmp_path_factory.mktemp("policy")
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    build_policy(source, ModelInit(), tokenizer, seed=0).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def ppo(out, *extra, policy, timeout=300):
+    return run_entry("launch/stage3_ppo.py", f"policy={policy}", "reward_model=tiny-llama", *FAST, *extra,
+                     f"output_dir={out}", timeout=timeout)
+
+
+def test_policy_changes_reference_does_not(sft_dir, tmp_path):
+    result = ppo(tmp_path / "ppo", "train.max_steps=4", "train.save_every=2", policy=sft_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "ppo"
+    before, after = load_file(sft_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    manifest = json.loads((out / "manifest.json").read_text())
+    # the reference's checksum, taken at the start and verified at the end of the run, is the SFT model's
+    sft = build_policy(resolve(str(sft_dir)), ModelInit(), load_tokenizer(resolve(str(sft_dir)), ModelInit()))
+    assert manifest["metrics"]["reference_fingerprint"] == fingerprint(sft.requires_grad_(False), frozen_only=True)
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/score" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("score", "reward", "kl", "beta", "entropy", "clipfrac", "approx_kl", "policy_loss", "value_loss",
+                "explained_variance", "response_length", "eos_rate", "lr_policy", "lr_value", "time_generate_s",
+                "time_score_s", "time_train_s", "tokens_per_s"):
+        assert f"train/ppo/{key}" in records[-1], key
+    report = json.loads((out / "eval.json").read_text())
+    assert {"before", "after", "final_kl"} <= set(report)
+    assert (out / "value_model" / "config.json").is_file()
+
+
+def test_lora_reference_is_the_policy_without_adapter(sft_dir, tmp_path):
+    result = ppo(tmp_path / "lora", "train.max_steps=2", "train.save_every=0", "lora.enabled=true", "lora.r=4",
+                 policy=sft_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "lora" / "manifest.json").read_text())
+    sft = build_policy(resolve(str(sft_dir)), ModelInit(), load_tokenizer(resolve(str(sft_dir)), ModelInit()))
+    assert manifest["metrics"]["reference_fingerprint"] == fingerprint(sft.requires_grad_(False), frozen_only=True)
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("reward", [["reward_model=null", "reward.model_weight=0", "reward.rules={subtraction: 1.0}"],
+                                    ["reward.rules={}"]], ids=["rule-only", "rm-only"])
+def test_rule_only_and_reward_model_only(sft_dir, tmp_path, reward):
+    result = ppo(tmp_path / "r", "train.max_steps=2", "train.save_every=0", *reward, policy=sft_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["finished"]
+
+
+def test_nan_reward_stops_before_the_weights(sft_dir, tmp_path):
+    result = ppo(tmp_path / "nan", "train.max_steps=2", "reward.model_weight=.nan", policy=sft_dir)
+    assert result.returncode == 3
+    assert "non-finite" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "nan" / "manifest.json").exists() and not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_killed_run_resumes_to_the_same_result(sft_dir, tmp_path):
+    args = ["train.max_steps=10", "train.save_every=3", "train.log_every=1"]
+    straight = ppo(tmp_path / "straight", *args, policy=sft_dir)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "launch/stage3_ppo.py"), f"policy={sft_dir}", "reward_model=tiny-llama", *FAST,
+           *args, f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-3" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+    resumed = ppo(out, *args, policy=sft_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    last = lambda path: [r for r in read_metrics(path) if r["step"] == 10 and "train/ppo/score" in r][-1]  # noqa: E731
+    x, y = last(tmp_path / "straight" / "metrics.jsonl"), last(out / "metrics.jsonl")
+    for key in ("train/ppo/score", "train/ppo/kl", "train/ppo/policy_loss", "train/ppo/value_loss"):
+        assert x[key] == pytest.approx(y[key], abs=1e-6), key
