@@ -61,6 +61,9 @@ def generate_ids(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
+        # Weights here are always whole on this process (gathered once under ZeRO-3, see
+        # gathered_for_generation), so processes need not step in lockstep.
+        synced_gpus=False,
         **sampling_kwargs(gen),
     )
     return ids, out[:, ids.shape[1] :]

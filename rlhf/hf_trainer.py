@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from rlhf.checkpoint import claim_checkpoints, latest_checkpoint, mark_complete
 from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig
+from rlhf.distributed import whole_models
 from rlhf.registry import ModelSource, build_policy, build_scalar_model
 from rlhf.tracking import Tracking
 
@@ -53,6 +54,9 @@ def trainer_kwargs(
         gradient_checkpointing=init.gradient_checkpointing,
         report_to="none",
         disable_tqdm=not progress,
+        # The stage made its PartialState first (to know its rank before the Trainer exists);
+        # without this the Trainer resets it and runs every process as if it were alone.
+        accelerator_config={"use_configured_state": True},
         dataloader_drop_last=False,
         **extra,
     )
@@ -125,7 +129,8 @@ def save_output(
         return
     build = build_scalar_model if scalar_head else build_policy
     if source.path is None:
-        build(source, init, tokenizer, lora=None, seed=seed).save_pretrained(str(output_dir / "base_model"))
+        with whole_models():
+            build(source, init, tokenizer, lora=None, seed=seed).save_pretrained(str(output_dir / "base_model"))
     if lora.merge_on_save:
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         merged.save_pretrained(str(output_dir / "merged"))

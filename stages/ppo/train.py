@@ -33,6 +33,7 @@ from rlhf.checkpoint import claim_checkpoints, mark_complete
 from rlhf.checkpoint import prune_checkpoints, write_manifest
 from rlhf.config import NOT_HASHED, ConfigError, OptimConfig, PPOStageConfig, config_hash, dump_yaml, to_dict
 from rlhf.data import load_records, normalize_sft
+from rlhf.distributed import process_state, whole_models
 from rlhf.data.prompts import normalize_prompts
 from rlhf.evaluation import evaluate_generations
 from rlhf.generation import gathered_for_generation, generate_ids, generate_text, left_pad, render_prompts
@@ -53,6 +54,7 @@ log = logging.getLogger("rlhf.ppo")
 
 
 def train(cfg: PPOStageConfig) -> dict:
+    process_state()  # the process group, CPU-only machines included (rlhf/distributed.py)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum)
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     out = Path(cfg.output_dir)
@@ -83,7 +85,7 @@ def train(cfg: PPOStageConfig) -> dict:
     optimizer = torch.optim.AdamW(
         [_param_group(policy, cfg.optim), _param_group(value_model, cfg.value_optim)], lr=cfg.optim.lr
     )
-    _set_deepspeed_batch(accelerator, cfg)
+    _fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_policy = prepare_frozen(ref_policy, accelerator) if ref_policy is not None else None
     reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None
@@ -373,9 +375,9 @@ def _stop_if_not_finite(accelerator, step: int, **tensors) -> None:
         )
 
 
-def _set_deepspeed_batch(accelerator, cfg: PPOStageConfig) -> None:
-    """DeepSpeed needs a micro-batch size, which accelerate normally reads off a dataloader; PPO has
-    none, so it is set from the config."""
+def _fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int) -> None:
+    """Fill the DeepSpeed config's "auto" entries that accelerate would read off a dataloader and
+    a model config: PPO has no dataloader, and its module (policy + value) no single config."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
@@ -384,8 +386,13 @@ def _set_deepspeed_batch(accelerator, cfg: PPOStageConfig) -> None:
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["train_batch_size"] = micro * cfg.train.grad_accum * accelerator.num_processes
-    if cfg.optim.max_grad_norm is not None:
-        ds["gradient_clipping"] = cfg.optim.max_grad_norm
+    ds["gradient_clipping"] = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else 0.0
+    zero = ds.setdefault("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if zero.get(key) == "auto":
+            zero[key] = value
 
 
 def _save_checkpoint(accelerator, ckpt_dir: Path, state: dict, kl_ctl, running, keep: int) -> None:
@@ -419,7 +426,8 @@ def _save_models(accelerator, model, tokenizer, policy_source, out: Path, cfg: P
              for name in ("policy", "value_model")}
     if cfg.lora.enabled:
         unwrapped.policy.save_pretrained(str(out / "adapter"), state_dict=parts["policy"])
-        merged = build_policy(policy_source, cfg.model_init, tokenizer)
+        with whole_models():
+            merged = build_policy(policy_source, cfg.model_init, tokenizer)
         from peft import PeftModel
 
         merged = PeftModel.from_pretrained(merged, str(out / "adapter")).merge_and_unload()
@@ -438,11 +446,14 @@ def evaluate_directory(policy_dir: str, reward_model_dir: str | None, examples: 
     and the reward model's mean score of its answers. Main process only, plain models."""
     source = resolve(policy_dir)
     tokenizer = load_tokenizer(source, cfg.model_init)
-    policy = build_policy(source, cfg.model_init, tokenizer).eval()
+    with whole_models():
+        policy = build_policy(source, cfg.model_init, tokenizer).eval()
     metrics, samples = evaluate_generations(policy, tokenizer, examples, cfg.task.name, cfg.generation)
     if reward_model_dir:
         rm_source = resolve(reward_model_dir)
-        reward_model = build_scalar_model(rm_source, cfg.model_init, load_tokenizer(rm_source, cfg.model_init)).eval()
+        with whole_models():
+            reward_model = build_scalar_model(rm_source, cfg.model_init, load_tokenizer(rm_source, cfg.model_init))
+        reward_model.eval()
         responses = generate_text(policy, tokenizer, [e["prompt"] for e in examples], cfg.generation)
         metrics["rm_score"] = round(_score_texts(reward_model, tokenizer, examples, responses), 4)
     return {**metrics, "samples": samples}

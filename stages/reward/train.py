@@ -16,13 +16,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import set_seed
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, input_hashes, write_manifest
 from rlhf.config import NOT_HASHED, RMStageConfig, config_hash, dump_yaml, to_dict
+from rlhf.distributed import process_state, whole_models
 from rlhf.data import load_records, normalize_preferences
 from rlhf.data.lengths import limit_length
 from rlhf.generation import render_prompts
@@ -55,7 +55,7 @@ class PairwiseRewardTrainer(RewardTrainer):
 
 
 def train(cfg: RMStageConfig) -> dict:
-    state = PartialState()
+    state = process_state()
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     started = time.time()
@@ -130,7 +130,8 @@ def train(cfg: RMStageConfig) -> dict:
     if state.is_main_process:
         if eval_pairs:
             saved = resolve(str(out))
-            reward_model = build_scalar_model(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
+            with whole_models():
+                reward_model = build_scalar_model(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
             report = evaluate_pairs(reward_model, tokenizer, eval_pairs, eval_rows)
             atomic_write_json(out / "eval.json", {**report, "eval_source": eval_source})
             metrics.update({k: v for k, v in report.items() if k != "scores"})

@@ -12,13 +12,13 @@ import logging
 import time
 from pathlib import Path
 
-from accelerate import PartialState
 from accelerate.utils import set_seed
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, input_hashes, write_manifest
 from rlhf.config import NOT_HASHED, SFTStageConfig, config_hash, dump_yaml, to_dict
+from rlhf.distributed import process_state, whole_models
 from rlhf.data import load_records, normalize_sft
 from rlhf.data.lengths import limit_length
 from rlhf.evaluation import evaluate_generations
@@ -30,7 +30,7 @@ log = logging.getLogger("rlhf.sft")
 
 
 def train(cfg: SFTStageConfig) -> dict:
-    state = PartialState()
+    state = process_state()
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     started = time.time()
@@ -97,7 +97,8 @@ def train(cfg: SFTStageConfig) -> dict:
     if state.is_main_process:
         if eval_examples:
             saved = resolve(str(out))
-            eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
+            with whole_models():
+                eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
             task_metrics, samples = evaluate_generations(eval_model, tokenizer, eval_examples, cfg.task.name,
                                                          cfg.generation)
             eval_report = {**task_metrics, "eval_source": eval_source, "base": base_metrics, "samples": samples}

@@ -1,0 +1,41 @@
+"""The process group of a stage, on GPUs or on a CPU-only machine.
+
+accelerate only picks a CPU process group (gloo) when told the job is on CPU: launched with a
+multi-GPU or DeepSpeed config on a machine without GPUs, every process would otherwise believe it
+runs alone. `process_state()` makes that choice before any Trainer or Accelerator exists, and
+they all share it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from accelerate import PartialState
+
+
+def process_state() -> PartialState:
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return PartialState()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return PartialState(backend="gloo")  # DeepSpeed's CPU accelerator over gloo
+    os.environ["ACCELERATE_USE_CPU"] = "true"  # read by AcceleratorState and TrainingArguments
+    return PartialState(cpu=True)
+
+
+@contextlib.contextmanager
+def whole_models():
+    """Models built inside this block are whole on this process. Under DeepSpeed ZeRO-3,
+    transformers otherwise builds every model partitioned across processes (zero.Init), which
+    needs all of them: a main-process-only evaluation of the saved model would wait forever."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    if ref is None or ref() is None or not ref().is_zero3():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(ref())
