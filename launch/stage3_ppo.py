@@ -1,6 +1,7 @@
 """Stage 3, PPO.
 
-    accelerate launch launch/stage3_ppo.py --config configs/tiny/ppo.yaml policy=runs/x/sft reward_model=runs/x/rm output_dir=runs/x/ppo
+accelerate launch launch/stage3_ppo.py --config configs/tiny/ppo.yaml \
+    policy=runs/x/sft reward_model=runs/x/rm output_dir=runs/x/ppo
 """
 
 import sys
@@ -8,9 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlhf.cli import run_stage  # noqa: E402
-from rlhf.config import PPOStageConfig  # noqa: E402
-from stages.ppo.train import train  # noqa: E402
+from rlhf.cli import run_stage
+from rlhf.config import PPOStageConfig
+from stages.ppo.train import train
 
 if __name__ == "__main__":
     sys.exit(run_stage(PPOStageConfig, train, str(Path(__file__).resolve().parents[1] / "configs/tiny/ppo.yaml")))

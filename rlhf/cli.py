@@ -35,6 +35,16 @@ def run_stage(cls: type, train: Callable, default_config: str, argv: list[str] |
     """Parse, run `train(cfg)`, and turn user errors into a one-line message and exit code 2."""
     setup_logging()
     setup_cpu_threads()
+    code = _run(cls, train, default_config, argv)
+    # `accelerate launch` reports any failure as exit code 1; the pipeline reads the real one here.
+    status_file = os.environ.get("RLHF_EXIT_STATUS_FILE")
+    if status_file and code != 0 and os.environ.get("RANK", "0") == "0":
+        with open(status_file, "w") as f:
+            f.write(f"{code}\n")
+    return code
+
+
+def _run(cls: type, train: Callable, default_config: str, argv: list[str] | None) -> int:
     try:
         cfg, print_only = parse(cls, default_config, argv, description=(train.__doc__ or "").strip())
         if print_only:

@@ -33,6 +33,6 @@ def evaluate_generations(
     metrics = score_generations(task_name, questions, answers, responses)
     samples = [
         {"prompt": q, "response": r, "answer": a, "correct": r.strip() == a.strip()}
-        for q, r, a in list(zip(questions, responses, answers))[:n_samples]
+        for q, r, a in list(zip(questions, responses, answers, strict=False))[:n_samples]
     ]
     return metrics, samples

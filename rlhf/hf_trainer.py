@@ -62,11 +62,12 @@ def trainer_kwargs(
     )
 
 
+_RENAMES = {"learning_rate": "lr", "train_loss": "mean_loss"}
+
+
 class TrackingCallback(TrainerCallback):
     """Forwards the Trainer's logs to our trackers under `train/<stage>/…` and `eval/<stage>/…`,
     and marks each checkpoint complete once the Trainer has written all of it."""
-
-    RENAME = {"learning_rate": "lr", "train_loss": "mean_loss"}
 
     def __init__(self, tracking: Tracking, stage: str):
         self.tracking, self.stage = tracking, stage
@@ -79,7 +80,7 @@ class TrackingCallback(TrainerCallback):
             if not isinstance(value, (int, float)):
                 continue
             split, name = ("eval", key[5:]) if key.startswith("eval_") else ("train", key)
-            metrics[f"{split}/{self.stage}/{self.RENAME.get(name, name)}"] = value
+            metrics[f"{split}/{self.stage}/{_RENAMES.get(name, name)}"] = value
         self.tracking.log(metrics, step=state.global_step)
 
     def on_save(self, args, state, control, **kwargs):

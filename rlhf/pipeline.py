@@ -60,16 +60,21 @@ class PipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run SFT -> RM -> PPO", formatter_class=argparse.RawTextHelpFormatter,
-                                     epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description="Run SFT -> RM -> PPO", formatter_class=argparse.RawTextHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--config", default=str(ROOT / "configs/tiny/pipeline.yaml"), help="pipeline YAML")
     parser.add_argument("--from-stage", choices=STAGES, help="re-run this stage and the ones after it")
     parser.add_argument("--only", choices=STAGES, help="run just this stage (its inputs must exist)")
     parser.add_argument("--accelerate-config", help="accelerate config file for every stage")
     parser.add_argument("--num-processes", type=int, help="processes per stage (e.g. GPUs per node)")
     parser.add_argument("--dry-run", action="store_true", help="print the stage commands and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="pipeline keys (name=..., model=...) or stage keys (sft.train.max_steps=...)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="pipeline keys (name=..., model=...) or stage keys (sft.train.max_steps=...)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_pipeline(args.config, args.overrides, args.accelerate_config, args.num_processes)
@@ -79,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def load_pipeline(path: str, overrides: list[str], accelerate_config: str | None = None,
-                  num_processes: int | None = None) -> PipelineConfig:
+def load_pipeline(
+    path: str, overrides: list[str], accelerate_config: str | None = None, num_processes: int | None = None
+) -> PipelineConfig:
     """The pipeline config; `sft.train.max_steps=5`-style overrides go to that stage."""
     import yaml
 
@@ -94,8 +100,9 @@ def load_pipeline(path: str, overrides: list[str], accelerate_config: str | None
         else:
             set_dotted(raw, key, value)
     cfg = from_dict(PipelineConfig, raw or {}, source=path)
-    changes = {s: dataclasses.replace(getattr(cfg, s), overrides=getattr(cfg, s).overrides + tuple(extra[s]))
-               for s in STAGES}
+    changes = {
+        s: dataclasses.replace(getattr(cfg, s), overrides=getattr(cfg, s).overrides + tuple(extra[s])) for s in STAGES
+    }
     if accelerate_config:
         changes["accelerate_config"] = accelerate_config
     if num_processes:
@@ -111,8 +118,13 @@ def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
         "rm": [f"model={run / 'sft'}"],
         "ppo": [f"policy={run / 'sft'}", f"reward_model={run / 'rm'}"],
     }[stage]
-    return [f"output_dir={run / stage}", *wiring, f"tracking.group={cfg.name}",
-            f"tracking.run_name={cfg.name}-{stage}", *getattr(cfg, stage).overrides]
+    return [
+        f"output_dir={run / stage}",
+        *wiring,
+        f"tracking.group={cfg.name}",
+        f"tracking.run_name={cfg.name}-{stage}",
+        *getattr(cfg, stage).overrides,
+    ]
 
 
 def resolved_stage_config(cfg: PipelineConfig, stage: str):
@@ -129,7 +141,7 @@ def launch_command(cfg: PipelineConfig, stage: str) -> list[str]:
     if cfg.main_process_port:
         cmd += ["--main_process_port", str(cfg.main_process_port)]
     spec = getattr(cfg, stage)
-    return cmd + [str(ROOT / SCRIPTS[stage]), "--config", str(_path(spec.config)), *stage_overrides(cfg, stage)]
+    return [*cmd, str(ROOT / SCRIPTS[stage]), "--config", str(_path(spec.config)), *stage_overrides(cfg, stage)]
 
 
 def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None, dry_run: bool = False) -> int:
@@ -138,7 +150,6 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
     selected = [only] if only else list(STAGES[STAGES.index(from_stage) :] if from_stage else STAGES)
     forced = set(selected) if (only or from_stage) else set()
     upstream_ran = False
-    timings: dict[str, float] = {}
     for stage in STAGES:
         if stage not in selected:
             continue
@@ -155,10 +166,12 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
         if dry_run:
             continue
         logs.mkdir(parents=True, exist_ok=True)
-        started = time.time()
-        code = _run_logged(cmd, logs / f"{stage}.log")
-        timings[stage] = time.time() - started
+        status = logs / f"{stage}.exit_code"
+        status.unlink(missing_ok=True)
+        code = _run_logged(cmd, logs / f"{stage}.log", {"RLHF_EXIT_STATUS_FILE": str(status.resolve())})
         if code != 0:
+            if status.is_file():  # the stage's own code (accelerate launch turns every failure into 1)
+                code = int(status.read_text().strip() or code)
             print(f"[pipeline] {stage} failed with exit code {code}; log: {logs / f'{stage}.log'}", file=sys.stderr)
             return code
         upstream_ran = True
@@ -183,9 +196,9 @@ def _finished_and_current(out: Path, digest: str) -> bool:
     return all((read_manifest(path) or {}).get("config_hash") == h for path, h in manifest.get("inputs", {}).items())
 
 
-def _run_logged(cmd: list[str], log_path: Path) -> int:
+def _run_logged(cmd: list[str], log_path: Path, extra_env: dict[str, str]) -> int:
     """Run a stage, copying its output to the console and to its log file."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
     with open(log_path, "ab") as log:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
@@ -224,10 +237,14 @@ def summary_table(run_dir: Path) -> str:
         rows.append(("ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
     width = max(len(r[1]) for r in rows)
     lines += [f"  {s:<4} {k:<{width}}  {v}" for s, k, v in rows]
-    lines += ["", f"  outputs:     {run_dir}/{{sft,rm,ppo}}",
-              f"  TensorBoard: tensorboard --logdir {run_dir}",
-              f"  wandb:       wandb sync {run_dir}/*/wandb/offline-run-*   (offline runs)",
-              f"  report:      {run_dir}/report.html", ""]
+    lines += [
+        "",
+        f"  outputs:     {run_dir}/{{sft,rm,ppo}}",
+        f"  TensorBoard: tensorboard --logdir {run_dir}",
+        f"  wandb:       wandb sync {run_dir}/*/wandb/offline-run-*   (offline runs)",
+        f"  report:      {run_dir}/report.html",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from rlhf.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
+from rlhf.checkpoint import atomic_write_json, atomic_write_text
 
 STAGES = ("sft", "rm", "ppo")
 
@@ -29,21 +29,48 @@ CURVES = [
     ("sft_loss", "SFT: training loss", [("train/sft/loss", "loss")], "cross-entropy"),
     ("sft_token_accuracy", "SFT: token accuracy on answers", [("train/sft/mean_token_accuracy", "train")], "accuracy"),
     ("rm_loss", "RM: pairwise loss", [("train/rm/loss", "train"), ("eval/rm/loss", "held-out")], "−log σ(Δ)"),
-    ("rm_accuracy", "RM: pairwise accuracy", [("train/rm/accuracy", "train"), ("eval/rm/accuracy", "held-out")],
-     "accuracy"),
-    ("ppo_score", "PPO: score", [("train/ppo/score", "score"), ("train/ppo/rm_score", "reward model"),
-                                 ("train/ppo/rule_subtraction", "subtraction rule")], "score"),
-    ("ppo_kl", "PPO: KL to the reference and β", [("train/ppo/kl", "KL (per response)"),
-                                                  ("train/ppo/beta", "β")], "nats / coefficient"),
+    (
+        "rm_accuracy",
+        "RM: pairwise accuracy",
+        [("train/rm/accuracy", "train"), ("eval/rm/accuracy", "held-out")],
+        "accuracy",
+    ),
+    (
+        "ppo_score",
+        "PPO: score",
+        [
+            ("train/ppo/score", "score"),
+            ("train/ppo/rm_score", "reward model"),
+            ("train/ppo/rule_subtraction", "subtraction rule"),
+        ],
+        "score",
+    ),
+    (
+        "ppo_kl",
+        "PPO: KL to the reference and β",
+        [("train/ppo/kl", "KL (per response)"), ("train/ppo/beta", "β")],
+        "nats / coefficient",
+    ),
     ("ppo_entropy", "PPO: policy entropy", [("train/ppo/entropy", "entropy")], "nats per token"),
-    ("ppo_clipfrac", "PPO: clip fraction and approximate KL", [("train/ppo/clipfrac", "clip fraction"),
-                                                               ("train/ppo/approx_kl", "approx KL")], ""),
+    (
+        "ppo_clipfrac",
+        "PPO: clip fraction and approximate KL",
+        [("train/ppo/clipfrac", "clip fraction"), ("train/ppo/approx_kl", "approx KL")],
+        "",
+    ),
     ("ppo_value_loss", "PPO: value loss", [("train/ppo/value_loss", "value loss")], "½(V − return)²"),
-    ("ppo_explained_variance", "PPO: value explained variance", [("train/ppo/explained_variance", "explained var")],
-     "1 − Var(R − V)/Var(R)"),
-    ("ppo_eval_accuracy", "PPO: held-out accuracy during training",
-     [("eval/ppo/accuracy", "all"), ("eval/ppo/accuracy_2", "2-digit"), ("eval/ppo/accuracy_5", "5-digit")],
-     "exact match"),
+    (
+        "ppo_explained_variance",
+        "PPO: value explained variance",
+        [("train/ppo/explained_variance", "explained var")],
+        "1 − Var(R − V)/Var(R)",
+    ),
+    (
+        "ppo_eval_accuracy",
+        "PPO: held-out accuracy during training",
+        [("eval/ppo/accuracy", "all"), ("eval/ppo/accuracy_2", "2-digit"), ("eval/ppo/accuracy_5", "5-digit")],
+        "exact match",
+    ),
 ]
 
 
@@ -88,7 +115,7 @@ def write_report(run_dir: str | Path) -> Path:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
         for label, points in lines.items():
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=False)
             ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
         _style(ax, title, "step", ylabel, legend=len(lines) > 1)
         images.append((name, title, _save(fig, plot_dir / f"{name}.png")))
@@ -150,8 +177,7 @@ def accuracy_rows(stages: dict) -> list[tuple[str, dict]]:
 
 def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
     e = html.escape
-    parts = [f"<h1>RLHF run <code>{e(run_dir.name)}</code></h1>",
-             f"<p class=dim>{e(str(run_dir.resolve()))}</p>"]
+    parts = [f"<h1>RLHF run <code>{e(run_dir.name)}</code></h1>", f"<p class=dim>{e(str(run_dir.resolve()))}</p>"]
 
     rows = accuracy_rows(stages)
     if rows:
@@ -160,36 +186,54 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
         body = ""
         for name, r in rows:
             cells = "".join(f"<td>{_fmt(r.get('accuracy_by_digits', {}).get(d))}</td>" for d in buckets)
-            body += f"<tr><td>{e(name)}</td><td>{_fmt(r.get('accuracy'))}</td>{cells}<td>{_fmt(r.get('rm_score'))}</td></tr>"
-        parts.append("<h2>Task accuracy (held-out, exact match)</h2><table><tr><th>model</th><th>all</th>"
-                     f"{head}<th>RM score</th></tr>{body}</table>")
+            body += (
+                f"<tr><td>{e(name)}</td><td>{_fmt(r.get('accuracy'))}</td>{cells}"
+                f"<td>{_fmt(r.get('rm_score'))}</td></tr>"
+            )
+        parts.append(
+            "<h2>Task accuracy (held-out, exact match)</h2><table><tr><th>model</th><th>all</th>"
+            f"{head}<th>RM score</th></tr>{body}</table>"
+        )
 
     rm = stages["rm"]["eval"]
     if rm.get("accuracy_by_kind"):
-        body = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v)}</td><td>{rm['n_by_kind'].get(k, '')}</td></tr>"
-                       for k, v in rm["accuracy_by_kind"].items())
-        parts.append(f"<h2>Reward model (held-out pairs)</h2><p>pairwise accuracy {_fmt(rm.get('accuracy'))}, "
-                     f"mean margin {_fmt(rm.get('mean_margin'))}</p><table><tr><th>rejected answer</th>"
-                     f"<th>accuracy</th><th>pairs</th></tr>{body}</table>")
+        body = "".join(
+            f"<tr><td>{e(k)}</td><td>{_fmt(v)}</td><td>{rm['n_by_kind'].get(k, '')}</td></tr>"
+            for k, v in rm["accuracy_by_kind"].items()
+        )
+        parts.append(
+            f"<h2>Reward model (held-out pairs)</h2><p>pairwise accuracy {_fmt(rm.get('accuracy'))}, "
+            f"mean margin {_fmt(rm.get('mean_margin'))}</p><table><tr><th>rejected answer</th>"
+            f"<th>accuracy</th><th>pairs</th></tr>{body}</table>"
+        )
 
     ppo = stages["ppo"]["eval"]
     if ppo:
-        parts.append(f"<h2>PPO</h2><p>final KL to the reference {_fmt(ppo.get('final_kl'))} nats per response "
-                     f"(target {e(str(ppo.get('kl_target')))}), β {_fmt(ppo.get('beta'))}</p>")
+        parts.append(
+            f"<h2>PPO</h2><p>final KL to the reference {_fmt(ppo.get('final_kl'))} nats per response "
+            f"(target {e(str(ppo.get('kl_target')))}), β {_fmt(ppo.get('beta'))}</p>"
+        )
         samples = [(w, s) for w in ("before", "after") for s in (ppo.get(w) or {}).get("samples", [])]
         if samples:
-            body = "".join(f"<tr><td>{e(w)}</td><td>{e(s['prompt'])}</td><td>{e(s['response'])}</td>"
-                           f"<td>{e(s['answer'])}</td><td>{'✔' if s['correct'] else '✘'}</td></tr>" for w, s in samples)
-            parts.append("<h3>Sample generations before and after PPO</h3><table><tr><th></th><th>prompt</th>"
-                         f"<th>response</th><th>answer</th><th></th></tr>{body}</table>")
+            body = "".join(
+                f"<tr><td>{e(w)}</td><td>{e(s['prompt'])}</td><td>{e(s['response'])}</td>"
+                f"<td>{e(s['answer'])}</td><td>{'✔' if s['correct'] else '✘'}</td></tr>"
+                for w, s in samples
+            )
+            parts.append(
+                "<h3>Sample generations before and after PPO</h3><table><tr><th></th><th>prompt</th>"
+                f"<th>response</th><th>answer</th><th></th></tr>{body}</table>"
+            )
 
     perf = ""
     for stage in STAGES:
         manifest, series = stages[stage]["manifest"], stages[stage]["series"]
         wall = manifest.get("metrics", {}).get("wall_time_s")
-        rate = {"sft": series.get("train/sft/train_samples_per_second"),
-                "rm": series.get("train/rm/train_samples_per_second"),
-                "ppo": series.get("train/ppo/episodes_per_s")}[stage]
+        rate = {
+            "sft": series.get("train/sft/train_samples_per_second"),
+            "rm": series.get("train/rm/train_samples_per_second"),
+            "ppo": series.get("train/ppo/episodes_per_s"),
+        }[stage]
         unit = "episodes/s" if stage == "ppo" else "examples/s"
         tokens = series.get("train/ppo/tokens_per_s") if stage == "ppo" else None
         if wall is None and not rate:
@@ -198,12 +242,16 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
         tok_text = f"{_mean_of(tokens):.0f} generated tokens/s" if tokens else ""
         perf += f"<tr><td>{stage}</td><td>{_fmt(wall, 0)} s</td><td>{rate_text}</td><td>{tok_text}</td></tr>"
     if perf:
-        parts.append("<h2>Wall time and throughput</h2><table><tr><th>stage</th><th>wall time</th>"
-                     f"<th>throughput</th><th></th></tr>{perf}</table>")
+        parts.append(
+            "<h2>Wall time and throughput</h2><table><tr><th>stage</th><th>wall time</th>"
+            f"<th>throughput</th><th></th></tr>{perf}</table>"
+        )
 
     if images:
-        figs = "".join(f'<figure><img alt="{e(t)}" id="plot-{e(n)}" src="data:image/png;base64,{b}"></figure>'
-                       for n, t, b in images)
+        figs = "".join(
+            f'<figure><img alt="{e(t)}" id="plot-{e(n)}" src="data:image/png;base64,{b}"></figure>'
+            for n, t, b in images
+        )
         parts.append(f"<h2>Curves</h2><div class=grid>{figs}</div>")
     parts.append(f'<script type="application/json" id="plot-data">{e(json.dumps(data))}</script>')
     return f"""<!doctype html>

@@ -42,6 +42,8 @@ def seed_000_scripts() -> dict[str, str]:
         pytest.skip("../shared/seeds/000_*.txt not found beside the checkout")
     text = files[0].read_text(encoding="utf-8")
     blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
-    scripts = {"test": next(b for b in blocks if "LLM_minus_test_data" in b),
-               "sft": next(b for b in blocks if "LLM_minus_SFT_train_data" in b)}
+    scripts = {
+        "test": next(b for b in blocks if "LLM_minus_test_data" in b),
+        "sft": next(b for b in blocks if "LLM_minus_SFT_train_data" in b),
+    }
     return scripts

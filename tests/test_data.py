@@ -15,8 +15,10 @@ CANONICAL = {"prompt": [{"role": "user", "content": QUESTION}], "completion": [{
 SAME_ITEM_IN_EACH_FORMAT = {
     "messages": {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "35"}]},
     "prompt_completion": {"prompt": QUESTION, "completion": "35"},
-    "prompt_completion_chat": {"prompt": [{"role": "user", "content": QUESTION}],
-                               "completion": [{"role": "assistant", "content": "35"}]},
+    "prompt_completion_chat": {
+        "prompt": [{"role": "user", "content": QUESTION}],
+        "completion": [{"role": "assistant", "content": "35"}],
+    },
     "prompt_answer": {"prompt": QUESTION, "answer": "35"},
 }
 
@@ -40,9 +42,17 @@ def test_text_format(tmp_path):
 
 
 def test_multi_turn_chat_keeps_all_turns(tmp_path):
-    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
-    examples, _ = normalize_sft(read_records(write_jsonl(tmp_path / "m.jsonl", [row, SAME_ITEM_IN_EACH_FORMAT["messages"]])))
+    row = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    }
+    examples, _ = normalize_sft(
+        read_records(write_jsonl(tmp_path / "m.jsonl", [row, SAME_ITEM_IN_EACH_FORMAT["messages"]]))
+    )
     assert all("messages" in e for e in examples) and len(examples[0]["messages"]) == 4
 
 

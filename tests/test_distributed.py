@@ -9,33 +9,73 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from conftest import ROOT
 
 pytest.importorskip("deepspeed")
 
-MODES = {"ddp": "configs/accelerate/ddp.yaml", "zero2": "configs/accelerate/zero2.yaml",
-         "zero3": "configs/accelerate/zero3.yaml"}
+MODES = {
+    "ddp": "configs/accelerate/ddp.yaml",
+    "zero2": "configs/accelerate/zero2.yaml",
+    "zero3": "configs/accelerate/zero3.yaml",
+}
 COMMON = ["tracking.report_to=[]", "tracking.progress=false"]
 STAGE_ARGS = {
-    "sft": ["model=tiny-llama", "task.train_size=256", "task.eval_size=8", "train.max_steps=4", "train.batch_size=8",
-            "train.save_every=2", "train.log_every=1", "evaluate_base=false"],
-    "rm": ["pairs.train_size=128", "pairs.eval_size=16", "pairs.onpolicy_fraction=0", "train.max_steps=4",
-           "train.batch_size=8", "train.save_every=2", "train.log_every=1"],
-    "ppo": ["task.train_size=64", "task.eval_size=8", "rollout.prompts_per_step=8", "ppo.minibatches=2",
-            "rollout.generation.max_new_tokens=4", "generation.max_new_tokens=4", "train.max_steps=3",
-            "train.save_every=2", "train.log_every=1", "train.eval_every=2"],
+    "sft": [
+        "model=tiny-llama",
+        "task.train_size=256",
+        "task.eval_size=8",
+        "train.max_steps=4",
+        "train.batch_size=8",
+        "train.save_every=2",
+        "train.log_every=1",
+        "evaluate_base=false",
+    ],
+    "rm": [
+        "pairs.train_size=128",
+        "pairs.eval_size=16",
+        "pairs.onpolicy_fraction=0",
+        "train.max_steps=4",
+        "train.batch_size=8",
+        "train.save_every=2",
+        "train.log_every=1",
+    ],
+    "ppo": [
+        "task.train_size=64",
+        "task.eval_size=8",
+        "rollout.prompts_per_step=8",
+        "ppo.minibatches=2",
+        "rollout.generation.max_new_tokens=4",
+        "generation.max_new_tokens=4",
+        "train.max_steps=3",
+        "train.save_every=2",
+        "train.log_every=1",
+        "train.eval_every=2",
+    ],
 }
 SCRIPTS = {"sft": "launch/stage1_sft.py", "rm": "launch/stage2_rm.py", "ppo": "launch/stage3_ppo.py"}
 
 
 def launch(mode: str, stage: str, out, *extra):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / MODES[mode]),
-           "--num_processes", "2", "--main_process_port", str(29500 + hash((mode, stage)) % 1000),
-           str(ROOT / SCRIPTS[stage]), "--config", str(ROOT / f"configs/tiny/{stage}.yaml"),
-           *STAGE_ARGS[stage], *COMMON, f"output_dir={out / stage}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / MODES[mode]),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(29500 + hash((mode, stage)) % 1000),
+        str(ROOT / SCRIPTS[stage]),
+        "--config",
+        str(ROOT / f"configs/tiny/{stage}.yaml"),
+        *STAGE_ARGS[stage],
+        *COMMON,
+        f"output_dir={out / stage}",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, f"{mode}/{stage}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

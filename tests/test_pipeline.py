@@ -21,13 +21,28 @@ from wandb_offline import history
 
 MINI = [
     "model=tiny-llama",
-    "sft.task.train_size=1000", "sft.task.eval_size=24", "sft.train.max_steps=30", "sft.train.batch_size=32",
-    "sft.optim.lr=3e-3", "sft.train.log_every=5", "sft.train.save_every=15",
-    "rm.pairs.train_size=400", "rm.pairs.eval_size=48", "rm.train.max_steps=20", "rm.train.batch_size=16",
-    "rm.train.log_every=5", "rm.train.save_every=10",
-    "ppo.task.train_size=200", "ppo.task.eval_size=24", "ppo.rollout.prompts_per_step=16", "ppo.ppo.minibatches=2",
-    "ppo.rollout.generation.max_new_tokens=6", "ppo.generation.max_new_tokens=6", "ppo.train.eval_every=4",
-    "ppo.train.save_every=2", "ppo.train.log_every=1",
+    "sft.task.train_size=1000",
+    "sft.task.eval_size=24",
+    "sft.train.max_steps=30",
+    "sft.train.batch_size=32",
+    "sft.optim.lr=3e-3",
+    "sft.train.log_every=5",
+    "sft.train.save_every=15",
+    "rm.pairs.train_size=400",
+    "rm.pairs.eval_size=48",
+    "rm.train.max_steps=20",
+    "rm.train.batch_size=16",
+    "rm.train.log_every=5",
+    "rm.train.save_every=10",
+    "ppo.task.train_size=200",
+    "ppo.task.eval_size=24",
+    "ppo.rollout.prompts_per_step=16",
+    "ppo.ppo.minibatches=2",
+    "ppo.rollout.generation.max_new_tokens=6",
+    "ppo.generation.max_new_tokens=6",
+    "ppo.train.eval_every=4",
+    "ppo.train.save_every=2",
+    "ppo.train.log_every=1",
 ]
 QUIET = [f"{s}.tracking.progress=false" for s in ("sft", "rm", "ppo")]
 
@@ -68,23 +83,44 @@ def test_report_embeds_every_plot_with_the_runs_own_data(run):
     run_dir, _ = run
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     data = json.loads((run_dir / "plots" / "data.json").read_text())
-    expected = ["sft_loss", "rm_loss", "rm_accuracy", "rm_score_histogram", "ppo_score", "ppo_kl", "ppo_entropy",
-                "ppo_clipfrac", "ppo_value_loss", "ppo_explained_variance"]
+    expected = [
+        "sft_loss",
+        "rm_loss",
+        "rm_accuracy",
+        "rm_score_histogram",
+        "ppo_score",
+        "ppo_kl",
+        "ppo_entropy",
+        "ppo_clipfrac",
+        "ppo_value_loss",
+        "ppo_explained_variance",
+    ]
     for name in expected:
         png = (run_dir / "plots" / f"{name}.png").read_bytes()
         assert base64.b64encode(png).decode() in page, f"{name}.png not embedded"
         assert name in data
     stages = {s: load_stage(run_dir / s) for s in ("sft", "rm", "ppo")}
     # the plotted series are the ones in metrics.jsonl (step by step)
-    sft_loss = [(r["step"], r["train/sft/loss"]) for r in _jsonl(run_dir / "sft" / "metrics.jsonl") if "train/sft/loss" in r]
-    assert list(zip(data["sft_loss"]["loss"]["x"], data["sft_loss"]["loss"]["y"])) == sft_loss and len(sft_loss) >= 5
+    sft_loss = [
+        (r["step"], r["train/sft/loss"]) for r in _jsonl(run_dir / "sft" / "metrics.jsonl") if "train/sft/loss" in r
+    ]
+    plotted = data["sft_loss"]["loss"]
+    assert list(zip(plotted["x"], plotted["y"], strict=True)) == sft_loss and len(sft_loss) >= 5
     assert data["ppo_kl"]["KL (per response)"]["y"] == [v for _, v in stages["ppo"]["series"]["train/ppo/kl"]]
     assert len(data["ppo_kl"]["β"]["x"]) == 8
     rm_eval = json.loads((run_dir / "rm" / "eval.json").read_text())
     assert data["rm_score_histogram"]["chosen"] == rm_eval["scores"]["chosen"]
     # tables: accuracy per digit bucket for base, SFT and PPO; samples before and after PPO
-    for text in ("base (before SFT)", "<td>SFT</td>", "<td>PPO</td>", "2-digit", "5-digit", "before", "after",
-                 "Wall time and throughput"):
+    for text in (
+        "base (before SFT)",
+        "<td>SFT</td>",
+        "<td>PPO</td>",
+        "2-digit",
+        "5-digit",
+        "before",
+        "after",
+        "Wall time and throughput",
+    ):
         assert text in page, text
     assert "http://" not in page and "https://" not in page  # opens from disk, no network
 
@@ -96,11 +132,25 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     run_dir, _ = run
     shot = tmp_path / "report.png"
     result = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", f"--screenshot={shot}",
-         (run_dir / "report.html").resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,2400",
+            f"--screenshot={shot}",
+            (run_dir / "report.html").resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     import matplotlib.image as mpimg
 
@@ -130,11 +180,26 @@ def test_dashboards_hold_the_same_series_as_metrics_jsonl(run):
 
 def test_kill_minus_9_in_ppo_then_same_command_finishes(tmp_path):
     runs = tmp_path / "runs"
-    args = [f"runs_dir={runs}", "name=crash", *MINI, *QUIET, "ppo.train.max_steps=24", "ppo.train.save_every=3",
-            "sft.tracking.report_to=[]", "rm.tracking.report_to=[]", "ppo.tracking.report_to=[]"]
+    args = [
+        f"runs_dir={runs}",
+        "name=crash",
+        *MINI,
+        *QUIET,
+        "ppo.train.max_steps=24",
+        "ppo.train.save_every=3",
+        "sft.tracking.report_to=[]",
+        "rm.tracking.report_to=[]",
+        "ppo.tracking.report_to=[]",
+    ]
     cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     marker = runs / "crash" / "ppo" / "checkpoints" / "step-3" / "COMPLETE"
     deadline = time.time() + 600
     while not marker.exists():

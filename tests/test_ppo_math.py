@@ -84,7 +84,9 @@ def test_gae_by_hand():
     assert ret[0].tolist() == pytest.approx([0.933, 0.97, 1.0])
     # Row with padding (junk at the pad), gamma .5, lambda 1, r = [0, 2, 99], V = [1, 1, 99], mask [1, 1, 0]:
     #   A2 = 0 (pad);  d1 = 2 + .5 * 0 - 1 = 1, A1 = 1;  d0 = 0 + .5 * 1 - 1 = -.5, A0 = -.5 + .5 * 1 = 0
-    adv, ret = gae(torch.tensor([[0.0, 2.0, 99.0]]), torch.tensor([[1.0, 1.0, 99.0]]), torch.tensor([[1, 1, 0]]), 0.5, 1.0)
+    adv, ret = gae(
+        torch.tensor([[0.0, 2.0, 99.0]]), torch.tensor([[1.0, 1.0, 99.0]]), torch.tensor([[1, 1, 0]]), 0.5, 1.0
+    )
     assert adv[0].tolist() == pytest.approx([0.0, 1.0, 0.0])
     assert ret[0].tolist() == pytest.approx([1.0, 2.0, 0.0])
 

@@ -19,9 +19,19 @@ from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import read_metrics
 from stages.ppo.train import fingerprint
 
-FAST = ["task.train_size=256", "task.eval_size=16", "rollout.prompts_per_step=16", "ppo.minibatches=2",
-        "rollout.generation.max_new_tokens=6", "generation.max_new_tokens=6", "tracking.report_to=[]",
-        "tracking.progress=false", "train.eval_every=0", "optim.lr=1e-3", "value_optim.lr=1e-3"]
+FAST = [
+    "task.train_size=256",
+    "task.eval_size=16",
+    "rollout.prompts_per_step=16",
+    "ppo.minibatches=2",
+    "rollout.generation.max_new_tokens=6",
+    "generation.max_new_tokens=6",
+    "tracking.report_to=[]",
+    "tracking.progress=false",
+    "train.eval_every=0",
+    "optim.lr=1e-3",
+    "value_optim.lr=1e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +46,15 @@ def sft_dir(tmp_path_factory):
 
 
 def ppo(out, *extra, policy, timeout=300):
-    return run_entry("launch/stage3_ppo.py", f"policy={policy}", "reward_model=tiny-llama", *FAST, *extra,
-                     f"output_dir={out}", timeout=timeout)
+    return run_entry(
+        "launch/stage3_ppo.py",
+        f"policy={policy}",
+        "reward_model=tiny-llama",
+        *FAST,
+        *extra,
+        f"output_dir={out}",
+        timeout=timeout,
+    )
 
 
 def test_policy_changes_reference_does_not(sft_dir, tmp_path):
@@ -52,9 +69,26 @@ def test_policy_changes_reference_does_not(sft_dir, tmp_path):
     assert manifest["metrics"]["reference_fingerprint"] == fingerprint(sft.requires_grad_(False), frozen_only=True)
     records = [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/score" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for key in ("score", "reward", "kl", "beta", "entropy", "clipfrac", "approx_kl", "policy_loss", "value_loss",
-                "explained_variance", "response_length", "eos_rate", "lr_policy", "lr_value", "time_generate_s",
-                "time_score_s", "time_train_s", "tokens_per_s"):
+    for key in (
+        "score",
+        "reward",
+        "kl",
+        "beta",
+        "entropy",
+        "clipfrac",
+        "approx_kl",
+        "policy_loss",
+        "value_loss",
+        "explained_variance",
+        "response_length",
+        "eos_rate",
+        "lr_policy",
+        "lr_value",
+        "time_generate_s",
+        "time_score_s",
+        "time_train_s",
+        "tokens_per_s",
+    ):
         assert f"train/ppo/{key}" in records[-1], key
     report = json.loads((out / "eval.json").read_text())
     assert {"before", "after", "final_kl"} <= set(report)
@@ -62,8 +96,9 @@ def test_policy_changes_reference_does_not(sft_dir, tmp_path):
 
 
 def test_lora_reference_is_the_policy_without_adapter(sft_dir, tmp_path):
-    result = ppo(tmp_path / "lora", "train.max_steps=2", "train.save_every=0", "lora.enabled=true", "lora.r=4",
-                 policy=sft_dir)
+    result = ppo(
+        tmp_path / "lora", "train.max_steps=2", "train.save_every=0", "lora.enabled=true", "lora.r=4", policy=sft_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "lora" / "manifest.json").read_text())
     sft = build_policy(resolve(str(sft_dir)), ModelInit(), load_tokenizer(resolve(str(sft_dir)), ModelInit()))
@@ -71,8 +106,11 @@ def test_lora_reference_is_the_policy_without_adapter(sft_dir, tmp_path):
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
 
 
-@pytest.mark.parametrize("reward", [["reward_model=null", "reward.model_weight=0", "reward.rules={subtraction: 1.0}"],
-                                    ["reward.rules={}"]], ids=["rule-only", "rm-only"])
+@pytest.mark.parametrize(
+    "reward",
+    [["reward_model=null", "reward.model_weight=0", "reward.rules={subtraction: 1.0}"], ["reward.rules={}"]],
+    ids=["rule-only", "rm-only"],
+)
 def test_rule_only_and_reward_model_only(sft_dir, tmp_path, reward):
     result = ppo(tmp_path / "r", "train.max_steps=2", "train.save_every=0", *reward, policy=sft_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,10 +130,18 @@ def test_killed_run_resumes_to_the_same_result(sft_dir, tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "launch/stage3_ppo.py"), f"policy={sft_dir}", "reward_model=tiny-llama", *FAST,
-           *args, f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch/stage3_ppo.py"),
+        f"policy={sft_dir}",
+        "reward_model=tiny-llama",
+        *FAST,
+        *args,
+        f"output_dir={out}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-3" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"

@@ -50,11 +50,14 @@ def test_policy_and_scalar_models_for_each_architecture(name, tmp_path):
     # ... and through the registry, as a later stage would.
     source2 = resolve(str(tmp_path / "policy"))
     assert source2.path == str(tmp_path / "policy")
-    assert torch.allclose(build_policy(source2, INIT, load_tokenizer(source2, INIT))(**inputs).logits, logits, atol=1e-5)
+    assert torch.allclose(
+        build_policy(source2, INIT, load_tokenizer(source2, INIT))(**inputs).logits, logits, atol=1e-5
+    )
     # A reward model initialised from that causal LM keeps its body and gets a fresh head.
     rm = build_scalar_model(source2, INIT, load_tokenizer(source2, INIT))
-    assert torch.allclose(backbone(rm)(**inputs).last_hidden_state, backbone(again)(**inputs).last_hidden_state,
-                          atol=1e-5)
+    assert torch.allclose(
+        backbone(rm)(**inputs).last_hidden_state, backbone(again)(**inputs).last_hidden_state, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -110,7 +113,7 @@ def test_unknown_names_fail_clearly(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve("runs/nothing/sft")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         resolve(str(tmp_path / "empty"))
     source = resolve("nobody/no-such-model")  # looks like a hub id; offline in tests
     with pytest.raises(ModelLoadError, match="cannot load model 'nobody/no-such-model'"):

@@ -35,17 +35,31 @@ def test_loss_equals_trl_reward_trainer_on_the_same_batch(tmp_path):
     tokenizer = load_tokenizer(source, ModelInit())
     model = build_scalar_model(source, ModelInit(), tokenizer, seed=0)
     pairs = [
-        {"prompt": [{"role": "user", "content": "请计算：12 - 3 = ，直接返回计算结果"}],
-         "chosen": [{"role": "assistant", "content": "9"}], "rejected": [{"role": "assistant", "content": "-9"}],
-         "margin": 0.5},
-        {"prompt": [{"role": "user", "content": "请计算：52 - 17 = ，直接返回计算结果"}],
-         "chosen": [{"role": "assistant", "content": "35"}], "rejected": [{"role": "assistant", "content": "45"}],
-         "margin": 0.0},
+        {
+            "prompt": [{"role": "user", "content": "请计算：12 - 3 = ，直接返回计算结果"}],
+            "chosen": [{"role": "assistant", "content": "9"}],
+            "rejected": [{"role": "assistant", "content": "-9"}],
+            "margin": 0.5,
+        },
+        {
+            "prompt": [{"role": "user", "content": "请计算：52 - 17 = ，直接返回计算结果"}],
+            "chosen": [{"role": "assistant", "content": "35"}],
+            "rejected": [{"role": "assistant", "content": "45"}],
+            "margin": 0.0,
+        },
     ]
     rows = encode_pairs(tokenizer, pairs, use_margin=True)
-    args = RewardConfig(output_dir=str(tmp_path), report_to="none", center_rewards_coefficient=0.01,
-                        max_length=None, per_device_train_batch_size=2, use_cpu=True)
-    ours = PairwiseRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    args = RewardConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        center_rewards_coefficient=0.01,
+        max_length=None,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+    )
+    ours = PairwiseRewardTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     batch = ours.data_collator(rows)
     model.eval()
     theirs_loss = RewardTrainer.compute_loss(ours, model, dict(batch))
@@ -54,18 +68,27 @@ def test_loss_equals_trl_reward_trainer_on_the_same_batch(tmp_path):
 
 
 PAIR = {"q": "请计算：52 - 17 = ，直接返回计算结果", "good": "35", "bad": "45"}
-CANONICAL = {"prompt": [{"role": "user", "content": PAIR["q"]}],
-             "chosen": [{"role": "assistant", "content": "35"}],
-             "rejected": [{"role": "assistant", "content": "45"}]}
+CANONICAL = {
+    "prompt": [{"role": "user", "content": PAIR["q"]}],
+    "chosen": [{"role": "assistant", "content": "35"}],
+    "rejected": [{"role": "assistant", "content": "45"}],
+}
 SAME_PAIR = {
     "prompt": {"prompt": PAIR["q"], "chosen": "35", "rejected": "45"},
     "query": {"query": PAIR["q"], "chosen": "35", "rejected": "45"},
-    "hh": {"chosen": f"\n\nHuman: {PAIR['q']}\n\nAssistant: 35", "rejected": f"\n\nHuman: {PAIR['q']}\n\nAssistant: 45"},
-    "chat": {"chosen": [{"role": "user", "content": PAIR["q"]}, {"role": "assistant", "content": "35"}],
-             "rejected": [{"role": "user", "content": PAIR["q"]}, {"role": "assistant", "content": "45"}]},
-    "chat_with_prompt": {"prompt": [{"role": "user", "content": PAIR["q"]}],
-                         "chosen": [{"role": "assistant", "content": "35"}],
-                         "rejected": [{"role": "assistant", "content": "45"}]},
+    "hh": {
+        "chosen": f"\n\nHuman: {PAIR['q']}\n\nAssistant: 35",
+        "rejected": f"\n\nHuman: {PAIR['q']}\n\nAssistant: 45",
+    },
+    "chat": {
+        "chosen": [{"role": "user", "content": PAIR["q"]}, {"role": "assistant", "content": "35"}],
+        "rejected": [{"role": "user", "content": PAIR["q"]}, {"role": "assistant", "content": "45"}],
+    },
+    "chat_with_prompt": {
+        "prompt": [{"role": "user", "content": PAIR["q"]}],
+        "chosen": [{"role": "assistant", "content": "35"}],
+        "rejected": [{"role": "assistant", "content": "45"}],
+    },
     "ranked": {"prompt": PAIR["q"], "responses": ["35", "45"]},
     "ranked_scores": {"prompt": PAIR["q"], "responses": [{"text": "45", "score": 0.1}, {"text": "35", "score": 0.9}]},
 }
@@ -88,7 +111,13 @@ def test_ranked_lists_expand_to_every_pair(tmp_path):
     row = {"prompt": "q", "responses": ["a", "b", "c", "d"]}
     pairs, _, _ = normalize_preferences(read_records(write(tmp_path, [row])))
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
-        ("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]  # C(4, 2) = 6
+        ("a", "b"),
+        ("a", "c"),
+        ("a", "d"),
+        ("b", "c"),
+        ("b", "d"),
+        ("c", "d"),
+    ]  # C(4, 2) = 6
 
 
 def test_multi_turn_hh_prompt(tmp_path):
@@ -100,9 +129,11 @@ def test_multi_turn_hh_prompt(tmp_path):
 
 
 def test_margin_is_kept_and_bad_pairs_are_dropped_and_counted(tmp_path):
-    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2},
-            {"prompt": "q", "chosen": "same", "rejected": "same"},
-            {"prompt": "q", "chosen": "a", "rejected": "  "}]
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2},
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        {"prompt": "q", "chosen": "a", "rejected": "  "},
+    ]
     pairs, _, dropped = normalize_preferences(read_records(write(tmp_path, rows)))
     assert len(pairs) == 1 and pairs[0]["margin"] == 2.0
     assert dropped == {"chosen equals rejected": 1, "empty text": 1}
@@ -112,13 +143,16 @@ GOOD_PAIR = {"prompt": "q", "chosen": "a", "rejected": "b"}
 GOOD_RANKING = {"prompt": "q", "responses": ["a", "b"]}
 
 
-@pytest.mark.parametrize("first, row, field", [
-    (GOOD_PAIR, {"prompt": "q", "chosen": "a"}, "rejected"),
-    (GOOD_PAIR, {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "margin"),
-    (GOOD_PAIR, {"prompt": "q", "chosen": ["x"], "rejected": "b"}, "chosen[0]"),
-    (GOOD_RANKING, {"prompt": "q", "responses": ["only one"]}, "responses"),
-    (GOOD_RANKING, {"prompt": "q", "responses": [{"text": "a", "score": "high"}, "b"]}, "responses[0].score"),
-])
+@pytest.mark.parametrize(
+    "first, row, field",
+    [
+        (GOOD_PAIR, {"prompt": "q", "chosen": "a"}, "rejected"),
+        (GOOD_PAIR, {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "margin"),
+        (GOOD_PAIR, {"prompt": "q", "chosen": ["x"], "rejected": "b"}, "chosen[0]"),
+        (GOOD_RANKING, {"prompt": "q", "responses": ["only one"]}, "responses"),
+        (GOOD_RANKING, {"prompt": "q", "responses": [{"text": "a", "score": "high"}, "b"]}, "responses[0].score"),
+    ],
+)
 def test_malformed_pairs_name_file_line_and_field(tmp_path, first, row, field):
     path = write(tmp_path, [first, row])
     with pytest.raises(DataError) as err:

@@ -17,10 +17,23 @@ from stages.reward.train import train
 def test_reward_model_learns_and_reloads_with_auto_class(tmp_path):
     out = tmp_path / "rm"
     result = run_entry(
-        "launch/stage2_rm.py", "model=tiny-llama", f"output_dir={out}", "pairs.kinds=[sign_error, dropped_digit]",
-        "pairs.train_size=4000", "pairs.eval_size=200", "pairs.onpolicy_fraction=0", "train.max_steps=150",
-        "train.batch_size=32", "optim.lr=3e-3", "optim.warmup_ratio=0", "task.train_digits=[2]",
-        "task.train_weights=null", "task.eval_digits=[2]", "tracking.report_to=[]", "tracking.progress=false")
+        "launch/stage2_rm.py",
+        "model=tiny-llama",
+        f"output_dir={out}",
+        "pairs.kinds=[sign_error, dropped_digit]",
+        "pairs.train_size=4000",
+        "pairs.eval_size=200",
+        "pairs.onpolicy_fraction=0",
+        "train.max_steps=150",
+        "train.batch_size=32",
+        "optim.lr=3e-3",
+        "optim.warmup_ratio=0",
+        "task.train_digits=[2]",
+        "task.train_weights=null",
+        "task.eval_digits=[2]",
+        "tracking.report_to=[]",
+        "tracking.progress=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
     assert report["accuracy"] >= 0.8 and set(report["accuracy_by_kind"]) == {"sign_error", "dropped_digit"}
@@ -29,8 +42,10 @@ def test_reward_model_learns_and_reloads_with_auto_class(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     prompt = [{"role": "user", "content": PROMPT % (52, 17)}]
-    texts = [tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": a}], tokenize=False)
-             for a in ("35", "-35", "5")]
+    texts = [
+        tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": a}], tokenize=False)
+        for a in ("35", "-35", "5")
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         right, sign, dropped = model(**batch).logits.squeeze(-1).tolist()
@@ -39,10 +54,22 @@ def test_reward_model_learns_and_reloads_with_auto_class(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "data" / "examples").glob("pairs_*.jsonl")), ids=lambda p: p.stem)
 def test_every_preference_format_trains_as_is(path, tmp_path):
-    cfg = load_config(RMStageConfig, ROOT / "configs/tiny/rm.yaml", [
-        "model=tiny-llama", f"data.train={path}", f"data.eval={path}", f"output_dir={tmp_path / 'rm'}",
-        "train.max_steps=2", "train.batch_size=4", "train.save_every=0", "tracking.report_to=[]",
-        "tracking.progress=false", "pairs.onpolicy_fraction=0"])
+    cfg = load_config(
+        RMStageConfig,
+        ROOT / "configs/tiny/rm.yaml",
+        [
+            "model=tiny-llama",
+            f"data.train={path}",
+            f"data.eval={path}",
+            f"output_dir={tmp_path / 'rm'}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.save_every=0",
+            "tracking.report_to=[]",
+            "tracking.progress=false",
+            "pairs.onpolicy_fraction=0",
+        ],
+    )
     metrics = train(cfg)
     manifest = json.loads(Path(tmp_path / "rm" / "manifest.json").read_text())
     assert manifest["finished"] and metrics["n"] > 0

@@ -11,15 +11,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import run_entry
 from rlhf.tracking import read_metrics
 
-FAST = ["model=tiny-llama", "task.train_size=2000", "task.eval_size=40", "train.batch_size=32", "optim.lr=3e-3",
-        "optim.warmup_ratio=0", "train.log_every=5", "tracking.report_to=[]", "tracking.progress=false"]
+FAST = [
+    "model=tiny-llama",
+    "task.train_size=2000",
+    "task.eval_size=40",
+    "train.batch_size=32",
+    "optim.lr=3e-3",
+    "optim.warmup_ratio=0",
+    "train.log_every=5",
+    "tracking.report_to=[]",
+    "tracking.progress=false",
+]
 
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "out"
-    result = run_entry("launch/stage1_sft.py", *FAST, "train.max_steps=60", "train.save_every=30",
-                       f"output_dir={out}")
+    result = run_entry("launch/stage1_sft.py", *FAST, "train.max_steps=60", "train.save_every=30", f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -42,19 +50,29 @@ def test_plain_transformers_reload_agrees_with_eval_json(sft_run):
     model = AutoModelForCausalLM.from_pretrained(sft_run).eval()
     tokenizer.padding_side = "left"
     prompts = [s["prompt"] for s in report["samples"]]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=8, do_sample=False)
-    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert answers == [s["response"] for s in report["samples"]]
 
 
 def test_lora_run_saves_adapter_and_base_and_reloads(tmp_path):
     out = tmp_path / "lora"
-    result = run_entry("launch/stage1_sft.py", *FAST, "train.max_steps=8", "train.save_every=0",
-                       "lora.enabled=true", "lora.r=4", "lora.merge_on_save=true", f"output_dir={out}")
+    result = run_entry(
+        "launch/stage1_sft.py",
+        *FAST,
+        "train.max_steps=8",
+        "train.save_every=0",
+        "lora.enabled=true",
+        "lora.r=4",
+        "lora.merge_on_save=true",
+        f"output_dir={out}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_config.json").is_file() and (out / "base_model" / "config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")

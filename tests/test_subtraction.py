@@ -27,7 +27,7 @@ def test_seed_test_script_output_loads_unchanged(seed_000_scripts, tmp_path, mon
     # The file's quarters are the seed's 2/5/10/20-digit buckets; ours recovers nearly all of them.
     buckets = [S.bucket_of(*S.parse_question(e["prompt"][0]["content"])) for e in examples]
     expected = [S.SEED_BUCKETS[i * 4 // 1000] for i in range(1000)]
-    assert sum(b == e for b, e in zip(buckets, expected)) >= 980
+    assert sum(b == e for b, e in zip(buckets, expected, strict=False)) >= 980
 
 
 def test_our_test_records_match_the_seed_format_byte_for_byte_shape():
@@ -83,8 +83,13 @@ def test_accuracy_report_per_bucket():
     responses = [" 9", "10", "12343\n", "1"]
     report = S.accuracy_report(prompts, answers, responses)
     # 2-digit: "9" right, "10" wrong (sign) -> 0.5; 5-digit: right, wrong -> 0.5
-    assert report == {"task": "subtraction", "accuracy": 0.5, "accuracy_by_digits": {"2": 0.5, "5": 0.5},
-                      "n_by_digits": {"2": 2, "5": 2}, "n": 4}
+    assert report == {
+        "task": "subtraction",
+        "accuracy": 0.5,
+        "accuracy_by_digits": {"2": 0.5, "5": 0.5},
+        "n_by_digits": {"2": 2, "5": 2},
+        "n": 4,
+    }
 
 
 @pytest.mark.parametrize("kind", S.WRONG_KINDS)

@@ -54,7 +54,9 @@ def history(path: str | Path) -> dict[str, dict[int, float]]:
     for record in records(path):
         if record.WhichOneof("record_type") != "history":
             continue
-        items = {"/".join(i.nested_key) if i.nested_key else i.key: json.loads(i.value_json) for i in record.history.item}
+        items = {
+            "/".join(i.nested_key) if i.nested_key else i.key: json.loads(i.value_json) for i in record.history.item
+        }
         step = record.history.step.num if record.history.HasField("step") else items.get("_step")
         for key, value in items.items():
             if not key.startswith("_") and isinstance(value, (int, float)):

@@ -14,12 +14,12 @@ from rlhf.config.schema import ConfigError, config_hash, dump_yaml, load_config,
 from rlhf.config.stages import NOT_HASHED, PPOStageConfig, RMStageConfig, SFTStageConfig
 
 __all__ = [
+    "NOT_HASHED",
     "ConfigError",
     "DataConfig",
     "GenerationConfig",
     "LoraConfig",
     "ModelInit",
-    "NOT_HASHED",
     "OptimConfig",
     "PPOStageConfig",
     "RMStageConfig",

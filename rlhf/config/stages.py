@@ -106,7 +106,9 @@ class PPOConfig:
     minibatches: int = 4  # per epoch; each is split further by train.grad_accum
     clip_range: float = 0.2  # ε of the clipped surrogate (seed 003)
     value_clip_range: float | None = 0.2  # clip of value predictions around the rollout's; null: off
-    vf_coef: float = 1.0  # weight of the value loss (policy and value have separate lrs; this matters for shared clipping)
+    vf_coef: float = (
+        1.0  # weight of the value loss (policy and value have separate lrs; this matters for shared clipping)
+    )
     entropy_coef: float = 0.0  # weight of the entropy bonus
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE λ

@@ -28,8 +28,13 @@ def _prompt_of(record: Record) -> dict:
             answer = data.get("answer", data.get("completion"))
             if isinstance(answer, list) and answer and isinstance(answer[-1], dict):
                 answer = answer[-1].get("content")
-            return {"prompt": as_prompt(data[field], where, field), "answer": answer if isinstance(answer, str) else None}
+            return {
+                "prompt": as_prompt(data[field], where, field),
+                "answer": answer if isinstance(answer, str) else None,
+            }
     if isinstance(data.get("chosen"), str) and ASSISTANT in data["chosen"]:
         transcript = data["chosen"]
         return {"prompt": hh_messages(transcript[: transcript.rfind(ASSISTANT)], where), "answer": None}
-    raise DataError(where, "prompt", f"no prompt: expected 'prompt', 'query', 'messages' or HH 'chosen'; found keys {sorted(data)}")
+    raise DataError(
+        where, "prompt", f"no prompt: expected 'prompt', 'query', 'messages' or HH 'chosen'; found keys {sorted(data)}"
+    )

@@ -8,13 +8,13 @@ from rlhf.registry.models import (
     build_scalar_model,
     config_of,
     last_token_index,
-    position_ids_from_mask,
-    sequence_scores,
-    token_scores,
     load_tokenizer,
+    position_ids_from_mask,
     prepare_tokenizer,
     resolve,
     score_head,
+    sequence_scores,
+    token_scores,
 )
 from rlhf.registry.presets import PRESETS, Preset
 from rlhf.registry.tiny import build_tiny_tokenizer
@@ -30,11 +30,11 @@ __all__ = [
     "build_tiny_tokenizer",
     "config_of",
     "last_token_index",
-    "position_ids_from_mask",
-    "sequence_scores",
-    "token_scores",
     "load_tokenizer",
+    "position_ids_from_mask",
     "prepare_tokenizer",
     "resolve",
     "score_head",
+    "sequence_scores",
+    "token_scores",
 ]

@@ -28,13 +28,21 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, input_hashes, latest_checkpoint
-from rlhf.checkpoint import claim_checkpoints, mark_complete
-from rlhf.checkpoint import prune_checkpoints, write_manifest
+from rlhf.checkpoint import (
+    MANIFEST,
+    atomic_write_json,
+    atomic_write_text,
+    claim_checkpoints,
+    input_hashes,
+    latest_checkpoint,
+    mark_complete,
+    prune_checkpoints,
+    write_manifest,
+)
 from rlhf.config import NOT_HASHED, ConfigError, OptimConfig, PPOStageConfig, config_hash, dump_yaml, to_dict
 from rlhf.data import load_records, normalize_sft
-from rlhf.distributed import process_state, whole_models
 from rlhf.data.prompts import normalize_prompts
+from rlhf.distributed import process_state, whole_models
 from rlhf.evaluation import evaluate_generations
 from rlhf.generation import gathered_for_generation, generate_ids, generate_text, left_pad, render_prompts
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
@@ -45,8 +53,7 @@ from stages.ppo.advantages import explained_variance, gae
 from stages.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from stages.ppo.masked import masked_mean, masked_whiten
-from stages.ppo.models import PolicyAndValue, disable_dropout, freeze, prepare_frozen, reference_logits
-from stages.ppo.models import reward_scores
+from stages.ppo.models import PolicyAndValue, disable_dropout, freeze, prepare_frozen, reference_logits, reward_scores
 from stages.ppo.rollout import Rollout, response_mask
 from stages.ppo.scores import RunningMoments, combine_scores, normalize_scores
 
@@ -91,8 +98,10 @@ def train(cfg: PPOStageConfig) -> dict:
     reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None
     device = accelerator.device
     # A checksum of the reference, checked again at the end (ZeRO-3 shards weights: not checked there).
-    zero3 = getattr(accelerator.state, "deepspeed_plugin", None) is not None and \
-        accelerator.state.deepspeed_plugin.zero_stage == 3
+    zero3 = (
+        getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
     reference = ref_policy if ref_policy is not None else accelerator.unwrap_model(model).policy
     ref_fingerprint = None if zero3 else fingerprint(reference, frozen_only=True)
 
@@ -134,8 +143,13 @@ def train(cfg: PPOStageConfig) -> dict:
         log.info("before PPO: %s", _summary(state["before"]))
     accelerator.wait_for_everyone()
 
-    bar = tqdm(total=cfg.train.max_steps, initial=state["step"], desc="ppo", disable=not (
-        accelerator.is_main_process and cfg.tracking.progress), dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=state["step"],
+        desc="ppo",
+        disable=not (accelerator.is_main_process and cfg.tracking.progress),
+        dynamic_ncols=True,
+    )
     model.train()
     while state["step"] < cfg.train.max_steps:
         step = state["step"]
@@ -180,8 +194,19 @@ def train(cfg: PPOStageConfig) -> dict:
         if cfg.ppo.whiten_advantages:
             advantages = masked_whiten(advantages, resp_mask)
         _stop_if_not_finite(accelerator, step, scores=scores, rewards=rewards, advantages=advantages)
-        rollout = Rollout(input_ids, attention_mask, response, resp_mask, logprobs, ref_logprobs, values,
-                          scores, rewards, advantages, returns)
+        rollout = Rollout(
+            input_ids,
+            attention_mask,
+            response,
+            resp_mask,
+            logprobs,
+            ref_logprobs,
+            values,
+            scores,
+            rewards,
+            advantages,
+            returns,
+        )
 
         # 6. PPO epochs over shuffled minibatches, each split into grad_accum micro-batches
         stats = _ppo_update(model, optimizer, accelerator, rollout, cfg, step)
@@ -198,7 +223,8 @@ def train(cfg: PPOStageConfig) -> dict:
             "train/ppo/reward": accelerator.gather(rewards.sum(1)).mean().item(),
             "train/ppo/kl": seq_kl,
             "train/ppo/kl_k3": accelerator.gather((kl_estimate(logprobs, ref_logprobs, "k3") * resp_mask).sum(1))
-            .mean().item(),
+            .mean()
+            .item(),
             "train/ppo/beta": kl_ctl.value,
             "train/ppo/response_length": accelerator.gather(resp_mask.sum(1).float()).mean().item(),
             "train/ppo/eos_rate": accelerator.gather(has_eos.float()).mean().item(),
@@ -223,12 +249,15 @@ def train(cfg: PPOStageConfig) -> dict:
         bar.update(1)
         samples_every = cfg.tracking.samples_every or cfg.train.eval_every
         if samples_every and state["step"] % samples_every == 0:
-            rows = [[q, t, round(s, 4), round(k, 4)] for q, t, s, k in
-                    zip(questions, texts, raw_scores.tolist(), kl.sum(1).tolist())][:8]
+            rows = [
+                [q, t, round(s, 4), round(k, 4)]
+                for q, t, s, k in zip(questions, texts, raw_scores.tolist(), kl.sum(1).tolist(), strict=False)
+            ][:8]
             tracking.log_table("samples/ppo", ["prompt", "response", "score", "kl"], rows, step=state["step"])
         if cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0 and state["step"] < cfg.train.max_steps:
-            tracking.log(_evaluate_in_loop(model, reward_model, accelerator, tokenizer, eval_examples, cfg),
-                         step=state["step"])
+            tracking.log(
+                _evaluate_in_loop(model, reward_model, accelerator, tokenizer, eval_examples, cfg), step=state["step"]
+            )
         if cfg.train.save_every and state["step"] % cfg.train.save_every == 0:
             _save_checkpoint(accelerator, ckpt_dir, state, kl_ctl, running, cfg.train.keep_checkpoints)
     bar.close()
@@ -238,14 +267,17 @@ def train(cfg: PPOStageConfig) -> dict:
     if ref_after != ref_fingerprint:
         raise RuntimeError(f"the frozen reference changed during PPO ({ref_fingerprint} -> {ref_after})")
     _save_models(accelerator, model, tokenizer, policy_source, out, cfg)
-    metrics_out: dict = {"steps": state["step"], "final_kl": _mean(state["kl_history"]),
-                         "kl_target": cfg.ppo.kl_target, "beta": kl_ctl.value,
-                         "reference_fingerprint": ref_fingerprint}
+    metrics_out: dict = {
+        "steps": state["step"],
+        "final_kl": _mean(state["kl_history"]),
+        "kl_target": cfg.ppo.kl_target,
+        "beta": kl_ctl.value,
+        "reference_fingerprint": ref_fingerprint,
+    }
     if accelerator.is_main_process:
         if eval_examples:
             after = evaluate_directory(str(out), cfg.reward_model, eval_examples, cfg)
-            report = {"before": state["before"], "after": after, **metrics_out,
-                      "eval_source": eval_source}
+            report = {"before": state["before"], "after": after, **metrics_out, "eval_source": eval_source}
             if state["before"] and "accuracy" in after:
                 report["accuracy_gain"] = round(after["accuracy"] - state["before"]["accuracy"], 4)
             atomic_write_json(out / "eval.json", report)
@@ -280,7 +312,7 @@ def _ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageCo
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
     totals: dict[str, list[float]] = {}
     temperature = cfg.rollout.generation.temperature
-    for epoch in range(cfg.ppo.epochs):
+    for _epoch in range(cfg.ppo.epochs):
         epoch_kl = []
         for order in torch.randperm(B, generator=generator).split(mb_size):
             for idx in order.split(micro):
@@ -289,8 +321,9 @@ def _ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageCo
                     logits, values = model(mb.input_ids, mb.attention_mask, R)
                     logits = logits / temperature
                     new_logprobs = logprobs_from_logits(logits, mb.response_ids)
-                    pg_loss, pg = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask,
-                                              cfg.ppo.clip_range)
+                    pg_loss, pg = policy_loss(
+                        new_logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.ppo.clip_range
+                    )
                     vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.ppo.value_clip_range)
                     entropy = masked_mean(entropy_from_logits(logits), mb.response_mask)
                     loss = pg_loss + cfg.ppo.vf_coef * vf_loss - cfg.ppo.entropy_coef * entropy
@@ -300,9 +333,15 @@ def _ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageCo
                         _clip(accelerator, model, cfg)
                     optimizer.step()
                     optimizer.zero_grad()
-                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", entropy),
-                             ("clipfrac", pg["clipfrac"]), ("approx_kl", pg["approx_kl"]),
-                             ("value_clipfrac", vf["clipfrac"]), ("ratio", pg["ratio"])):
+                for k, v in (
+                    ("policy_loss", pg_loss),
+                    ("value_loss", vf_loss),
+                    ("entropy", entropy),
+                    ("clipfrac", pg["clipfrac"]),
+                    ("approx_kl", pg["approx_kl"]),
+                    ("value_clipfrac", vf["clipfrac"]),
+                    ("ratio", pg["ratio"]),
+                ):
                     totals.setdefault(k, []).append(v.item())
                 epoch_kl.append(pg["approx_kl"].item())
         totals.setdefault("epochs", []).append(1.0)
@@ -326,8 +365,13 @@ def _clip(accelerator, model, cfg: PPOStageConfig) -> None:
 
 
 def _param_group(module: torch.nn.Module, optim: OptimConfig) -> dict:
-    return {"params": [p for p in module.parameters() if p.requires_grad], "lr": optim.lr, "initial_lr": optim.lr,
-            "weight_decay": optim.weight_decay, "betas": optim.betas}
+    return {
+        "params": [p for p in module.parameters() if p.requires_grad],
+        "lr": optim.lr,
+        "initial_lr": optim.lr,
+        "weight_decay": optim.weight_decay,
+        "betas": optim.betas,
+    }
 
 
 def lr_factor(step: int, max_steps: int, optim: OptimConfig) -> float:
@@ -388,9 +432,11 @@ def _fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int) -
     ds["train_batch_size"] = micro * cfg.train.grad_accum * accelerator.num_processes
     ds["gradient_clipping"] = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else 0.0
     zero = ds.setdefault("zero_optimization", {})
-    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+    for key, value in (
+        ("reduce_bucket_size", hidden_size * hidden_size),
+        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+        ("stage3_param_persistence_threshold", 10 * hidden_size),
+    ):
         if zero.get(key) == "auto":
             zero[key] = value
 
@@ -406,8 +452,10 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, state: dict, kl_ctl, running, 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(tmp / "ppo_state.json", {"state": state, "kl_controller": kl_ctl.state_dict(),
-                                                   "running_scores": running.state_dict()})
+        atomic_write_json(
+            tmp / "ppo_state.json",
+            {"state": state, "kl_controller": kl_ctl.state_dict(), "running_scores": running.state_dict()},
+        )
         mark_complete(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -422,8 +470,10 @@ def _save_models(accelerator, model, tokenizer, policy_source, out: Path, cfg: P
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
-    parts = {name: {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(name + ".")}
-             for name in ("policy", "value_model")}
+    parts = {
+        name: {k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+        for name in ("policy", "value_model")
+    }
     if cfg.lora.enabled:
         unwrapped.policy.save_pretrained(str(out / "adapter"), state_dict=parts["policy"])
         with whole_models():
@@ -441,7 +491,9 @@ def _save_models(accelerator, model, tokenizer, policy_source, out: Path, cfg: P
     tokenizer.save_pretrained(str(out / "value_model"))
 
 
-def evaluate_directory(policy_dir: str, reward_model_dir: str | None, examples: list[dict], cfg: PPOStageConfig) -> dict:
+def evaluate_directory(
+    policy_dir: str, reward_model_dir: str | None, examples: list[dict], cfg: PPOStageConfig
+) -> dict:
     """Held-out accuracy (per digit bucket) of a saved policy, greedy, loaded as a user would,
     and the reward model's mean score of its answers. Main process only, plain models."""
     source = resolve(policy_dir)
@@ -480,10 +532,13 @@ def _evaluate_in_loop(model, reward_model, accelerator, tokenizer, examples: lis
         with torch.no_grad(), gathered_for_generation(model, accelerator) as unwrapped:
             responses = generate_text(unwrapped.policy, tokenizer, [e["prompt"] for e in shard], cfg.generation)
         rm = _score_texts(reward_model, tokenizer, shard, responses) * len(shard) if reward_model is not None else 0.0
-    rows = gather_object([(e["prompt"][-1]["content"], e["completion"][-1]["content"], r)
-                          for e, r in zip(shard, responses, strict=True)])[: len(examples)]
+    rows = gather_object(
+        [(e["prompt"][-1]["content"], e["completion"][-1]["content"], r) for e, r in zip(shard, responses, strict=True)]
+    )[: len(examples)]
     rm_total = accelerator.reduce(torch.tensor(rm, device=accelerator.device), "sum").item()
-    metrics = score_generations(cfg.task.name, [q for q, _, _ in rows], [a for _, a, _ in rows], [r for _, _, r in rows])
+    metrics = score_generations(
+        cfg.task.name, [q for q, _, _ in rows], [a for _, a, _ in rows], [r for _, _, r in rows]
+    )
     out = {f"eval/ppo/{k}": v for k, v in _flat(metrics).items()}
     if reward_model is not None:
         out["eval/ppo/rm_score"] = rm_total / max(len(shard) * accelerator.num_processes, 1)
@@ -495,7 +550,7 @@ def fingerprint(module: torch.nn.Module, frozen_only: bool = False) -> str:
     """A checksum of a module's weights (frozen ones only, if asked: with LoRA the reference is
     the policy's non-adapter weights), to prove the reference never moved."""
     total = torch.zeros(2, dtype=torch.float64)
-    for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+    for _name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
         if frozen_only and p.requires_grad:
             continue
         data = p.detach().double().cpu()
@@ -521,5 +576,8 @@ def _mean(values: list[float]) -> float:
 
 def _check_same_tokenizer(policy_tok, rm_tok, rm_name: str) -> None:
     if policy_tok.get_vocab() != rm_tok.get_vocab():
-        raise ConfigError("reward_model", f"{rm_name} uses a different tokenizer than the policy; PPO scores the "
-                          "policy's tokens directly, so both must come from the same base model")
+        raise ConfigError(
+            "reward_model",
+            f"{rm_name} uses a different tokenizer than the policy; PPO scores the "
+            "policy's tokens directly, so both must come from the same base model",
+        )

@@ -33,10 +33,18 @@ def mine_onpolicy_pairs(
         answers = generate_text(model, tokenizer, prompts, gen, batch_size=batch_size)
         for i, pair in enumerate(chunk):
             right = pair["chosen"][0]["content"]
-            wrong = {a.strip() for a in answers[i * samples : (i + 1) * samples] if a.strip() and not is_correct(a, right)}
+            wrong = {
+                a.strip() for a in answers[i * samples : (i + 1) * samples] if a.strip() and not is_correct(a, right)
+            }
             for answer in sorted(wrong):
-                mined.append({"prompt": pair["prompt"], "chosen": pair["chosen"],
-                              "rejected": [{"role": "assistant", "content": answer}], "kind": "onpolicy"})
+                mined.append(
+                    {
+                        "prompt": pair["prompt"],
+                        "chosen": pair["chosen"],
+                        "rejected": [{"role": "assistant", "content": answer}],
+                        "kind": "onpolicy",
+                    }
+                )
                 if len(mined) >= wanted:
                     return mined
     return mined

@@ -22,9 +22,9 @@ from trl import RewardConfig, RewardTrainer
 
 from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, input_hashes, write_manifest
 from rlhf.config import NOT_HASHED, RMStageConfig, config_hash, dump_yaml, to_dict
-from rlhf.distributed import process_state, whole_models
 from rlhf.data import load_records, normalize_preferences
 from rlhf.data.lengths import limit_length
+from rlhf.distributed import process_state, whole_models
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve, sequence_scores
@@ -79,22 +79,30 @@ def train(cfg: RMStageConfig) -> dict:
         mined = _mine(policy, tokenizer, train_pairs[len(train_pairs) - n_train :], n_train, cfg)
         train_pairs = train_pairs[: len(train_pairs) - len(mined)] + mined
         if cfg.data.eval is None:
-            eval_pairs += _mine(policy, tokenizer, eval_pairs, round(cfg.pairs.onpolicy_fraction * len(eval_pairs)), cfg)
+            eval_pairs += _mine(
+                policy, tokenizer, eval_pairs, round(cfg.pairs.onpolicy_fraction * len(eval_pairs)), cfg
+            )
         del policy
         log.info("on-policy pairs: %d train, %d eval", len(mined), sum(p.get("kind") == "onpolicy" for p in eval_pairs))
     if train_dropped:
         log.warning("dropped training pairs: %s", dict(train_dropped))
-    log.info("train: %d pairs from %s; eval: %d pairs from %s", len(train_pairs), train_source, len(eval_pairs),
-             eval_source)
+    log.info(
+        "train: %d pairs from %s; eval: %d pairs from %s", len(train_pairs), train_source, len(eval_pairs), eval_source
+    )
 
     # 3. Tokens: chat-rendered prompt + response + EOS, exactly the sequence PPO will score.
     use_margin = cfg.loss.use_margin and any("margin" in p for p in train_pairs)
     train_rows = encode_pairs(tokenizer, train_pairs, use_margin)
-    train_set, over = limit_length(Dataset.from_list(train_rows), cfg.data.max_length, cfg.data.overlong,
-                                   columns=("chosen_ids", "rejected_ids"))
+    train_set, over = limit_length(
+        Dataset.from_list(train_rows), cfg.data.max_length, cfg.data.overlong, columns=("chosen_ids", "rejected_ids")
+    )
     if over:
-        log.warning("%d training pairs longer than data.max_length=%d were %s", over, cfg.data.max_length,
-                    "dropped" if cfg.data.overlong == "drop" else "truncated")
+        log.warning(
+            "%d training pairs longer than data.max_length=%d were %s",
+            over,
+            cfg.data.max_length,
+            "dropped" if cfg.data.overlong == "drop" else "truncated",
+        )
     eval_rows = encode_pairs(tokenizer, eval_pairs, use_margin)
 
     # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
@@ -172,8 +180,9 @@ def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counte
 def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig) -> list[dict]:
     if wanted <= 0:
         return []
-    return mine_onpolicy_pairs(policy, tokenizer, pairs, wanted, cfg.pairs.onpolicy_samples,
-                               cfg.pairs.onpolicy_temperature, max_new_tokens=16)
+    return mine_onpolicy_pairs(
+        policy, tokenizer, pairs, wanted, cfg.pairs.onpolicy_samples, cfg.pairs.onpolicy_temperature, max_new_tokens=16
+    )
 
 
 def encode_pairs(tokenizer, pairs: list[dict], use_margin: bool) -> list[dict]:
@@ -225,12 +234,19 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dic
         "accuracy_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
         "n_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
         "n": len(right),
-        "scores": {"chosen": [round(x, 4) for x in chosen.tolist()],
-                   "rejected": [round(x, 4) for x in rejected.tolist()]},
+        "scores": {
+            "chosen": [round(x, 4) for x in chosen.tolist()],
+            "rejected": [round(x, 4) for x in rejected.tolist()],
+        },
         "samples": [
-            {"prompt": p["prompt"][-1]["content"], "chosen": p["chosen"][0]["content"],
-             "rejected": p["rejected"][0]["content"], "kind": p.get("kind"),
-             "chosen_score": round(c, 4), "rejected_score": round(r, 4)}
-            for p, c, r in list(zip(pairs, chosen.tolist(), rejected.tolist()))[:8]
+            {
+                "prompt": p["prompt"][-1]["content"],
+                "chosen": p["chosen"][0]["content"],
+                "rejected": p["rejected"][0]["content"],
+                "kind": p.get("kind"),
+                "chosen_score": round(c, 4),
+                "rejected_score": round(r, 4),
+            }
+            for p, c, r in list(zip(pairs, chosen.tolist(), rejected.tolist(), strict=False))[:8]
         ],
     }

@@ -18,9 +18,9 @@ from trl import SFTConfig, SFTTrainer
 
 from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, input_hashes, write_manifest
 from rlhf.config import NOT_HASHED, SFTStageConfig, config_hash, dump_yaml, to_dict
-from rlhf.distributed import process_state, whole_models
 from rlhf.data import load_records, normalize_sft
 from rlhf.data.lengths import limit_length
+from rlhf.distributed import process_state, whole_models
 from rlhf.evaluation import evaluate_generations
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.registry import build_policy, load_tokenizer, resolve
@@ -45,8 +45,14 @@ def train(cfg: SFTStageConfig) -> dict:
     train_examples, fmt = normalize_sft(train_records)
     eval_records, eval_source = load_records(cfg.data, cfg.task, "eval")
     eval_examples = normalize_sft(eval_records)[0] if eval_records else []
-    log.info("train: %d examples from %s (format: %s); eval: %d from %s",
-             len(train_examples), train_source, fmt, len(eval_examples), eval_source)
+    log.info(
+        "train: %d examples from %s (format: %s); eval: %d from %s",
+        len(train_examples),
+        train_source,
+        fmt,
+        len(eval_examples),
+        eval_source,
+    )
 
     # 2. Model and tokenizer from the registry (preset, local directory or hub id).
     source = resolve(cfg.model)
@@ -55,7 +61,9 @@ def train(cfg: SFTStageConfig) -> dict:
     base_metrics = None
     if cfg.evaluate_base and eval_examples and state.is_main_process:
         base_metrics, _ = evaluate_generations(model, tokenizer, eval_examples, cfg.task.name, cfg.generation)
-        log.info("base model on the held-out set: %s", {k: base_metrics.get(k) for k in ("accuracy", "accuracy_by_digits")})
+        log.info(
+            "base model on the held-out set: %s", {k: base_metrics.get(k) for k in ("accuracy", "accuracy_by_digits")}
+        )
 
     # 3. TRL's SFTTrainer. Loss on the completion for prompt/completion data, on every assistant
     #    turn for multi-turn chats; we truncate or drop over-long examples ourselves, to count them.
@@ -77,9 +85,13 @@ def train(cfg: SFTStageConfig) -> dict:
     )
     trainer.train_dataset, over = limit_length(trainer.train_dataset, cfg.data.max_length, cfg.data.overlong)
     if over:
-        log.warning("%d of %d training examples longer than data.max_length=%d were %s",
-                    over, len(train_examples), cfg.data.max_length,
-                    "dropped" if cfg.data.overlong == "drop" else "truncated")
+        log.warning(
+            "%d of %d training examples longer than data.max_length=%d were %s",
+            over,
+            len(train_examples),
+            cfg.data.max_length,
+            "dropped" if cfg.data.overlong == "drop" else "truncated",
+        )
 
     # 4. Train, resuming from the newest complete checkpoint if there is one.
     resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
@@ -99,8 +111,9 @@ def train(cfg: SFTStageConfig) -> dict:
             saved = resolve(str(out))
             with whole_models():
                 eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
-            task_metrics, samples = evaluate_generations(eval_model, tokenizer, eval_examples, cfg.task.name,
-                                                         cfg.generation)
+            task_metrics, samples = evaluate_generations(
+                eval_model, tokenizer, eval_examples, cfg.task.name, cfg.generation
+            )
             eval_report = {**task_metrics, "eval_source": eval_source, "base": base_metrics, "samples": samples}
             atomic_write_json(out / "eval.json", eval_report)
             metrics.update({k: v for k, v in task_metrics.items() if k != "task"})
