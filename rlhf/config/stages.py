@@ -48,11 +48,15 @@ class PairsConfig:
     train_size: int = 20_000
     eval_size: int = 1_000
     kinds: tuple[str, ...] = ("wrong_digit", "missed_borrow", "sign_error", "dropped_digit")
+    train_kind_weights: tuple[float, ...] | None = None  # how often each kind is drawn for training; None: uniform
+    # (held-out pairs always draw kinds uniformly)
     onpolicy_fraction: float = 0.0  # share of train pairs whose rejected answer is the init model's own wrong sample
     onpolicy_samples: int = 4  # samples per prompt when mining on-policy mistakes
     onpolicy_temperature: float = 1.0
 
     def check(self) -> None:
+        if self.train_kind_weights is not None and len(self.train_kind_weights) != len(self.kinds):
+            raise ConfigError("train_kind_weights", "needs one weight per entry of kinds")
         if not 0.0 <= self.onpolicy_fraction <= 1.0:
             raise ConfigError("onpolicy_fraction", f"must be in [0, 1], got {self.onpolicy_fraction}")
         from rlhf.tasks.subtraction import WRONG_KINDS

@@ -27,9 +27,9 @@ def task_records(task: TaskConfig, split: str, seed_offset: int = 0) -> list[Rec
     return [Record(r, f"task:{task.name}/{split} item {i + 1}") for i, r in enumerate(records)]
 
 
-def task_preference_records(task: TaskConfig, kinds, size: int, split: str) -> list[Record]:
+def task_preference_records(task: TaskConfig, kinds, size: int, split: str, weights=None) -> list[Record]:
     """Generated chosen/rejected pairs for `split` ("train" or "eval"): the right answer against
-    a realistic wrong one (see subtraction.wrong_answer)."""
+    a realistic wrong one (see subtraction.wrong_answer), its kind drawn by `weights`."""
     if task.name != "subtraction":
         raise ValueError(f"no built-in preference pairs for task {task.name!r}; set data.train / data.eval")
     if split == "train":
@@ -37,7 +37,7 @@ def task_preference_records(task: TaskConfig, kinds, size: int, split: str) -> l
     else:
         items = subtraction.test_items(size, task.eval_digits, task.data_seed + 11)
     rng = random.Random(task.data_seed + (10 if split == "train" else 11))
-    records = [r for _, x, y in items if (r := subtraction.preference_record(x, y, kinds, rng, task.fewshot))]
+    records = [r for _, x, y in items if (r := subtraction.preference_record(x, y, kinds, rng, task.fewshot, weights))]
     return [Record(r, f"task:{task.name}/{split}-pairs item {i + 1}") for i, r in enumerate(records)]
 
 

@@ -169,13 +169,23 @@ def wrong_answer(x: int, y: int, kind: str, rng: random.Random) -> str | None:
     return None if out == str(diff) else out
 
 
-def preference_record(x: int, y: int, kinds: Sequence[str], rng: random.Random, fewshot: bool = False) -> dict | None:
+def preference_record(
+    x: int,
+    y: int,
+    kinds: Sequence[str],
+    rng: random.Random,
+    fewshot: bool = False,
+    weights: Sequence[float] | None = None,
+) -> dict | None:
     """A pair in the prompt/chosen/rejected format: the right difference against a wrong answer
-    of a kind drawn from those that apply to this item (recorded in `kind`); None if no kind
-    applies (e.g. 1 - 1 has no sign to flip and no digit to drop)."""
+    of a kind drawn (by `weights`, uniform if None) from those that apply to this item, recorded
+    in `kind`; None if no kind applies (1 - 1 has no sign to flip and no digit to drop)."""
     options = list(kinds)
-    rng.shuffle(options)
-    for kind in options:
+    chances = list(weights) if weights is not None else [1.0] * len(options)
+    while options:
+        kind = rng.choices(options, weights=chances)[0]
+        chances.pop(options.index(kind))
+        options.remove(kind)
         wrong = wrong_answer(x, y, kind, rng)
         if wrong is not None:
             question = (FEWSHOT_PROMPT if fewshot else PROMPT) % (x, y)
