@@ -47,3 +47,13 @@ def seed_000_scripts() -> dict[str, str]:
         "sft": next(b for b in blocks if "LLM_minus_SFT_train_data" in b),
     }
     return scripts
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process test is a separate run: accelerate's process-wide state (device, mixed
+    precision) set up by one test must not leak into the next, as it would not between runs."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

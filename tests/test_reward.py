@@ -56,6 +56,7 @@ def test_loss_equals_trl_reward_trainer_on_the_same_batch(tmp_path):
         max_length=None,
         per_device_train_batch_size=2,
         use_cpu=True,
+        bf16=False,  # TRL turns bf16 on by default; this compares fp32 losses
     )
     ours = PairwiseRewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
