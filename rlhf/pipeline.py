@@ -228,6 +228,8 @@ def summary_table(run_dir: Path) -> str:
         rows.append(("sft", "held-out accuracy", _acc(sft)))
     if rm:
         rows.append(("rm", "pairwise accuracy", f"{rm.get('accuracy', float('nan')):.3f}"))
+        if rm.get("accuracy_generated") is not None and "onpolicy" in rm.get("accuracy_by_kind", {}):
+            rows.append(("rm", "  without on-policy pairs", f"{rm['accuracy_generated']:.3f}"))
         for kind, acc in rm.get("accuracy_by_kind", {}).items():
             rows.append(("rm", f"  on {kind}", f"{acc:.3f}"))
     if ppo:

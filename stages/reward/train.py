@@ -232,8 +232,11 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dic
     by_kind: dict[str, list[bool]] = defaultdict(list)
     for p, ok in zip(pairs, right, strict=True):
         by_kind[p.get("kind", "all")].append(ok)
+    generated = [ok for p, ok in zip(pairs, right, strict=True) if p.get("kind") not in (None, "onpolicy")]
     return {
         "accuracy": round(sum(right) / len(right), 4),
+        # the four kinds of realistic mistakes alone, without the init model's own (on-policy) ones
+        "accuracy_generated": round(sum(generated) / len(generated), 4) if generated else None,
         "mean_margin": round((chosen - rejected).mean().item(), 4),
         "accuracy_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
         "n_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
