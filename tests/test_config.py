@@ -94,3 +94,12 @@ def test_resolved_config_round_trips_and_hash_ignores_paths(tmp_path):
     changed = load_config(SFTStageConfig, path, ["train.max_steps=1"])
     assert config_hash(moved, NOT_HASHED) == config_hash(cfg, NOT_HASHED) != config_hash(changed, NOT_HASHED)
     assert yaml.safe_load(path.read_text())["train"]["max_steps"] == cfg.train.max_steps
+
+
+def test_rm_kind_weights_default_to_one_and_name_unknown_kinds():
+    from rlhf.config import RMStageConfig
+
+    cfg = load_config(RMStageConfig, ROOT / "configs/tiny/rm.yaml", ["pairs.kinds=[sign_error, wrong_digit]"])
+    assert cfg.pairs.kind_weights() == [1.0, 2.0]  # rm.yaml weighs wrong_digit 2
+    with pytest.raises(ConfigError, match=r"'pairs\.train_kind_weights': unknown kind 'wrongdigit'"):
+        load_config(RMStageConfig, ROOT / "configs/tiny/rm.yaml", ["pairs.train_kind_weights={wrongdigit: 2}"])

@@ -121,3 +121,13 @@ def test_missed_borrow_by_hand():
     # 17 - 52 = -35: the same slip on the magnitude gives -45.
     assert S.wrong_answer(17, 52, "missed_borrow", random.Random(0)) == "-45"
     assert S.wrong_answer(58, 17, "missed_borrow", random.Random(0)) is None  # no borrow at all
+
+
+def test_kind_weights_shape_the_training_mix():
+    rng = random.Random(0)
+    kinds = ["wrong_digit", "sign_error"]
+    drawn = [S.preference_record(53127, 2981, kinds, rng, weights=[9.0, 1.0])["kind"] for _ in range(2000)]
+    share = drawn.count("wrong_digit") / len(drawn)
+    assert 0.87 < share < 0.93  # 9 : 1
+    uniform = [S.preference_record(53127, 2981, kinds, rng)["kind"] for _ in range(2000)]
+    assert 0.45 < uniform.count("wrong_digit") / len(uniform) < 0.55

@@ -48,15 +48,14 @@ class PairsConfig:
     train_size: int = 20_000
     eval_size: int = 1_000
     kinds: tuple[str, ...] = ("wrong_digit", "missed_borrow", "sign_error", "dropped_digit")
-    train_kind_weights: tuple[float, ...] | None = None  # how often each kind is drawn for training; None: uniform
+    # relative chance of each kind in training pairs, e.g. {wrong_digit: 2}; unnamed kinds weigh 1
     # (held-out pairs always draw kinds uniformly)
+    train_kind_weights: dict[str, float] = field(default_factory=dict)
     onpolicy_fraction: float = 0.0  # share of train pairs whose rejected answer is the init model's own wrong sample
     onpolicy_samples: int = 4  # samples per prompt when mining on-policy mistakes
     onpolicy_temperature: float = 1.0
 
     def check(self) -> None:
-        if self.train_kind_weights is not None and len(self.train_kind_weights) != len(self.kinds):
-            raise ConfigError("train_kind_weights", "needs one weight per entry of kinds")
         if not 0.0 <= self.onpolicy_fraction <= 1.0:
             raise ConfigError("onpolicy_fraction", f"must be in [0, 1], got {self.onpolicy_fraction}")
         from rlhf.tasks.subtraction import WRONG_KINDS
@@ -64,6 +63,15 @@ class PairsConfig:
         for k in self.kinds:
             if k not in WRONG_KINDS:
                 raise ConfigError("kinds", f"unknown kind {k!r}; known: {list(WRONG_KINDS)}")
+        for k, w in self.train_kind_weights.items():
+            if k not in WRONG_KINDS:
+                raise ConfigError("train_kind_weights", f"unknown kind {k!r}; known: {list(WRONG_KINDS)}")
+            if not w > 0:
+                raise ConfigError("train_kind_weights", f"weight of {k!r} must be > 0, got {w}")
+
+    def kind_weights(self) -> list[float]:
+        """One training weight per entry of `kinds`."""
+        return [float(self.train_kind_weights.get(k, 1.0)) for k in self.kinds]
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def train(cfg: RMStageConfig) -> dict:
 
 def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counter]:
     size = cfg.pairs.train_size if split == "train" else cfg.pairs.eval_size
-    weights = cfg.pairs.train_kind_weights if split == "train" else None
+    weights = cfg.pairs.kind_weights() if split == "train" else None
     records, label = load_records(
         cfg.data,
         cfg.task,
