@@ -110,6 +110,7 @@ def run_ours(workdir: Path, updates: int) -> dict:
             f"data.train={prompts}",
             "data.eval=null",
             "task.name=null",
+            "reward.model_weight=1.0",
             "reward.rules={}",
             "reward.missing_eos_penalty=null",
             f"rollout.prompts_per_step={SETUP['prompts_per_update']}",

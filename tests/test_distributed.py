@@ -52,6 +52,7 @@ STAGE_ARGS = {
         "train.save_every=2",
         "train.log_every=1",
         "train.eval_every=2",
+        "ppo.value_warmup_steps=0",
     ],
 }
 SCRIPTS = {"sft": "launch/stage1_sft.py", "rm": "launch/stage2_rm.py", "ppo": "launch/stage3_ppo.py"}

@@ -38,6 +38,7 @@ MINI = [
     "ppo.task.eval_size=24",
     "ppo.rollout.prompts_per_step=16",
     "ppo.ppo.minibatches=2",
+    "ppo.ppo.value_warmup_steps=0",
     "ppo.rollout.generation.max_new_tokens=6",
     "ppo.generation.max_new_tokens=6",
     "ppo.train.eval_every=4",

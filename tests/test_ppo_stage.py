@@ -31,6 +31,7 @@ FAST = [
     "train.eval_every=0",
     "optim.lr=1e-3",
     "value_optim.lr=1e-3",
+    "ppo.value_warmup_steps=0",
 ]
 
 
@@ -93,6 +94,17 @@ def test_policy_changes_reference_does_not(sft_dir, tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert {"before", "after", "final_kl"} <= set(report)
     assert (out / "value_model" / "config.json").is_file()
+
+
+def test_value_warmup_trains_the_value_model_only(sft_dir, tmp_path):
+    out = tmp_path / "warm"
+    result = ppo(out, "train.max_steps=2", "train.save_every=0", "ppo.value_warmup_steps=2", policy=sft_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = load_file(sft_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before), "the policy moved during the value warm-up"
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/score" in r]
+    assert [r["train/ppo/lr_policy"] for r in records] == [0.0, 0.0]
+    assert all(r["train/ppo/lr_value"] > 0 and r["train/ppo/value_loss"] > 0 for r in records)
 
 
 def test_lora_reference_is_the_policy_without_adapter(sft_dir, tmp_path):
