@@ -33,10 +33,52 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     return ids.to(device), mask.to(device)
 
 
+# Decoding settings a model's own generation_config.json may carry (Qwen2.5-Instruct ships
+# repetition_penalty=1.1, top_k=20, top_p=0.8, temperature=0.7), which transformers applies to every
+# generate() call that does not set them. All are switched off here, so what is generated is exactly
+# softmax(logits / temperature) truncated only as our GenerationConfig says (greedy: its argmax):
+# PPO's log-probs must be those of the policy that sampled, and evaluation must decode as configured.
+NEUTRAL_DECODING = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "diversity_penalty": 0.0,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "prompt_lookup_num_tokens": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "exponential_decay_length_penalty": None,
+    "typical_p": 1.0,
+    "min_p": None,
+    "top_h": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "max_time": None,
+}
+
+
 def sampling_kwargs(gen: GenerationConfig) -> dict:
+    """generate() keyword arguments for `gen`, with every other decoding setting switched off."""
     if not gen.do_sample:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {**NEUTRAL_DECODING, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     return {
+        **NEUTRAL_DECODING,
         "do_sample": True,
         "temperature": gen.temperature,
         "top_k": gen.top_k or None,
