@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from rlhf.config import GenerationConfig
 
@@ -86,16 +86,46 @@ def sampling_kwargs(gen: GenerationConfig) -> dict:
     }
 
 
+class SampledLogprobs(LogitsProcessor):
+    """Records log p(token) of every generated token under softmax(logits / temperature) over the
+    whole vocabulary, in fp32: what a forward of the policy gives, and what PPO's ratio compares
+    against. transformers runs a caller's processors after its own (all switched off here, see
+    NEUTRAL_DECODING) and before the sampling warpers (temperature, top-k, top-p), so `scores` are
+    the raw logits (tests/test_generation.py checks this against a forward). At each step the
+    token drawn at the step before is the last of `input_ids`, so one step's log-softmax is kept
+    and the final token is read in `finish`."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None  # (B, V)
+        self.logprobs: list[torch.Tensor] = []  # R - 1 entries of (B,)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, response: torch.Tensor) -> torch.Tensor:
+        """(B, R) log-probs of `response`, the tokens generate() returned."""
+        last = self.previous.gather(-1, response[:, -1:]).squeeze(-1)
+        return torch.stack([*self.logprobs, last], dim=1)
+
+
 @torch.no_grad()
 def generate_ids(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: Sequence[Sequence[int]],
     gen: GenerationConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_ids, response_ids): (B, P) left-padded and (B, R) right-padded with pad after EOS."""
+    with_logprobs: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """(prompt_ids, response_ids): (B, P) left-padded and (B, R) right-padded with pad after EOS.
+    With `with_logprobs`, also (B, R) fp32 log-probs of the response tokens under
+    softmax(logits / temperature) (positions after EOS hold the pad's log-prob: mask them)."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    recorder = SampledLogprobs(gen.temperature if gen.do_sample else 1.0) if with_logprobs else None
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -106,9 +136,13 @@ def generate_ids(
         # Weights here are always whole on this process (gathered once under ZeRO-3, see
         # gathered_for_generation), so processes need not step in lockstep.
         synced_gpus=False,
+        logits_processor=LogitsProcessorList([recorder] if recorder else []),
         **sampling_kwargs(gen),
     )
-    return ids, out[:, ids.shape[1] :]
+    response = out[:, ids.shape[1] :]
+    if recorder is None:
+        return ids, response
+    return ids, response, recorder.finish(response)
 
 
 def generate_text(

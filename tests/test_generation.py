@@ -58,3 +58,30 @@ def test_sampling_is_not_truncated_by_the_models_top_k():
     torch.manual_seed(0)
     _, response = generate_ids(policy, tokenizer, rows, GenerationConfig(max_new_tokens=4, do_sample=True))
     assert len({tuple(r) for r in response.tolist()}) > 8  # an untrained 576-token model: samples differ
+
+
+def test_sampled_logprobs_equal_a_forward_of_the_policy():
+    """PPO may take its rollout log-probs from the sampling pass: they must be the log-probs a
+    forward of the policy over prompt + response gives, of logits / T over the whole vocabulary
+    (top-k only narrows what is drawn)."""
+    from stages.ppo.losses import logprobs_from_logits
+    from stages.ppo.models import policy_logits
+    from stages.ppo.rollout import response_mask
+
+    source = resolve("tiny")
+    tokenizer = load_tokenizer(source, INIT)
+    policy = build_policy(source, INIT, tokenizer, seed=0).eval()
+    rows = render_prompts(tokenizer, PROMPTS) * 4
+    torch.manual_seed(0)
+    gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20)
+    query, response, logprobs = generate_ids(policy, tokenizer, rows, gen, with_logprobs=True)
+    mask, _ = response_mask(response, tokenizer.eos_token_id)
+    input_ids = torch.cat([query, response], 1)
+    attention_mask = torch.cat([(query != tokenizer.pad_token_id).long(), mask], 1)
+    with torch.no_grad():
+        expected = logprobs_from_logits(
+            policy_logits(policy, input_ids, attention_mask, response.shape[1]) / 0.7, response
+        )
+    real = mask.bool()
+    assert real.sum() >= 16
+    torch.testing.assert_close(logprobs[real], expected[real], atol=1e-5, rtol=0)

@@ -26,12 +26,13 @@ class PolicyAndValue(nn.Module):
         self.value_model = value_model
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, with_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """input_ids, attention_mask (B, P + R): left-padded prompt then response.
-        Returns logits (B, R, V) at the positions that predict each response token, and values
-        (B, R), V(s_t) of the state before each response token."""
-        logits = policy_logits(self.policy, input_ids, attention_mask, response_len)
+        Returns logits (B, R, V) at the positions that predict each response token (None without
+        `with_logits`: the value model alone runs), and values (B, R), V(s_t) of the state before
+        each response token."""
+        logits = policy_logits(self.policy, input_ids, attention_mask, response_len) if with_logits else None
         values = token_scores(self.value_model, input_ids, attention_mask)[:, -response_len - 1 : -1]
         return logits, values
 

@@ -122,6 +122,8 @@ def train(cfg: PPOStageConfig) -> dict:
     )
     running = RunningMoments()
     gen = cfg.rollout.generation
+    reuse_logprobs = _logprobs_from_generation(cfg, policy, accelerator)
+    log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
     B = cfg.rollout.prompts_per_step  # per process
     state = {"step": 0, "before": None, "kl_history": []}
 
@@ -157,10 +159,13 @@ def train(cfg: PPOStageConfig) -> dict:
         _set_lr(optimizer, step, cfg)
         batch_prompts = _prompt_batch(prompt_ids, step, B, accelerator, cfg.seed)
 
-        # 1. generate (under ZeRO-3 the weights are gathered once for the whole rollout)
+        # 1. generate (under ZeRO-3 the weights are gathered once for the whole rollout), keeping
+        #    the sampled tokens' log-probs when they equal what a forward of the policy would give
         with torch.no_grad(), gathered_for_generation(model, accelerator) as unwrapped:
             unwrapped.eval()
-            query, response = generate_ids(unwrapped.policy, tokenizer, [prompt_ids[i] for i in batch_prompts], gen)
+            query, response, *sampled_logprobs = generate_ids(
+                unwrapped.policy, tokenizer, [prompt_ids[i] for i in batch_prompts], gen, reuse_logprobs
+            )
             unwrapped.train()
         R = response.shape[1]
         resp_mask, has_eos = response_mask(response, tokenizer.eos_token_id)  # (B, R), (B,)
@@ -172,8 +177,11 @@ def train(cfg: PPOStageConfig) -> dict:
 
         # 2. log-probs under policy and reference; values
         with torch.no_grad():
-            logits, values = model(input_ids, attention_mask, R)
-            logprobs = logprobs_from_logits(logits / gen.temperature, response)  # (B, R)
+            logits, values = model(input_ids, attention_mask, R, with_logits=not reuse_logprobs)
+            if reuse_logprobs:
+                logprobs = sampled_logprobs[0].masked_fill(resp_mask == 0, 0.0)  # (B, R)
+            else:
+                logprobs = logprobs_from_logits(logits / gen.temperature, response)  # (B, R)
             ref = reference_logits(accelerator.unwrap_model(model), ref_policy, input_ids, attention_mask, R)
             ref_logprobs = logprobs_from_logits(ref / gen.temperature, response)  # (B, R)
             del logits, ref
@@ -351,6 +359,15 @@ def _ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageCo
     out = {k: _mean(v) for k, v in totals.items() if k != "epochs"}
     out["epochs_run"] = float(len(totals["epochs"]))
     return {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in out.items()}
+
+
+def _logprobs_from_generation(cfg: PPOStageConfig, policy: torch.nn.Module, accelerator) -> bool:
+    """Whether the rollout's log-probs come from the sampling pass (`rollout.logprobs_from_generation`;
+    null: when they equal the training forward's up to fp32 rounding: fp32 weights and no mixed
+    precision, which accelerate applies to the training forward, not to generate)."""
+    if cfg.rollout.logprobs_from_generation is not None:
+        return cfg.rollout.logprobs_from_generation
+    return next(policy.parameters()).dtype == torch.float32 and accelerator.mixed_precision == "no"
 
 
 def _clip(accelerator, model, cfg: PPOStageConfig) -> None:
