@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -72,12 +73,19 @@ class Tracking:
         stage: str,
         config: dict,
         is_main_process: bool = True,
+        fresh: bool = False,
     ):
+        """`fresh`: the stage starts afresh (no checkpoint to resume), so the metrics.jsonl and
+        TensorBoard events an earlier run left in `output_dir` are removed, and the report and the
+        dashboards show this run alone; a resumed run keeps and extends them."""
         self.stage = stage
         self.trackers: list[GeneralTracker] = []
         if not is_main_process:
             return
         output_dir = Path(output_dir)
+        if fresh:
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
         run_name = cfg.run_name or f"{output_dir.parent.name}-{stage}"
         self.trackers.append(JSONLTracker(run_name, output_dir))
         if "tensorboard" in cfg.report_to:

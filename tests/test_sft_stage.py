@@ -97,3 +97,21 @@ def test_corrupt_data_is_one_line_error_with_file_line_and_field(tmp_path):
 def test_config_error_exits_2_naming_the_key(tmp_path):
     result = run_entry("launch/stage1_sft.py", "train.max_step=3")
     assert result.returncode == 2 and "train.max_step" in result.stderr and "did you mean" in result.stderr
+
+
+def test_a_fresh_run_replaces_the_metrics_an_earlier_run_left(tmp_path):
+    """Re-running a stage from scratch in the same directory must not leave the earlier run's
+    curves in metrics.jsonl (the report and the dashboards read it)."""
+    out = tmp_path / "o"
+    for steps in (8, 4):
+        result = run_entry(
+            "launch/stage1_sft.py",
+            *FAST,
+            f"train.max_steps={steps}",
+            "train.log_every=2",
+            "train.save_every=0",
+            f"output_dir={out}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    steps_logged = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/sft/loss" in r]
+    assert steps_logged == [2, 4]

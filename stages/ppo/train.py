@@ -70,7 +70,6 @@ def train(cfg: PPOStageConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)  # this directory is being rewritten
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    tracking = Tracking(cfg.tracking, out, "ppo", to_dict(cfg), accelerator.is_main_process)
 
     # ---- models: policy + value (trained), reference + reward model (frozen) ----------------
     policy_source = resolve(cfg.policy)
@@ -133,6 +132,7 @@ def train(cfg: PPOStageConfig) -> dict:
         log.warning("removed checkpoints in %s written under another config", ckpt_dir)
     accelerator.wait_for_everyone()
     ckpt = latest_checkpoint(ckpt_dir) if cfg.train.resume else None
+    tracking = Tracking(cfg.tracking, out, "ppo", to_dict(cfg), accelerator.is_main_process, fresh=ckpt is None)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         saved = json.loads((ckpt / "ppo_state.json").read_text())

@@ -63,7 +63,8 @@ def train(cfg: RMStageConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)  # this directory is being rewritten
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    tracking = Tracking(cfg.tracking, out, "rm", to_dict(cfg), state.is_main_process)
+    resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
+    tracking = Tracking(cfg.tracking, out, "rm", to_dict(cfg), state.is_main_process, fresh=resume is None)
 
     # 1. Tokenizer and the init model (usually the SFT output).
     source = resolve(cfg.model)
@@ -123,7 +124,6 @@ def train(cfg: RMStageConfig) -> dict:
     )
 
     # 5. Train, resuming from the newest complete checkpoint if there is one.
-    resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
     if resume:
         log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)

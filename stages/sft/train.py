@@ -38,7 +38,8 @@ def train(cfg: SFTStageConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)  # this directory is being rewritten
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process)
+    resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
+    tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process, fresh=resume is None)
 
     # 1. Data: read, detect the format, normalise (errors name file, line and field).
     train_records, train_source = load_records(cfg.data, cfg.task, "train")
@@ -94,7 +95,6 @@ def train(cfg: SFTStageConfig) -> dict:
         )
 
     # 4. Train, resuming from the newest complete checkpoint if there is one.
-    resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
     if resume:
         log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)
