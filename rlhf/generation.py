@@ -119,9 +119,9 @@ def generate_ids(
     prompt_ids: Sequence[Sequence[int]],
     gen: GenerationConfig,
     with_logprobs: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """(prompt_ids, response_ids): (B, P) left-padded and (B, R) right-padded with pad after EOS.
-    With `with_logprobs`, also (B, R) fp32 log-probs of the response tokens under
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(prompt_ids, response_ids, logprobs): (B, P) left-padded, (B, R) right-padded with pad after
+    EOS, and with `with_logprobs` (else None) the (B, R) fp32 log-probs of the response tokens under
     softmax(logits / temperature) (positions after EOS hold the pad's log-prob: mask them)."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
@@ -140,9 +140,7 @@ def generate_ids(
         **sampling_kwargs(gen),
     )
     response = out[:, ids.shape[1] :]
-    if recorder is None:
-        return ids, response
-    return ids, response, recorder.finish(response)
+    return ids, response, recorder.finish(response) if recorder else None
 
 
 def generate_text(
@@ -159,7 +157,7 @@ def generate_text(
     try:
         for start in range(0, len(prompts), batch_size):
             rows = render_prompts(tokenizer, prompts[start : start + batch_size])
-            _, responses = generate_ids(model, tokenizer, rows, gen)
+            _, responses, _ = generate_ids(model, tokenizer, rows, gen)
             out += tokenizer.batch_decode(responses, skip_special_tokens=True)
     finally:
         model.train(was_training)

@@ -44,7 +44,7 @@ def test_greedy_ignores_the_models_own_decoding_defaults():
     policy, tokenizer = polluted_policy()
     rows = render_prompts(tokenizer, PROMPTS)
     gen = GenerationConfig(max_new_tokens=6, do_sample=False)
-    _, response = generate_ids(policy, tokenizer, rows, gen)
+    _, response, _ = generate_ids(policy, tokenizer, rows, gen)
     expected = manual_greedy(policy, tokenizer, rows, response.shape[1])
     # up to the first EOS (after it generate pads), the tokens are the plain argmax
     for got, want in zip(response.tolist(), expected.tolist(), strict=True):
@@ -56,7 +56,7 @@ def test_sampling_is_not_truncated_by_the_models_top_k():
     policy, tokenizer = polluted_policy()  # its own config says top_k=1: every sample would be the argmax
     rows = render_prompts(tokenizer, PROMPTS[:1]) * 16
     torch.manual_seed(0)
-    _, response = generate_ids(policy, tokenizer, rows, GenerationConfig(max_new_tokens=4, do_sample=True))
+    _, response, _ = generate_ids(policy, tokenizer, rows, GenerationConfig(max_new_tokens=4, do_sample=True))
     assert len({tuple(r) for r in response.tolist()}) > 8  # an untrained 576-token model: samples differ
 
 

@@ -163,7 +163,7 @@ def train(cfg: PPOStageConfig) -> dict:
         #    the sampled tokens' log-probs when they equal what a forward of the policy would give
         with torch.no_grad(), gathered_for_generation(model, accelerator) as unwrapped:
             unwrapped.eval()
-            query, response, *sampled_logprobs = generate_ids(
+            query, response, sampled_logprobs = generate_ids(
                 unwrapped.policy, tokenizer, [prompt_ids[i] for i in batch_prompts], gen, reuse_logprobs
             )
             unwrapped.train()
@@ -179,7 +179,7 @@ def train(cfg: PPOStageConfig) -> dict:
         with torch.no_grad():
             logits, values = model(input_ids, attention_mask, R, with_logits=not reuse_logprobs)
             if reuse_logprobs:
-                logprobs = sampled_logprobs[0].masked_fill(resp_mask == 0, 0.0)  # (B, R)
+                logprobs = sampled_logprobs.masked_fill(resp_mask == 0, 0.0)  # (B, R)
             else:
                 logprobs = logprobs_from_logits(logits / gen.temperature, response)  # (B, R)
             ref = reference_logits(accelerator.unwrap_model(model), ref_policy, input_ids, attention_mask, R)
