@@ -131,3 +131,16 @@ def test_kind_weights_shape_the_training_mix():
     assert 0.87 < share < 0.93  # 9 : 1
     uniform = [S.preference_record(53127, 2981, kinds, rng)["kind"] for _ in range(2000)]
     assert 0.45 < uniform.count("wrong_digit") / len(uniform) < 0.55
+
+
+def test_rule_rewards_by_hand():
+    from rlhf.rewards import RULES
+
+    q = S.PROMPT % (52, 17)  # 35
+    big = S.PROMPT % (10000, 12345)  # -2345
+    questions = [q, q, q, q, big, big, "what is the weather"]
+    responses = [" 35 ", "36", "135", "7", "-2345", "2345", "35"]
+    assert RULES["subtraction"](questions, responses) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    # units-aligned characters right over the longer length: 36 -> 1/2, 135 -> 2/3, 7 -> 0/2,
+    # 2345 against -2345 -> 4/5 (the sign is one of the characters)
+    assert RULES["subtraction_digits"](questions, responses) == pytest.approx([1.0, 0.5, 2 / 3, 0.0, 1.0, 0.8, 0.0])
