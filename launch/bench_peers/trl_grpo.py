@@ -26,6 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
     p.add_argument("--updates", type=int, default=10)
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision, eager attention (as ours)")
     args = p.parse_args()
 
     import torch
@@ -44,8 +45,9 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(Path(args.workdir, "policy"))
     tok.model_input_names = ["input_ids", "attention_mask"]
     # loaded from its directory, so that beta > 0 loads the reference from there too
-    policy = AutoModelForCausalLM.from_pretrained(Path(args.workdir, "policy"), dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(Path(args.workdir, "reward"), dtype=torch.float32)
+    load = {"dtype": torch.float32, **({"attn_implementation": "eager"} if args.bf16 else {})}
+    policy = AutoModelForCausalLM.from_pretrained(Path(args.workdir, "policy"), **load)  # the reference copies it
+    reward = AutoModelForSequenceClassification.from_pretrained(Path(args.workdir, "reward"), **load)
     prompts = [json.loads(line)["prompt"] for line in Path(args.workdir, "prompts.jsonl").read_text().splitlines()]
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in prompts[: E // G * n_updates]]})
 
@@ -58,7 +60,7 @@ def main() -> None:
             logging_strategy="no",
             disable_tqdm=True,
             use_cpu=True,
-            bf16=False,
+            bf16=args.bf16,
             fp16=False,
             gradient_checkpointing=False,
             max_grad_norm=0.0,

@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--workdir", required=True)
     p.add_argument("--updates", type=int, default=10)
     p.add_argument("--skip-gc", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision, eager attention (as ours)")
     args = p.parse_args()
 
     import torch
@@ -49,8 +50,9 @@ def main() -> None:
     E, n_updates = setup["prompts_per_update"], args.updates + 1
     tok = AutoTokenizer.from_pretrained(Path(args.workdir, "policy"))
     tok.padding_side = "left"
-    policy = AutoModelForCausalLM.from_pretrained(Path(args.workdir, "policy"), dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(Path(args.workdir, "reward"), dtype=torch.float32)
+    load = {"dtype": torch.float32, **({"attn_implementation": "eager"} if args.bf16 else {})}
+    policy = AutoModelForCausalLM.from_pretrained(Path(args.workdir, "policy"), **load)
+    reward = AutoModelForSequenceClassification.from_pretrained(Path(args.workdir, "reward"), **load)
     ref_policy, value = copy.deepcopy(policy), copy.deepcopy(reward)
     prompts = [json.loads(line)["prompt"] for line in Path(args.workdir, "prompts.jsonl").read_text().splitlines()]
     texts = [
@@ -68,7 +70,7 @@ def main() -> None:
             logging_strategy="no",
             disable_tqdm=True,
             use_cpu=True,
-            bf16=False,
+            bf16=args.bf16,  # its Accelerator reads ACCELERATE_MIXED_PRECISION, which bench_ppo.py sets
             fp16=False,
             gradient_checkpointing=False,
             seed=0,
