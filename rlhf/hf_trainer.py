@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from rlhf.checkpoint import claim_checkpoints, latest_checkpoint, mark_complete
 from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig
 from rlhf.distributed import whole_models
-from rlhf.registry import ModelSource, build_policy, build_scalar_model
+from rlhf.registry import ModelSource, build_policy, build_scalar_model, mixed_precision
 from rlhf.tracking import Tracking
 
 
@@ -28,7 +28,8 @@ def trainer_kwargs(
     extra = {}
     if scheduler == "cosine" and optim.min_lr_ratio > 0:
         scheduler, extra = "cosine_with_min_lr", {"lr_scheduler_kwargs": {"min_lr_rate": optim.min_lr_ratio}}
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and init.dtype in ("auto", "bfloat16")
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and init.dtype in ("auto", "bfloat16")
+    bf16 = gpu_bf16 or mixed_precision(init) == "bf16"
     return dict(
         output_dir=str(output_dir / "checkpoints"),
         seed=seed,
@@ -51,6 +52,7 @@ def trainer_kwargs(
         eval_strategy="steps" if train.eval_every else "no",
         eval_steps=train.eval_every or None,
         bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU without it
         gradient_checkpointing=init.gradient_checkpointing,
         report_to="none",
         disable_tqdm=not progress,

@@ -171,3 +171,52 @@ def test_killed_run_resumes_to_the_same_result(sft_dir, tmp_path):
     x, y = last(tmp_path / "straight" / "metrics.jsonl"), last(out / "metrics.jsonl")
     for key in ("train/ppo/score", "train/ppo/kl", "train/ppo/policy_loss", "train/ppo/value_loss"):
         assert x[key] == pytest.approx(y[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("precision", ["null", "bf16"])
+def test_mixed_precision_multiplies_in_bf16_and_keeps_the_math_in_fp32(sft_dir, tmp_path, monkeypatch, precision):
+    """model_init.mixed_precision=bf16: all four models multiply in bf16 while training (sampling,
+    reference, reward, values, update) and log-probs, KL and losses stay fp32: with the policy's
+    rate at 0 (value warm-up) the PPO ratio stays 1 and the approximate KL 0. The held-out
+    evaluations before and after run in fp32 either way, like every stage's eval.json."""
+    import stages.ppo.train as ppo_train
+    from rlhf.config import PPOStageConfig, load_config
+
+    seen: dict[str, set] = {"policy": set(), "scalar": set(), "evaluation": set()}
+    evaluating = []
+
+    def record(name, output):
+        seen["evaluation" if evaluating else name].add(output.dtype)
+
+    def watched(build, name):
+        def build_and_watch(*args, **kwargs):
+            model = build(*args, **kwargs)
+            first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+            first.register_forward_hook(lambda module, inputs, output: record(name, output))
+            return model
+
+        return build_and_watch
+
+    def evaluate_directory(*args, **kwargs):
+        evaluating.append(True)
+        try:
+            return real_evaluate_directory(*args, **kwargs)
+        finally:
+            evaluating.pop()
+
+    real_evaluate_directory = ppo_train.evaluate_directory
+    monkeypatch.setattr(ppo_train, "evaluate_directory", evaluate_directory)
+    monkeypatch.setattr(ppo_train, "build_policy", watched(ppo_train.build_policy, "policy"))
+    monkeypatch.setattr(ppo_train, "build_scalar_model", watched(ppo_train.build_scalar_model, "scalar"))
+    out = tmp_path / precision
+    overrides = [f"policy={sft_dir}", "reward_model=tiny-llama", *FAST, f"output_dir={out}", "train.max_steps=2"]
+    overrides += ["train.save_every=0", "ppo.value_warmup_steps=2", f"model_init.mixed_precision={precision}"]
+    ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))
+
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen == {"policy": {expected}, "scalar": {expected}, "evaluation": {torch.float32}}
+    for record_ in [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/score" in r]:
+        assert record_["train/ppo/lr_policy"] == 0.0
+        assert record_["train/ppo/ratio"] == pytest.approx(1.0, abs=2e-3)
+        assert abs(record_["train/ppo/approx_kl"]) < 1e-4
+        assert record_["train/ppo/value_loss"] > 0

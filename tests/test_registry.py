@@ -13,6 +13,7 @@ from rlhf.registry import (
     build_policy,
     build_scalar_model,
     load_tokenizer,
+    mixed_precision,
     prepare_tokenizer,
     resolve,
     score_head,
@@ -134,3 +135,30 @@ def test_saved_reward_model_loads_with_auto_class(tmp_path):
     inputs = batch(tokenizer)
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert torch.allclose(again(**inputs).logits, rm(**inputs).logits, atol=1e-5)
+
+
+def test_mixed_precision_auto_follows_the_cpu_and_picks_eager_attention(tmp_path, monkeypatch):
+    from rlhf.registry.models import cpu_has_native_bf16
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    native = cpu_has_native_bf16() and not torch.cuda.is_available()
+    assert mixed_precision(ModelInit(mixed_precision="auto")) == ("bf16" if native else None)
+    assert mixed_precision(ModelInit(mixed_precision="auto", dtype="bfloat16")) is None  # weights already bf16
+    assert mixed_precision(ModelInit(mixed_precision="bf16")) == "bf16"
+    assert mixed_precision(ModelInit()) is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # DeepSpeed's own bf16 setting applies there
+    assert mixed_precision(ModelInit(mixed_precision="auto")) is None
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, INIT)
+    bf16 = build_policy(source, ModelInit(mixed_precision="bf16"), tokenizer, seed=0)
+    assert bf16.config._attn_implementation == "eager" and bf16.dtype == torch.float32
+    chosen = build_policy(source, ModelInit(mixed_precision="bf16", attn_implementation="sdpa"), tokenizer, seed=0)
+    assert chosen.config._attn_implementation == "sdpa"
+    bf16.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = build_scalar_model(resolve(str(tmp_path)), ModelInit(mixed_precision="bf16"), tokenizer)
+    assert reloaded.config._attn_implementation == "eager"
+    if not torch.cuda.is_available():
+        assert build_policy(source, INIT, tokenizer, seed=0).config._attn_implementation != "eager"

@@ -22,6 +22,13 @@ class ModelInit:
     attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"; None: transformers' choice
     load_in_4bit: bool = False  # QLoRA: 4-bit base weights (needs bitsandbytes and a CUDA GPU; implies LoRA)
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    # bf16: weights, gradients and optimizer state stay in `dtype` (fp32 on a CPU) while matrix
+    # multiplies run in bf16 under autocast; on CPUs with AVX512-BF16 or AMX that is ~4x faster per
+    # multiply. auto: bf16 on such a CPU (fp32 weights, no CUDA, no DeepSpeed), else null. null:
+    # accelerate's own setting (`accelerate launch --mixed_precision`), off by default. Under CPU
+    # bf16 an unset attn_implementation becomes eager: PyTorch's CPU SDPA backward is slow in bf16.
+    # GPUs get bf16 from dtype: auto instead.
+    mixed_precision: Literal["bf16", "auto"] | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,23 +228,48 @@ def _backbone(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere bf16 autocast
+    is emulated and slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def mixed_precision(init: ModelInit) -> str | None:
+    """ "bf16" or None (accelerate's own setting): `model_init.mixed_precision`, auto resolved for
+    this machine."""
+    if init.mixed_precision != "auto":
+        return init.mixed_precision
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    fp32 = _dtype(init) == torch.float32
+    return "bf16" if fp32 and not torch.cuda.is_available() and not deepspeed and cpu_has_native_bf16() else None
+
+
+def _attn_implementation(init: ModelInit) -> str | None:
+    if init.attn_implementation:
+        return init.attn_implementation
+    if mixed_precision(init) == "bf16" and not torch.cuda.is_available():
+        return "eager"  # PyTorch's CPU SDPA backward is several times slower in bf16 than eager attention
+    return None
+
+
 def _load(auto_cls, source: ModelSource, init: ModelInit, seed: int, **kwargs) -> PreTrainedModel:
     dtype = _dtype(init)
+    attn = _attn_implementation(init)
     if source.path is None:  # built-in preset: random init from its config, reproducible by seed
         config = source.preset.make_config()
         for k, v in kwargs.items():
             setattr(config, k, v)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return auto_cls.from_config(config, dtype=dtype)
+            return auto_cls.from_config(config, dtype=dtype, **({"attn_implementation": attn} if attn else {}))
     options = dict(
         revision=init.revision,
         trust_remote_code=init.trust_remote_code,
         dtype=dtype,
         **kwargs,
     )
-    if init.attn_implementation:
-        options["attn_implementation"] = init.attn_implementation
+    if attn:
+        options["attn_implementation"] = attn
     if init.load_in_4bit:
         options["quantization_config"] = _four_bit_config()
     with _load_errors(source), _quiet_head_warnings():

@@ -45,7 +45,7 @@ from rlhf.data.prompts import normalize_prompts
 from rlhf.distributed import process_state, whole_models
 from rlhf.evaluation import evaluate_generations
 from rlhf.generation import gathered_for_generation, generate_ids, generate_text, left_pad, render_prompts
-from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
+from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, mixed_precision, resolve
 from rlhf.rewards import RULES
 from rlhf.tasks import score_generations, task_records
 from rlhf.tracking import Tracking
@@ -62,7 +62,10 @@ log = logging.getLogger("rlhf.ppo")
 
 def train(cfg: PPOStageConfig) -> dict:
     process_state()  # the process group, CPU-only machines included (rlhf/distributed.py)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=mixed_precision(cfg.model_init),  # None: accelerate's (`accelerate launch` config)
+    )
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     out = Path(cfg.output_dir)
     started = time.time()
@@ -161,7 +164,7 @@ def train(cfg: PPOStageConfig) -> dict:
 
         # 1. generate (under ZeRO-3 the weights are gathered once for the whole rollout), keeping
         #    the sampled tokens' log-probs when they equal what a forward of the policy would give
-        with torch.no_grad(), gathered_for_generation(model, accelerator) as unwrapped:
+        with torch.no_grad(), gathered_for_generation(model, accelerator) as unwrapped, accelerator.autocast():
             unwrapped.eval()
             query, response, sampled_logprobs = generate_ids(
                 unwrapped.policy, tokenizer, [prompt_ids[i] for i in batch_prompts], gen, reuse_logprobs
@@ -175,21 +178,23 @@ def train(cfg: PPOStageConfig) -> dict:
         attention_mask = torch.cat([query_mask, resp_mask], dim=1)  # (B, P + R)
         t_gen = time.time()
 
-        # 2. log-probs under policy and reference; values
-        with torch.no_grad():
+        # 2. log-probs under policy and reference; values (the math on them in fp32, whatever the
+        #    models compute in)
+        with torch.no_grad(), accelerator.autocast():
             logits, values = model(input_ids, attention_mask, R, with_logits=not reuse_logprobs)
             if reuse_logprobs:
                 logprobs = sampled_logprobs.masked_fill(resp_mask == 0, 0.0)  # (B, R)
             else:
-                logprobs = logprobs_from_logits(logits / gen.temperature, response)  # (B, R)
+                logprobs = logprobs_from_logits(logits.float() / gen.temperature, response)  # (B, R)
             ref = reference_logits(accelerator.unwrap_model(model), ref_policy, input_ids, attention_mask, R)
-            ref_logprobs = logprobs_from_logits(ref / gen.temperature, response)  # (B, R)
+            ref_logprobs = logprobs_from_logits(ref.float() / gen.temperature, response)  # (B, R)
             del logits, ref
 
         # 3. score: reward model at the response's last real token, rule rewards, EOS penalty
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
         questions = [prompts[i]["prompt"][-1]["content"] for i in batch_prompts]
-        rm_scores = reward_scores(reward_model, input_ids, attention_mask) if reward_model is not None else None
+        with accelerator.autocast():
+            rm_scores = reward_scores(reward_model, input_ids, attention_mask) if reward_model is not None else None
         rules = {name: torch.tensor(RULES[name](questions, texts), device=device) for name in cfg.reward.rules}
         raw_scores = combine_scores(rm_scores, rules, has_eos, cfg.reward)  # (B,)
         scores = normalize_scores(raw_scores, accelerator.gather(raw_scores), cfg.reward, running)
@@ -327,7 +332,7 @@ def _ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageCo
                 mb = rollout.select(idx.to(rollout.input_ids.device))
                 with accelerator.accumulate(model):
                     logits, values = model(mb.input_ids, mb.attention_mask, R)
-                    logits = logits / temperature
+                    logits = logits.float() / temperature
                     new_logprobs = logprobs_from_logits(logits, mb.response_ids)
                     pg_loss, pg = policy_loss(
                         new_logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.ppo.clip_range

@@ -27,7 +27,7 @@ from rlhf.data.lengths import limit_length
 from rlhf.distributed import process_state, whole_models
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
-from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve, sequence_scores
+from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, mixed_precision, resolve, sequence_scores
 from rlhf.tasks import task_preference_records
 from rlhf.tracking import Tracking
 from stages.reward.loss import pair_accuracy, pairwise_loss
@@ -184,9 +184,17 @@ def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counte
 def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig) -> list[dict]:
     if wanted <= 0:
         return []
-    return mine_onpolicy_pairs(
-        policy, tokenizer, pairs, wanted, cfg.pairs.onpolicy_samples, cfg.pairs.onpolicy_temperature, max_new_tokens=16
-    )
+    bf16 = mixed_precision(cfg.model_init) == "bf16"
+    with torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
+        return mine_onpolicy_pairs(
+            policy,
+            tokenizer,
+            pairs,
+            wanted,
+            cfg.pairs.onpolicy_samples,
+            cfg.pairs.onpolicy_temperature,
+            max_new_tokens=16,
+        )
 
 
 def encode_pairs(tokenizer, pairs: list[dict], use_margin: bool) -> list[dict]:
