@@ -141,8 +141,9 @@ def run_ours(workdir: Path, updates: int, precision: str = "fp32") -> dict:
             "train.log_every=1",
             "tracking.report_to=[]",
             "tracking.progress=false",
-            # bf16: eager attention follows (rlhf/registry/models.py); fp32 even where the config says auto
+            # fp32 even where the config says auto; bf16 with eager attention, as the peers get it
             f"model_init.mixed_precision={'bf16' if precision == 'bf16' else 'null'}",
+            f"model_init.attn_implementation={'eager' if precision == 'bf16' else 'null'}",
         ],
     )
     train(cfg)

@@ -137,7 +137,7 @@ def test_saved_reward_model_loads_with_auto_class(tmp_path):
     assert torch.allclose(again(**inputs).logits, rm(**inputs).logits, atol=1e-5)
 
 
-def test_mixed_precision_auto_follows_the_cpu_and_picks_eager_attention(tmp_path, monkeypatch):
+def test_mixed_precision_auto_follows_the_cpu_and_keeps_attention_in_fp32(tmp_path, monkeypatch):
     from rlhf.registry.models import cpu_has_native_bf16
 
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
@@ -153,12 +153,20 @@ def test_mixed_precision_auto_follows_the_cpu_and_picks_eager_attention(tmp_path
     source = resolve("tiny-llama")
     tokenizer = load_tokenizer(source, INIT)
     bf16 = build_policy(source, ModelInit(mixed_precision="bf16"), tokenizer, seed=0)
-    assert bf16.config._attn_implementation == "eager" and bf16.dtype == torch.float32
+    assert bf16.config._attn_implementation == "sdpa_fp32" and bf16.dtype == torch.float32
+    tokenizer.padding_side = "left"  # generation's padding: the pads must stay masked in fp32 attention too
+    ids = tokenizer(["请计算：12 - 3 = ", "请计算：99999 - 12345 = "], return_tensors="pt", padding=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = bf16(**ids).logits
+    plain = build_policy(source, INIT, tokenizer, seed=0)(**ids).logits  # same weights, fp32 throughout
+    assert logits.dtype == torch.bfloat16
+    assert torch.allclose(logits.float()[:, -1], plain[:, -1], atol=0.05)  # the padded row's next token too
     chosen = build_policy(source, ModelInit(mixed_precision="bf16", attn_implementation="sdpa"), tokenizer, seed=0)
     assert chosen.config._attn_implementation == "sdpa"
     bf16.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
+    assert "sdpa_fp32" not in (tmp_path / "config.json").read_text()  # plain transformers reloads it
     reloaded = build_scalar_model(resolve(str(tmp_path)), ModelInit(mixed_precision="bf16"), tokenizer)
-    assert reloaded.config._attn_implementation == "eager"
+    assert reloaded.config._attn_implementation == "sdpa_fp32"
     if not torch.cuda.is_available():
-        assert build_policy(source, INIT, tokenizer, seed=0).config._attn_implementation != "eager"
+        assert build_policy(source, INIT, tokenizer, seed=0).config._attn_implementation == "sdpa"

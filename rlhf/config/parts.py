@@ -26,8 +26,9 @@ class ModelInit:
     # multiplies run in bf16 under autocast; on CPUs with AVX512-BF16 or AMX that is ~4x faster per
     # multiply. auto: bf16 on such a CPU (fp32 weights, no CUDA, no DeepSpeed), else null. null:
     # accelerate's own setting (`accelerate launch --mixed_precision`), off by default. Under CPU
-    # bf16 an unset attn_implementation becomes eager: PyTorch's CPU SDPA backward is slow in bf16.
-    # GPUs get bf16 from dtype: auto instead.
+    # bf16 an unset attn_implementation becomes "sdpa_fp32": SDPA with autocast off, since bf16
+    # attention scores slowed the tiny reward model's learning and PyTorch's CPU SDPA backward is
+    # slow in bf16. GPUs get bf16 from dtype: auto instead.
     mixed_precision: Literal["bf16", "auto"] | None = None
 
 

@@ -244,11 +244,33 @@ def mixed_precision(init: ModelInit) -> str | None:
     return "bf16" if fp32 and not torch.cuda.is_available() and not deepspeed and cpu_has_native_bf16() else None
 
 
+FP32_SDPA = "sdpa_fp32"
+
+
+def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with autocast off: queries, keys and values (bf16 from the projections) are attended in
+    fp32, and the output goes back to the projections' dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(query.dtype), weights
+
+
 def _attn_implementation(init: ModelInit) -> str | None:
     if init.attn_implementation:
         return init.attn_implementation
     if mixed_precision(init) == "bf16" and not torch.cuda.is_available():
-        return "eager"  # PyTorch's CPU SDPA backward is several times slower in bf16 than eager attention
+        # PyTorch's CPU SDPA backward is several times slower in bf16, and bf16 attention scores
+        # blur the position-exact attention arithmetic needs: attention stays fp32 under autocast
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(FP32_SDPA, _sdpa_in_fp32)
+        AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)  # SDPA's masks, padding included
+        return FP32_SDPA
     return None
 
 
