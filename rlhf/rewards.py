@@ -9,9 +9,10 @@ from collections.abc import Callable, Sequence
 from rlhf.tasks import subtraction
 
 
-def subtraction_exact(questions: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """1.0 for the exact difference (seed 000's scoring), 0.0 otherwise; 0.0 for a prompt that
-    holds no subtraction question."""
+def _per_question(
+    questions: Sequence[str], responses: Sequence[str], score: Callable[[str, str], float]
+) -> list[float]:
+    """score(difference, response) for each subtraction question; 0.0 for a prompt that holds none."""
     out = []
     for question, response in zip(questions, responses, strict=True):
         try:
@@ -19,8 +20,14 @@ def subtraction_exact(questions: Sequence[str], responses: Sequence[str]) -> lis
         except ValueError:
             out.append(0.0)
             continue
-        out.append(1.0 if subtraction.is_correct(response, str(x - y)) else 0.0)
+        out.append(score(str(x - y), response))
     return out
+
+
+def subtraction_exact(questions: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """1.0 for the exact difference (seed 000's scoring), 0.0 otherwise; 0.0 for a prompt that
+    holds no subtraction question."""
+    return _per_question(questions, responses, lambda answer, given: float(subtraction.is_correct(given, answer)))
 
 
 def subtraction_digits(questions: Sequence[str], responses: Sequence[str]) -> list[float]:
@@ -28,17 +35,13 @@ def subtraction_digits(questions: Sequence[str], responses: Sequence[str]) -> li
     units digit) that the response has right, over the longer of the two; 1.0 only for the exact
     difference, 0.0 for a prompt that holds no subtraction question. A denser signal than exact
     match: an answer with one digit wrong scores above one with all of them wrong."""
-    out = []
-    for question, response in zip(questions, responses, strict=True):
-        try:
-            x, y = subtraction.parse_question(question)
-        except ValueError:
-            out.append(0.0)
-            continue
-        answer, given = str(x - y), response.strip()
+
+    def share_right(answer: str, given: str) -> float:
+        given = given.strip()
         same = sum(a == b for a, b in zip(reversed(answer), reversed(given), strict=False))
-        out.append(same / max(len(answer), len(given)))
-    return out
+        return same / max(len(answer), len(given))
+
+    return _per_question(questions, responses, share_right)
 
 
 RULES: dict[str, Callable[[Sequence[str], Sequence[str]], list[float]]] = {

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -28,6 +29,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import LoraConfig, ModelInit
@@ -250,8 +253,6 @@ FP32_SDPA = "sdpa_fp32"
 def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
     """SDPA with autocast off: queries, keys and values (bf16 from the projections) are attended in
     fp32, and the output goes back to the projections' dtype."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     with torch.autocast(query.device.type, enabled=False):
         out, weights = sdpa_attention_forward(
             module, query.float(), key.float(), value.float(), attention_mask, **kwargs
@@ -265,13 +266,14 @@ def _attn_implementation(init: ModelInit) -> str | None:
     if mixed_precision(init) == "bf16" and not torch.cuda.is_available():
         # PyTorch's CPU SDPA backward is several times slower in bf16, and bf16 attention scores
         # blur the position-exact attention arithmetic needs: attention stays fp32 under autocast
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(FP32_SDPA, _sdpa_in_fp32)
-        AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)  # SDPA's masks, padding included
         return FP32_SDPA
     return None
+
+
+# Registered once, with SDPA's masks (padding included); a saved config never names it, so plain
+# transformers reloads every model this project writes.
+AttentionInterface.register(FP32_SDPA, _sdpa_in_fp32)
+AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
 
 
 def _load(auto_cls, source: ModelSource, init: ModelInit, seed: int, **kwargs) -> PreTrainedModel:
