@@ -1,6 +1,6 @@
 """PPO throughput and memory, ours against TRL's, on the same models, prompts and settings.
 
-    python launch/bench_ppo.py                 # 3 runs x 10 updates each, all three trainers
+    python launch/bench_ppo.py                 # 3 runs x 10 updates each, every trainer
     python launch/bench_ppo.py --runs 1 --updates 3 --only ours
     python launch/bench_ppo.py --precision bf16     # every trainer in bf16 mixed precision
 
@@ -17,6 +17,11 @@ fp32 weights and optimizer state, matrix multiplies in bf16 under autocast, eage
 CPUs with AVX512-BF16 bf16 multiplies run ~4x faster than fp32 ones, while PyTorch's CPU SDPA
 backward runs slower in bf16). Ours: model_init.mixed_precision=bf16; TRL's: bf16=True and
 ACCELERATE_MIXED_PRECISION=bf16 (TRL 1.12's PPO builds its own Accelerator from it).
+
+Ours runs twice: as configured for the comparison with TRL's PPO (a separate value model, the
+same work as TRL's), and with `share_policy_trunk=true` (`ours_shared`: the value head on the
+policy's trunk, so the minibatch steps run one model's forward and backward, as GRPO's do). The JSON
+gives both sets of ratios: `ratio_vs_*` for the first, `ratio_shared_vs_*` for the second.
 
 Peers:
 - TRL's last PPO, `trl.experimental.ppo.PPOTrainer` from trl==1.12.0, in a virtual environment
@@ -48,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 BENCH_DIR = ROOT / ".bench"
 PEERS = ROOT / "launch" / "bench_peers"
+TRAINERS = ["ours", "ours_shared", "trl_ppo", "trl_ppo_nogc", "trl_grpo"]
 SETUP = {
     "prompts_per_update": 64,
     "new_tokens": 16,
@@ -100,19 +106,21 @@ def build_setup(directory: Path) -> None:
     (directory / "setup.json").write_text(json.dumps(SETUP))
 
 
-def run_ours(workdir: Path, updates: int, precision: str = "fp32") -> dict:
-    """Our PPO stage, in this process, on the shared set-up."""
+def run_ours(workdir: Path, updates: int, precision: str = "fp32", shared: bool = False) -> dict:
+    """Our PPO stage, in this process, on the shared set-up; `shared`: the value head on the
+    policy's trunk (share_policy_trunk) instead of a second model."""
     from rlhf.config import PPOStageConfig, load_config
     from stages.ppo.train import train
 
     policy, reward, prompts = workdir / "policy", workdir / "reward", workdir / "prompts.jsonl"
-    out = workdir / "ours"
+    out = workdir / ("ours_shared" if shared else "ours")
     cfg = load_config(
         PPOStageConfig,
         ROOT / "configs/tiny/ppo.yaml",
         [
             f"policy={policy}",
             f"reward_model={reward}",
+            f"share_policy_trunk={str(shared).lower()}",
             f"output_dir={out}",
             f"data.train={prompts}",
             "data.eval=null",
@@ -213,8 +221,8 @@ def one_run(trainer: str, updates: int, setup_dir: Path, precision: str) -> dict
     }
     with tempfile.TemporaryDirectory(prefix=f"bench-{trainer}-") as tmp:
         shutil.copytree(setup_dir, tmp, dirs_exist_ok=True)
-        if trainer == "ours":
-            cmd = [sys.executable, __file__, "--worker", "ours", "--workdir", tmp, "--updates", str(updates)]
+        if trainer.startswith("ours"):
+            cmd = [sys.executable, __file__, "--worker", trainer, "--workdir", tmp, "--updates", str(updates)]
             cmd += ["--precision", precision]
         else:
             python = trl112_python() if trainer.startswith("trl_ppo") else sys.executable
@@ -235,18 +243,18 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--only", choices=["ours", "trl_ppo", "trl_ppo_nogc", "trl_grpo"], action="append")
-    parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=TRAINERS, action="append")
+    parser.add_argument("--worker", choices=["ours", "ours_shared"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker == "ours":
+    if args.worker:
         from rlhf.cli import setup_cpu_threads
 
         setup_cpu_threads()
-        print(json.dumps(run_ours(Path(args.workdir), args.updates, args.precision)))
+        print(json.dumps(run_ours(Path(args.workdir), args.updates, args.precision, args.worker == "ours_shared")))
         return 0
 
-    trainers = args.only or ["ours", "trl_ppo", "trl_ppo_nogc", "trl_grpo"]
+    trainers = args.only or TRAINERS
     results: dict[str, list[dict]] = {t: [] for t in trainers}
     setup_dir = Path(tempfile.mkdtemp(prefix="bench-setup-"))
     build_setup(setup_dir)
@@ -276,11 +284,11 @@ def main() -> int:
     for t, s in summary.items():
         print(f"{t:<14}{s['episodes_per_s']:>12.1f}{s['tokens_per_s']:>12.0f}{s['peak_rss_mb']:>14.0f}")
     final = dict(summary)
-    if "ours" in summary:
+    for ours, prefix in (("ours", "ratio"), ("ours_shared", "ratio_shared")):
         for peer in ("trl_ppo", "trl_ppo_nogc", "trl_grpo"):
-            if peer in summary:
-                final[f"ratio_vs_{peer}"] = round(
-                    summary["ours"]["episodes_per_s"] / summary[peer]["episodes_per_s"], 2
+            if ours in summary and peer in summary:
+                final[f"{prefix}_vs_{peer}"] = round(
+                    summary[ours]["episodes_per_s"] / summary[peer]["episodes_per_s"], 2
                 )
     final["setup"] = {**SETUP, "precision": args.precision}
     print(json.dumps(final))

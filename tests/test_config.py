@@ -76,6 +76,14 @@ def test_bad_values_name_the_key(override, key, words):
     assert err.value.key == key and words in str(err.value)
 
 
+def test_shared_trunk_refuses_a_value_model():
+    from rlhf.config import PPOStageConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["share_policy_trunk=true", "value_model=runs/x"])
+    assert err.value.key == "value_model" and "share_policy_trunk" in str(err.value)
+
+
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: tiny\ntrain:\n  batchsize: 4\n")

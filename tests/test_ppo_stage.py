@@ -107,6 +107,44 @@ def test_value_warmup_trains_the_value_model_only(sft_dir, tmp_path):
     assert all(r["train/ppo/lr_value"] > 0 and r["train/ppo/value_loss"] > 0 for r in records)
 
 
+def test_shared_trunk_value_head(sft_dir, tmp_path):
+    """share_policy_trunk: one forward of the policy gives the logits and V(s_t) from its last hidden
+    state; during the value warm-up only the head learns, and it is saved beside the policy."""
+    from rlhf.registry import backbone
+    from stages.ppo.models import PolicyAndValue, ValueHead, policy_logits
+
+    source = resolve(str(sft_dir))
+    policy = build_policy(source, ModelInit(), load_tokenizer(source, ModelInit())).eval()
+    head = ValueHead(policy.config.hidden_size)
+    torch.nn.init.normal_(head.score.weight)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [4, 5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        logits, values = PolicyAndValue(policy, head)(ids, mask, 3)
+        _, no_logits_values = PolicyAndValue(policy, head)(ids, mask, 3, with_logits=False)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = backbone(policy)(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    torch.testing.assert_close(logits, policy_logits(policy, ids, mask, 3))
+    torch.testing.assert_close(values, head(hidden)[:, -4:-1])
+    torch.testing.assert_close(no_logits_values, values)
+
+    out = tmp_path / "shared"
+    result = ppo(
+        out,
+        "train.max_steps=2",
+        "train.save_every=0",
+        "ppo.value_warmup_steps=2",
+        "share_policy_trunk=true",
+        policy=sft_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = load_file(sft_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before), "the trunk moved during the value warm-up"
+    saved = load_file(out / "value_head.safetensors")
+    assert set(saved) == {"score.weight", "score.bias"} and saved["score.weight"].abs().sum() > 0
+    assert not (out / "value_model").exists()
+
+
 def test_lora_reference_is_the_policy_without_adapter(sft_dir, tmp_path):
     result = ppo(
         tmp_path / "lora", "train.max_steps=2", "train.save_every=0", "lora.enabled=true", "lora.r=4", policy=sft_dir

@@ -175,6 +175,10 @@ class PPOStageConfig:
     policy: str = "tiny"  # the SFT output; also the frozen reference
     reward_model: str | None = None  # the RM output; null with reward.model_weight = 0 for rule rewards only
     value_model: str | None = None  # null: initialise from the reward model (or the policy if there is none)
+    # true: the value model is a linear head on the policy's own last hidden state instead of a second
+    # decoder: one forward per minibatch instead of two, no second model or its optimizer state; the
+    # value loss then also trains the policy's trunk (weighed by ppo.vf_coef). value_model must be null.
+    share_policy_trunk: bool = False
     output_dir: str = "runs/tiny/ppo"
     seed: int = 0
     model_init: ModelInit = field(default_factory=ModelInit)
@@ -195,5 +199,7 @@ class PPOStageConfig:
             raise ConfigError("reward_model", "is null but reward.model_weight is not 0; set one or the other")
         if self.reward_model is None and not self.reward.rules:
             raise ConfigError("reward.rules", "no reward model and no rule rewards: nothing to optimise")
+        if self.share_policy_trunk and self.value_model is not None:
+            raise ConfigError("value_model", "must be null with share_policy_trunk: the value head sits on the policy")
         if self.rollout.prompts_per_step % self.ppo.minibatches:
             raise ConfigError("ppo.minibatches", "must divide rollout.prompts_per_step")

@@ -3,6 +3,8 @@ and the frozen reward model.
 
 The policy and the value model live in one module, `PolicyAndValue`, so that DDP or DeepSpeed
 wraps and steps them together with one optimizer (two parameter groups: separate learning rates).
+The value model is a second decoder with a scalar head, or (`share_policy_trunk`) a `ValueHead` read
+off the policy's own last hidden state: one forward gives both, and there is no second model.
 With LoRA the reference is the policy itself with its adapter switched off — the SFT weights,
 since the SFT adapter (if any) was merged in before the PPO adapter was added — so there is no
 second copy of the weights.
@@ -32,9 +34,36 @@ class PolicyAndValue(nn.Module):
         Returns logits (B, R, V) at the positions that predict each response token (None without
         `with_logits`: the value model alone runs), and values (B, R), V(s_t) of the state before
         each response token."""
+        if isinstance(self.value_model, ValueHead):  # one forward of the shared trunk gives both
+            out = self.policy(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+                logits_to_keep=response_len + 1 if with_logits else 1,
+                output_hidden_states=True,
+            )
+            values = self.value_model(out.hidden_states[-1][:, -response_len - 1 : -1])
+            return (out.logits[:, :-1] if with_logits else None), values
         logits = policy_logits(self.policy, input_ids, attention_mask, response_len) if with_logits else None
         values = token_scores(self.value_model, input_ids, attention_mask)[:, -response_len - 1 : -1]
         return logits, values
+
+
+class ValueHead(nn.Module):
+    """V(s_t) as a linear read-out of the policy's last (normalised) hidden state, as in PPO
+    implementations that share the actor's trunk with the critic. It starts at zero, so the first
+    advantages are the returns themselves; `ppo.value_warmup_steps` lets it fit before the policy
+    moves. (B, T, H) -> (B, T), fp32."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1, dtype=dtype)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden).squeeze(-1).float()
 
 
 def policy_logits(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):

@@ -53,7 +53,15 @@ from stages.ppo.advantages import explained_variance, gae
 from stages.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from stages.ppo.masked import masked_mean, masked_whiten
-from stages.ppo.models import PolicyAndValue, disable_dropout, freeze, prepare_frozen, reference_logits, reward_scores
+from stages.ppo.models import (
+    PolicyAndValue,
+    ValueHead,
+    disable_dropout,
+    freeze,
+    prepare_frozen,
+    reference_logits,
+    reward_scores,
+)
 from stages.ppo.rollout import Rollout, response_mask
 from stages.ppo.scores import RunningMoments, combine_scores, normalize_scores
 
@@ -84,8 +92,11 @@ def train(cfg: PPOStageConfig) -> dict:
         rm_source = resolve(cfg.reward_model)
         _check_same_tokenizer(tokenizer, load_tokenizer(rm_source, cfg.model_init), cfg.reward_model)
         reward_model = freeze(build_scalar_model(rm_source, cfg.model_init, tokenizer))
-    value_source = resolve(cfg.value_model or cfg.reward_model or cfg.policy)
-    value_model = build_scalar_model(value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+    if cfg.share_policy_trunk:
+        value_model = ValueHead(policy.config.hidden_size, next(policy.parameters()).dtype)
+    else:
+        value_source = resolve(cfg.value_model or cfg.reward_model or cfg.policy)
+        value_model = build_scalar_model(value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
     for m in (policy, value_model, ref_policy, reward_model):
         if m is not None:
             disable_dropout(m)
@@ -487,7 +498,8 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, state: dict, kl_ctl, running, 
 
 def _save_models(accelerator, model, tokenizer, policy_source, out: Path, cfg: PPOStageConfig) -> None:
     """The policy as a full Hugging Face model directory in `out` (with LoRA: the adapter in
-    out/adapter and the merged weights in out), the value model in out/value_model."""
+    out/adapter and the merged weights in out); the value model in out/value_model, or with
+    `share_policy_trunk` its head alone in out/value_head.safetensors."""
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards on the main process
     if not accelerator.is_main_process:
         return
@@ -504,13 +516,17 @@ def _save_models(accelerator, model, tokenizer, policy_source, out: Path, cfg: P
 
         merged = PeftModel.from_pretrained(merged, str(out / "adapter")).merge_and_unload()
         merged.save_pretrained(str(out))
-        unwrapped.value_model.save_pretrained(str(out / "value_model"), state_dict=parts["value_model"])
     else:
         unwrapped.policy.save_pretrained(str(out), state_dict=parts["policy"])
-        unwrapped.value_model.save_pretrained(str(out / "value_model"), state_dict=parts["value_model"])
     unwrapped.policy.generation_config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out / "value_model"))
+    if cfg.share_policy_trunk:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in parts["value_model"].items()}, str(out / "value_head.safetensors"))
+    else:
+        unwrapped.value_model.save_pretrained(str(out / "value_model"), state_dict=parts["value_model"])
+        tokenizer.save_pretrained(str(out / "value_model"))
 
 
 def evaluate_directory(
