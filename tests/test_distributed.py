@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from conftest import ROOT
@@ -103,3 +104,18 @@ def test_each_stage_distributed(mode, tmp_path):
     assert (tmp_path / "ppo" / "checkpoints" / "step-2" / "COMPLETE").is_file()
     assert any("eval/ppo/accuracy" in r for r in records)  # evaluation split over both processes
     assert "Traceback" not in result.stderr
+
+    if mode == "zero3":  # the value head on the policy's sharded trunk: one module, saved beside it
+        shared = tmp_path / "shared"
+        launch(
+            mode,
+            "ppo",
+            shared,
+            f"policy={tmp_path / 'sft'}",
+            f"reward_model={tmp_path / 'rm'}",
+            "share_policy_trunk=true",
+        )
+        head = load_file(shared / "ppo" / "value_head.safetensors")
+        assert (
+            head["score.weight"].shape == (1, sft.config.hidden_size) and not (shared / "ppo" / "value_model").exists()
+        )
