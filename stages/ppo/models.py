@@ -32,7 +32,7 @@ class PolicyAndValue(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """input_ids, attention_mask (B, P + R): left-padded prompt then response.
         Returns logits (B, R, V) at the positions that predict each response token (None without
-        `with_logits`: the value model alone runs), and values (B, R), V(s_t) of the state before
+        `with_logits`: only what the values need runs), and values (B, R), V(s_t) of the state before
         each response token."""
         if isinstance(self.value_model, ValueHead):  # one forward of the shared trunk gives both
             out = self.policy(
