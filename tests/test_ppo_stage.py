@@ -211,6 +211,31 @@ def test_killed_run_resumes_to_the_same_result(sft_dir, tmp_path):
         assert x[key] == pytest.approx(y[key], abs=1e-6), key
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["value-model", "shared-trunk"])
+def test_policy_learns_what_the_reward_asks(sft_dir, tmp_path, monkeypatch, shared):
+    """PPO does what it is for: with a rule that pays for digits, a random policy (about 2 % digits
+    at first) writes mostly digits within a few dozen steps, with either critic."""
+    import stages.ppo.train as ppo_train
+    from rlhf.config import PPOStageConfig, load_config
+    from rlhf.rewards import RULES
+
+    def digit_share(questions, responses):
+        return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
+
+    monkeypatch.setitem(RULES, "digits", digit_share)
+    out = tmp_path / "learn"
+    overrides = [f"policy={sft_dir}", "reward_model=null", "reward.model_weight=0", "reward.rules={digits: 1.0}"]
+    overrides += [*FAST, f"output_dir={out}", "train.max_steps=60", "train.save_every=0", "rollout.prompts_per_step=32"]
+    overrides += ["ppo.minibatches=4", "ppo.epochs=2", "optim.lr=3e-3", "ppo.kl_coef=0.01"]
+    overrides += ["reward.missing_eos_penalty=null"]
+    overrides += [f"share_policy_trunk={str(shared).lower()}", "ppo.value_warmup_steps=2"]
+    ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))
+
+    scores = [r["train/ppo/score"] for r in read_metrics(out / "metrics.jsonl") if "train/ppo/score" in r]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert first < 0.1 and last > 0.5, (first, last)
+
+
 @pytest.mark.parametrize("precision", ["null", "bf16"])
 def test_mixed_precision_multiplies_in_bf16_and_keeps_the_math_in_fp32(sft_dir, tmp_path, monkeypatch, precision):
     """model_init.mixed_precision=bf16: all four models multiply in bf16 while training (sampling,
