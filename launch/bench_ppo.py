@@ -244,7 +244,7 @@ def main() -> int:
     parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--only", choices=TRAINERS, action="append")
-    parser.add_argument("--worker", choices=["ours", "ours_shared"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[t for t in TRAINERS if t.startswith("ours")], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -35,14 +35,8 @@ class PolicyAndValue(nn.Module):
         `with_logits`: only what the values need runs), and values (B, R), V(s_t) of the state before
         each response token."""
         if isinstance(self.value_model, ValueHead):  # one forward of the shared trunk gives both
-            out = self.policy(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
-                logits_to_keep=response_len + 1 if with_logits else 1,
-                output_hidden_states=True,
-            )
+            keep = response_len + 1 if with_logits else 1
+            out = policy_forward(self.policy, input_ids, attention_mask, keep, hidden_states=True)
             values = self.value_model(out.hidden_states[-1][:, -response_len - 1 : -1])
             return (out.logits[:, :-1] if with_logits else None), values
         logits = policy_logits(self.policy, input_ids, attention_mask, response_len) if with_logits else None
@@ -66,17 +60,29 @@ class ValueHead(nn.Module):
         return self.score(hidden).squeeze(-1).float()
 
 
-def policy_logits(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
-    """Logits (B, R, V) for the last `response_len` tokens; the LM head runs on those positions
-    only (`logits_to_keep`), which at real vocabulary sizes saves most of the forward's memory."""
-    out = policy(
+def policy_forward(
+    policy: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    hidden_states: bool = False,
+):
+    """One forward of the policy over left-padded prompt + response, with generate's positions;
+    the LM head runs on the last `logits_to_keep` positions only, which at real vocabulary sizes
+    saves most of the forward's memory."""
+    return policy(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
-        logits_to_keep=response_len + 1,
+        logits_to_keep=logits_to_keep,
+        output_hidden_states=hidden_states,
     )
-    return out.logits[:, :-1]
+
+
+def policy_logits(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
+    """Logits (B, R, V) at the positions that predict the last `response_len` tokens."""
+    return policy_forward(policy, input_ids, attention_mask, response_len + 1).logits[:, :-1]
 
 
 @torch.no_grad()
