@@ -3,17 +3,21 @@ formats that mean the same pairs normalise to the same examples."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 from trl import RewardConfig, RewardTrainer
 
-from rlhf.config import ModelInit
+from rlhf.config import ConfigError, ModelInit, RMStageConfig, load_config
 from rlhf.data import DataError, normalize_preferences, read_records
-from rlhf.registry import build_scalar_model, load_tokenizer, resolve
-from stages.reward.loss import pair_accuracy, pairwise_loss
-from stages.reward.train import PairwiseRewardTrainer, encode_pairs
+from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
+from stages.reward.loss import pair_accuracy, pairwise_loss, response_lm_loss
+from stages.reward.train import PairwiseRewardTrainer, encode_pairs, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pairwise_loss_by_hand():
@@ -66,6 +70,79 @@ def test_loss_equals_trl_reward_trainer_on_the_same_batch(tmp_path):
     theirs_loss = RewardTrainer.compute_loss(ours, model, dict(batch))
     ours_loss = ours.compute_loss(model, dict(batch))
     assert ours_loss.item() == pytest.approx(theirs_loss.item(), abs=1e-6)
+
+
+def test_response_lm_loss_by_hand():
+    # vocab 2, one row of 4 tokens [0, 1, 1, pad]; the response starts at index 2, so only token 2
+    # (= 1, predicted from position 1) counts. Logits at position 1: [0, ln 3] -> p(1) = 3/4.
+    logits = torch.zeros(1, 4, 2)
+    logits[0, 1] = torch.tensor([0.0, math.log(3.0)])
+    labels = torch.tensor([[0, 1, 1, -100]])
+    assert response_lm_loss(logits, labels, torch.tensor([2])).item() == pytest.approx(-math.log(0.75), abs=1e-6)
+    # starting at 1 also counts token 1 (= 1, from position 0, uniform: ln 2); the mean of the two
+    both = (-math.log(0.75) + math.log(2.0)) / 2
+    assert response_lm_loss(logits, labels, torch.tensor([1])).item() == pytest.approx(both, abs=1e-6)
+    # nothing left to predict: 0, not NaN
+    assert response_lm_loss(logits, labels, torch.tensor([4])).item() == 0.0
+
+
+def two_pairs() -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": "请计算：12 - 3 = ，直接返回计算结果"}],
+            "chosen": [{"role": "assistant", "content": "9"}],
+            "rejected": [{"role": "assistant", "content": "-9"}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "请计算：52 - 17 = ，直接返回计算结果"}],
+            "chosen": [{"role": "assistant", "content": "35"}],
+            "rejected": [{"role": "assistant", "content": "4"}],
+        },
+    ]
+
+
+def test_lm_regularised_loss_adds_the_causal_lm_loss_of_the_chosen_responses(tmp_path):
+    """With lm_coef, the RM's loss is the pairwise loss plus lm_coef times the loss that the same
+    weights, loaded as a causal LM, give the chosen responses (prompt tokens and pads excluded)."""
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    build_policy(source, ModelInit(), tokenizer, seed=0).save_pretrained(tmp_path / "sft")
+    tokenizer.save_pretrained(tmp_path / "sft")
+    sft = resolve(str(tmp_path / "sft"))
+    model = build_scalar_model(sft, ModelInit(), tokenizer, seed=0)
+    rows = encode_pairs(tokenizer, two_pairs(), use_margin=False)
+    args = RewardConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=None, use_cpu=True, bf16=False)
+    trainers = [
+        PairwiseRewardTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, lm_coef=c
+        )
+        for c in (0.0, 0.5)
+    ]
+    batch = trainers[0].data_collator(rows)
+    answers = ["9", "35"]  # one token per digit, then EOS
+    starts = [len(r["chosen_ids"]) - len(a) - 1 for r, a in zip(rows, answers, strict=True)]
+    assert batch["response_start"].tolist() == starts
+    model.train()  # the LM term is a training loss; dropout is 0 in the tiny configs
+    plain, regularised = (t.compute_loss(model, dict(batch)).item() for t in trainers)
+
+    causal = AutoModelForCausalLM.from_pretrained(tmp_path / "sft").eval()
+    n_tokens, total = 0, 0.0
+    for row in rows:
+        ids = torch.tensor([row["chosen_ids"]])
+        labels = ids.clone()
+        labels[0, : row["response_start"]] = -100
+        count = len(row["chosen_ids"]) - row["response_start"]
+        total += causal(input_ids=ids, labels=labels).loss.item() * count
+        n_tokens += count
+    assert regularised - plain == pytest.approx(0.5 * total / n_tokens, abs=1e-5)
+
+
+def test_lm_loss_needs_tied_embeddings(tmp_path):
+    overrides = ["model=tiny-mistral", f"output_dir={tmp_path / 'rm'}", "loss.lm_coef=1", "tracking.report_to=[]"]
+    small = ["pairs.train_size=8", "pairs.eval_size=4", "pairs.onpolicy_fraction=0", "train.max_steps=1"]
+    cfg = load_config(RMStageConfig, ROOT / "configs/tiny/rm.yaml", overrides + small)
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        train(cfg)
 
 
 PAIR = {"q": "请计算：52 - 17 = ，直接返回计算结果", "good": "35", "bad": "45"}

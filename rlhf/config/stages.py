@@ -80,6 +80,14 @@ class RewardLossConfig:
 
     use_margin: bool = True  # subtract a pair's `margin` field when the data has one
     center_coef: float | None = None  # weight of mean((r_c + r_r)^2), pulls rewards toward 0 (Eisenstein et al. 2023)
+    # weight of the language-model loss on the chosen responses, read through the tied input
+    # embeddings: keeps the body able to produce the right answer while it learns to rank them
+    # (Yang et al. 2024, "Regularizing hidden states"); 0: off
+    lm_coef: float = 0.0
+
+    def check(self) -> None:
+        if not self.lm_coef >= 0:
+            raise ConfigError("lm_coef", f"must be >= 0, got {self.lm_coef}")
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ import torch
 from accelerate.utils import set_seed
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, input_hashes, write_manifest
-from rlhf.config import NOT_HASHED, RMStageConfig, config_hash, dump_yaml, to_dict
+from rlhf.config import NOT_HASHED, ConfigError, RMStageConfig, config_hash, dump_yaml, to_dict
 from rlhf.data import load_records, normalize_preferences
 from rlhf.data.lengths import limit_length
 from rlhf.distributed import process_state, whole_models
@@ -30,7 +31,7 @@ from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, mixed_precision, resolve, sequence_scores
 from rlhf.tasks import task_preference_records
 from rlhf.tracking import Tracking
-from stages.reward.loss import pair_accuracy, pairwise_loss
+from stages.reward.loss import pair_accuracy, pairwise_loss, response_lm_loss
 from stages.reward.onpolicy import mine_onpolicy_pairs
 
 log = logging.getLogger("rlhf.rm")
@@ -38,13 +39,39 @@ log = logging.getLogger("rlhf.rm")
 
 class PairwiseRewardTrainer(RewardTrainer):
     """TRL's RewardTrainer (data collation, loop, checkpoints, DeepSpeed) with our loss function.
-    The reward is the model's own pooled output: the head read at the last non-pad token."""
+    The reward is the model's own pooled output: the head read at the last non-pad token. With
+    lm_coef > 0 the chosen responses' language-model loss, read from the body's last hidden state
+    through the tied input embeddings, is added with that weight."""
+
+    def __init__(self, *args, lm_coef: float = 0.0, **kwargs):
+        self.lm_coef = lm_coef
+        if "data_collator" not in kwargs:
+            kwargs["data_collator"] = PreferenceCollator(pad_token_id=kwargs["processing_class"].pad_token_id)
+        super().__init__(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "response_start"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        with_lm = self.lm_coef > 0 and model.training
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            use_cache=False,
+            output_hidden_states=with_lm,
+        )
         chosen, rejected = outputs.logits.squeeze(-1).float().chunk(2)  # (B,), (B,)
         loss = pairwise_loss(chosen, rejected, inputs.get("margin"), self.args.center_rewards_coefficient)
         mode = "train" if model.training else "eval"
+        if with_lm:
+            n = chosen.shape[0]
+            hidden = outputs.hidden_states[-1][:n]  # (B, T, H): the chosen rows, after the final norm
+            embeddings = self.accelerator.unwrap_model(model).get_input_embeddings().weight  # (V, H)
+            labels = inputs["input_ids"][:n].masked_fill(inputs["attention_mask"][:n] == 0, -100)
+            lm_loss = response_lm_loss(hidden @ embeddings.T, labels, inputs["response_start"])
+            loss = loss + self.lm_coef * lm_loss
+            self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics(lm_loss.detach()).mean().item())
         with torch.no_grad():
             gather = self.accelerator.gather_for_metrics
             self._metrics[mode]["accuracy"].append(gather(pair_accuracy(chosen, rejected)).mean().item())
@@ -52,6 +79,17 @@ class PairwiseRewardTrainer(RewardTrainer):
             self._metrics[mode]["chosen_score"].append(gather(chosen.mean()).mean().item())
             self._metrics[mode]["rejected_score"].append(gather(rejected.mean()).mean().item())
         return (loss, outputs) if return_outputs else loss
+
+
+class PreferenceCollator(DataCollatorForPreference):
+    """TRL's collator (chosen rows, then rejected rows, right-padded), plus each pair's
+    `response_start`: where the response begins in the chosen row, for the language-model loss."""
+
+    def torch_call(self, examples: list[dict]) -> dict:
+        batch = super().torch_call(examples)
+        if "response_start" in examples[0]:
+            batch["response_start"] = torch.tensor([e["response_start"] for e in examples])
+        return batch
 
 
 def train(cfg: RMStageConfig) -> dict:
@@ -121,7 +159,10 @@ def train(cfg: RMStageConfig) -> dict:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows and cfg.train.eval_every else None,
         processing_class=tokenizer,
         callbacks=[TrackingCallback(tracking, "rm")],
+        lm_coef=cfg.loss.lm_coef,
     )
+    if cfg.loss.lm_coef > 0:
+        _check_lm_loss(trainer, model)
 
     # 5. Train, resuming from the newest complete checkpoint if there is one.
     if resume:
@@ -166,6 +207,20 @@ def train(cfg: RMStageConfig) -> dict:
     return metrics
 
 
+def _check_lm_loss(trainer, model) -> None:
+    """The language-model loss reads logits through the input embeddings: the model's output layer
+    must be those embeddings, and whole on each process."""
+    if not model.config.get_text_config().tie_word_embeddings:
+        raise ConfigError(
+            "loss.lm_coef",
+            f"needs a model whose output layer is its input embeddings (tie_word_embeddings); "
+            f"{model.config.model_type} keeps a separate one. Set loss.lm_coef=0",
+        )
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        raise ConfigError("loss.lm_coef", "is not supported under DeepSpeed ZeRO-3 (sharded embeddings); use ZeRO-2")
+
+
 def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counter]:
     size = cfg.pairs.train_size if split == "train" else cfg.pairs.eval_size
     weights = cfg.pairs.kind_weights() if split == "train" else None
@@ -198,8 +253,9 @@ def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig)
 
 
 def encode_pairs(tokenizer, pairs: list[dict], use_margin: bool) -> list[dict]:
-    """{chosen_ids, rejected_ids[, margin]} per pair: the chat-rendered prompt with the assistant
-    marker, then the response tokens and EOS — the same sequence a PPO rollout produces."""
+    """{chosen_ids, rejected_ids, response_start[, margin]} per pair: the chat-rendered prompt with
+    the assistant marker, then the response tokens and EOS — the same sequence a PPO rollout
+    produces; response_start is the prompt's length."""
     if not pairs:
         return []
     prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in pairs])
@@ -208,7 +264,7 @@ def encode_pairs(tokenizer, pairs: list[dict], use_margin: bool) -> list[dict]:
     eos = [tokenizer.eos_token_id]
     rows = []
     for p, pi, c, r in zip(pairs, prompt_ids, chosen, rejected, strict=True):
-        row = {"chosen_ids": pi + c + eos, "rejected_ids": pi + r + eos}
+        row = {"chosen_ids": pi + c + eos, "rejected_ids": pi + r + eos, "response_start": len(pi)}
         if use_margin:
             row["margin"] = float(p.get("margin", 0.0))
         rows.append(row)
