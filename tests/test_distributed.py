@@ -59,7 +59,7 @@ STAGE_ARGS = {
 SCRIPTS = {"sft": "launch/stage1_sft.py", "rm": "launch/stage2_rm.py", "ppo": "launch/stage3_ppo.py"}
 
 
-def launch(mode: str, stage: str, out, *extra):
+def launch(mode: str, stage: str, out, *extra, ok: bool = True):
     cmd = [
         sys.executable,
         "-m",
@@ -80,7 +80,7 @@ def launch(mode: str, stage: str, out, *extra):
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, f"{mode}/{stage}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert (result.returncode == 0) == ok, f"{mode}/{stage}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 
@@ -90,9 +90,15 @@ def test_each_stage_distributed(mode, tmp_path):
     sft = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
     assert json.loads((tmp_path / "sft" / "manifest.json").read_text())["finished"]
 
-    launch(mode, "rm", tmp_path, f"model={tmp_path / 'sft'}")
+    # the RM's LM loss (loss.lm_coef, on in the tiny config) runs under DDP and ZeRO-2; ZeRO-3
+    # refuses it with a config error before training
+    if mode == "zero3":
+        refused = launch(mode, "rm", tmp_path / "refused", f"model={tmp_path / 'sft'}", ok=False)
+        assert "loss.lm_coef" in refused.stderr and "ZeRO-3" in refused.stderr
+    launch(mode, "rm", tmp_path, f"model={tmp_path / 'sft'}", *(["loss.lm_coef=0"] if mode == "zero3" else []))
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert rm.config.num_labels == 1 and (tmp_path / "rm" / "eval.json").is_file()
+    assert ("train/rm/lm_loss" in (tmp_path / "rm" / "metrics.jsonl").read_text()) == (mode != "zero3")
 
     result = launch(mode, "ppo", tmp_path, f"policy={tmp_path / 'sft'}", f"reward_model={tmp_path / 'rm'}")
     ppo = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")

@@ -226,7 +226,7 @@ def test_policy_learns_what_the_reward_asks(sft_dir, tmp_path, monkeypatch, shar
     out = tmp_path / "learn"
     overrides = [f"policy={sft_dir}", "reward_model=null", "reward.model_weight=0", "reward.rules={digits: 1.0}"]
     overrides += [*FAST, f"output_dir={out}", "train.max_steps=60", "train.save_every=0", "rollout.prompts_per_step=32"]
-    overrides += ["ppo.minibatches=4", "ppo.epochs=2", "optim.lr=3e-3", "ppo.kl_coef=0.01"]
+    overrides += ["ppo.minibatches=4", "ppo.epochs=2", "optim.lr=3e-3", "optim.scheduler=constant", "ppo.kl_coef=0.01"]
     overrides += ["reward.missing_eos_penalty=null"]
     overrides += [f"share_policy_trunk={str(shared).lower()}", "ppo.value_warmup_steps=2"]
     ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))
