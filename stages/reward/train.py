@@ -28,7 +28,15 @@ from rlhf.data.lengths import limit_length
 from rlhf.distributed import process_state, whole_models
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
-from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, mixed_precision, resolve, sequence_scores
+from rlhf.registry import (
+    build_policy,
+    build_scalar_model,
+    config_of,
+    load_tokenizer,
+    mixed_precision,
+    resolve,
+    sequence_scores,
+)
 from rlhf.tasks import task_preference_records
 from rlhf.tracking import Tracking
 from stages.reward.loss import pair_accuracy, pairwise_loss, response_lm_loss
@@ -107,6 +115,8 @@ def train(cfg: RMStageConfig) -> dict:
     # 1. Tokenizer and the init model (usually the SFT output).
     source = resolve(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model_init)
+    if cfg.loss.lm_coef > 0:
+        _check_tied_embeddings(config_of(source, cfg.model_init))
 
     # 2. Pairs: a file in any preference format, or generated for the task; with the task's
     #    pairs, a share of the rejected answers are the init model's own mistakes.
@@ -162,7 +172,7 @@ def train(cfg: RMStageConfig) -> dict:
         lm_coef=cfg.loss.lm_coef,
     )
     if cfg.loss.lm_coef > 0:
-        _check_lm_loss(trainer, model)
+        _check_not_zero3(trainer)
 
     # 5. Train, resuming from the newest complete checkpoint if there is one.
     if resume:
@@ -207,15 +217,19 @@ def train(cfg: RMStageConfig) -> dict:
     return metrics
 
 
-def _check_lm_loss(trainer, model) -> None:
-    """The language-model loss reads logits through the input embeddings: the model's output layer
-    must be those embeddings, and whole on each process."""
-    if not model.config.get_text_config().tie_word_embeddings:
+def _check_tied_embeddings(config) -> None:
+    """The language-model loss reads logits through the input embeddings, so the model's output
+    layer must be those embeddings. Checked from the config, before any pair is mined."""
+    if not config.get_text_config().tie_word_embeddings:
         raise ConfigError(
             "loss.lm_coef",
             f"needs a model whose output layer is its input embeddings (tie_word_embeddings); "
-            f"{model.config.model_type} keeps a separate one. Set loss.lm_coef=0",
+            f"{config.model_type} keeps a separate one. Set loss.lm_coef=0",
         )
+
+
+def _check_not_zero3(trainer) -> None:
+    """ZeRO-3 shards the embeddings, which the language-model loss reads outside the forward."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and plugin.zero_stage == 3:
         raise ConfigError("loss.lm_coef", "is not supported under DeepSpeed ZeRO-3 (sharded embeddings); use ZeRO-2")
