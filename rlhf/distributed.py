@@ -23,6 +23,12 @@ def process_state() -> PartialState:
     return PartialState(cpu=True)
 
 
+def is_zero3(accelerator) -> bool:
+    """Whether the accelerator runs DeepSpeed ZeRO-3 (parameters sharded across processes)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
 @contextlib.contextmanager
 def whole_models():
     """Models built inside this block are whole on this process. Under DeepSpeed ZeRO-3,

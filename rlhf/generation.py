@@ -13,6 +13,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from rlhf.config import GenerationConfig
+from rlhf.distributed import is_zero3
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]]) -> list[list[int]]:
@@ -170,8 +171,7 @@ def gathered_for_generation(model: torch.nn.Module, accelerator):
     the per-module gather hooks meanwhile (DeepSpeed's own helper), instead of gathering every
     layer at every generated token. Elsewhere, just yield the unwrapped model."""
     unwrapped = accelerator.unwrap_model(model)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or plugin.zero_stage != 3:
+    if not is_zero3(accelerator):
         yield unwrapped
         return
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation

@@ -18,6 +18,7 @@ import copy
 import torch
 from torch import nn
 
+from rlhf.distributed import is_zero3
 from rlhf.registry import position_ids_from_mask, sequence_scores, token_scores
 
 
@@ -125,12 +126,11 @@ def disable_dropout(model: nn.Module) -> None:
 def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
     """Place a frozen model. Under DeepSpeed ZeRO-3 it becomes an inference engine whose weights
     are sharded like the trained ones; otherwise it is simply moved to the device."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or plugin.zero_stage != 3:
+    if not is_zero3(accelerator):
         return model.to(accelerator.device)
     import deepspeed
 
-    config = copy.deepcopy(plugin.deepspeed_config)
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     config["train_micro_batch_size_per_gpu"] = 1
     config.pop("train_batch_size", None)
     config.pop("gradient_accumulation_steps", None)

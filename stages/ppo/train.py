@@ -42,7 +42,7 @@ from rlhf.checkpoint import (
 from rlhf.config import NOT_HASHED, ConfigError, OptimConfig, PPOStageConfig, config_hash, dump_yaml, to_dict
 from rlhf.data import load_records, normalize_sft
 from rlhf.data.prompts import normalize_prompts
-from rlhf.distributed import process_state, whole_models
+from rlhf.distributed import is_zero3, process_state, whole_models
 from rlhf.evaluation import evaluate_generations
 from rlhf.generation import gathered_for_generation, generate_ids, generate_text, left_pad, render_prompts
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, mixed_precision, resolve
@@ -111,10 +111,7 @@ def train(cfg: PPOStageConfig) -> dict:
     reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None
     device = accelerator.device
     # A checksum of the reference, checked again at the end (ZeRO-3 shards weights: not checked there).
-    zero3 = (
-        getattr(accelerator.state, "deepspeed_plugin", None) is not None
-        and accelerator.state.deepspeed_plugin.zero_stage == 3
-    )
+    zero3 = is_zero3(accelerator)
     reference = ref_policy if ref_policy is not None else accelerator.unwrap_model(model).policy
     ref_fingerprint = None if zero3 else fingerprint(reference, frozen_only=True)
 

@@ -25,7 +25,7 @@ from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, inpu
 from rlhf.config import NOT_HASHED, ConfigError, RMStageConfig, config_hash, dump_yaml, to_dict
 from rlhf.data import load_records, normalize_preferences
 from rlhf.data.lengths import limit_length
-from rlhf.distributed import process_state, whole_models
+from rlhf.distributed import is_zero3, process_state, whole_models
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.registry import (
@@ -73,15 +73,17 @@ class PairwiseRewardTrainer(RewardTrainer):
         loss = pairwise_loss(chosen, rejected, inputs.get("margin"), self.args.center_rewards_coefficient)
         mode = "train" if model.training else "eval"
         if with_lm:
-            n = chosen.shape[0]
-            hidden = outputs.hidden_states[-1][:n]  # (B, T, H): the chosen rows, after the final norm
+            n, start = chosen.shape[0], inputs["response_start"]
+            first = int(start.min()) - 1  # the first position that predicts a response token
+            hidden = outputs.hidden_states[-1][:n, first:]  # (B, T', H): chosen rows, after the final norm
             embeddings = self.accelerator.unwrap_model(model).get_input_embeddings().weight  # (V, H)
-            labels = inputs["input_ids"][:n].masked_fill(inputs["attention_mask"][:n] == 0, -100)
-            lm_loss = response_lm_loss(hidden @ embeddings.T, labels, inputs["response_start"])
+            labels = inputs["input_ids"][:n, first:].masked_fill(inputs["attention_mask"][:n, first:] == 0, -100)
+            lm_loss = response_lm_loss(hidden @ embeddings.T, labels, start - first)
             loss = loss + self.lm_coef * lm_loss
-            self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics(lm_loss.detach()).mean().item())
         with torch.no_grad():
             gather = self.accelerator.gather_for_metrics
+            if with_lm:
+                self._metrics[mode]["lm_loss"].append(gather(lm_loss.detach()).mean().item())
             self._metrics[mode]["accuracy"].append(gather(pair_accuracy(chosen, rejected)).mean().item())
             self._metrics[mode]["margin"].append(gather((chosen - rejected).mean()).mean().item())
             self._metrics[mode]["chosen_score"].append(gather(chosen.mean()).mean().item())
@@ -230,8 +232,7 @@ def _check_tied_embeddings(config) -> None:
 
 def _check_not_zero3(trainer) -> None:
     """ZeRO-3 shards the embeddings, which the language-model loss reads outside the forward."""
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3:
+    if is_zero3(trainer.accelerator):
         raise ConfigError("loss.lm_coef", "is not supported under DeepSpeed ZeRO-3 (sharded embeddings); use ZeRO-2")
 
 
