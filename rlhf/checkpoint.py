@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlhf.config import NOT_HASHED, config_hash, dump_yaml
+
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 _STEP = re.compile(r"^(?:checkpoint|step)-(\d+)$")
@@ -96,6 +98,55 @@ def write_manifest(
     return manifest
 
 
+def start_stage(output_dir: str | Path, cfg, is_main_process: bool) -> Path:
+    """A stage's start: the output directory exists, its old manifest is gone (the directory is
+    being rewritten, so it no longer counts as finished) and the resolved config is written.
+    Returns the directory."""
+    out = Path(output_dir)
+    if is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    return out
+
+
+def finish_stage(
+    output_dir: str | Path,
+    cfg,
+    *,
+    stage: str,
+    model: str,
+    base_model: str,
+    inputs: tuple[str | None, ...],
+    metrics: dict,
+    started: float,
+    eval_report: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """A stage's end, on the main process: eval.json (if there is a held-out report), then the
+    manifest, written last so that its presence means the directory is complete. `model` is the
+    stage's input model as configured; it is recorded as `init_from` when it is an earlier
+    stage's output. `inputs` are the earlier stage outputs it read (their config hashes are
+    recorded so a pipeline can tell when one changed)."""
+    out = Path(output_dir)
+    from_stage = Path(model).is_dir() and read_manifest(model) is not None
+    if eval_report is not None:
+        atomic_write_json(out / "eval.json", eval_report)
+    metrics["wall_time_s"] = round(time.time() - started, 1)
+    return write_manifest(
+        out,
+        stage=stage,
+        model=model,
+        base_model=base_model,
+        init_from=model if from_stage else None,
+        config_hash=config_hash(cfg, ignore=NOT_HASHED),
+        metrics=metrics,
+        lora=cfg.lora.enabled,
+        inputs=input_hashes(*inputs),
+        extra=extra,
+    )
+
+
 def input_hashes(*paths: str | None) -> dict[str, str | None]:
     """{path: config_hash} for the given model paths that are stage outputs with a manifest."""
     out = {}
@@ -105,14 +156,6 @@ def input_hashes(*paths: str | None) -> dict[str, str | None]:
             if manifest:
                 out[str(p)] = manifest.get("config_hash")
     return out
-
-
-def is_finished(output_dir: str | Path, config_hash: str | None = None) -> bool:
-    """True if the stage in `output_dir` finished (and, if given, with this config hash)."""
-    manifest = read_manifest(output_dir)
-    if not manifest or not manifest.get("finished"):
-        return False
-    return config_hash is None or manifest.get("config_hash") == config_hash
 
 
 def claim_checkpoints(checkpoint_dir: str | Path, digest: str) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.ppo.advantages import explained_variance, gae
-from stages.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards
+from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from stages.ppo.masked import last_index, masked_mean, masked_var, masked_whiten
 
@@ -120,16 +120,16 @@ def test_value_loss_by_hand():
 
 def test_kl_controllers():
     # e = clip(12/6 - 1, -.2, .2) = .2: beta = .1 * (1 + .2 * 64 / 10000) = .100128
-    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl = KLController(0.1, target=6.0, horizon=10_000)
     ctl.update(12.0, 64)
     assert ctl.value == pytest.approx(0.100128)
-    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl = KLController(0.1, target=6.0, horizon=10_000)
     ctl.update(3.0, 64)  # e = -.5 -> -.2
     assert ctl.value == pytest.approx(0.099872)
-    again = AdaptiveKLController(1.0, 6.0, 10_000)
+    again = KLController(1.0, 6.0, 10_000)
     again.load_state_dict(ctl.state_dict())
     assert again.value == ctl.value
-    fixed = FixedKLController(0.05)
+    fixed = KLController(0.05)
     fixed.update(100.0, 64)
     assert fixed.value == 0.05
 

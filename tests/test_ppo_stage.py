@@ -17,7 +17,7 @@ from conftest import ROOT, run_entry
 from rlhf.config import ModelInit
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import read_metrics
-from stages.ppo.train import fingerprint
+from stages.ppo.models import fingerprint
 
 FAST = [
     "task.train_size=256",
@@ -242,6 +242,8 @@ def test_mixed_precision_multiplies_in_bf16_and_keeps_the_math_in_fp32(sft_dir, 
     reference, reward, values, update) and log-probs, KL and losses stay fp32: with the policy's
     rate at 0 (value warm-up) the PPO ratio stays 1 and the approximate KL 0. The held-out
     evaluations before and after run in fp32 either way, like every stage's eval.json."""
+    import rlhf.evaluation as evaluation
+    import stages.ppo.models as ppo_models
     import stages.ppo.train as ppo_train
     from rlhf.config import PPOStageConfig, load_config
 
@@ -269,8 +271,9 @@ def test_mixed_precision_multiplies_in_bf16_and_keeps_the_math_in_fp32(sft_dir, 
 
     real_evaluate_directory = ppo_train.evaluate_directory
     monkeypatch.setattr(ppo_train, "evaluate_directory", evaluate_directory)
-    monkeypatch.setattr(ppo_train, "build_policy", watched(ppo_train.build_policy, "policy"))
-    monkeypatch.setattr(ppo_train, "build_scalar_model", watched(ppo_train.build_scalar_model, "scalar"))
+    for module in (ppo_models, evaluation):  # the stage's models, and the held-out evaluations'
+        monkeypatch.setattr(module, "build_policy", watched(module.build_policy, "policy"))
+        monkeypatch.setattr(module, "build_scalar_model", watched(module.build_scalar_model, "scalar"))
     out = tmp_path / precision
     overrides = [f"policy={sft_dir}", "reward_model=tiny-llama", *FAST, f"output_dir={out}", "train.max_steps=2"]
     overrides += ["train.save_every=0", "ppo.value_warmup_steps=2", f"model_init.mixed_precision={precision}"]

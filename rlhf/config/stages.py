@@ -121,6 +121,7 @@ class RolloutConfig:
     # policy computes in fp32; in bf16 the KV-cached pass rounds differently from the training
     # forward, so the first PPO ratio would not be 1.
     logprobs_from_generation: bool | None = None
+    engine: str = "hf"  # the rollout engine (stages/ppo/engines.py): hf = transformers' KV-cached generate
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class PPOConfig:
     entropy_coef: float = 0.0  # weight of the entropy bonus
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE λ
+    advantage_estimator: str = "gae"  # stages/ppo/advantages.py ESTIMATORS; one needing no critic builds no value model
     whiten_advantages: bool = True
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL(policy‖ref) in the reward (Schulman 2020)
     kl_coef: float = 0.05  # β (initial β when kl_target is set)
@@ -159,7 +161,7 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
-class RewardConfig:
+class PPORewardConfig:
     """Step 3 of PPO: the sequence score = weighted reward-model score + weighted rule rewards."""
 
     model_weight: float = 1.0  # weight of the reward model's score (0: rule rewards only)
@@ -195,7 +197,7 @@ class PPOStageConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: PPORewardConfig = field(default_factory=PPORewardConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # the policy
     value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # the value model
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,8 +1,15 @@
-"""Advantages and returns by GAE, and how well the value model explains the returns."""
+"""Advantage estimators and how well the value model explains the returns.
+
+An estimator is a pure function `(rewards, values, mask, cfg) -> (advantages, returns)` on (B, T)
+tensors, registered in `ESTIMATORS` with whether it needs a critic; `ppo.advantage_estimator`
+picks one. When the chosen estimator needs no critic, the recipe builds no value model and
+`values` is None."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +34,28 @@ def gae(
         advantages[:, t] = next_advantage
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+def gae_estimator(
+    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gae` as a registered estimator (it needs the critic's values)."""
+    if values is None:
+        raise ValueError("the gae estimator needs the value model's values")
+    return gae(rewards, values, mask, gamma, lam)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """fn(rewards (B, T), values (B, T) | None, mask (B, T), gamma, lam) -> advantages, returns (B, T)."""
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    needs_critic: bool  # False: no value model is built, loaded, trained or saved
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(gae_estimator, needs_critic=True),
+}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

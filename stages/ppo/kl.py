@@ -35,30 +35,17 @@ def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
     return rewards
 
 
-class FixedKLController:
-    """β held constant."""
-
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current_kl: float, n_episodes: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
-
-class AdaptiveKLController:
-    """β moved toward a target KL (Ziegler et al. 2019, eq. 2):
+class KLController:
+    """β, the weight of the KL penalty: held constant (`target` None), or moved toward a target KL
+    per sequence (Ziegler et al. 2019, eq. 2):
     e = clip(KL / target − 1, −0.2, 0.2);  β ← β · (1 + e · n / horizon), n = episodes this step."""
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+    def __init__(self, kl_coef: float, target: float | None = None, horizon: int = 10_000):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
 
     def update(self, current_kl: float, n_episodes: int) -> None:
+        if self.target is None:
+            return
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_episodes / self.horizon
 

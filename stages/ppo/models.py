@@ -12,29 +12,43 @@ second copy of the weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from rlhf.config import ConfigError, PPOStageConfig
 from rlhf.distributed import is_zero3
-from rlhf.registry import position_ids_from_mask, sequence_scores, token_scores
+from rlhf.registry import (
+    ModelSource,
+    build_policy,
+    build_scalar_model,
+    load_tokenizer,
+    position_ids_from_mask,
+    resolve,
+    token_scores,
+)
+from stages.ppo.advantages import Estimator
+from stages.ppo.optim import fill_deepspeed_config, param_groups
 
 
 class PolicyAndValue(nn.Module):
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, with_logits: bool = True
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids, attention_mask (B, P + R): left-padded prompt then response.
         Returns logits (B, R, V) at the positions that predict each response token (None without
         `with_logits`: only what the values need runs), and values (B, R), V(s_t) of the state before
-        each response token."""
+        each response token (None without a value model: a critic-free advantage estimator)."""
+        if self.value_model is None:
+            logits = policy_logits(self.policy, input_ids, attention_mask, response_len) if with_logits else None
+            return logits, None
         if isinstance(self.value_model, ValueHead):  # one forward of the shared trunk gives both
             keep = response_len + 1 if with_logits else 1
             out = policy_forward(self.policy, input_ids, attention_mask, keep, hidden_states=True)
@@ -102,12 +116,6 @@ def reference_logits(
         return policy_logits(unwrapped.policy, input_ids, attention_mask, response_len)
 
 
-@torch.no_grad()
-def reward_scores(reward_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward model's score (B,), read at the last real token (the response's EOS)."""
-    return sequence_scores(reward_model, input_ids, attention_mask)
-
-
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients: the reference and the reward model never change."""
     model.eval()
@@ -142,12 +150,75 @@ def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
     return engine
 
 
-@contextlib.contextmanager
-def evaluating(module: nn.Module):
-    """Eval mode inside the block, the previous mode after it."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
+@torch.no_grad()
+def fingerprint(module: nn.Module, frozen_only: bool = False) -> str:
+    """A checksum of a module's weights (frozen ones only, if asked: with LoRA the reference is
+    the policy's non-adapter weights), to prove the reference never moved."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for _name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        if frozen_only and p.requires_grad:
+            continue
+        data = p.detach().double().cpu()
+        total += torch.stack([data.abs().sum(), (data * data).sum()])
+    return f"{total[0].item():.10e}/{total[1].item():.10e}"
+
+
+@dataclass(kw_only=True)
+class Models:
+    """PPO's four models (seed 002), placed by accelerate."""
+
+    model: torch.nn.Module  # PolicyAndValue (policy + value model, or the policy alone), wrapped
+    optimizer: torch.optim.Optimizer
+    ref_policy: torch.nn.Module | None  # None with LoRA: the policy with its adapter switched off
+    reward_model: torch.nn.Module | None
+    tokenizer: object
+    policy_source: ModelSource
+    policy_dtype: torch.dtype  # the dtype the policy's weights were built in
+
+
+def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator) -> Models:
+    """Policy + value model (trained; no value model when the estimator needs no critic),
+    reference + reward model (frozen), and the optimizer, placed by accelerate."""
+    policy_source = resolve(cfg.policy)
+    tokenizer = load_tokenizer(policy_source, cfg.model_init)
+    policy = build_policy(policy_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+    ref_policy = None if cfg.lora.enabled else freeze(build_policy(policy_source, cfg.model_init, tokenizer))
+    reward_model = None
+    if cfg.reward_model:
+        rm_source = resolve(cfg.reward_model)
+        _check_same_tokenizer(tokenizer, load_tokenizer(rm_source, cfg.model_init), cfg.reward_model)
+        reward_model = freeze(build_scalar_model(rm_source, cfg.model_init, tokenizer))
+    value_model = None
+    if estimator.needs_critic and cfg.share_policy_trunk:
+        value_model = ValueHead(policy.config.hidden_size, next(policy.parameters()).dtype)
+    elif estimator.needs_critic:
+        value_source = resolve(cfg.value_model or cfg.reward_model or cfg.policy)
+        value_model = build_scalar_model(value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+    for m in (policy, value_model, ref_policy, reward_model):
+        if m is not None:
+            disable_dropout(m)
+    policy_dtype = next(policy.parameters()).dtype
+    model = PolicyAndValue(policy, value_model)
+    optimizer = torch.optim.AdamW(param_groups(policy, value_model, cfg), lr=cfg.optim.lr)
+    fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ref_policy = prepare_frozen(ref_policy, accelerator) if ref_policy is not None else None
+    reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None
+    return Models(
+        model=model,
+        optimizer=optimizer,
+        ref_policy=ref_policy,
+        reward_model=reward_model,
+        tokenizer=tokenizer,
+        policy_source=policy_source,
+        policy_dtype=policy_dtype,
+    )
+
+
+def _check_same_tokenizer(policy_tok, rm_tok, rm_name: str) -> None:
+    if policy_tok.get_vocab() != rm_tok.get_vocab():
+        raise ConfigError(
+            "reward_model",
+            f"{rm_name} uses a different tokenizer than the policy; PPO scores the "
+            "policy's tokens directly, so both must come from the same base model",
+        )

@@ -11,23 +11,43 @@ from dataclasses import dataclass, fields
 import torch
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Rollout:
+    """Built by keyword only: `Rollout(logprobs=…, ref_logprobs=…)`, so a swap cannot be written
+    silently. `values` and `returns` are None when the advantage estimator needs no critic."""
+
     input_ids: torch.Tensor  # (B, P + R) prompt then response
     attention_mask: torch.Tensor  # (B, P + R) 1 on real tokens
     response_ids: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
     logprobs: torch.Tensor  # (B, R) fp32, the policy that sampled the response
     ref_logprobs: torch.Tensor  # (B, R) fp32, the frozen reference
-    values: torch.Tensor  # (B, R) fp32, V(s_t) before each response token
+    values: torch.Tensor | None  # (B, R) fp32, V(s_t) before each response token; None without a critic
+    kl: torch.Tensor  # (B, R) fp32, the per-token KL estimate in the reward (0 on padding)
     scores: torch.Tensor  # (B,) sequence scores after normalisation
     rewards: torch.Tensor  # (B, R) −β·KL per token + score at the last token
-    advantages: torch.Tensor  # (B, R) GAE, whitened
-    returns: torch.Tensor  # (B, R) advantages (before whitening) + values
+    advantages: torch.Tensor  # (B, R) from the advantage estimator, whitened if configured
+    returns: torch.Tensor | None  # (B, R) the value model's targets; None without a critic
 
     def select(self, index: torch.Tensor) -> Rollout:
         """The episodes at `index` (a minibatch)."""
-        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return Rollout(**{f.name: _rows(getattr(self, f.name), index) for f in fields(self)})
+
+
+@dataclass(kw_only=True)
+class Scored:
+    """What step 3 said of each episode, kept for the step's metrics and sample table."""
+
+    raw_scores: torch.Tensor  # (B,) the combined score before normalisation
+    model_scores: torch.Tensor | None  # (B,) the reward model's score; None without one
+    rule_scores: dict[str, torch.Tensor]  # rule name -> (B,)
+    has_eos: torch.Tensor  # (B,) bool, whether the response emitted EOS
+    questions: list[str]  # the prompts' last user message
+    texts: list[str]  # the decoded responses
+
+
+def _rows(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[index]
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

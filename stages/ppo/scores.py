@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.config.stages import RewardConfig
+from rlhf.config.stages import PPORewardConfig
 
 
 class RunningMoments:
@@ -37,7 +37,7 @@ def combine_scores(
     model_scores: torch.Tensor | None,
     rule_scores: dict[str, torch.Tensor],
     has_eos: torch.Tensor,
-    cfg: RewardConfig,
+    cfg: PPORewardConfig,
 ) -> torch.Tensor:
     """score = w_rm · r_rm + Σ w_i · rule_i (+ penalty if the response never emitted EOS). (B,)"""
     score = torch.zeros_like(has_eos, dtype=torch.float32)
@@ -51,7 +51,7 @@ def combine_scores(
 
 
 def normalize_scores(
-    scores: torch.Tensor, all_scores: torch.Tensor, cfg: RewardConfig, running: RunningMoments
+    scores: torch.Tensor, all_scores: torch.Tensor, cfg: PPORewardConfig, running: RunningMoments
 ) -> torch.Tensor:
     """Whiten by this step's scores across processes (`batch`) or by all scores so far
     (`running`), then clip to ±clip. scores (B,) local; all_scores (N,) gathered."""

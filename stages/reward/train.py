@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
@@ -21,11 +20,12 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, input_hashes, write_manifest
-from rlhf.config import NOT_HASHED, ConfigError, RMStageConfig, config_hash, dump_yaml, to_dict
+from rlhf.checkpoint import finish_stage, start_stage
+from rlhf.config import NOT_HASHED, ConfigError, RMStageConfig, config_hash, to_dict
 from rlhf.data import load_records, normalize_preferences
 from rlhf.data.lengths import limit_length
 from rlhf.distributed import is_zero3, process_state, whole_models
+from rlhf.evaluation import flatten_metrics, score_sequences
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.registry import (
@@ -35,7 +35,6 @@ from rlhf.registry import (
     load_tokenizer,
     mixed_precision,
     resolve,
-    sequence_scores,
 )
 from rlhf.tasks import task_preference_records
 from rlhf.tracking import Tracking
@@ -104,13 +103,9 @@ class PreferenceCollator(DataCollatorForPreference):
 
 def train(cfg: RMStageConfig) -> dict:
     state = process_state()
-    out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     started = time.time()
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MANIFEST).unlink(missing_ok=True)  # this directory is being rewritten
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    out = start_stage(cfg.output_dir, cfg, state.is_main_process)
     resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
     tracking = Tracking(cfg.tracking, out, "rm", to_dict(cfg), state.is_main_process, fresh=resume is None)
 
@@ -189,29 +184,29 @@ def train(cfg: RMStageConfig) -> dict:
     #    margin and the score distributions of chosen and rejected.
     metrics: dict = {"train_loss": result.training_loss, "overlong": over, "dropped": dict(train_dropped)}
     if state.is_main_process:
+        eval_report = None
         if eval_pairs:
             saved = resolve(str(out))
             with whole_models():
                 reward_model = build_scalar_model(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
             report = evaluate_pairs(reward_model, tokenizer, eval_pairs, eval_rows)
-            atomic_write_json(out / "eval.json", {**report, "eval_source": eval_source})
+            eval_report = {**report, "eval_source": eval_source}
             metrics.update({k: v for k, v in report.items() if k != "scores"})
-            flat = {"eval/rm/accuracy": report["accuracy"], "eval/rm/margin": report["mean_margin"]}
-            flat.update({f"eval/rm/accuracy_{k}": v for k, v in report["accuracy_by_kind"].items()})
-            tracking.log(flat, step=trainer.state.global_step)
-        metrics["wall_time_s"] = round(time.time() - started, 1)
+            flat = {"accuracy": report["accuracy"], "margin": report["mean_margin"]}
+            flat.update({f"accuracy_{k}": v for k, v in report["accuracy_by_kind"].items()})
+            tracking.log(flatten_metrics(flat, "eval/rm"), step=trainer.state.global_step)
 
-        # 8. The manifest, written last: its presence means the directory is complete.
-        write_manifest(
+        # 8. eval.json, then the manifest, written last: its presence means the directory is complete.
+        finish_stage(
             out,
+            cfg,
             stage="rm",
             model=cfg.model,
             base_model=source.root,
-            init_from=cfg.model if source.manifest else None,
-            config_hash=config_hash(cfg, ignore=NOT_HASHED),
+            inputs=(cfg.model,),
             metrics=metrics,
-            lora=cfg.lora.enabled,
-            inputs=input_hashes(cfg.model),
+            started=started,
+            eval_report=eval_report,
             extra={"data": {"train": train_source, "eval": eval_source}},
         )
     tracking.finish()
@@ -286,27 +281,9 @@ def encode_pairs(tokenizer, pairs: list[dict], use_margin: bool) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def score_rows(model, tokenizer, rows: list[list[int]], batch_size: int = 256) -> torch.Tensor:
-    """Reward of each token sequence, read at its last real token. -> (N,)"""
-    model.eval()
-    scores = []
-    device = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(batch):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        scores.append(sequence_scores(model, ids.to(device), mask.to(device)).cpu())
-    return torch.cat(scores)
-
-
 def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dict:
-    chosen = score_rows(model, tokenizer, [r["chosen_ids"] for r in rows])  # (N,)
-    rejected = score_rows(model, tokenizer, [r["rejected_ids"] for r in rows])  # (N,)
+    chosen = score_sequences(model, [r["chosen_ids"] for r in rows], tokenizer.pad_token_id)  # (N,)
+    rejected = score_sequences(model, [r["rejected_ids"] for r in rows], tokenizer.pad_token_id)  # (N,)
     right = (chosen > rejected).tolist()
     by_kind: dict[str, list[bool]] = defaultdict(list)
     for p, ok in zip(pairs, right, strict=True):

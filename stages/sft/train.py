@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from accelerate.utils import set_seed
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from rlhf.checkpoint import MANIFEST, atomic_write_json, atomic_write_text, input_hashes, write_manifest
-from rlhf.config import NOT_HASHED, SFTStageConfig, config_hash, dump_yaml, to_dict
+from rlhf.checkpoint import finish_stage, start_stage
+from rlhf.config import NOT_HASHED, SFTStageConfig, config_hash, to_dict
 from rlhf.data import load_records, normalize_sft
 from rlhf.data.lengths import limit_length
 from rlhf.distributed import process_state, whole_models
-from rlhf.evaluation import evaluate_generations
+from rlhf.evaluation import evaluate_generations, flatten_metrics
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import Tracking
@@ -31,13 +30,9 @@ log = logging.getLogger("rlhf.sft")
 
 def train(cfg: SFTStageConfig) -> dict:
     state = process_state()
-    out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     started = time.time()
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MANIFEST).unlink(missing_ok=True)  # this directory is being rewritten
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    out = start_stage(cfg.output_dir, cfg, state.is_main_process)
     resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
     tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process, fresh=resume is None)
 
@@ -107,6 +102,7 @@ def train(cfg: SFTStageConfig) -> dict:
     #    greedily with the chat template. Main process only; the others wait.
     metrics: dict = {"train_loss": result.training_loss, "overlong": over, "format": fmt}
     if state.is_main_process:
+        eval_report = None
         if eval_examples:
             saved = resolve(str(out))
             with whole_models():
@@ -115,24 +111,20 @@ def train(cfg: SFTStageConfig) -> dict:
                 eval_model, tokenizer, eval_examples, cfg.task.name, cfg.generation
             )
             eval_report = {**task_metrics, "eval_source": eval_source, "base": base_metrics, "samples": samples}
-            atomic_write_json(out / "eval.json", eval_report)
             metrics.update({k: v for k, v in task_metrics.items() if k != "task"})
-            flat = {f"eval/sft/{k}": v for k, v in task_metrics.items() if isinstance(v, (int, float))}
-            flat.update({f"eval/sft/accuracy_{d}": a for d, a in task_metrics.get("accuracy_by_digits", {}).items()})
-            tracking.log(flat, step=trainer.state.global_step)
-        metrics["wall_time_s"] = round(time.time() - started, 1)
+            tracking.log(flatten_metrics(task_metrics, "eval/sft"), step=trainer.state.global_step)
 
-        # 7. The manifest, written last: its presence means the directory is complete.
-        write_manifest(
+        # 7. eval.json, then the manifest, written last: its presence means the directory is complete.
+        finish_stage(
             out,
+            cfg,
             stage="sft",
             model=cfg.model,
             base_model=source.root,
-            init_from=cfg.model if source.manifest else None,
-            config_hash=config_hash(cfg, ignore=NOT_HASHED),
+            inputs=(cfg.model,),
             metrics=metrics,
-            lora=cfg.lora.enabled,
-            inputs=input_hashes(cfg.model),
+            started=started,
+            eval_report=eval_report,
             extra={"data": {"train": train_source, "eval": eval_source, "format": fmt}},
         )
     tracking.finish()

@@ -1,0 +1,83 @@
+"""PPO's optimizer set-up: one AdamW over two parameter groups (policy, value model: separate
+learning rates and gradient clipping), the learning-rate schedule, and the DeepSpeed entries
+accelerate cannot fill for a loop without a dataloader."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf.config import OptimConfig, PPOStageConfig
+
+
+def param_groups(policy: torch.nn.Module, value_model: torch.nn.Module | None, cfg: PPOStageConfig) -> list[dict]:
+    """The policy's trainable parameters, then (if there is a value model) the value model's."""
+    groups = [_group(policy, cfg.optim)]
+    if value_model is not None:
+        groups.append(_group(value_model, cfg.value_optim))
+    return groups
+
+
+def _group(module: torch.nn.Module, optim: OptimConfig) -> dict:
+    return {
+        "params": [p for p in module.parameters() if p.requires_grad],
+        "lr": optim.lr,
+        "initial_lr": optim.lr,
+        "weight_decay": optim.weight_decay,
+        "betas": optim.betas,
+    }
+
+
+def lr_factor(step: int, max_steps: int, optim: OptimConfig) -> float:
+    """Linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
+    warmup = round(optim.warmup_ratio * max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if optim.scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if optim.scheduler == "cosine" else 1 - progress
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * decay
+
+
+def set_lr(optimizer, step: int, cfg: PPOStageConfig) -> None:
+    """Each group's rate at `step`. The policy's rate is 0 during the value warm-up: a freshly
+    initialised value model gives noisy advantages, and early policy steps on noise are hard to undo."""
+    for group, optim in zip(optimizer.param_groups, (cfg.optim, cfg.value_optim), strict=False):
+        group["lr"] = optim.lr * lr_factor(step, cfg.train.max_steps, optim)
+    if step < cfg.ppo.value_warmup_steps and len(optimizer.param_groups) > 1:
+        optimizer.param_groups[0]["lr"] = 0.0
+
+
+def clip_gradients(accelerator, model, cfg: PPOStageConfig) -> None:
+    """Clip the policy's and the value model's gradients separately (each to its own max norm);
+    under DeepSpeed the engine clips, as configured in its JSON."""
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    for module, optim in ((unwrapped.policy, cfg.optim), (unwrapped.value_model, cfg.value_optim)):
+        if module is not None and optim.max_grad_norm is not None:
+            accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], optim.max_grad_norm)
+
+
+def fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int) -> None:
+    """Fill the DeepSpeed config's "auto" entries that accelerate would read off a dataloader and
+    a model config: PPO has no dataloader, and its module (policy + value) no single config."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    micro = max(1, cfg.rollout.prompts_per_step // cfg.ppo.minibatches // cfg.train.grad_accum)
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = micro * cfg.train.grad_accum * accelerator.num_processes
+    ds["gradient_clipping"] = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else 0.0
+    zero = ds.setdefault("zero_optimization", {})
+    for key, value in (
+        ("reduce_bucket_size", hidden_size * hidden_size),
+        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+        ("stage3_param_persistence_threshold", 10 * hidden_size),
+    ):
+        if zero.get(key) == "auto":
+            zero[key] = value
