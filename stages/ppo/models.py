@@ -58,7 +58,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.score(hidden).squeeze(-1).float()
+        # the head holds the stage's weight dtype; QLoRA's k-bit preparation leaves the policy's
+        # final norm (and so `hidden`) in fp32 under bf16 weights. A no-op everywhere else.
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
 
 
 def policy_forward(

@@ -45,7 +45,8 @@ from rlhf.data.prompts import normalize_prompts
 from rlhf.distributed import is_zero3, process_state, whole_models
 from rlhf.evaluation import evaluate_generations
 from rlhf.generation import gathered_for_generation, generate_ids, generate_text, left_pad, render_prompts
-from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, mixed_precision, resolve
+from rlhf.precision import Precision, resolve_precision
+from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
 from rlhf.rewards import RULES
 from rlhf.tasks import score_generations, task_records
 from rlhf.tracking import Tracking
@@ -70,9 +71,10 @@ log = logging.getLogger("rlhf.ppo")
 
 def train(cfg: PPOStageConfig) -> dict:
     process_state()  # the process group, CPU-only machines included (rlhf/distributed.py)
+    precision = resolve_precision(cfg.model_init)  # dtype, autocast, attention: decided once, here
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
-        mixed_precision=mixed_precision(cfg.model_init),  # None: accelerate's (`accelerate launch` config)
+        mixed_precision=precision.mixed,  # None: accelerate's (`accelerate launch` config)
     )
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     out = Path(cfg.output_dir)
@@ -85,18 +87,22 @@ def train(cfg: PPOStageConfig) -> dict:
     # ---- models: policy + value (trained), reference + reward model (frozen) ----------------
     policy_source = resolve(cfg.policy)
     tokenizer = load_tokenizer(policy_source, cfg.model_init)
-    policy = build_policy(policy_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
-    ref_policy = None if cfg.lora.enabled else freeze(build_policy(policy_source, cfg.model_init, tokenizer))
+    policy = build_policy(policy_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
+    ref_policy = None  # with LoRA: the policy with its adapter off (stages/ppo/models.py)
+    if not cfg.lora.enabled:
+        ref_policy = freeze(build_policy(policy_source, cfg.model_init, tokenizer, precision=precision))
     reward_model = None
     if cfg.reward_model:
         rm_source = resolve(cfg.reward_model)
         _check_same_tokenizer(tokenizer, load_tokenizer(rm_source, cfg.model_init), cfg.reward_model)
-        reward_model = freeze(build_scalar_model(rm_source, cfg.model_init, tokenizer))
+        reward_model = freeze(build_scalar_model(rm_source, cfg.model_init, tokenizer, precision=precision))
     if cfg.share_policy_trunk:
-        value_model = ValueHead(policy.config.hidden_size, next(policy.parameters()).dtype)
+        value_model = ValueHead(policy.config.hidden_size, precision.dtype)
     else:
         value_source = resolve(cfg.value_model or cfg.reward_model or cfg.policy)
-        value_model = build_scalar_model(value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+        value_model = build_scalar_model(
+            value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision
+        )
     for m in (policy, value_model, ref_policy, reward_model):
         if m is not None:
             disable_dropout(m)
@@ -132,7 +138,7 @@ def train(cfg: PPOStageConfig) -> dict:
     )
     running = RunningMoments()
     gen = cfg.rollout.generation
-    reuse_logprobs = _logprobs_from_generation(cfg, policy, accelerator)
+    reuse_logprobs = _logprobs_from_generation(cfg, precision, accelerator)
     log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
     B = cfg.rollout.prompts_per_step  # per process
     state = {"step": 0, "before": None, "kl_history": []}
@@ -152,7 +158,7 @@ def train(cfg: PPOStageConfig) -> dict:
         running.load_state_dict(saved["running_scores"])
         log.info("resumed from %s at step %d", ckpt, state["step"])
     elif eval_examples and accelerator.is_main_process:
-        state["before"] = evaluate_directory(cfg.policy, cfg.reward_model, eval_examples, cfg)
+        state["before"] = evaluate_directory(cfg.policy, cfg.reward_model, eval_examples, cfg, precision)
         log.info("before PPO: %s", _summary(state["before"]))
     accelerator.wait_for_everyone()
 
@@ -287,7 +293,7 @@ def train(cfg: PPOStageConfig) -> dict:
     ref_after = None if zero3 else fingerprint(reference, frozen_only=True)
     if ref_after != ref_fingerprint:
         raise RuntimeError(f"the frozen reference changed during PPO ({ref_fingerprint} -> {ref_after})")
-    _save_models(accelerator, model, tokenizer, policy_source, out, cfg)
+    _save_models(accelerator, model, tokenizer, policy_source, out, cfg, precision)
     metrics_out: dict = {
         "steps": state["step"],
         "final_kl": _mean(state["kl_history"]),
@@ -297,7 +303,7 @@ def train(cfg: PPOStageConfig) -> dict:
     }
     if accelerator.is_main_process:
         if eval_examples:
-            after = evaluate_directory(str(out), cfg.reward_model, eval_examples, cfg)
+            after = evaluate_directory(str(out), cfg.reward_model, eval_examples, cfg, precision)
             report = {"before": state["before"], "after": after, **metrics_out, "eval_source": eval_source}
             if state["before"] and "accuracy" in after:
                 report["accuracy_gain"] = round(after["accuracy"] - state["before"]["accuracy"], 4)
@@ -374,13 +380,14 @@ def _ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageCo
     return {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in out.items()}
 
 
-def _logprobs_from_generation(cfg: PPOStageConfig, policy: torch.nn.Module, accelerator) -> bool:
+def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, accelerator) -> bool:
     """Whether the rollout's log-probs come from the sampling pass (`rollout.logprobs_from_generation`;
     null: when they equal the training forward's up to fp32 rounding: fp32 weights and no mixed
-    precision, which accelerate applies to the training forward, not to generate)."""
+    precision, which accelerate applies to the training forward, not to generate). The accelerator
+    is asked, not `precision.mixed`: with None there, `accelerate launch`'s config decides."""
     if cfg.rollout.logprobs_from_generation is not None:
         return cfg.rollout.logprobs_from_generation
-    return next(policy.parameters()).dtype == torch.float32 and accelerator.mixed_precision == "no"
+    return precision.dtype == torch.float32 and accelerator.mixed_precision == "no"
 
 
 def _clip(accelerator, model, cfg: PPOStageConfig) -> None:
@@ -493,7 +500,9 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, state: dict, kl_ctl, running, 
     accelerator.wait_for_everyone()
 
 
-def _save_models(accelerator, model, tokenizer, policy_source, out: Path, cfg: PPOStageConfig) -> None:
+def _save_models(
+    accelerator, model, tokenizer, policy_source, out: Path, cfg: PPOStageConfig, precision: Precision
+) -> None:
     """The policy as a full Hugging Face model directory in `out` (with LoRA: the adapter in
     out/adapter and the merged weights in out); the value model in out/value_model, or with
     `share_policy_trunk` its head alone in out/value_head.safetensors."""
@@ -508,7 +517,7 @@ def _save_models(accelerator, model, tokenizer, policy_source, out: Path, cfg: P
     if cfg.lora.enabled:
         unwrapped.policy.save_pretrained(str(out / "adapter"), state_dict=parts["policy"])
         with whole_models():
-            merged = build_policy(policy_source, cfg.model_init, tokenizer)
+            merged = build_policy(policy_source, cfg.model_init, tokenizer, precision=precision)
         from peft import PeftModel
 
         merged = PeftModel.from_pretrained(merged, str(out / "adapter")).merge_and_unload()
@@ -527,19 +536,21 @@ def _save_models(accelerator, model, tokenizer, policy_source, out: Path, cfg: P
 
 
 def evaluate_directory(
-    policy_dir: str, reward_model_dir: str | None, examples: list[dict], cfg: PPOStageConfig
+    policy_dir: str, reward_model_dir: str | None, examples: list[dict], cfg: PPOStageConfig, precision: Precision
 ) -> dict:
     """Held-out accuracy (per digit bucket) of a saved policy, greedy, loaded as a user would,
     and the reward model's mean score of its answers. Main process only, plain models."""
     source = resolve(policy_dir)
     tokenizer = load_tokenizer(source, cfg.model_init)
     with whole_models():
-        policy = build_policy(source, cfg.model_init, tokenizer).eval()
+        policy = build_policy(source, cfg.model_init, tokenizer, precision=precision).eval()
     metrics, samples = evaluate_generations(policy, tokenizer, examples, cfg.task.name, cfg.generation)
     if reward_model_dir:
         rm_source = resolve(reward_model_dir)
         with whole_models():
-            reward_model = build_scalar_model(rm_source, cfg.model_init, load_tokenizer(rm_source, cfg.model_init))
+            reward_model = build_scalar_model(
+                rm_source, cfg.model_init, load_tokenizer(rm_source, cfg.model_init), precision=precision
+            )
         reward_model.eval()
         responses = generate_text(policy, tokenizer, [e["prompt"] for e in examples], cfg.generation)
         metrics["rm_score"] = round(_score_texts(reward_model, tokenizer, examples, responses), 4)
