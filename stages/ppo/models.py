@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from rlhf.distributed import is_zero3
+from rlhf.distributed import deepspeed_plugin, is_zero3
 from rlhf.registry import position_ids_from_mask, sequence_scores, token_scores
 
 
@@ -132,7 +132,7 @@ def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
         return model.to(accelerator.device)
     import deepspeed
 
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config = copy.deepcopy(deepspeed_plugin(accelerator).deepspeed_config)
     config["train_micro_batch_size_per_gpu"] = 1
     config.pop("train_batch_size", None)
     config.pop("gradient_accumulation_steps", None)

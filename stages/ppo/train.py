@@ -42,7 +42,7 @@ from rlhf.checkpoint import (
 from rlhf.config import NOT_HASHED, ConfigError, OptimConfig, PPOStageConfig, config_hash, dump_yaml, to_dict
 from rlhf.data import load_records, normalize_sft
 from rlhf.data.prompts import normalize_prompts
-from rlhf.distributed import is_zero3, process_state, whole_models
+from rlhf.distributed import deepspeed_plugin, is_zero3, process_state, whole_models
 from rlhf.evaluation import evaluate_generations
 from rlhf.generation import gathered_for_generation, generate_ids, generate_text, left_pad, render_prompts
 from rlhf.precision import Precision, resolve_precision
@@ -393,7 +393,7 @@ def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, acceler
 def _clip(accelerator, model, cfg: PPOStageConfig) -> None:
     """Clip the policy's and the value model's gradients separately (each to its own max norm);
     under DeepSpeed the engine clips, as configured in its JSON."""
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+    if deepspeed_plugin(accelerator) is not None:
         return
     unwrapped = accelerator.unwrap_model(model)
     for module, optim in ((unwrapped.policy, cfg.optim), (unwrapped.value_model, cfg.value_optim)):
@@ -459,7 +459,7 @@ def _stop_if_not_finite(accelerator, step: int, **tensors) -> None:
 def _fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int) -> None:
     """Fill the DeepSpeed config's "auto" entries that accelerate would read off a dataloader and
     a model config: PPO has no dataloader, and its module (policy + value) no single config."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return
     micro = max(1, cfg.rollout.prompts_per_step // cfg.ppo.minibatches // cfg.train.grad_accum)
