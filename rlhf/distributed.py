@@ -12,20 +12,33 @@ import os
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 
 def process_state() -> PartialState:
     if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return PartialState()
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if deepspeed_launched():
         return PartialState(backend="gloo")  # DeepSpeed's CPU accelerator over gloo
     os.environ["ACCELERATE_USE_CPU"] = "true"  # read by AcceleratorState and TrainingArguments
     return PartialState(cpu=True)
 
 
+def deepspeed_launched() -> bool:
+    """Whether `accelerate launch` asked for DeepSpeed: the only way to know before an Accelerator
+    exists (precision is resolved then). Read as accelerate itself reads it."""
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
+def deepspeed_plugin(accelerator):
+    """The accelerator's DeepSpeed plugin (its JSON config, ZeRO stage), or None without DeepSpeed:
+    the one "is this DeepSpeed" check once an Accelerator exists."""
+    return getattr(accelerator.state, "deepspeed_plugin", None)
+
+
 def is_zero3(accelerator) -> bool:
     """Whether the accelerator runs DeepSpeed ZeRO-3 (parameters sharded across processes)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = deepspeed_plugin(accelerator)
     return plugin is not None and plugin.zero_stage == 3
 
 

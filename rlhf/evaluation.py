@@ -21,6 +21,7 @@ from rlhf.config import GenerationConfig, ModelInit
 from rlhf.data import reference_answer
 from rlhf.distributed import whole_models
 from rlhf.generation import gathered_for_generation, generate_text, left_pad, render_prompts
+from rlhf.precision import Precision
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve, sequence_scores
 from rlhf.tasks import score_generations
 
@@ -90,18 +91,20 @@ def evaluate_directory(
     task_name: str | None,
     gen: GenerationConfig,
     init: ModelInit,
+    precision: Precision,
 ) -> dict:
     """Held-out accuracy (per bucket) of a saved policy, greedy, loaded as a user would, and the
     reward model's mean score of its answers. Main process only, plain (unsharded) models."""
     source = resolve(policy_dir)
     tokenizer = load_tokenizer(source, init)
     with whole_models():
-        policy = build_policy(source, init, tokenizer).eval()
+        policy = build_policy(source, init, tokenizer, precision=precision).eval()
     metrics, samples = evaluate_generations(policy, tokenizer, examples, task_name, gen)
     if reward_model_dir:
         rm_source = resolve(reward_model_dir)
         with whole_models():
-            reward_model = build_scalar_model(rm_source, init, load_tokenizer(rm_source, init)).eval()
+            rm_tokenizer = load_tokenizer(rm_source, init)
+            reward_model = build_scalar_model(rm_source, init, rm_tokenizer, precision=precision).eval()
         responses = generate_text(policy, tokenizer, [e["prompt"] for e in examples], gen)
         scores = score_responses(reward_model, tokenizer, [e["prompt"] for e in examples], responses)
         metrics["rm_score"] = round(scores.mean().item(), 4) if len(scores) else 0.0

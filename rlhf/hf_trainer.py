@@ -8,28 +8,33 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from rlhf.checkpoint import claim_checkpoints, latest_checkpoint, mark_complete
 from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig
 from rlhf.distributed import whole_models
-from rlhf.registry import ModelSource, build_policy, build_scalar_model, mixed_precision
+from rlhf.precision import Precision
+from rlhf.registry import ModelSource, build_policy, build_scalar_model
 from rlhf.tracking import Tracking
 
 
 def trainer_kwargs(
-    output_dir: Path, seed: int, optim: OptimConfig, train: TrainConfig, init: ModelInit, progress: bool
+    output_dir: Path,
+    seed: int,
+    optim: OptimConfig,
+    train: TrainConfig,
+    init: ModelInit,
+    precision: Precision,
+    progress: bool,
 ) -> dict:
-    """TrainingArguments fields for one stage; checkpoints go to <output_dir>/checkpoints."""
+    """TrainingArguments fields for one stage; checkpoints go to <output_dir>/checkpoints. bf16
+    and use_cpu follow the stage's `precision` (see `Precision.trainer_kwargs`)."""
     if optim.min_lr_ratio > 0 and optim.scheduler != "cosine":
         raise ConfigError("optim.min_lr_ratio", "is only supported with scheduler: cosine")
     scheduler = optim.scheduler
     extra = {}
     if scheduler == "cosine" and optim.min_lr_ratio > 0:
         scheduler, extra = "cosine_with_min_lr", {"lr_scheduler_kwargs": {"min_lr_rate": optim.min_lr_ratio}}
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and init.dtype in ("auto", "bfloat16")
-    bf16 = gpu_bf16 or mixed_precision(init) == "bf16"
     return dict(
         output_dir=str(output_dir / "checkpoints"),
         seed=seed,
@@ -51,8 +56,7 @@ def trainer_kwargs(
         save_total_limit=train.keep_checkpoints,
         eval_strategy="steps" if train.eval_every else "no",
         eval_steps=train.eval_every or None,
-        bf16=bf16,
-        use_cpu=bf16 and not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU without it
+        **precision.trainer_kwargs(),  # bf16, use_cpu
         gradient_checkpointing=init.gradient_checkpointing,
         report_to="none",
         disable_tqdm=not progress,
@@ -114,6 +118,7 @@ def save_output(
     output_dir: Path,
     source: ModelSource,
     init: ModelInit,
+    precision: Precision,
     lora: LoraConfig,
     seed: int,
     scalar_head: bool,
@@ -133,7 +138,8 @@ def save_output(
     build = build_scalar_model if scalar_head else build_policy
     if source.path is None:
         with whole_models():
-            build(source, init, tokenizer, lora=None, seed=seed).save_pretrained(str(output_dir / "base_model"))
+            base = build(source, init, tokenizer, lora=None, seed=seed, precision=precision)
+            base.save_pretrained(str(output_dir / "base_model"))
     if lora.merge_on_save:
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         merged.save_pretrained(str(output_dir / "merged"))

@@ -28,7 +28,7 @@ class ModelInit:
     # accelerate's own setting (`accelerate launch --mixed_precision`), off by default. Under CPU
     # bf16 an unset attn_implementation becomes "sdpa_fp32": SDPA with autocast off, since bf16
     # attention scores slowed the tiny reward model's learning and PyTorch's CPU SDPA backward is
-    # slow in bf16. GPUs get bf16 from dtype: auto instead.
+    # slow in bf16. GPUs get bf16 from dtype: auto instead. The rule lives in rlhf/precision.py.
     mixed_precision: Literal["bf16", "auto"] | None = None
 
 

@@ -6,6 +6,8 @@
   (the reward model reads it at the last real token, the value model at every token);
 - LoRA (PEFT) wraps either; QLoRA loads the base in 4 bits where bitsandbytes and a GPU exist.
 
+Weights' dtype and the attention kernel come from the stage's `Precision` (rlhf/precision.py).
+
 Works for any decoder transformers has `AutoModelForCausalLM` / `AutoModelForSequenceClassification`
 classes for; tests cover Llama, Qwen2, Mistral and GPT-2 shapes.
 """
@@ -15,13 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import (
-    AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -29,11 +29,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import LoraConfig, ModelInit
+from rlhf.precision import Precision, resolve_precision
 from rlhf.registry.presets import PRESETS, Preset
 from rlhf.registry.tiny import build_tiny_tokenizer
 
@@ -146,9 +145,12 @@ def build_policy(
     tokenizer: PreTrainedTokenizerBase,
     lora: LoraConfig | None = None,
     seed: int = 0,
+    precision: Precision | None = None,
 ) -> PreTrainedModel:
-    """A causal LM (an adapter from an earlier stage is merged in), optionally LoRA-wrapped."""
-    model = _load(AutoModelForCausalLM, source, init, seed)
+    """A causal LM (an adapter from an earlier stage is merged in), optionally LoRA-wrapped.
+    `precision`: the stage's resolved one; None resolves it from `init` (tests, tools)."""
+    precision = precision or resolve_precision(init)
+    model = _load(AutoModelForCausalLM, source, init, precision, seed)
     if source.adapter:
         model = _merge_adapter(model, source.adapter)
     _fit_vocab(model, tokenizer)
@@ -161,17 +163,20 @@ def build_scalar_model(
     tokenizer: PreTrainedTokenizerBase,
     lora: LoraConfig | None = None,
     seed: int = 0,
+    precision: Precision | None = None,
 ) -> PreTrainedModel:
     """The decoder with a one-output linear head (`score`): a reward model, or a value model read
-    at every token. From a causal LM the head starts random; from a reward model it is kept."""
+    at every token. From a causal LM the head starts random; from a reward model it is kept.
+    `precision`: the stage's resolved one; None resolves it from `init` (tests, tools)."""
+    precision = precision or resolve_precision(init)
     if source.adapter and source.adapter_task != "SEQ_CLS":
         # LoRA SFT output: merge the adapter into the causal LM, then move its body under a head.
-        lm = _merge_adapter(_load(AutoModelForCausalLM, source, init, seed), source.adapter)
-        model = _load(AutoModelForSequenceClassification, source, init, seed, num_labels=1)
+        lm = _merge_adapter(_load(AutoModelForCausalLM, source, init, precision, seed), source.adapter)
+        model = _load(AutoModelForSequenceClassification, source, init, precision, seed, num_labels=1)
         _backbone(model).load_state_dict(_backbone(lm).state_dict())
         del lm
     else:
-        model = _load(AutoModelForSequenceClassification, source, init, seed, num_labels=1)
+        model = _load(AutoModelForSequenceClassification, source, init, precision, seed, num_labels=1)
         if source.adapter:
             model = _merge_adapter(model, source.adapter)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -231,54 +236,8 @@ def _backbone(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere bf16 autocast
-    is emulated and slower than fp32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def mixed_precision(init: ModelInit) -> str | None:
-    """ "bf16" or None (accelerate's own setting): `model_init.mixed_precision`, auto resolved for
-    this machine."""
-    if init.mixed_precision != "auto":
-        return init.mixed_precision
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
-    fp32 = _dtype(init) == torch.float32
-    return "bf16" if fp32 and not torch.cuda.is_available() and not deepspeed and cpu_has_native_bf16() else None
-
-
-FP32_SDPA = "sdpa_fp32"
-
-
-def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
-    """SDPA with autocast off: queries, keys and values (bf16 from the projections) are attended in
-    fp32, and the output goes back to the projections' dtype."""
-    with torch.autocast(query.device.type, enabled=False):
-        out, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-        )
-    return out.to(query.dtype), weights
-
-
-def _attn_implementation(init: ModelInit) -> str | None:
-    if init.attn_implementation:
-        return init.attn_implementation
-    if mixed_precision(init) == "bf16" and not torch.cuda.is_available():
-        # PyTorch's CPU SDPA backward is several times slower in bf16, and bf16 attention scores
-        # blur the position-exact attention arithmetic needs: attention stays fp32 under autocast
-        return FP32_SDPA
-    return None
-
-
-# Registered once, with SDPA's masks (padding included); a saved config never names it, so plain
-# transformers reloads every model this project writes.
-AttentionInterface.register(FP32_SDPA, _sdpa_in_fp32)
-AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
-
-
-def _load(auto_cls, source: ModelSource, init: ModelInit, seed: int, **kwargs) -> PreTrainedModel:
-    dtype = _dtype(init)
-    attn = _attn_implementation(init)
+def _load(auto_cls, source: ModelSource, init: ModelInit, precision: Precision, seed: int, **kwargs) -> PreTrainedModel:
+    dtype, attn = precision.dtype, precision.attn_implementation
     if source.path is None:  # built-in preset: random init from its config, reproducible by seed
         config = source.preset.make_config()
         for k, v in kwargs.items():
@@ -338,14 +297,6 @@ def _fit_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> No
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-
-
-def _dtype(init: ModelInit) -> torch.dtype:
-    if init.dtype == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, init.dtype)
 
 
 def _four_bit_config():

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from rlhf.config import ConfigError, PPOStageConfig
-from rlhf.distributed import is_zero3
+from rlhf.distributed import deepspeed_plugin, is_zero3
+from rlhf.precision import Precision
 from rlhf.registry import (
     ModelSource,
     build_policy,
@@ -72,7 +73,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.score(hidden).squeeze(-1).float()
+        # the head holds the stage's weight dtype; QLoRA's k-bit preparation leaves the policy's
+        # final norm (and so `hidden`) in fp32 under bf16 weights. A no-op everywhere else.
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
 
 
 def policy_forward(
@@ -138,7 +141,7 @@ def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
         return model.to(accelerator.device)
     import deepspeed
 
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config = copy.deepcopy(deepspeed_plugin(accelerator).deepspeed_config)
     config["train_micro_batch_size_per_gpu"] = 1
     config.pop("train_batch_size", None)
     config.pop("gradient_accumulation_steps", None)
@@ -173,31 +176,34 @@ class Models:
     reward_model: torch.nn.Module | None
     tokenizer: object
     policy_source: ModelSource
-    policy_dtype: torch.dtype  # the dtype the policy's weights were built in
+    precision: Precision  # how the models compute (rlhf/precision.py)
 
 
-def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator) -> Models:
+def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precision: Precision) -> Models:
     """Policy + value model (trained; no value model when the estimator needs no critic),
     reference + reward model (frozen), and the optimizer, placed by accelerate."""
     policy_source = resolve(cfg.policy)
     tokenizer = load_tokenizer(policy_source, cfg.model_init)
-    policy = build_policy(policy_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
-    ref_policy = None if cfg.lora.enabled else freeze(build_policy(policy_source, cfg.model_init, tokenizer))
+    policy = build_policy(policy_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
+    ref_policy = None
+    if not cfg.lora.enabled:
+        ref_policy = freeze(build_policy(policy_source, cfg.model_init, tokenizer, precision=precision))
     reward_model = None
     if cfg.reward_model:
         rm_source = resolve(cfg.reward_model)
         _check_same_tokenizer(tokenizer, load_tokenizer(rm_source, cfg.model_init), cfg.reward_model)
-        reward_model = freeze(build_scalar_model(rm_source, cfg.model_init, tokenizer))
+        reward_model = freeze(build_scalar_model(rm_source, cfg.model_init, tokenizer, precision=precision))
     value_model = None
     if estimator.needs_critic and cfg.share_policy_trunk:
-        value_model = ValueHead(policy.config.hidden_size, next(policy.parameters()).dtype)
+        value_model = ValueHead(policy.config.hidden_size, precision.dtype)
     elif estimator.needs_critic:
         value_source = resolve(cfg.value_model or cfg.reward_model or cfg.policy)
-        value_model = build_scalar_model(value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+        value_model = build_scalar_model(
+            value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision
+        )
     for m in (policy, value_model, ref_policy, reward_model):
         if m is not None:
             disable_dropout(m)
-    policy_dtype = next(policy.parameters()).dtype
     model = PolicyAndValue(policy, value_model)
     optimizer = torch.optim.AdamW(param_groups(policy, value_model, cfg), lr=cfg.optim.lr)
     fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size)
@@ -211,7 +217,7 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator) -> Mode
         reward_model=reward_model,
         tokenizer=tokenizer,
         policy_source=policy_source,
-        policy_dtype=policy_dtype,
+        precision=precision,
     )
 
 

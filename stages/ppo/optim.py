@@ -9,6 +9,7 @@ import math
 import torch
 
 from rlhf.config import OptimConfig, PPOStageConfig
+from rlhf.distributed import deepspeed_plugin
 
 
 def param_groups(policy: torch.nn.Module, value_model: torch.nn.Module | None, cfg: PPOStageConfig) -> list[dict]:
@@ -53,7 +54,7 @@ def set_lr(optimizer, step: int, cfg: PPOStageConfig) -> None:
 def clip_gradients(accelerator, model, cfg: PPOStageConfig) -> None:
     """Clip the policy's and the value model's gradients separately (each to its own max norm);
     under DeepSpeed the engine clips, as configured in its JSON."""
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+    if deepspeed_plugin(accelerator) is not None:
         return
     unwrapped = accelerator.unwrap_model(model)
     for module, optim in ((unwrapped.policy, cfg.optim), (unwrapped.value_model, cfg.value_optim)):
@@ -64,7 +65,7 @@ def clip_gradients(accelerator, model, cfg: PPOStageConfig) -> None:
 def fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int) -> None:
     """Fill the DeepSpeed config's "auto" entries that accelerate would read off a dataloader and
     a model config: PPO has no dataloader, and its module (policy + value) no single config."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return
     micro = max(1, cfg.rollout.prompts_per_step // cfg.ppo.minibatches // cfg.train.grad_accum)

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from rlhf.checkpoint import atomic_write_json, mark_complete, prune_checkpoints
 from rlhf.config import PPOStageConfig
 from rlhf.distributed import whole_models
+from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy
 
 
@@ -36,7 +37,9 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, kl_ctl, running, k
     accelerator.wait_for_everyone()
 
 
-def save_models(accelerator, model, tokenizer, policy_source: ModelSource, out: Path, cfg: PPOStageConfig) -> None:
+def save_models(
+    accelerator, model, tokenizer, policy_source: ModelSource, out: Path, cfg: PPOStageConfig, precision: Precision
+) -> None:
     """The policy as a full Hugging Face model directory in `out` (with LoRA: the adapter in
     out/adapter and the merged weights in out); the value model in out/value_model, or with
     `share_policy_trunk` its head alone in out/value_head.safetensors; nothing more without a
@@ -52,7 +55,7 @@ def save_models(accelerator, model, tokenizer, policy_source: ModelSource, out: 
     if cfg.lora.enabled:
         unwrapped.policy.save_pretrained(str(out / "adapter"), state_dict=parts["policy"])
         with whole_models():
-            merged = build_policy(policy_source, cfg.model_init, tokenizer)
+            merged = build_policy(policy_source, cfg.model_init, tokenizer, precision=precision)
         merged = PeftModel.from_pretrained(merged, str(out / "adapter")).merge_and_unload()
         merged.save_pretrained(str(out))
     else:

@@ -38,7 +38,8 @@ from rlhf.data.prompts import normalize_prompts
 from rlhf.distributed import is_zero3, process_state
 from rlhf.evaluation import evaluate_directory, evaluate_in_loop, flatten_metrics, summary
 from rlhf.generation import render_prompts
-from rlhf.registry import mixed_precision, sequence_scores
+from rlhf.precision import Precision, resolve_precision
+from rlhf.registry import sequence_scores
 from rlhf.rewards import RULES
 from rlhf.tasks import task_records
 from rlhf.tracking import Tracking
@@ -67,21 +68,22 @@ class Prompts:
 
 def train(cfg: PPOStageConfig) -> dict:
     process_state()  # the process group, CPU-only machines included (rlhf/distributed.py)
+    precision = resolve_precision(cfg.model_init)  # dtype, autocast, attention: decided once, here
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
-        mixed_precision=mixed_precision(cfg.model_init),  # None: accelerate's (`accelerate launch` config)
+        mixed_precision=precision.mixed,  # None: accelerate's (`accelerate launch` config)
     )
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     started = time.time()
     estimator = _registered(ESTIMATORS, cfg.ppo.advantage_estimator, "ppo.advantage_estimator")
     _registered(ENGINES, cfg.rollout.engine, "rollout.engine")
     out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
-    models = build_models(cfg, accelerator, estimator)
+    models = build_models(cfg, accelerator, estimator, precision)
     data = load_prompts(cfg, models.tokenizer)
     engine = build_engine(cfg.rollout.engine, models.model, models.tokenizer, accelerator)
     kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
     running = RunningMoments()
-    reuse_logprobs = _logprobs_from_generation(cfg, models.policy_dtype, accelerator)
+    reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator)
     log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
     # A checksum of the reference, checked again at the end (ZeRO-3 shards weights: not checked there).
     reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
@@ -120,7 +122,7 @@ def train(cfg: PPOStageConfig) -> dict:
     ref_after = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
     if ref_after != ref_fingerprint:
         raise RuntimeError(f"the frozen reference changed during PPO ({ref_fingerprint} -> {ref_after})")
-    save_models(accelerator, models.model, models.tokenizer, models.policy_source, out, cfg)
+    save_models(accelerator, models.model, models.tokenizer, models.policy_source, out, cfg, models.precision)
     result = _finish(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
     tracking.finish()
     accelerator.wait_for_everyone()
@@ -144,7 +146,7 @@ def make_rollout(
     gen, tokenizer, model = cfg.rollout.generation, models.tokenizer, models.model
     # 1. generate, keeping the sampled tokens' log-probs when they equal what a forward of the
     #    policy would give
-    reuse_logprobs = _logprobs_from_generation(cfg, models.policy_dtype, accelerator)
+    reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator)
     sampled = engine.generate([data.prompt_ids[i] for i in batch], gen, reuse_logprobs)
     query, response = sampled.prompt_ids, sampled.response_ids
     R = response.shape[1]
@@ -335,7 +337,7 @@ def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, run
         running.load_state_dict(saved["running_scores"])
         log.info("resumed from %s at step %d", ckpt, state["step"])
     elif data.eval_examples and accelerator.is_main_process:
-        state["before"] = _evaluate_saved(cfg.policy, cfg, data)
+        state["before"] = _evaluate_saved(cfg.policy, cfg, data, models.precision)
         log.info("before PPO: %s", summary(state["before"]))
     accelerator.wait_for_everyone()
     return state, tracking
@@ -379,7 +381,7 @@ def _finish(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, tra
         return metrics
     report = None
     if data.eval_examples:
-        after = _evaluate_saved(str(out), cfg, data)
+        after = _evaluate_saved(str(out), cfg, data, models.precision)
         report = {"before": state["before"], "after": after, **metrics, "eval_source": data.eval_source}
         if state["before"] and "accuracy" in after:
             report["accuracy_gain"] = round(after["accuracy"] - state["before"]["accuracy"], 4)
@@ -401,19 +403,19 @@ def _finish(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, tra
     return metrics
 
 
-def _evaluate_saved(policy_dir: str, cfg: PPOStageConfig, data: Prompts) -> dict:
+def _evaluate_saved(policy_dir: str, cfg: PPOStageConfig, data: Prompts, precision: Precision) -> dict:
     return evaluate_directory(
-        policy_dir, cfg.reward_model, data.eval_examples, cfg.task.name, cfg.generation, cfg.model_init
+        policy_dir, cfg.reward_model, data.eval_examples, cfg.task.name, cfg.generation, cfg.model_init, precision
     )
 
 
-def _logprobs_from_generation(cfg: PPOStageConfig, policy_dtype: torch.dtype, accelerator) -> bool:
+def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, accelerator) -> bool:
     """Whether the rollout's log-probs come from the sampling pass (`rollout.logprobs_from_generation`;
     null: when they equal the training forward's up to fp32 rounding: fp32 weights and no mixed
     precision, which accelerate applies to the training forward, not to generate)."""
     if cfg.rollout.logprobs_from_generation is not None:
         return cfg.rollout.logprobs_from_generation
-    return policy_dtype == torch.float32 and accelerator.mixed_precision == "no"
+    return precision.dtype == torch.float32 and accelerator.mixed_precision == "no"
 
 
 def _prompt_batch(n: int, step: int, B: int, accelerator, seed: int) -> list[int]:

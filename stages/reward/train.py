@@ -28,12 +28,12 @@ from rlhf.distributed import is_zero3, process_state, whole_models
 from rlhf.evaluation import flatten_metrics, score_sequences
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import (
     build_policy,
     build_scalar_model,
     config_of,
     load_tokenizer,
-    mixed_precision,
     resolve,
 )
 from rlhf.tasks import task_preference_records
@@ -103,6 +103,7 @@ class PreferenceCollator(DataCollatorForPreference):
 
 def train(cfg: RMStageConfig) -> dict:
     state = process_state()
+    precision = resolve_precision(cfg.model_init)  # dtype, autocast, attention: decided once, here
     set_seed(cfg.seed)
     started = time.time()
     out = start_stage(cfg.output_dir, cfg, state.is_main_process)
@@ -120,13 +121,13 @@ def train(cfg: RMStageConfig) -> dict:
     train_pairs, train_source, train_dropped = _load_pairs(cfg, "train")
     eval_pairs, eval_source, _ = _load_pairs(cfg, "eval")
     if cfg.pairs.onpolicy_fraction > 0 and cfg.data.train is None:
-        policy = build_policy(source, cfg.model_init, tokenizer, seed=cfg.seed)
+        policy = build_policy(source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision)
         n_train = round(cfg.pairs.onpolicy_fraction * len(train_pairs))
-        mined = _mine(policy, tokenizer, train_pairs[len(train_pairs) - n_train :], n_train, cfg)
+        mined = _mine(policy, tokenizer, train_pairs[len(train_pairs) - n_train :], n_train, cfg, precision)
         train_pairs = train_pairs[: len(train_pairs) - len(mined)] + mined
         if cfg.data.eval is None:
             eval_pairs += _mine(
-                policy, tokenizer, eval_pairs, round(cfg.pairs.onpolicy_fraction * len(eval_pairs)), cfg
+                policy, tokenizer, eval_pairs, round(cfg.pairs.onpolicy_fraction * len(eval_pairs)), cfg, precision
             )
         del policy
         log.info("on-policy pairs: %d train, %d eval", len(mined), sum(p.get("kind") == "onpolicy" for p in eval_pairs))
@@ -152,9 +153,9 @@ def train(cfg: RMStageConfig) -> dict:
     eval_rows = encode_pairs(tokenizer, eval_pairs, use_margin)
 
     # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
-    model = build_scalar_model(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+    model = build_scalar_model(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
     args = RewardConfig(
-        **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, cfg.tracking.progress),
+        **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
         max_length=None,
         center_rewards_coefficient=cfg.loss.center_coef,
         disable_dropout=True,
@@ -177,7 +178,7 @@ def train(cfg: RMStageConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
 
     # 6. Save a standard sequence-classification directory (adapter with LoRA) + tokenizer.
-    save_output(trainer, tokenizer, out, source, cfg.model_init, cfg.lora, cfg.seed, scalar_head=True)
+    save_output(trainer, tokenizer, out, source, cfg.model_init, precision, cfg.lora, cfg.seed, scalar_head=True)
     state.wait_for_everyone()
 
     # 7. Evaluate the saved directory on held-out pairs: accuracy (per kind of wrong answer),
@@ -188,7 +189,9 @@ def train(cfg: RMStageConfig) -> dict:
         if eval_pairs:
             saved = resolve(str(out))
             with whole_models():
-                reward_model = build_scalar_model(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
+                reward_model = build_scalar_model(
+                    saved, cfg.model_init, load_tokenizer(saved, cfg.model_init), precision=precision
+                )
             report = evaluate_pairs(reward_model, tokenizer, eval_pairs, eval_rows)
             eval_report = {**report, "eval_source": eval_source}
             metrics.update({k: v for k, v in report.items() if k != "scores"})
@@ -246,11 +249,11 @@ def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counte
     return pairs, f"{label} ({fmt})", dropped
 
 
-def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig) -> list[dict]:
+def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig, precision: Precision) -> list[dict]:
     if wanted <= 0:
         return []
-    bf16 = mixed_precision(cfg.model_init) == "bf16"
-    with torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
+    # sampling runs before the Trainer (and its autocast) exists: the stage's autocast, by hand
+    with precision.autocast(next(policy.parameters()).device.type):
         return mine_onpolicy_pairs(
             policy,
             tokenizer,

@@ -22,6 +22,7 @@ from rlhf.data.lengths import limit_length
 from rlhf.distributed import process_state, whole_models
 from rlhf.evaluation import evaluate_generations, flatten_metrics
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import Tracking
 
@@ -30,6 +31,7 @@ log = logging.getLogger("rlhf.sft")
 
 def train(cfg: SFTStageConfig) -> dict:
     state = process_state()
+    precision = resolve_precision(cfg.model_init)  # dtype, autocast, attention: decided once, here
     set_seed(cfg.seed)
     started = time.time()
     out = start_stage(cfg.output_dir, cfg, state.is_main_process)
@@ -53,7 +55,7 @@ def train(cfg: SFTStageConfig) -> dict:
     # 2. Model and tokenizer from the registry (preset, local directory or hub id).
     source = resolve(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model_init)
-    model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed)
+    model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
     base_metrics = None
     if cfg.evaluate_base and eval_examples and state.is_main_process:
         base_metrics, _ = evaluate_generations(model, tokenizer, eval_examples, cfg.task.name, cfg.generation)
@@ -65,7 +67,7 @@ def train(cfg: SFTStageConfig) -> dict:
     #    turn for multi-turn chats; we truncate or drop over-long examples ourselves, to count them.
     multi_turn = "messages" in train_examples[0]
     args = SFTConfig(
-        **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, cfg.tracking.progress),
+        **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
         max_length=None,
         completion_only_loss=None if "text" in train_examples[0] else not multi_turn,
         assistant_only_loss=multi_turn,
@@ -95,7 +97,7 @@ def train(cfg: SFTStageConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
 
     # 5. Save a standard Hugging Face directory (adapter with LoRA) + tokenizer.
-    save_output(trainer, tokenizer, out, source, cfg.model_init, cfg.lora, cfg.seed, scalar_head=False)
+    save_output(trainer, tokenizer, out, source, cfg.model_init, precision, cfg.lora, cfg.seed, scalar_head=False)
     state.wait_for_everyone()
 
     # 6. Evaluate what was saved, as a user would load it: the directory itself, generating
@@ -106,7 +108,9 @@ def train(cfg: SFTStageConfig) -> dict:
         if eval_examples:
             saved = resolve(str(out))
             with whole_models():
-                eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init))
+                eval_model = build_policy(
+                    saved, cfg.model_init, load_tokenizer(saved, cfg.model_init), precision=precision
+                )
             task_metrics, samples = evaluate_generations(
                 eval_model, tokenizer, eval_examples, cfg.task.name, cfg.generation
             )

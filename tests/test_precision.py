@@ -1,0 +1,154 @@
+"""Precision is decided once, by `resolve_precision`: the weights' dtype, bf16 autocast and the
+attention kernel for every machine a stage may run on; the Trainer's bf16 flag and the models the
+registry builds follow the resolved value; `sdpa_fp32` attends exactly as eager fp32 attention."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+import rlhf.precision
+from rlhf.config import ModelInit, OptimConfig, TrainConfig
+from rlhf.distributed import deepspeed_plugin, is_zero3
+from rlhf.hf_trainer import trainer_kwargs
+from rlhf.precision import FP32_SDPA, Precision, resolve_precision
+from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+# (dtype, mixed_precision, attn_implementation, machine, native bf16, deepspeed)
+#   -> (weights dtype, autocast, attention)
+# machine "cpu" or "cuda"; native bf16: AVX512-BF16/AMX on a CPU, bf16 support on a GPU.
+CASES = [
+    # CPU: fp32 weights; auto autocasts in bf16 only where the CPU multiplies bf16 natively
+    (("auto", None, None, "cpu", True, False), (F32, None, None)),
+    (("auto", "auto", None, "cpu", True, False), (F32, "bf16", FP32_SDPA)),
+    (("auto", "auto", None, "cpu", False, False), (F32, None, None)),  # emulated bf16 is slower
+    (("auto", "auto", None, "cpu", True, True), (F32, None, None)),  # DeepSpeed's JSON decides
+    (("auto", "auto", "eager", "cpu", True, False), (F32, "bf16", "eager")),  # a set kernel is kept
+    (("auto", "bf16", None, "cpu", False, False), (F32, "bf16", FP32_SDPA)),  # explicit bf16 is kept
+    (("auto", "bf16", None, "cpu", True, True), (F32, "bf16", FP32_SDPA)),
+    (("bfloat16", "auto", None, "cpu", True, False), (BF16, None, None)),  # weights already bf16
+    (("bfloat16", None, "sdpa", "cpu", True, False), (BF16, None, "sdpa")),
+    (("float32", "auto", None, "cpu", True, False), (F32, "bf16", FP32_SDPA)),
+    # CUDA: bf16 comes from the weights (dtype auto on a bf16 GPU), never from auto autocast
+    (("auto", "auto", None, "cuda", True, False), (BF16, None, None)),
+    (("auto", None, None, "cuda", True, False), (BF16, None, None)),
+    (("auto", "auto", None, "cuda", False, False), (F32, None, None)),  # a GPU without bf16
+    (("auto", "bf16", None, "cuda", True, False), (BF16, "bf16", None)),  # GPU autocast: plain sdpa
+    (("auto", "bf16", None, "cuda", False, False), (F32, "bf16", None)),
+    (("float32", "auto", None, "cuda", True, False), (F32, None, None)),
+    (("float16", "auto", None, "cuda", True, True), (F16, None, None)),
+    (("auto", "auto", "flash_attention_2", "cuda", True, True), (BF16, None, "flash_attention_2")),
+]
+
+
+def on_machine(monkeypatch, machine: str, native: bool, deepspeed: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: machine == "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: native)
+    monkeypatch.setattr(rlhf.precision, "cpu_has_native_bf16", lambda: native)
+    if deepspeed:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    else:
+        monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+
+
+@pytest.mark.parametrize(("given", "expected"), CASES, ids=lambda v: "-".join(map(str, v)))
+def test_resolve_precision_rule(monkeypatch, given, expected):
+    dtype, mixed, attn, machine, native, deepspeed = given
+    on_machine(monkeypatch, machine, native, deepspeed)
+    p = resolve_precision(ModelInit(dtype=dtype, mixed_precision=mixed, attn_implementation=attn))
+    assert (p.dtype, p.mixed, p.attn_implementation) == expected
+    assert p.cuda == (machine == "cuda") and p.native_bf16 == native
+
+
+def test_this_cpu_resolves_auto_to_bf16_autocast_when_it_multiplies_bf16(monkeypatch):
+    """The real machine, nothing patched: what configs/tiny/{rm,ppo}.yaml get here."""
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("CPU rule")
+    p = resolve_precision(ModelInit(mixed_precision="auto"))
+    native = rlhf.precision.cpu_has_native_bf16()
+    assert (p.dtype, p.mixed, p.attn_implementation) == ((F32, "bf16", FP32_SDPA) if native else (F32, None, None))
+
+
+@pytest.mark.parametrize(
+    ("precision", "bf16", "use_cpu"),
+    [
+        (Precision(F32, "bf16", FP32_SDPA, cuda=False, native_bf16=True), True, True),  # CPU autocast
+        (Precision(F32, None, None, cuda=False, native_bf16=True), False, False),
+        (Precision(BF16, None, None, cuda=False, native_bf16=True), False, False),  # CPU bf16 weights: no autocast
+        (Precision(BF16, None, None, cuda=True, native_bf16=True), True, False),  # bf16 GPU: bf16 weights
+        (Precision(BF16, None, None, cuda=True, native_bf16=False), False, False),  # transformers refuses it
+        (Precision(F32, None, None, cuda=True, native_bf16=True), False, False),  # dtype: float32 asked for
+        (Precision(F16, None, None, cuda=True, native_bf16=True), False, False),
+        (Precision(F32, "bf16", None, cuda=True, native_bf16=True), True, False),
+    ],
+)
+def test_trainer_bf16_follows_the_precision(tmp_path, precision, bf16, use_cpu):
+    assert precision.trainer_kwargs() == {"bf16": bf16, "use_cpu": use_cpu}
+    kwargs = trainer_kwargs(tmp_path, 0, OptimConfig(), TrainConfig(), ModelInit(), precision, progress=False)
+    assert (kwargs["bf16"], kwargs["use_cpu"]) == (bf16, use_cpu)
+
+
+def test_autocast_follows_the_precision():
+    with Precision(F32, "bf16", FP32_SDPA, cuda=False, native_bf16=True).autocast("cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == BF16
+    with Precision(F32, None, None, cuda=False, native_bf16=True).autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_builders_take_the_declared_dtype_and_attention():
+    source = resolve("tiny")
+    init = ModelInit()  # resolves to fp32 / sdpa here: the passed precision must win
+    tokenizer = load_tokenizer(source, init)
+    for precision in (
+        Precision(BF16, None, "eager", cuda=False, native_bf16=True),
+        Precision(F32, "bf16", FP32_SDPA, cuda=False, native_bf16=True),
+    ):
+        for build in (build_policy, build_scalar_model):
+            model = build(source, init, tokenizer, seed=0, precision=precision)
+            assert model.dtype == precision.dtype
+            assert model.config._attn_implementation == precision.attn_implementation
+
+
+def test_sdpa_fp32_attends_as_eager_fp32(monkeypatch):
+    """The whole tiny model with either kernel in fp32 (left padding, as generation pads), then the
+    kernel alone on bf16 projections under autocast: it attends in fp32, as eager does on the same
+    inputs upcast, and hands back the projections' dtype."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    tokenizer.padding_side = "left"
+    ids = tokenizer(["请计算：12 - 3 = ", "请计算：99999 - 12345 = "], return_tensors="pt", padding=True)
+
+    def logits(attn: str) -> torch.Tensor:
+        precision = Precision(F32, None, attn, cuda=False, native_bf16=True)
+        model = build_policy(source, ModelInit(), tokenizer, seed=0, precision=precision).eval()
+        with torch.no_grad():
+            return model(**ids).logits  # (B, T, V)
+
+    real = ids["attention_mask"].bool()
+    assert torch.allclose(logits(FP32_SDPA)[real], logits("eager")[real], atol=1e-5)
+
+    torch.manual_seed(0)
+    B, heads, T, D = 2, 4, 7, 8
+    q, k, v = (torch.randn(B, heads, T, D).to(BF16) for _ in range(3))
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True, training=False)
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None].expand(B, 1, T, T)  # (B, 1, T, T)
+    with torch.autocast("cpu", dtype=BF16):
+        out, _ = rlhf.precision._sdpa_in_fp32(module, q, k, v, causal == 0, scaling=D**-0.5)
+    expected, _ = eager_attention_forward(module, q.float(), k.float(), v.float(), causal, scaling=D**-0.5)
+    assert out.dtype == BF16
+    assert torch.allclose(out.float(), expected, rtol=2**-8, atol=1e-6)  # fp32 attention, rounded once to bf16
+
+
+def test_one_deepspeed_check():
+    plugin = SimpleNamespace(zero_stage=3)
+    with_ds = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    without = SimpleNamespace(state=SimpleNamespace())
+    assert deepspeed_plugin(with_ds) is plugin and deepspeed_plugin(without) is None
+    assert is_zero3(with_ds) and not is_zero3(without)
+    plugin.zero_stage = 2
+    assert not is_zero3(with_ds)
