@@ -93,7 +93,7 @@ def tiny_gpt2_config() -> GPT2Config:
 
 PRESETS: dict[str, Preset] = {
     # The built-in default: 1.1M parameters, 4 layers; learns 2- to 5-digit subtraction on a
-    # 2-core CPU in minutes (README, "The tiny default").
+    # 2-core CPU in minutes (docs/tiny-default.md).
     "tiny": Preset(None, LLAMA_LIKE_TARGETS, tiny_llama_config, "built-in default, Llama-shaped, 1.1M params"),
     # Very small shapes of four architectures, for tests and smoke runs.
     "tiny-llama": Preset(None, LLAMA_LIKE_TARGETS, lambda: tiny_llama_config(32, 2, 4, 64), "test-sized Llama"),

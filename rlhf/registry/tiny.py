@@ -3,7 +3,7 @@
 Nothing here downloads anything. The tokenizer is deterministic: building it twice gives the same
 ids, so a saved tiny model stays readable by any later build.
 
-Design of the tokenizer (see the README, "The tiny default"):
+Design of the tokenizer (see docs/tiny-default.md):
 - every digit is its own token (a digit pre-tokenizer guarantees it), so the model sees numbers
   digit by digit;
 - the fixed phrases of seed 000's prompts are single tokens, so a subtraction item is about
