@@ -46,8 +46,7 @@ from rlhf.distributed import is_zero3, process_state, whole_models
 from rlhf.evaluation import evaluate_generations
 from rlhf.generation import gathered_for_generation, generate_ids, generate_text, left_pad, render_prompts
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, mixed_precision, resolve
-from rlhf.rewards import RULES
-from rlhf.tasks import score_generations, task_records
+from rlhf.tasks import RULES, score_generations, task_records
 from rlhf.tracking import Tracking
 from stages.ppo.advantages import explained_variance, gae
 from stages.ppo.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalized_rewards

@@ -37,7 +37,7 @@ from rlhf.registry import (
     resolve,
     sequence_scores,
 )
-from rlhf.tasks import task_preference_records
+from rlhf.tasks import TASKS, task_preference_records
 from rlhf.tracking import Tracking
 from stages.reward.loss import pair_accuracy, pairwise_loss, response_lm_loss
 from stages.reward.onpolicy import mine_onpolicy_pairs
@@ -238,12 +238,13 @@ def _check_not_zero3(trainer) -> None:
 
 def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counter]:
     size = cfg.pairs.train_size if split == "train" else cfg.pairs.eval_size
-    weights = cfg.pairs.kind_weights() if split == "train" else None
+    kinds = cfg.pairs.kinds or (TASKS[cfg.task.name].wrong_kinds if cfg.task.name else ())
+    weights = cfg.pairs.kind_weights(kinds) if split == "train" else None
     records, label = load_records(
         cfg.data,
         cfg.task,
         split,
-        generate=lambda: task_preference_records(cfg.task, cfg.pairs.kinds, size, split, weights),
+        generate=lambda: task_preference_records(cfg.task, kinds, size, split, weights),
     )
     if not records:
         return [], label, Counter()
@@ -254,6 +255,7 @@ def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counte
 def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig) -> list[dict]:
     if wanted <= 0:
         return []
+    task = TASKS[cfg.task.name]
     bf16 = mixed_precision(cfg.model_init) == "bf16"
     with torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
         return mine_onpolicy_pairs(
@@ -263,7 +265,8 @@ def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig)
             wanted,
             cfg.pairs.onpolicy_samples,
             cfg.pairs.onpolicy_temperature,
-            max_new_tokens=16,
+            max_new_tokens=task.answer_tokens,
+            is_correct=task.is_correct,
         )
 
 
