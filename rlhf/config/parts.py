@@ -71,7 +71,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """A built-in task with a checker (rlhf/tasks: seed 000's subtraction), which
+    """A built-in task with a checker (rlhf/tasks: seed 000's subtraction, addition_reversed), which
     generates the training and held-out data when `data.train` / `data.eval` are null, and scores
     generations."""
 

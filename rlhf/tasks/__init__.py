@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rlhf.tasks import subtraction
+from rlhf.tasks import addition_reversed, subtraction
 from rlhf.tasks.base import Rule, Task, TaskSpec, exact_match
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
 
 TASKS: dict[str, Task] = {
     "subtraction": subtraction.TASK,
+    "addition_reversed": addition_reversed.TASK,
 }
 
 
