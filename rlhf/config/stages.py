@@ -170,7 +170,7 @@ class RewardConfig:
     """Step 3 of PPO: the sequence score = weighted reward-model score + weighted rule rewards."""
 
     model_weight: float = 1.0  # weight of the reward model's score (0: rule rewards only)
-    rules: dict[str, float] = field(default_factory=dict)  # rule name -> weight, e.g. {subtraction: 1.0}
+    rules: dict[str, float] = field(default_factory=dict)  # rlhf.tasks.RULES name -> weight, e.g. {subtraction: 1.0}
     normalize: Literal["none", "batch", "running"] = "none"  # whiten scores per batch or by running stats
     clip: float | None = None  # clip scores to [-clip, clip] after normalisation
     missing_eos_penalty: float | None = -1.0  # added to the score of a response that never emitted EOS

@@ -317,7 +317,7 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dic
     generated = [ok for p, ok in zip(pairs, right, strict=True) if p.get("kind") not in (None, "onpolicy")]
     return {
         "accuracy": round(sum(right) / len(right), 4),
-        # the four kinds of realistic mistakes alone, without the init model's own (on-policy) ones
+        # the task's generated kinds of mistakes alone, without the init model's own (on-policy) ones
         "accuracy_generated": round(sum(generated) / len(generated), 4) if generated else None,
         "mean_margin": round((chosen - rejected).mean().item(), 4),
         "accuracy_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
