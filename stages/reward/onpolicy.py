@@ -1,7 +1,6 @@
 """On-policy preference pairs: the SFT model's own wrong answers, labelled by the task's checker
-(`Task.is_correct`, passed in),
-against the right answer. Closer to how labellers rank a model's outputs than synthetic mistakes
-(InstructGPT collects comparisons of the model's own samples)."""
+(`Task.is_correct`, passed in), against the right answer. Closer to how labellers rank a model's
+outputs than synthetic mistakes (InstructGPT collects comparisons of the model's own samples)."""
 
 from __future__ import annotations
 
