@@ -34,7 +34,7 @@ def evaluate_generations(
     gen: GenerationConfig,
     n_samples: int = 8,
 ) -> tuple[dict, list[dict]]:
-    """(metrics, samples): exact-match accuracy (per bucket, as the task reports it) of the model's
+    """(metrics, samples): the task's report (exact-match accuracy, per bucket) of the model's
     answers to examples that carry a reference answer, and a few examples to show."""
     scored = [e for e in examples if reference_answer(e) is not None]
     if not scored:

@@ -16,15 +16,19 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from rlhf.checkpoint import atomic_write_json, atomic_write_text
+from rlhf.tasks import TASKS
 
 STAGES = ("sft", "rm", "ppo")
 
-# (plot file, title, [(metric key, label)], y-label): one line per metric present in the run.
+# (plot file, title, [(metric key, label)], y-label): one line per metric present in the run. The
+# run's task adds its own lines (`Task.curves`, e.g. its rule rewards on ppo_score), and
+# ppo_eval_accuracy gets one line per digit bucket the run logged.
 CURVES = [
     ("sft_loss", "SFT: training loss", [("train/sft/loss", "loss")], "cross-entropy"),
     ("sft_token_accuracy", "SFT: token accuracy on answers", [("train/sft/mean_token_accuracy", "train")], "accuracy"),
@@ -41,7 +45,6 @@ CURVES = [
         [
             ("train/ppo/score", "score"),
             ("train/ppo/rm_score", "reward model"),
-            ("train/ppo/rule_subtraction", "subtraction rule"),
         ],
         "score",
     ),
@@ -68,7 +71,7 @@ CURVES = [
     (
         "ppo_eval_accuracy",
         "PPO: held-out accuracy during training",
-        [("eval/ppo/accuracy", "all"), ("eval/ppo/accuracy_2", "2-digit"), ("eval/ppo/accuracy_5", "5-digit")],
+        [("eval/ppo/accuracy", "all")],
         "exact match",
     ),
 ]
@@ -92,12 +95,37 @@ def load_stage(directory: Path) -> dict:
                 if key not in ("step", "time") and isinstance(value, (int, float)) and record.get("step") is not None:
                     series.setdefault(key, {})[int(record["step"])] = float(value)
     read = lambda name: json.loads((directory / name).read_text()) if (directory / name).is_file() else {}  # noqa: E731
+    config = directory / "config.yaml"
     return {
         "series": {k: sorted(v.items()) for k, v in series.items()},
         "tables": tables,
         "eval": read("eval.json"),
         "manifest": read("manifest.json"),
+        "config": (yaml.safe_load(config.read_text(encoding="utf-8")) or {}) if config.is_file() else {},
     }
+
+
+def run_task(stages: dict) -> str | None:
+    """The task of the run, from the last stage's resolved config.yaml that names one."""
+    for stage in reversed(STAGES):
+        name = (stages[stage]["config"].get("task") or {}).get("name")
+        if name:
+            return name
+    return None
+
+
+def curves_for(stages: dict) -> list[tuple[str, str, list[tuple[str, str]], str]]:
+    """CURVES with the run's task lines added, and one held-out line per digit bucket PPO logged."""
+    task = TASKS.get(run_task(stages) or "")
+    prefix = "eval/ppo/accuracy_"
+    names = [k.removeprefix(prefix) for k in stages["ppo"]["series"] if k.startswith(prefix)]
+    buckets = sorted((d for d in names if d.isdigit()), key=int)
+    extra: dict[str, list[tuple[str, str]]] = {
+        "ppo_eval_accuracy": [(f"eval/ppo/accuracy_{d}", f"{d}-digit") for d in buckets]
+    }
+    for plot, key, label in task.curves if task else ():
+        extra.setdefault(plot, []).append((key, label))
+    return [(name, title, keys + extra.get(name, []), ylabel) for name, title, keys, ylabel in CURVES]
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -108,7 +136,7 @@ def write_report(run_dir: str | Path) -> Path:
     data: dict[str, dict] = {}
     images: list[tuple[str, str, str]] = []  # (name, title, base64 png)
 
-    for name, title, keys, ylabel in CURVES:
+    for name, title, keys, ylabel in curves_for(stages):
         stage = stages[name.split("_")[0]]
         lines = {label: stage["series"][key] for key, label in keys if stage["series"].get(key)}
         if not lines:
@@ -190,8 +218,9 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
                 f"<tr><td>{e(name)}</td><td>{_fmt(r.get('accuracy'))}</td>{cells}"
                 f"<td>{_fmt(r.get('rm_score'))}</td></tr>"
             )
+        task = e(run_task(stages) or "")
         parts.append(
-            "<h2>Task accuracy (held-out, exact match)</h2><table><tr><th>model</th><th>all</th>"
+            f"<h2>Task accuracy: {task} (held-out, exact match)</h2><table><tr><th>model</th><th>all</th>"
             f"{head}<th>RM score</th></tr>{body}</table>"
         )
 

@@ -217,7 +217,7 @@ def test_policy_learns_what_the_reward_asks(sft_dir, tmp_path, monkeypatch, shar
     at first) writes mostly digits within a few dozen steps, with either critic."""
     import stages.ppo.train as ppo_train
     from rlhf.config import PPOStageConfig, load_config
-    from rlhf.rewards import RULES
+    from rlhf.tasks import RULES
 
     def digit_share(questions, responses):
         return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]

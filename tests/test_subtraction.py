@@ -134,7 +134,7 @@ def test_kind_weights_shape_the_training_mix():
 
 
 def test_rule_rewards_by_hand():
-    from rlhf.rewards import RULES
+    from rlhf.tasks import RULES
 
     q = S.PROMPT % (52, 17)  # 35
     big = S.PROMPT % (10000, 12345)  # -2345

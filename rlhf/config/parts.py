@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf.config.schema import ConfigError
+from rlhf.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """A built-in task with a checker (seed 000's subtraction), which generates the training and
-    held-out data when `data.train` / `data.eval` are null, and scores generations."""
+    """A built-in task with a checker (rlhf/tasks: seed 000's subtraction, addition_reversed), which
+    generates the training and held-out data when `data.train` / `data.eval` are null, and scores
+    generations."""
 
-    name: Literal["subtraction"] | None = "subtraction"  # null: no task (your own data, loss-only eval)
+    name: str | None = "subtraction"  # a key of rlhf.tasks.TASKS; null: no task (your own data, loss-only eval)
     train_size: int = 100_000
-    train_digits: tuple[int, ...] = (2, 3, 4, 5)  # dx buckets for training items (seed: 2, 5, 10, 20)
+    train_digits: tuple[int, ...] = (2, 3, 4, 5)  # digit buckets for training items (seed: 2, 5, 10, 20)
     train_weights: tuple[float, ...] | None = None  # sampling weight per bucket; None: uniform
     eval_size: int = 400
     eval_digits: tuple[int, ...] = (2, 5)  # the seed's first two buckets
@@ -83,6 +85,10 @@ class TaskConfig:
     data_seed: int = 1234  # generated data depends on this, not on `seed`; the held-out set uses data_seed + 1
 
     def check(self) -> None:
+        if self.name is not None and self.name not in TASKS:
+            raise ConfigError("name", f"unknown task {self.name!r}; known: {sorted(TASKS)} (or null for none)")
+        if self.fewshot and self.name is not None and not TASKS[self.name].fewshot:
+            raise ConfigError("fewshot", f"task {self.name!r} has no few-shot prompt")
         if self.train_weights is not None and len(self.train_weights) != len(self.train_digits):
             raise ConfigError("train_weights", "needs one weight per entry of train_digits")
         if any(d <= 0 for d in self.train_digits + self.eval_digits):

@@ -17,6 +17,7 @@ from rlhf.config.parts import (
     TrainConfig,
 )
 from rlhf.config.schema import ConfigError
+from rlhf.tasks import RULES, TASKS
 
 # Top-level keys that never change what a stage computes: left out of the config hash that
 # decides whether a finished stage can be reused.
@@ -43,11 +44,12 @@ class SFTStageConfig:
 
 @dataclass(frozen=True)
 class PairsConfig:
-    """Built-in preference pairs for the task (used when data.train / data.eval are null)."""
+    """Built-in preference pairs for the task (used when data.train / data.eval are null). The kinds
+    are checked against the task's by RMStageConfig, which knows both."""
 
     train_size: int = 20_000
     eval_size: int = 1_000
-    kinds: tuple[str, ...] = ("wrong_digit", "missed_borrow", "sign_error", "dropped_digit")
+    kinds: tuple[str, ...] | None = None  # kinds of wrong answers (the task's WRONG_KINDS); null: all of them
     # relative chance of each kind in training pairs, e.g. {wrong_digit: 2}; unnamed kinds weigh 1
     # (held-out pairs always draw kinds uniformly)
     train_kind_weights: dict[str, float] = field(default_factory=dict)
@@ -58,20 +60,13 @@ class PairsConfig:
     def check(self) -> None:
         if not 0.0 <= self.onpolicy_fraction <= 1.0:
             raise ConfigError("onpolicy_fraction", f"must be in [0, 1], got {self.onpolicy_fraction}")
-        from rlhf.tasks.subtraction import WRONG_KINDS
-
-        for k in self.kinds:
-            if k not in WRONG_KINDS:
-                raise ConfigError("kinds", f"unknown kind {k!r}; known: {list(WRONG_KINDS)}")
         for k, w in self.train_kind_weights.items():
-            if k not in WRONG_KINDS:
-                raise ConfigError("train_kind_weights", f"unknown kind {k!r}; known: {list(WRONG_KINDS)}")
             if not w > 0:
                 raise ConfigError("train_kind_weights", f"weight of {k!r} must be > 0, got {w}")
 
-    def kind_weights(self) -> list[float]:
-        """One training weight per entry of `kinds`."""
-        return [float(self.train_kind_weights.get(k, 1.0)) for k in self.kinds]
+    def kind_weights(self, kinds: tuple[str, ...] | None = None) -> list[float]:
+        """One training weight per entry of `kinds` (default: the configured ones)."""
+        return [float(self.train_kind_weights.get(k, 1.0)) for k in (kinds or self.kinds or ())]
 
 
 @dataclass(frozen=True)
@@ -106,6 +101,18 @@ class RMStageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def check(self) -> None:
+        if self.task.name is None:
+            return  # no generated pairs
+        known = TASKS[self.task.name].wrong_kinds
+        for key, kinds in (
+            ("pairs.kinds", self.pairs.kinds or ()),
+            ("pairs.train_kind_weights", self.pairs.train_kind_weights),
+        ):
+            for k in kinds:
+                if k not in known:
+                    raise ConfigError(key, f"unknown kind {k!r} for task {self.task.name!r}; known: {list(known)}")
 
 
 @dataclass(frozen=True)
@@ -165,14 +172,12 @@ class PPORewardConfig:
     """Step 3 of PPO: the sequence score = weighted reward-model score + weighted rule rewards."""
 
     model_weight: float = 1.0  # weight of the reward model's score (0: rule rewards only)
-    rules: dict[str, float] = field(default_factory=dict)  # rule name -> weight, e.g. {subtraction: 1.0}
+    rules: dict[str, float] = field(default_factory=dict)  # rlhf.tasks.RULES name -> weight, e.g. {subtraction: 1.0}
     normalize: Literal["none", "batch", "running"] = "none"  # whiten scores per batch or by running stats
     clip: float | None = None  # clip scores to [-clip, clip] after normalisation
     missing_eos_penalty: float | None = -1.0  # added to the score of a response that never emitted EOS
 
     def check(self) -> None:
-        from rlhf.rewards import RULES
-
         for name in self.rules:
             if name not in RULES:
                 raise ConfigError(f"rules.{name}", f"unknown rule reward; known: {sorted(RULES)}")

@@ -1,55 +1,77 @@
-"""Built-in tasks with a checker. A task generates training and held-out data in its own
-formats, scores generations, and can serve as a rule-based reward in PPO."""
+"""Built-in tasks with a checker, one module each (see `base.Task`), registered in `TASKS` by name.
+A task generates training and held-out data in its own formats, scores generations, and offers
+rule rewards for PPO (`RULES`, every task's rules under their own names).
+
+A new task is a new module that builds a `Task`, plus its line in `TASKS` below.
+"""
 
 from __future__ import annotations
 
-import random
+from collections.abc import Sequence
 
-from rlhf.config import TaskConfig
-from rlhf.data.io import Record
-from rlhf.tasks import subtraction
+from rlhf.tasks import addition_reversed, subtraction
+from rlhf.tasks.base import Rule, Task, TaskSpec, exact_match
 
-TASKS = ("subtraction",)
+__all__ = [
+    "RULES",
+    "TASKS",
+    "Rule",
+    "Task",
+    "TaskSpec",
+    "get_task",
+    "score_generations",
+    "task_preference_records",
+    "task_records",
+]
 
-
-def task_records(task: TaskConfig, split: str, seed_offset: int = 0) -> list[Record]:
-    """Generated records for `split` ("train" or "eval"), in the seed's file formats. Training
-    items depend on data_seed + seed_offset (PPO draws fresh prompts with an offset)."""
-    if task.name != "subtraction":
-        raise ValueError(f"no built-in data for task {task.name!r}; set data.train / data.eval")
-    if split == "train":
-        seed = task.data_seed + seed_offset
-        items = subtraction.train_items(task.train_size, task.train_digits, task.train_weights, seed)
-        records = [subtraction.sft_record(x, y, fewshot=task.fewshot) for _, x, y in items]
-    else:
-        items = subtraction.test_items(task.eval_size, task.eval_digits, task.data_seed + 1)
-        records = [_eval_record(x, y, task.fewshot) for _, x, y in items]
-    return [Record(r, f"task:{task.name}/{split} item {i + 1}") for i, r in enumerate(records)]
-
-
-def task_preference_records(task: TaskConfig, kinds, size: int, split: str, weights=None) -> list[Record]:
-    """Generated chosen/rejected pairs for `split` ("train" or "eval"): the right answer against
-    a realistic wrong one (see subtraction.wrong_answer), its kind drawn by `weights`."""
-    if task.name != "subtraction":
-        raise ValueError(f"no built-in preference pairs for task {task.name!r}; set data.train / data.eval")
-    if split == "train":
-        items = subtraction.train_items(size, task.train_digits, task.train_weights, task.data_seed + 10)
-    else:
-        items = subtraction.test_items(size, task.eval_digits, task.data_seed + 11)
-    rng = random.Random(task.data_seed + (10 if split == "train" else 11))
-    records = [r for _, x, y in items if (r := subtraction.preference_record(x, y, kinds, rng, task.fewshot, weights))]
-    return [Record(r, f"task:{task.name}/{split}-pairs item {i + 1}") for i, r in enumerate(records)]
+TASKS: dict[str, Task] = {
+    "subtraction": subtraction.TASK,
+    "addition_reversed": addition_reversed.TASK,
+}
 
 
-def _eval_record(x: int, y: int, fewshot: bool) -> dict:
-    if fewshot:
-        return {"prompt": subtraction.FEWSHOT_PROMPT % (x, y), "answer": str(x - y)}
-    return subtraction.test_record(x, y)
+def _all_rules(tasks: dict[str, Task]) -> dict[str, Rule]:
+    rules: dict[str, Rule] = {}
+    for task in tasks.values():
+        for name, rule in task.rules.items():
+            if name in rules:
+                raise ValueError(f"rule reward {name!r} of task {task.name!r} is already defined by another task")
+            rules[name] = rule
+    return rules
+
+
+# Rule rewards for PPO (`reward.rules: {name: weight}`): RULES[name](questions, responses) -> floats.
+RULES: dict[str, Rule] = _all_rules(TASKS)
+
+
+def get_task(name: str | None) -> Task:
+    """The registered task called `name`; ValueError naming the known ones otherwise."""
+    if name not in TASKS:
+        raise ValueError(f"no built-in task {name!r}; known: {sorted(TASKS)} (or set data.train / data.eval)")
+    return TASKS[name]
+
+
+def task_records(task: TaskSpec, split: str, seed_offset: int = 0) -> list[dict]:
+    """Generated records for `split` ("train": SFT records, "eval": {"prompt", "answer"}), in the
+    task's formats. Training items depend on data_seed + seed_offset (PPO draws fresh prompts with
+    an offset)."""
+    t = get_task(task.name)
+    return t.train_records(task, seed_offset) if split == "train" else t.eval_records(task)
+
+
+def task_preference_records(
+    task: TaskSpec, kinds: Sequence[str] | None, size: int, split: str, weights: Sequence[float] | None = None
+) -> list[dict]:
+    """Generated chosen/rejected pairs for `split` ("train" or "eval"): the right answer against a
+    realistic wrong one of a kind in `kinds` (None: all the task's kinds), drawn by `weights`."""
+    t = get_task(task.name)
+    return t.preference_records(task, t.wrong_kinds if kinds is None else kinds, size, split, weights)
 
 
 def score_generations(task_name: str | None, prompts: list[str], answers: list[str], responses: list[str]) -> dict:
-    """Task metrics for generations: exact match overall and per digit bucket."""
-    if task_name == "subtraction":
-        return subtraction.accuracy_report(prompts, answers, responses)
-    hits = [r.strip() == a.strip() for r, a in zip(responses, answers, strict=True)]
+    """Task metrics for generations: the task's report (overall and per bucket), or plain exact
+    match when there is no task."""
+    if task_name is not None:
+        return get_task(task_name).score(prompts, answers, responses)
+    hits = [exact_match(r, a) for r, a in zip(responses, answers, strict=True)]
     return {"task": task_name, "accuracy": round(sum(hits) / max(len(hits), 1), 4), "n": len(hits)}

@@ -1,4 +1,5 @@
-"""Seed 000's subtraction task: generators in the seed's formats, the checker, per-digit accuracy.
+"""Seed 000's subtraction task: generators in the seed's formats, the checker, per-digit accuracy,
+its rule rewards and the kinds of wrong answers for reward-model pairs; registered as `TASK`.
 
 The seed asks `请计算：x - y = ，直接返回计算结果` and expects the exact integer x − y. Its test set has
 1,000 items, a quarter each with x of up to 2, 5, 10 and 20 digits (`dx`), and y of 1..dx digits.
@@ -18,8 +19,10 @@ import json
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+from rlhf.tasks.base import Task, TaskSpec
 
 PROMPT = "请计算：%d - %d = ，直接返回计算结果"
 SEED_BUCKETS = (2, 5, 10, 20)
@@ -205,6 +208,34 @@ def _borrow_columns(big: int, small: int) -> list[int]:
     return cols
 
 
+def train_records(task: TaskSpec, seed_offset: int = 0) -> list[dict]:
+    """SFT records; items depend on data_seed + seed_offset (PPO draws fresh prompts with an offset)."""
+    items = train_items(task.train_size, task.train_digits, task.train_weights, task.data_seed + seed_offset)
+    return [sft_record(x, y, fewshot=task.fewshot) for _, x, y in items]
+
+
+def eval_records(task: TaskSpec) -> list[dict]:
+    """The held-out set {"prompt", "answer"}, from data_seed + 1."""
+    items = test_items(task.eval_size, task.eval_digits, task.data_seed + 1)
+    if task.fewshot:
+        return [{"prompt": FEWSHOT_PROMPT % (x, y), "answer": str(x - y)} for _, x, y in items]
+    return [test_record(x, y) for _, x, y in items]
+
+
+def pair_records(
+    task: TaskSpec, kinds: Sequence[str], size: int, split: str, weights: Sequence[float] | None = None
+) -> list[dict]:
+    """Chosen/rejected pairs for `split` ("train" or "eval"): the right answer against a realistic
+    wrong one (see `wrong_answer`), its kind drawn by `weights`; from data_seed + 10 / + 11."""
+    offset = 10 if split == "train" else 11
+    if split == "train":
+        items = train_items(size, task.train_digits, task.train_weights, task.data_seed + offset)
+    else:
+        items = test_items(size, task.eval_digits, task.data_seed + offset)
+    rng = random.Random(task.data_seed + offset)
+    return [r for _, x, y in items if (r := preference_record(x, y, kinds, rng, task.fewshot, weights))]
+
+
 def accuracy_report(
     prompts: Sequence[str],
     answers: Sequence[str],
@@ -224,3 +255,59 @@ def accuracy_report(
         "n_by_digits": {str(b): len(v) for b, v in sorted(hits.items())},
         "n": len(flat),
     }
+
+
+# ---- rule rewards for PPO (reward.rules): one float per response ---------------------------------
+
+
+def _per_question(
+    questions: Sequence[str], responses: Sequence[str], score: Callable[[str, str], float]
+) -> list[float]:
+    """score(difference, response) for each subtraction question; 0.0 for a prompt that holds none."""
+    out = []
+    for question, response in zip(questions, responses, strict=True):
+        try:
+            x, y = parse_question(question)
+        except ValueError:
+            out.append(0.0)
+            continue
+        out.append(score(str(x - y), response))
+    return out
+
+
+def subtraction_exact(questions: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """1.0 for the exact difference (seed 000's scoring), 0.0 otherwise; 0.0 for a prompt that
+    holds no subtraction question."""
+    return _per_question(questions, responses, lambda answer, given: float(is_correct(given, answer)))
+
+
+def subtraction_digits(questions: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """Partial credit: the share of the difference's characters (sign and digits, aligned from the
+    units digit) that the response has right, over the longer of the two; 1.0 only for the exact
+    difference, 0.0 for a prompt that holds no subtraction question. A denser signal than exact
+    match: an answer with one digit wrong scores above one with all of them wrong."""
+
+    def share_right(answer: str, given: str) -> float:
+        given = given.strip()
+        same = sum(a == b for a, b in zip(reversed(answer), reversed(given), strict=False))
+        return same / max(len(answer), len(given))
+
+    return _per_question(questions, responses, share_right)
+
+
+TASK = Task(
+    name="subtraction",
+    train_records=train_records,
+    eval_records=eval_records,
+    preference_records=pair_records,
+    is_correct=is_correct,
+    score=accuracy_report,
+    rules={"subtraction": subtraction_exact, "subtraction_digits": subtraction_digits},
+    wrong_kinds=WRONG_KINDS,
+    answer_tokens=16,  # what on-policy mining has always sampled: a 20-digit difference and EOS fit
+    curves=(
+        ("ppo_score", "train/ppo/rule_subtraction", "subtraction rule"),
+        ("ppo_score", "train/ppo/rule_subtraction_digits", "subtraction digits rule"),
+    ),
+    fewshot=True,
+)

@@ -40,8 +40,7 @@ from rlhf.evaluation import evaluate_directory, evaluate_in_loop, flatten_metric
 from rlhf.generation import render_prompts
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import sequence_scores
-from rlhf.rewards import RULES
-from rlhf.tasks import task_records
+from rlhf.tasks import RULES, task_records
 from rlhf.tracking import Tracking
 from stages.ppo.advantages import ESTIMATORS, explained_variance
 from stages.ppo.engines import ENGINES, RolloutEngine, build_engine

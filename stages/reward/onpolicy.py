@@ -1,14 +1,15 @@
-"""On-policy preference pairs: the SFT model's own wrong answers, labelled by the task's checker,
-against the right answer. Closer to how labellers rank a model's outputs than synthetic mistakes
-(InstructGPT collects comparisons of the model's own samples)."""
+"""On-policy preference pairs: the SFT model's own wrong answers, labelled by the task's checker
+(`Task.is_correct`, passed in), against the right answer. Closer to how labellers rank a model's
+outputs than synthetic mistakes (InstructGPT collects comparisons of the model's own samples)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from rlhf.config import GenerationConfig
 from rlhf.generation import generate_text
-from rlhf.tasks.subtraction import is_correct
 
 
 @torch.no_grad()
@@ -20,10 +21,12 @@ def mine_onpolicy_pairs(
     samples: int,
     temperature: float,
     max_new_tokens: int,
+    is_correct: Callable[[str, str], bool],
     batch_size: int = 256,
 ) -> list[dict]:
     """Up to `wanted` pairs {prompt, chosen, rejected, kind: "onpolicy"}: for each pair's prompt,
-    `samples` sampled answers, the wrong ones (distinct) paired with the pair's chosen answer."""
+    `samples` sampled answers, the wrong ones by `is_correct(response, answer)` (distinct) paired
+    with the pair's chosen answer."""
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature)
     mined: list[dict] = []
     step = max(1, batch_size // samples)

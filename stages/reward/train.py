@@ -36,7 +36,7 @@ from rlhf.registry import (
     load_tokenizer,
     resolve,
 )
-from rlhf.tasks import task_preference_records
+from rlhf.tasks import TASKS, task_preference_records
 from rlhf.tracking import Tracking
 from stages.reward.loss import pair_accuracy, pairwise_loss, response_lm_loss
 from stages.reward.onpolicy import mine_onpolicy_pairs
@@ -236,12 +236,13 @@ def _check_not_zero3(trainer) -> None:
 
 def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counter]:
     size = cfg.pairs.train_size if split == "train" else cfg.pairs.eval_size
-    weights = cfg.pairs.kind_weights() if split == "train" else None
+    kinds = cfg.pairs.kinds or (TASKS[cfg.task.name].wrong_kinds if cfg.task.name else ())
+    weights = cfg.pairs.kind_weights(kinds) if split == "train" else None
     records, label = load_records(
         cfg.data,
         cfg.task,
         split,
-        generate=lambda: task_preference_records(cfg.task, cfg.pairs.kinds, size, split, weights),
+        generate=lambda: task_preference_records(cfg.task, kinds, size, split, weights),
     )
     if not records:
         return [], label, Counter()
@@ -252,6 +253,7 @@ def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counte
 def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig, precision: Precision) -> list[dict]:
     if wanted <= 0:
         return []
+    task = TASKS[cfg.task.name]
     # sampling runs before the Trainer (and its autocast) exists: the stage's autocast, by hand
     with precision.autocast(next(policy.parameters()).device.type):
         return mine_onpolicy_pairs(
@@ -261,7 +263,8 @@ def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig,
             wanted,
             cfg.pairs.onpolicy_samples,
             cfg.pairs.onpolicy_temperature,
-            max_new_tokens=16,
+            max_new_tokens=task.answer_tokens,
+            is_correct=task.is_correct,
         )
 
 
@@ -294,7 +297,7 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dic
     generated = [ok for p, ok in zip(pairs, right, strict=True) if p.get("kind") not in (None, "onpolicy")]
     return {
         "accuracy": round(sum(right) / len(right), 4),
-        # the four kinds of realistic mistakes alone, without the init model's own (on-policy) ones
+        # the task's generated kinds of mistakes alone, without the init model's own (on-policy) ones
         "accuracy_generated": round(sum(generated) / len(generated), 4) if generated else None,
         "mean_margin": round((chosen - rejected).mean().item(), 4),
         "accuracy_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
