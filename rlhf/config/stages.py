@@ -116,7 +116,7 @@ class RolloutConfig:
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.0)
     )
-    # Take the rollout's log-probs (of softmax(logits / T), top-k / top-p aside) from the sampling
+    # Take the rollout's log-probs (of softmax(logits / T)) from the sampling
     # pass instead of one more forward of the policy over prompt + response. null (auto): when the
     # policy computes in fp32; in bf16 the KV-cached pass rounds differently from the training
     # forward, so the first PPO ratio would not be 1.
