@@ -92,13 +92,15 @@ def evaluate_directory(
     gen: GenerationConfig,
     init: ModelInit,
     precision: Precision,
+    seed: int = 0,
 ) -> dict:
     """Held-out accuracy (per bucket) of a saved policy, greedy, loaded as a user would, and the
-    reward model's mean score of its answers. Main process only, plain (unsharded) models."""
+    reward model's mean score of its answers. Main process only, plain (unsharded) models.
+    `seed`: the stage's, so that a built-in preset (a random init) is the model the stage trains."""
     source = resolve(policy_dir)
     tokenizer = load_tokenizer(source, init)
     with whole_models():
-        policy = build_policy(source, init, tokenizer, precision=precision).eval()
+        policy = build_policy(source, init, tokenizer, seed=seed, precision=precision).eval()
     metrics, samples = evaluate_generations(policy, tokenizer, examples, task_name, gen)
     if reward_model_dir:
         rm_source = resolve(reward_model_dir)

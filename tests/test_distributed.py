@@ -125,3 +125,19 @@ def test_each_stage_distributed(mode, tmp_path):
         assert (
             head["score.weight"].shape == (1, sft.config.hidden_size) and not (shared / "ppo" / "value_model").exists()
         )
+
+
+def test_advantage_whitening_and_explained_variance_are_global(tmp_path):
+    """Two processes (gloo) each holding part of a batch whiten their advantages and compute the
+    explained variance with the whole batch's statistics, as one process holding it all would."""
+    out = tmp_path / "stats.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / MODES["ddp"])]
+    cmd += ["--num_processes", "2", "--main_process_port", "29731", str(ROOT / "tests/two_process_stats.py"), str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert json.loads(out.read_text()) == {
+        "whitening_matches": True,
+        "explained_variance_matches": True,
+        "per_process_differs": True,
+    }

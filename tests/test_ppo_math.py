@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from stages.ppo.advantages import explained_variance, gae
+from stages.ppo.advantages import explained_variance, explained_variance_sums, gae
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from stages.ppo.masked import last_index, masked_mean, masked_var, masked_whiten
+from stages.ppo.masked import last_index, masked_mean, masked_sums, masked_var, masked_whiten, moments
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 M = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -139,3 +139,58 @@ def test_explained_variance():
     mask = torch.ones(1, 4)
     assert explained_variance(ret, ret, mask) == pytest.approx(1.0)
     assert explained_variance(torch.zeros_like(ret) + 2.5, ret, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+# Two categorical distributions with dyadic probabilities, so that a list of tokens in which each
+# appears in proportion to its probability under `old` makes a plain token mean an exact expectation.
+OLD = torch.tensor([0.5, 0.25, 0.125, 0.125])
+NEW = torch.tensor([0.1, 0.2, 0.3, 0.4])
+OLD_SAMPLES = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 3]])  # 8 tokens: 4/8, 2/8, 1/8, 1/8
+
+
+def test_approx_kl_is_kl_old_to_new_exactly():
+    # the rollout's tokens come from the old policy: E_old[k3] must be KL(old || new) = Σ old·log(old/new)
+    kl_old_new = (OLD * (OLD / NEW).log()).sum().item()
+    new_lp, old_lp = NEW.log()[OLD_SAMPLES], OLD.log()[OLD_SAMPLES]
+    mask = torch.ones_like(new_lp)
+    _, stats = policy_loss(new_lp, old_lp, torch.zeros_like(new_lp), mask, clip_range=0.2)
+    assert stats["approx_kl"].item() == pytest.approx(kl_old_new, abs=1e-6)
+    # and it is >= 0 per token, 0 where the policies agree
+    _, same = policy_loss(old_lp, old_lp, torch.zeros_like(old_lp), mask, clip_range=0.2)
+    assert same["approx_kl"].item() == 0.0
+
+
+def test_kl_estimate_k3_is_kl_policy_to_ref_exactly():
+    # the other direction: tokens sampled from the policy (OLD here), KL(policy || ref) with ref = NEW
+    kl_policy_ref = (OLD * (OLD / NEW).log()).sum().item()
+    policy_lp, ref_lp = OLD.log()[OLD_SAMPLES], NEW.log()[OLD_SAMPLES]
+    for kind in ("k1", "k3"):
+        assert kl_estimate(policy_lp, ref_lp, kind).mean().item() == pytest.approx(kl_policy_ref, abs=1e-6)
+    # KL is not symmetric: the estimator with its arguments swapped is not this KL
+    assert kl_estimate(ref_lp, policy_lp, "k3").mean().item() != pytest.approx(kl_policy_ref, abs=1e-3)
+
+
+def test_masked_mean_ignores_inf_at_padding():
+    # a pad's log-prob can be -inf; 0 * inf = nan, so a multiplied-out mean would be NaN
+    x = torch.tensor([[1.0, 3.0, -math.inf], [2.0, math.inf, math.nan]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(x, mask).item() == pytest.approx(2.0)
+    assert masked_mean(x, mask, dim=1).tolist() == pytest.approx([2.0, 2.0])
+    assert torch.isfinite(masked_whiten(x, mask)).all()
+
+
+def test_whitening_and_explained_variance_from_summed_moments():
+    # two "processes" holding parts of one batch: whitening each with the summed sums equals
+    # whitening the concatenation; the same for explained variance
+    x, mask = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), (torch.rand(6, 5) > 0.3).long()
+    v = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    parts = [(x[:2], mask[:2], v[:2]), (x[2:], mask[2:], v[2:])]
+    sums = sum(masked_sums(a, m) for a, m, _ in parts)
+    mean, var = moments(sums)
+    assert mean.item() == pytest.approx(masked_mean(x, mask).item(), abs=1e-6)
+    assert var.item() == pytest.approx(masked_var(x, mask).item(), abs=1e-5)
+    whole = masked_whiten(x, mask)
+    together = torch.cat([masked_whiten(a, m, sums=sums) for a, m, _ in parts])
+    assert torch.allclose(together, whole, atol=1e-6)
+    ev_sums = sum(explained_variance_sums(b, a, m) for a, m, b in parts)
+    assert explained_variance(v[:2], x[:2], mask[:2], ev_sums) == pytest.approx(explained_variance(v, x, mask))

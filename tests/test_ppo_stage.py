@@ -286,3 +286,126 @@ def test_mixed_precision_multiplies_in_bf16_and_keeps_the_math_in_fp32(sft_dir, 
         assert record_["train/ppo/ratio"] == pytest.approx(1.0, abs=2e-3)
         assert abs(record_["train/ppo/approx_kl"]) < 1e-4
         assert record_["train/ppo/value_loss"] > 0
+
+
+# --- issue 14: runs you can trust -------------------------------------------------------------
+
+
+def _ppo_config(*overrides):
+    from rlhf.config import PPOStageConfig, load_config
+
+    return load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [*FAST, *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["rollout.prompts_per_step=64", "ppo.minibatches=4", "train.grad_accum=3"], "train.grad_accum"),
+        (["ppo.kl_estimator=k3"], "ppo.kl_estimator"),
+        (["ppo.kl_estimator=k2"], "ppo.kl_estimator"),
+        (["rollout.generation.do_sample=false"], "rollout.generation.do_sample"),
+        (["rollout.generation.top_k=20"], "rollout.generation.top_k"),
+        (["rollout.generation.top_p=0.9"], "rollout.generation.top_p"),
+    ],
+    ids=["grad-accum-not-dividing-minibatch", "k3-in-reward", "k2-in-reward", "greedy", "top-k", "top-p"],
+)
+def test_configs_that_would_train_silently_wrong_are_refused(overrides, key):
+    """64 prompts / 4 minibatches / grad_accum 3 stepped 5 times per epoch with a gradient left over;
+    k2/k3 in the reward barely regularise; truncated or greedy sampling is off-policy."""
+    from rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        _ppo_config("policy=tiny-llama", "reward_model=tiny-llama", *overrides)
+    assert error.value.key == key, str(error.value)
+    _ppo_config("policy=tiny-llama", "reward_model=tiny-llama", "train.grad_accum=2")  # 16 / 2 / 2: fine
+
+
+def test_every_minibatch_is_one_optimizer_step_and_leaves_no_gradient():
+    """ppo_update takes exactly epochs x minibatches optimizer steps, each of exactly grad_accum
+    micro-batches, and leaves no gradient for the next rollout, even where grad_accum does not
+    divide the minibatch (6 episodes, 4 micro-batches: a config the check refuses; the old split
+    into micro-batches of 1 stepped 6 times instead of 4 per update)."""
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from rlhf.precision import resolve_precision
+    from stages.ppo.advantages import ESTIMATORS
+    from stages.ppo.models import build_models
+    from stages.ppo.rollout import Rollout
+    from stages.ppo.train import ppo_update
+
+    cfg = _ppo_config("policy=tiny-llama", "reward_model=tiny-llama", "rollout.prompts_per_step=12", "ppo.epochs=2")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=4))  # minibatch 6
+    accelerator = Accelerator(gradient_accumulation_steps=4, cpu=True)
+    models = build_models(cfg, accelerator, ESTIMATORS["gae"], resolve_precision(cfg.model_init))
+    steps = []
+    models.optimizer.optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    g = torch.Generator().manual_seed(0)
+    B, P, R = 12, 5, 4
+    ids = torch.randint(4, 60, (B, P + R), generator=g)
+    zeros = torch.zeros(B, R)
+    rollout = Rollout(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        response_ids=ids[:, P:],
+        response_mask=torch.ones(B, R, dtype=torch.long),
+        logprobs=zeros - 4.0,
+        ref_logprobs=zeros - 4.0,
+        values=zeros,
+        kl=zeros,
+        scores=torch.zeros(B),
+        rewards=zeros,
+        advantages=torch.randn(B, R, generator=g),
+        returns=torch.randn(B, R, generator=g),
+    )
+    for update in (1, 2):
+        ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step=update)
+        assert len(steps) == update * cfg.ppo.epochs * cfg.ppo.minibatches
+        leftover = [p for p in models.model.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        assert not leftover, "a partial gradient is carried into the next rollout"
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"])
+def test_disable_dropout_also_switches_off_attention_dropout(preset):
+    """HF attention applies `config.attention_dropout` functionally (no nn.Dropout module): after
+    disable_dropout two forwards in train mode give the same log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.registry.presets import PRESETS
+    from stages.ppo.losses import logprobs_from_logits
+    from stages.ppo.models import disable_dropout
+
+    config = PRESETS[preset].make_config()
+    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
+        if hasattr(config, name):
+            setattr(config, name, 0.5)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    disable_dropout(model)
+    ids = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    first, second = (logprobs_from_logits(model(input_ids=ids).logits[:, :-1], ids[:, 1:]) for _ in range(2))
+    assert model.training and torch.equal(first, second)
+    assert all(not v for k, v in vars(model.config).items() if "dropout" in k and isinstance(v, float))
+
+
+def test_preset_policy_with_a_seed_is_its_own_reference_and_before(tmp_path):
+    """policy=tiny-llama seed=3: the reference is the policy's initial weights (it was a seed-0
+    model), and the "before" evaluation scores that same model."""
+    from rlhf.evaluation import evaluate_generations
+    from stages.ppo.train import load_prompts
+
+    out = tmp_path / "seeded"
+    args = ["seed=3", "train.max_steps=1", "train.save_every=0", "task.eval_size=4"]
+    result = ppo(out, *args, policy="tiny-llama")
+    assert result.returncode == 0, result.stderr[-3000:]
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    initial = build_policy(source, ModelInit(), tokenizer, seed=3).requires_grad_(False).eval()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["reference_fingerprint"] == fingerprint(initial, frozen_only=True)
+    cfg = _ppo_config("policy=tiny-llama", "reward_model=tiny-llama", *args, f"output_dir={out}")
+    examples = load_prompts(cfg, tokenizer).eval_examples
+    metrics, samples = evaluate_generations(initial, tokenizer, examples, cfg.task.name, cfg.generation)
+    before = json.loads((out / "eval.json").read_text())["before"]
+    assert before["samples"] == samples and before["accuracy"] == metrics["accuracy"]

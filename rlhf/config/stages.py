@@ -123,12 +123,32 @@ class RolloutConfig:
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.0)
     )
-    # Take the rollout's log-probs (of softmax(logits / T), top-k / top-p aside) from the sampling
+    # Take the rollout's log-probs (of softmax(logits / T)) from the sampling
     # pass instead of one more forward of the policy over prompt + response. null (auto): when the
     # policy computes in fp32; in bf16 the KV-cached pass rounds differently from the training
     # forward, so the first PPO ratio would not be 1.
     logprobs_from_generation: bool | None = None
     engine: str = "hf"  # the rollout engine (stages/ppo/engines.py): hf = transformers' KV-cached generate
+
+    def check(self) -> None:
+        # PPO's ratio and the KL penalty need the log-prob of each token under the distribution it
+        # was sampled from; the training forward computes the full softmax(logits / T). Truncated
+        # (top-k / top-p) or greedy sampling draws from another distribution, which would make the
+        # rollout silently off-policy; like OpenRLHF and veRL we require plain sampling.
+        gen = self.generation
+        if not gen.do_sample:
+            raise ConfigError(
+                "generation.do_sample",
+                "must be true: PPO learns from samples of softmax(logits / temperature); greedy "
+                "responses are not drawn from the distribution whose log-probs the update uses",
+            )
+        if gen.top_k != 0 or gen.top_p != 1.0:
+            raise ConfigError(
+                "generation.top_k" if gen.top_k != 0 else "generation.top_p",
+                f"must be off (top_k: 0, top_p: 1.0), got top_k={gen.top_k}, top_p={gen.top_p}: truncated "
+                "sampling draws from another distribution than the full softmax whose log-probs PPO's ratio "
+                "and KL use, so the rollout would be off-policy; lower rollout.generation.temperature instead",
+            )
 
 
 @dataclass(frozen=True)
@@ -147,7 +167,8 @@ class PPOConfig:
     lam: float = 0.95  # GAE λ
     advantage_estimator: str = "gae"  # stages/ppo/advantages.py ESTIMATORS; one needing no critic builds no value model
     whiten_advantages: bool = True
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL(policy‖ref) in the reward (Schulman 2020)
+    # per-token KL(policy‖ref) in the reward (Schulman 2020); only k1 is accepted (see check())
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_coef: float = 0.05  # β (initial β when kl_target is set)
     kl_target: float | None = None  # adaptive β toward this KL per sequence (Ziegler et al. 2019); null: fixed β
     kl_horizon: int = 10_000  # episodes over which the adaptive controller moves β
@@ -165,6 +186,17 @@ class PPOConfig:
             raise ConfigError("kl_coef", f"must be >= 0, got {self.kl_coef}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError("kl_target", f"must be positive, got {self.kl_target}")
+        if self.kl_estimator != "k1":
+            # In the reward the penalty reaches the policy only through the score function
+            # ∇log π · KL: its expectation is ∇KL for k1, but k2 = r²/2 and k3 = e^{−r} − 1 + r are
+            # ~0 near the reference (second order in r), so they barely regularise. k3 is a loss term
+            # (GRPO; veRL's use_kl_loss), which is `ppo.kl_in: loss`'s job, not the reward's.
+            raise ConfigError(
+                "kl_estimator",
+                f"{self.kl_estimator} is refused as a reward penalty: its score-function gradient is ~0 near the "
+                "reference, so it barely regularises; use k1 in the reward (k3 belongs in the loss, "
+                "ppo.kl_in: loss). train/ppo/kl_k3 is logged either way",
+            )
 
 
 @dataclass(frozen=True)
@@ -218,3 +250,12 @@ class PPOStageConfig:
             raise ConfigError("value_model", "must be null with share_policy_trunk: the value head sits on the policy")
         if self.rollout.prompts_per_step % self.ppo.minibatches:
             raise ConfigError("ppo.minibatches", "must divide rollout.prompts_per_step")
+        minibatch = self.rollout.prompts_per_step // self.ppo.minibatches
+        if minibatch % self.train.grad_accum:
+            # every minibatch must be exactly one optimizer step of grad_accum equal micro-batches
+            # (veRL asserts the same); otherwise accelerate / DeepSpeed step mid-minibatch
+            raise ConfigError(
+                "train.grad_accum",
+                f"must divide the minibatch (rollout.prompts_per_step / ppo.minibatches = "
+                f"{self.rollout.prompts_per_step} / {self.ppo.minibatches} = {minibatch}), got {self.train.grad_accum}",
+            )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.ppo.masked import masked_var
+from stages.ppo.masked import masked_sums, moments
 
 
 def gae(
@@ -58,9 +58,20 @@ ESTIMATORS: dict[str, Estimator] = {
 }
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 − Var(returns − V) / Var(returns) over real tokens: 1 is a perfect value model, ≤ 0 useless."""
-    var_returns = masked_var(returns, mask)
+def explained_variance_sums(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The `masked_sums` of the returns and of the residuals returns − V: (2, 3), to be summed over
+    processes before `explained_variance`."""
+    return torch.stack([masked_sums(returns, mask), masked_sums(returns - values, mask)])
+
+
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, sums: torch.Tensor | None = None
+) -> float:
+    """1 − Var(returns − V) / Var(returns) over real tokens: 1 is a perfect value model, ≤ 0 useless;
+    NaN when the returns are constant. `sums`: `explained_variance_sums` summed over every process
+    (default: this process's own)."""
+    sums = explained_variance_sums(values, returns, mask) if sums is None else sums
+    (_, var_returns), (_, var_residual) = moments(sums[0]), moments(sums[1])
     if var_returns.item() < 1e-12:
         return math.nan
-    return (1.0 - masked_var(returns - values, mask) / var_returns).item()
+    return (1.0 - var_residual / var_returns).item()

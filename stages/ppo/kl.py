@@ -14,6 +14,8 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
       k1 = r                (unbiased, high variance, can be negative per token)
       k2 = r² / 2           (biased, low variance, ≥ 0)
       k3 = (e^{−r} − 1) + r (unbiased, low variance, ≥ 0)
+    Unbiased means E_policy[k] = KL(policy ‖ ref) when the tokens come from the policy; for
+    KL(old ‖ new) from the old policy's tokens the sign of r flips (losses.policy_loss's approx_kl).
     Shapes (B, T) -> (B, T)."""
     log_ratio = logprobs.float() - ref_logprobs.float()
     if kind == "k1":

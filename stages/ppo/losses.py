@@ -35,7 +35,11 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7; seed 003), as a loss to minimise:
       L = −mean_t min(ρ_t·A_t, clip(ρ_t, 1−ε, 1+ε)·A_t),  ρ_t = exp(log π(a_t) − log π_old(a_t)).
-    Returns the token-mean loss and stats: clip fraction and approximate KL(old ‖ new) (k3)."""
+    Returns the token-mean loss and stats: clip fraction and approximate KL(old ‖ new) (k3).
+
+    The tokens were sampled from the old policy, so KL(old ‖ new) = E_old[−r] with r = log π − log π_old,
+    and its k3 estimator (Schulman 2020, with the log-ratio log π_old − log π = −r) is
+    e^{r} − 1 − r: unbiased under the old policy and ≥ 0 (tests/test_ppo_math.py checks it exactly)."""
     log_ratio = logprobs.float() - old_logprobs.float()
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -44,7 +48,7 @@ def policy_loss(
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats

@@ -128,10 +128,31 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratio compares two forwards of the same weights; dropout would make them differ."""
+    """PPO's ratio compares two forwards of the same weights; dropout would make them differ.
+    Besides `nn.Dropout` modules, Hugging Face attention applies dropout functionally with a
+    probability read from the config into a plain attribute (Llama / Qwen2 / Mistral
+    `self.attention_dropout`), so every dropout probability of every config (attention_dropout,
+    hidden_dropout, GPT-2's attn_pdrop / resid_pdrop / embd_pdrop, ...) and of every module is set
+    to 0 too. The saved config then says 0 as well, which is how the model was trained."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        _zero_dropout_numbers(module)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            _zero_dropout_numbers(config)
+            for name in getattr(config, "sub_configs", {}) or {}:
+                if getattr(config, name, None) is not None:
+                    _zero_dropout_numbers(getattr(config, name))
+
+
+def _zero_dropout_numbers(obj) -> None:
+    """Set every numeric attribute of `obj` named like a dropout probability (…dropout…, …pdrop)
+    to 0."""
+    for name, value in list(vars(obj).items()):
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if is_number and value and ("dropout" in name or name.endswith("pdrop")):
+            setattr(obj, name, 0.0)
 
 
 def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
@@ -187,7 +208,8 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
     policy = build_policy(policy_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
     ref_policy = None
     if not cfg.lora.enabled:
-        ref_policy = freeze(build_policy(policy_source, cfg.model_init, tokenizer, precision=precision))
+        # the same seed as the policy: a preset policy is a random init, and the reference must be that model
+        ref_policy = freeze(build_policy(policy_source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision))
     reward_model = None
     if cfg.reward_model:
         rm_source = resolve(cfg.reward_model)

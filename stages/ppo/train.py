@@ -42,11 +42,11 @@ from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import sequence_scores
 from rlhf.tasks import RULES, task_records
 from rlhf.tracking import Tracking
-from stages.ppo.advantages import ESTIMATORS, explained_variance
+from stages.ppo.advantages import ESTIMATORS, explained_variance, explained_variance_sums
 from stages.ppo.engines import ENGINES, RolloutEngine, build_engine
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from stages.ppo.masked import masked_mean, masked_whiten
+from stages.ppo.masked import masked_mean, masked_sums, masked_whiten, moments
 from stages.ppo.models import Models, build_models, fingerprint, reference_logits
 from stages.ppo.optim import clip_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored, response_mask
@@ -177,7 +177,7 @@ def make_rollout(
     estimator = ESTIMATORS[cfg.ppo.advantage_estimator]
     advantages, returns = estimator.fn(rewards, values, resp_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
     if cfg.ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, resp_mask)
+        advantages = whiten_advantages(advantages, resp_mask, accelerator)
     _stop_if_not_finite(accelerator, step, scores=scores, rewards=rewards, advantages=advantages)
     rollout = Rollout(
         input_ids=input_ids,
@@ -194,6 +194,13 @@ def make_rollout(
         returns=returns if values is not None else None,
     )
     return rollout, scored, t_gen
+
+
+def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, accelerator) -> torch.Tensor:
+    """Step 5's whitening with the mean and variance of every process's tokens, not this process's
+    alone: the advantages then do not depend on how the batch is split (as OpenRLHF and veRL
+    whiten the whole batch). (B, R) -> (B, R), 0 on padding."""
+    return masked_whiten(advantages, mask, sums=accelerator.reduce(masked_sums(advantages, mask), "sum"))
 
 
 def _score(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator) -> Scored:
@@ -215,17 +222,19 @@ def _score(models, data, batch, input_ids, attention_mask, response, has_eos, cf
 
 def ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageConfig, step: int) -> dict:
     """Step 6: `ppo.epochs` passes over the rollout in `ppo.minibatches` shuffled minibatches; one
-    optimizer step per minibatch (its micro-batches accumulate). Returns mean statistics."""
+    optimizer step per minibatch, whose `train.grad_accum` equal micro-batches accumulate (the
+    config check makes the minibatch divisible by grad_accum, as veRL asserts: accelerate and
+    DeepSpeed count micro-batches, so any other number would step mid-minibatch and carry a
+    partial gradient into the next one). Returns mean statistics."""
     B = rollout.response_ids.shape[0]
     mb_size = B // cfg.ppo.minibatches
-    micro = max(1, mb_size // cfg.train.grad_accum)
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
     totals: dict[str, list[float]] = {}
     epochs_run = 0
     for _epoch in range(cfg.ppo.epochs):
         epoch_kl = []
         for order in torch.randperm(B, generator=generator).split(mb_size):
-            for idx in order.split(micro):
+            for idx in order.tensor_split(cfg.train.grad_accum):  # exactly grad_accum micro-batches
                 mb = rollout.select(idx.to(rollout.input_ids.device))
                 with accelerator.accumulate(model):
                     loss, stats = minibatch_loss(model, mb, cfg)
@@ -289,8 +298,11 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         **{f"train/ppo/{k}": v for k, v in stats.items()},
     }
     if rollout.values is not None:
-        metrics["train/ppo/explained_variance"] = explained_variance(rollout.values, rollout.returns, mask)
-        metrics["train/ppo/value_mean"] = masked_mean(rollout.values, mask).item()
+        # over every process's tokens, from sums all-reduced across processes
+        ev_sums = accelerator.reduce(explained_variance_sums(rollout.values, rollout.returns, mask), "sum")
+        metrics["train/ppo/explained_variance"] = explained_variance(rollout.values, rollout.returns, mask, ev_sums)
+        value_mean, _ = moments(accelerator.reduce(masked_sums(rollout.values, mask), "sum"))
+        metrics["train/ppo/value_mean"] = value_mean.item()
         metrics["train/ppo/lr_value"] = optimizer.param_groups[1]["lr"]
     if scored.model_scores is not None:
         metrics["train/ppo/rm_score"] = gather_mean(scored.model_scores)
@@ -404,7 +416,14 @@ def _finish(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, tra
 
 def _evaluate_saved(policy_dir: str, cfg: PPOStageConfig, data: Prompts, precision: Precision) -> dict:
     return evaluate_directory(
-        policy_dir, cfg.reward_model, data.eval_examples, cfg.task.name, cfg.generation, cfg.model_init, precision
+        policy_dir,
+        cfg.reward_model,
+        data.eval_examples,
+        cfg.task.name,
+        cfg.generation,
+        cfg.model_init,
+        precision,
+        seed=cfg.seed,
     )
 
 
