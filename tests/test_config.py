@@ -154,3 +154,19 @@ def test_nan_in_a_yaml_file_names_file_and_key(tmp_path):
     path.write_text("optim:\n  lr: .NaN\n")
     with pytest.raises(ConfigError, match=rf"^{path}: config key 'optim.lr': must be a finite number"):
         load_config(SFTStageConfig, path)
+
+
+def test_a_yaml_comment_in_an_override_is_refused_and_quoting_keeps_it():
+    # `tracking.run_name=my run #3` used to load as "my run": YAML dropped ' #3' as a comment.
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTStageConfig, None, ["tracking.run_name=my run #3"])
+    assert err.value.key == "tracking.run_name" and "quote it" in str(err.value)
+    assert load_config(SFTStageConfig, None, ['tracking.run_name="my run #3"']).tracking.run_name == "my run #3"
+    assert load_config(SFTStageConfig, None, ["tracking.run_name=a#3"]).tracking.run_name == "a#3"
+
+
+@pytest.mark.parametrize("value", ["runs/exp #2/sft", "a: b", "!tag", "null", "123", " x ", 'é😀"\\\t\n', ""])
+def test_format_override_reads_back_exactly(value):
+    from rlhf.config.schema import format_override, parse_override
+
+    assert parse_override(format_override("output_dir", value)) == ("output_dir", value)

@@ -61,7 +61,30 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
+    if text.count("#") > _count_hash(value):
+        # YAML read ` #...` as a comment: `name=exp #2` would silently become "exp".
+        raise ConfigError(
+            key.strip(),
+            f"the value {text!r} holds ' #', which YAML drops as a comment; quote it: {key.strip()}='\"{text}\"'",
+        )
     return key.strip(), value
+
+
+def format_override(key: str, value: str) -> str:
+    """The inverse of `parse_override` for a string: `key="..."`, double-quoted YAML that reads
+    back as exactly `value` whatever it holds (' #', ': ', a leading '!', 'null', '123')."""
+    quoted = yaml.safe_dump(value, default_style='"', width=math.inf, allow_unicode=True).rstrip("\n")
+    return f"{key}={quoted}"
+
+
+def _count_hash(value: Any) -> int:
+    if isinstance(value, str):
+        return value.count("#")
+    if isinstance(value, dict):
+        return sum(_count_hash(k) + _count_hash(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_count_hash(v) for v in value)
+    return 0
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
