@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import ConfigError, config_hash, load_config
-from rlhf.config.schema import from_dict, parse_override, set_dotted
+from rlhf.config.schema import format_override, from_dict, parse_override, set_dotted
 from rlhf.config.stages import NOT_HASHED, PPOStageConfig, RMStageConfig, SFTStageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,19 @@ class PipelineConfig:
     sft: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/sft.yaml"))
     rm: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/rm.yaml"))
     ppo: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/ppo.yaml"))
+
+    def check(self) -> None:
+        # The name is one directory under runs_dir and a tracking run name: no path separators
+        # or '..' that would put a run elsewhere or share another run's directories.
+        bad = [c for c in ("/", "\\") if c in self.name]
+        if not self.name.strip() or bad or ".." in self.name or self.name == ".":
+            raise ConfigError(
+                "name", f"must name one directory under runs_dir (no '/', '\\' or '..'), got {self.name!r}"
+            )
+        if self.name != self.name.strip() or not self.name.isprintable():
+            raise ConfigError(
+                "name", f"must not start or end with spaces or hold control characters, got {self.name!r}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,17 +128,19 @@ def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
     """What the pipeline sets for a stage: where it writes, what it starts from, run names."""
     run = Path(cfg.runs_dir) / cfg.name
     wiring = {
-        "sft": [f"model={cfg.model}"],
-        "rm": [f"model={run / 'sft'}"],
-        "ppo": [f"policy={run / 'sft'}", f"reward_model={run / 'rm'}"],
+        "sft": {"model": cfg.model},
+        "rm": {"model": str(run / "sft")},
+        "ppo": {"policy": str(run / "sft"), "reward_model": str(run / "rm")},
     }[stage]
-    return [
-        f"output_dir={run / stage}",
-        *wiring,
-        f"tracking.group={cfg.name}",
-        f"tracking.run_name={cfg.name}-{stage}",
-        *getattr(cfg, stage).overrides,
-    ]
+    typed = {
+        "output_dir": str(run / stage),
+        **wiring,
+        "tracking.group": cfg.name,
+        "tracking.run_name": f"{cfg.name}-{stage}",
+    }
+    # Quoted, so that the stage reads back each path and name exactly: unquoted, `runs/exp #2/rm`
+    # was re-read as YAML and became `runs/exp` (a comment) for every stage.
+    return [*(format_override(k, v) for k, v in typed.items()), *getattr(cfg, stage).overrides]
 
 
 def resolved_stage_config(cfg: PipelineConfig, stage: str):
@@ -162,7 +178,7 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
         if stage in forced and not dry_run:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a forced re-run starts afresh
         cmd = launch_command(cfg, stage)
-        print(f"[pipeline] {stage}: {' '.join(cmd)}", flush=True)
+        print(f"[pipeline] {stage}: {shlex.join(cmd)}", flush=True)  # as a shell would take it back
         if dry_run:
             continue
         logs.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,13 @@ def test_overrides_nested_and_typed(tmp_path):
         ("optim.lr=-1", "optim.lr", "must be positive"),
         ("train.max_steps.x=1", "train.max_steps", "is a value, not a section"),
         ("task.eval_digits=5", "task.eval_digits", "expected a list"),
+        ("optim.lr=nan", "optim.lr", "must be a finite number"),
+        ("optim.lr=.inf", "optim.lr", "must be a finite number"),
+        ("optim.betas=[0.9]", "optim.betas", "expected a list of 2 values"),
+        ("optim.betas=[0.9, 0.99, 0.999]", "optim.betas", "expected a list of 2 values"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas[1]", "must be in [0, 1)"),
+        ("optim.betas=[.nan, 0.9]", "optim.betas[0]", "must be a finite number"),
+        ("task.train_weights=[1, .nan, 1, 1]", "task.train_weights[1]", "must be a finite number"),
     ],
 )
 def test_bad_values_name_the_key(override, key, words):
@@ -111,3 +118,55 @@ def test_rm_kind_weights_default_to_one_and_name_unknown_kinds():
     assert cfg.pairs.kind_weights() == [1.0, 2.0]  # rm.yaml weighs wrong_digit 2
     with pytest.raises(ConfigError, match=r"'pairs\.train_kind_weights': unknown kind 'wrongdigit'"):
         load_config(RMStageConfig, ROOT / "configs/tiny/rm.yaml", ["pairs.train_kind_weights={wrongdigit: 2}"])
+
+
+def _float_keys(cls, prefix=""):
+    """Every float-typed field of a config tree, as dotted keys with a sample override value."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, type(int | None)) else (tp,)
+        if float in arms:
+            yield key
+        elif dataclasses.is_dataclass(tp):
+            yield from _float_keys(tp, f"{key}.")
+
+
+@pytest.mark.parametrize("cls, path", [(c, ROOT / "configs/tiny" / n) for n, c in STAGE_CLASSES.items()])
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+def test_no_float_field_takes_nan_or_inf(cls, path, bad):
+    # A NaN passes every range check (all comparisons are false) and trains without an error.
+    keys = list(_float_keys(cls))
+    assert "optim.lr" in keys and len(keys) > 5
+    for key in keys:
+        with pytest.raises(ConfigError) as err:
+            load_config(cls, path, [f"{key}={bad}"])
+        assert err.value.key == key and "finite" in str(err.value), key
+    with pytest.raises(ConfigError, match="finite"):  # dict values too
+        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [f"reward.rules={{subtraction: {bad}}}"])
+
+
+def test_nan_in_a_yaml_file_names_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: .NaN\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: config key 'optim.lr': must be a finite number"):
+        load_config(SFTStageConfig, path)
+
+
+def test_a_yaml_comment_in_an_override_is_refused_and_quoting_keeps_it():
+    # `tracking.run_name=my run #3` used to load as "my run": YAML dropped ' #3' as a comment.
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTStageConfig, None, ["tracking.run_name=my run #3"])
+    assert err.value.key == "tracking.run_name" and "quote it" in str(err.value)
+    assert load_config(SFTStageConfig, None, ['tracking.run_name="my run #3"']).tracking.run_name == "my run #3"
+    assert load_config(SFTStageConfig, None, ["tracking.run_name=a#3"]).tracking.run_name == "a#3"
+
+
+@pytest.mark.parametrize("value", ["runs/exp #2/sft", "a: b", "!tag", "null", "123", " x ", 'é😀"\\\t\n', ""])
+def test_format_override_reads_back_exactly(value):
+    from rlhf.config.schema import format_override, parse_override
+
+    assert parse_override(format_override("output_dir", value)) == ("output_dir", value)

@@ -1,13 +1,16 @@
 """SFT data: every file type and format is detected and normalised; bad input stops with one
 line naming the file, the line and the field."""
 
+import gzip
 import json
+import re
 
 import pytest
 from datasets import Dataset, DatasetDict
 
 from rlhf.config import DataConfig, TaskConfig
-from rlhf.data import DataError, load_records, normalize_sft, read_records
+from rlhf.data import DataError, load_records, normalize_preferences, normalize_sft, read_records
+from rlhf.data.lengths import limit_length
 
 QUESTION = "请计算：52 - 17 = ，直接返回计算结果"
 CANONICAL = {"prompt": [{"role": "user", "content": QUESTION}], "completion": [{"role": "assistant", "content": "35"}]}
@@ -118,3 +121,99 @@ def test_generated_task_data_when_paths_are_null():
     assert fmt == "prompt_answer" and len(examples) == 20
     # deterministic in data_seed
     assert [r.data for r in load_records(DataConfig(), task, "train")[0]] == [r.data for r in train]
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    # Windows editors (Notepad, Excel's "UTF-8" export) start the file with a byte-order mark.
+    row = json.dumps(SAME_ITEM_IN_EACH_FORMAT["prompt_answer"], ensure_ascii=False)
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + (row + "\n").encode() * 2)
+    (tmp_path / "d.json").write_bytes(b"\xef\xbb\xbf" + f"[{row},\n{row}]".encode())
+    for name in ("d.jsonl", "d.json"):
+        examples, fmt = normalize_sft(read_records(str(tmp_path / name)))
+        assert fmt == "prompt_answer" and examples == [CANONICAL] * 2, name
+
+
+def test_duplicate_key_names_line_and_key(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "q", "answer": "1"}\n{"prompt": "q", "answer": "1", "answer": "2"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: field 'answer': appears twice"):
+        read_records(str(path))
+    path = tmp_path / "d.json"
+    path.write_text('[\n{"prompt": "q", "answer": "1"},\n{"prompt": "q",\n "prompt": "r", "answer": "1"}\n]')
+    with pytest.raises(DataError, match=rf"^{path}:3: field 'prompt': appears twice"):
+        read_records(str(path))
+
+
+def test_deep_nesting_truncated_gzip_and_bad_byte_name_the_line(tmp_path):
+    good = b'{"prompt": "q", "answer": "1"}\n'
+    cases = {
+        "deep.jsonl": good + b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+        "byte.jsonl": good * 2 + b'{"prompt": "caf\xe9", "answer": "1"}\n',
+        "deep.json": b"[\n" + good + b"," + b"[" * 100_000 + b"]" * 100_000 + b"\n]",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    # the first 3 lines of a 1,000-line file, cut mid-stream (an interrupted download)
+    whole = gzip.compress(good * 1000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "junk.jsonl.gz").write_bytes(b"not gzip at all\n")
+    expected = {
+        "deep.jsonl": (2, "nested too deeply"),
+        "byte.jsonl": (3, "not UTF-8 text (byte 0xe9"),
+        "deep.json": (3, "nested too deeply"),
+        "cut.jsonl.gz": (None, "truncated"),
+        "junk.jsonl.gz": (1, "cannot read"),
+    }
+    for name, (line, words) in expected.items():
+        path = tmp_path / name
+        with pytest.raises(DataError) as err:
+            read_records(str(path))
+        text = str(err.value)
+        assert "\n" not in text and words in text, text
+        where = text.split(": ")[0]
+        assert where.startswith(f"{path}:") and where[len(f"{path}:") :].isdigit(), text
+        if line is not None:
+            assert where == f"{path}:{line}", text
+    with pytest.raises(DataError) as err:
+        read_records(str(tmp_path / "cut.jsonl.gz"))
+    assert 1 < int(str(err.value).split(":")[1]) <= 1000  # the line where the data stops, after the complete ones
+
+
+@pytest.mark.parametrize("source", ["my data/train", "train.gz", "./train", "~/train", "a/b/c"])
+def test_a_missing_path_fails_at_once_without_asking_the_hub(source):
+    with pytest.raises(DataError, match=r": no such file or directory$"):
+        read_records(source)
+
+
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        ('{"prompt": "q", "chosen": "1", "rejected": "2", "margin": NaN}', "margin"),
+        ('{"prompt": "q", "chosen": "1", "rejected": "2", "margin": Infinity}', "margin"),
+        (
+            '{"prompt": "q", "responses": [{"text": "1", "score": 1}, {"text": "2", "score": NaN}]}',
+            "responses[1].score",
+        ),
+    ],
+)
+def test_nan_margin_or_score_names_file_line_and_field(tmp_path, row, field):
+    # Python's json module reads NaN / Infinity (other tools write them); a NaN margin makes the
+    # loss NaN, a NaN score sorts anywhere and the ranking is lost.
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "1", "rejected": "2"}\n' + row + "\n")
+    if "responses" in row:
+        path.write_text('{"prompt": "q", "responses": ["1", "2"]}\n' + row + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: field '{re.escape(field)}': must be a finite"):
+        normalize_preferences(read_records(str(path)))
+
+
+@pytest.mark.parametrize("mode", ["drop", "truncate"])
+def test_a_length_limit_that_leaves_nothing_says_so(mode):
+    rows = [{"input_ids": [1] * 10, "labels": [-100] * 8 + [5, 6]}] * 4
+    with pytest.raises(DataError) as err:
+        limit_length(Dataset.from_list(rows), 6, mode)
+    text = str(err.value)
+    assert text.startswith("data.max_length: no training examples left: 4 of 4") and f"data.overlong={mode}" in text
+    short = {"input_ids": [1] * 4, "labels": [-100, -100, 5, 6]}
+    kept, over = limit_length(Dataset.from_list([*rows, short]), 6, mode)
+    assert over == 4 and len(kept) == 1  # truncated to 6 tokens, the long ones have no trained token left

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_entry
+from rlhf.cli import parse
+from rlhf.pipeline import CLASSES
 from rlhf.report import load_stage
 from wandb_offline import history
 
@@ -46,6 +49,16 @@ MINI = [
     "ppo.train.log_every=1",
 ]
 QUIET = [f"{s}.tracking.progress=false" for s in ("sft", "rm", "ppo")]
+# A pipeline that only shows the wiring: two steps per stage, no on-policy mining, a few eval items.
+SMALLEST = [
+    "model=tiny-llama",
+    *(f"{s}.{k}" for s in ("sft", "rm", "ppo") for k in ("tracking.progress=false", "tracking.report_to=[]")),
+    *("sft.task.train_size=64", "sft.task.eval_size=8", "sft.evaluate_base=false", "sft.train.max_steps=2"),
+    *("sft.train.batch_size=8", "rm.pairs.train_size=64", "rm.pairs.eval_size=8", "rm.pairs.onpolicy_fraction=0"),
+    *("rm.train.max_steps=2", "rm.train.batch_size=8", "ppo.task.train_size=32", "ppo.task.eval_size=8"),
+    *("ppo.rollout.prompts_per_step=8", "ppo.ppo.minibatches=2", "ppo.rollout.generation.max_new_tokens=4"),
+    *("ppo.generation.max_new_tokens=4", "ppo.train.max_steps=1", "ppo.train.eval_every=0"),
+]
 
 
 def pipeline(runs, name, *extra, timeout=900):
@@ -228,3 +241,38 @@ def test_failed_stage_stops_with_its_code_and_log(tmp_path):
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip() and "table" not in line]
+
+
+def test_a_name_with_a_hash_sends_each_stage_to_its_own_directory(tmp_path):
+    # `name="exp #2"` (quoted, as the error for an unquoted ' #' asks): the paths handed to the
+    # stages used to be re-read as YAML, so ' #2/sft' was a comment and every stage wrote runs/exp.
+    runs = tmp_path / "runs"
+    result = run_entry("launch/pipeline.py", f"runs_dir={runs}", 'name="exp #2"', "report=false", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    run_dir = runs / "exp #2"
+    configs = {}
+    for line in result.stdout.splitlines():
+        stage, _, command = line.removeprefix("[pipeline] ").partition(": ")
+        args = shlex.split(command)  # the command as printed is the command run
+        script = next(i for i, a in enumerate(args) if a.endswith(".py"))
+        configs[stage] = parse(CLASSES[stage], None, args[script + 1 :])[0]  # as the stage parses it
+    assert [configs[s].output_dir for s in ("sft", "rm", "ppo")] == [str(run_dir / s) for s in ("sft", "rm", "ppo")]
+    assert configs["rm"].model == configs["ppo"].policy == str(run_dir / "sft")
+    assert configs["ppo"].reward_model == str(run_dir / "rm")
+    assert configs["ppo"].tracking.run_name == "exp #2-ppo"
+
+    # and for real, as small as a run gets: three directories, each with its own stage's output
+    real = run_entry("launch/pipeline.py", f"runs_dir={runs}", 'name="exp #2"', "report=false", *SMALLEST, timeout=1800)
+    assert real.returncode == 0, real.stdout[-3000:] + real.stderr[-3000:]
+    for stage in ("sft", "rm", "ppo"):
+        assert json.loads((run_dir / stage / "manifest.json").read_text())["stage"] == stage
+    assert json.loads((run_dir / "rm" / "manifest.json").read_text())["model"] == str(run_dir / "sft")
+    assert sorted(p.name for p in runs.iterdir()) == ["exp #2"]
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../up", "", "exp #2"])
+def test_names_that_leave_runs_dir_or_get_eaten_are_refused(tmp_path, name):
+    result = run_entry("launch/pipeline.py", f"runs_dir={tmp_path}", f"name={name}", "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "config key 'name'" in result.stderr
+    assert not any(tmp_path.iterdir())

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_entry
 from rlhf.config import ModelInit
-from rlhf.registry import build_policy, load_tokenizer, resolve
+from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve, score_head
 from rlhf.tracking import read_metrics
 from stages.ppo.models import fingerprint
 
@@ -168,7 +168,16 @@ def test_rule_only_and_reward_model_only(sft_dir, tmp_path, reward):
 
 
 def test_nan_reward_stops_before_the_weights(sft_dir, tmp_path):
-    result = ppo(tmp_path / "nan", "train.max_steps=2", "reward.model_weight=.nan", policy=sft_dir)
+    # A diverged reward model (NaN in its score head) scores every response NaN. (The config
+    # refuses a NaN reward.model_weight, the way this test used to provoke it.)
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    diverged = build_scalar_model(source, ModelInit(), tokenizer, seed=0)
+    with torch.no_grad():
+        score_head(diverged).weight.fill_(float("nan"))
+    diverged.save_pretrained(tmp_path / "nan_rm")
+    tokenizer.save_pretrained(tmp_path / "nan_rm")
+    result = ppo(tmp_path / "nan", "train.max_steps=2", f"reward_model={tmp_path / 'nan_rm'}", policy=sft_dir)
     assert result.returncode == 3
     assert "non-finite" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "nan" / "manifest.json").exists() and not (tmp_path / "nan" / "model.safetensors").exists()

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_entry
+from rlhf.tasks import subtraction as S
 from rlhf.tracking import read_metrics
 
 FAST = [
@@ -115,3 +116,17 @@ def test_a_fresh_run_replaces_the_metrics_an_earlier_run_left(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     steps_logged = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/sft/loss" in r]
     assert steps_logged == [2, 4]
+
+
+def test_data_that_the_length_limit_empties_is_one_line_error(tmp_path):
+    # A new user's first try: seed 000's few-shot SFT lines (each ~300 tokens) under
+    # configs/tiny/sft.yaml, whose data.max_length is 64. Every example is dropped; the trainer
+    # used to stop with a raw `num_samples=0` traceback.
+    data = tmp_path / "LLM_minus_SFT_train_data.jsonl"
+    data.write_text("".join(json.dumps(S.sft_record(x, 2 * x + 7), ensure_ascii=False) + "\n" for x in range(20)))
+    result = run_entry("launch/stage1_sft.py", *FAST, f"data.train={data}", f"output_dir={tmp_path / 'o'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.max_length: no training examples left: 20 of 20"), last
+    assert "data.max_length=64" in last and "data.overlong=drop" in last

@@ -114,6 +114,14 @@ class OptimConfig:
             raise ConfigError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        # torch.optim.AdamW's own rule (0 <= beta < 1), checked here so it fails before a run starts
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"betas[{i}]", f"must be in [0, 1), got {beta}")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError("max_grad_norm", f"must be positive (null: no clipping), got {self.max_grad_norm}")
 
 
 @dataclass(frozen=True)

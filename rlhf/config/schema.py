@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -60,7 +61,30 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
+    if text.count("#") > _count_hash(value):
+        # YAML read ` #...` as a comment: `name=exp #2` would silently become "exp".
+        raise ConfigError(
+            key.strip(),
+            f"the value {text!r} holds ' #', which YAML drops as a comment; quote it: {key.strip()}='\"{text}\"'",
+        )
     return key.strip(), value
+
+
+def format_override(key: str, value: str) -> str:
+    """The inverse of `parse_override` for a string: `key="..."`, double-quoted YAML that reads
+    back as exactly `value` whatever it holds (' #', ': ', a leading '!', 'null', '123')."""
+    quoted = yaml.safe_dump(value, default_style='"', width=math.inf, allow_unicode=True).rstrip("\n")
+    return f"{key}={quoted}"
+
+
+def _count_hash(value: Any) -> int:
+    if isinstance(value, str):
+        return value.count("#")
+    if isinstance(value, dict):
+        return sum(_count_hash(k) + _count_hash(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_count_hash(v) for v in value)
+    return 0
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -136,8 +160,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # `X | None`: X's own error, naming the list item or sub-key at fault
+            return _coerce(arms[0], value, key, source)
         errors = []
-        for arm in (a for a in args if a is not type(None)):
+        for arm in arms:
             try:
                 return _coerce(arm, value, key, source)
             except ConfigError as e:
@@ -150,6 +177,10 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if origin in (list, tuple, typing.Sequence):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}", source)
+        if origin is tuple and args and Ellipsis not in args:  # tuple[float, float]: exactly that many
+            if len(value) != len(args):
+                raise ConfigError(key, f"expected a list of {len(args)} values, got {value!r}", source)
+            return tuple(_coerce(t, v, f"{key}[{i}]", source) for i, (t, v) in enumerate(zip(args, value, strict=True)))
         (inner,) = args[:1] or (Any,)
         return tuple(_coerce(inner, v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is dict:
@@ -174,11 +205,16 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}", source)
+        # Every float field is finite: a NaN lr or coefficient trains without an error and
+        # silently gives NaN weights or no update (NaN comparisons are all false, so range checks
+        # in check() would let it through). No field needs inf or NaN: "off" is null.
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}", source)
         return float(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,45 +44,96 @@ def read_records(source: str, split: str = "train") -> list[Record]:
         if name.endswith(".parquet"):
             return _read_parquet(path)
         raise DataError(str(path), None, f"unsupported file type; expected one of {', '.join(FILE_SUFFIXES)}")
-    if source.lower().endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if _looks_like_a_path(source):
         raise DataError(source, None, "no such file or directory")
     return _read_hub(source, split)
 
 
-def _read_jsonl(path: Path) -> Iterator[Record]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+# A hub dataset id: `name` or `owner/name`, letters, digits, '-', '_', '.' (huggingface_hub's rule).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """A missing local path fails at once instead of after the hub's retries."""
+    if source.startswith((".", "/", "~")) or source.lower().endswith((*FILE_SUFFIXES, ".gz")):
+        return True
+    has_sep = os.sep in source or (os.altsep is not None and os.altsep in source)
+    return has_sep and not HUB_ID.fullmatch(source)
+
+
+def _json_object(line: str, where: str) -> dict:
+    """One JSON object, with the errors that a hand-made file holds turned into one line."""
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    hint = ""
-                    if "Unterminated string" in e.msg or "Invalid control character" in e.msg:
-                        hint = " (a raw newline inside a JSON string? write it as \\n)"
-                    raise DataError(where, None, f"invalid JSON: {e.msg} at column {e.colno}{hint}") from None
-                if not isinstance(obj, dict):
-                    raise DataError(where, None, f"expected a JSON object, got {type(obj).__name__}")
-                yield Record(obj, where)
+        obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        hint = ""
+        if "Unterminated string" in e.msg or "Invalid control character" in e.msg:
+            hint = " (a raw newline inside a JSON string? write it as \\n)"
+        raise DataError(where, None, f"invalid JSON: {e.msg} at column {e.colno}{hint}") from None
+    except _DuplicateKey as e:
+        raise DataError(
+            where, str(e), "appears twice in one object; JSON keeps only the last, so fix the line"
+        ) from None
+    except RecursionError:
+        raise DataError(where, None, "invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise DataError(where, None, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    # json.loads keeps the last of two equal keys silently (e.g. two "answer"s after a bad merge);
+    # refuse them like Go's and Rust's strict decoders do, instead of training on half a record.
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _read_jsonl(path: Path) -> Iterator[Record]:
+    # Bytes, decoded line by line, so that a bad byte or a truncated .gz names its line.
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM (Windows editors) is fine
+                if line.strip():
+                    where = f"{path}:{lineno}"
+                    yield Record(_json_object(line, where), where)
     except UnicodeDecodeError as e:
-        raise DataError(str(path), None, f"not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise DataError(str(path), None, f"cannot read: {e.strerror or e}") from None
+        raise DataError(
+            f"{path}:{lineno}", None, f"not UTF-8 text (byte {e.object[e.start]:#04x} at column {e.start + 1})"
+        ) from None
+    except EOFError:  # gzip: the compressed stream stops before its end marker
+        raise DataError(
+            f"{path}:{lineno + 1}", None, "the compressed file is truncated (an interrupted copy?)"
+        ) from None
+    except OSError as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}:{lineno + 1}", None, f"cannot read: {e.strerror or e}") from None
 
 
 def _read_json(path: Path) -> list[Record]:
     """A JSON array of objects (a file of JSON lines named .json is read as JSON lines)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(str(path), None, f"cannot read: {e}") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(str(path), None, f"cannot read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{lineno}", None, f"not UTF-8 text (byte {data[e.start]:#04x})") from None
     start = len(text) - len(text.lstrip())
     if not text[start:].startswith("["):
         return list(_read_jsonl(path))
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
     records, pos, line = [], start + 1, text.count("\n", 0, start + 1) + 1
     while True:
         skipped = _skip(text, pos, " \t\r\n")
@@ -88,16 +141,21 @@ def _read_json(path: Path) -> list[Record]:
         pos = skipped
         if pos < len(text) and text[pos] == "]":
             return records
+        where = f"{path}:{line}"
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}", None, f"invalid JSON: {e.msg} at column {e.colno}") from None
-        where = f"{path}:{line}"
+        except _DuplicateKey as e:
+            raise DataError(where, str(e), "appears twice in one object; JSON keeps only the last") from None
+        except RecursionError:
+            raise DataError(where, None, "invalid JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(where, None, f"expected a JSON object, got {type(obj).__name__}")
         records.append(Record(obj, where))
         line += text.count("\n", pos, end)
         pos = _skip(text, end, " \t\r\n")
+        line += text.count("\n", end, pos)  # a newline before the comma
         if pos < len(text) and text[pos] == ",":
             pos += 1
         elif pos >= len(text) or text[pos] != "]":

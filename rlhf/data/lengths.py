@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from datasets import Dataset
 
+from rlhf.data.io import DataError
+
 
 def limit_length(
     dataset: Dataset,
@@ -22,6 +24,7 @@ def limit_length(
         return dataset, 0
     if mode == "drop":
         keep = sorted(set(range(len(dataset))) - set(over))
+        _refuse_empty(len(keep), len(dataset), len(over), max_length, mode)
         return dataset.select(keep), len(over)
     per_token = [c for c in dataset.column_names if _is_per_token(dataset, c, columns)]
 
@@ -31,7 +34,23 @@ def limit_length(
     dataset = dataset.map(cut, desc="Truncating over-long examples")
     if "labels" in dataset.column_names:
         dataset = dataset.filter(lambda row: any(t != -100 for t in row["labels"][1:]))
+    _refuse_empty(len(dataset), len(lengths), len(over), max_length, mode)
     return dataset, len(over)
+
+
+def _refuse_empty(left: int, total: int, over: int, max_length: int, mode: str) -> None:
+    """Nothing left to train on: one line naming the keys to change (the trainer's sampler would
+    otherwise stop with `num_samples should be a positive integer value, but got num_samples=0`)."""
+    if left > 0:
+        return
+    what = "dropped" if mode == "drop" else "left with no trained token after truncation"
+    raise DataError(
+        "data.max_length",
+        None,
+        f"no training examples left: {over} of {total} are longer than data.max_length={max_length} tokens "
+        f"and were {what} (data.overlong={mode}); raise data.max_length"
+        + (" or set data.overlong=truncate" if mode == "drop" else ""),
+    )
 
 
 def _is_per_token(dataset: Dataset, column: str, length_columns: Sequence[str]) -> bool:

@@ -19,6 +19,7 @@ dropped and counted; a malformed record stops with its file, line and field.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -112,6 +113,8 @@ def _margin(data: dict, where: str) -> float | None:
         return None
     if isinstance(data["margin"], bool) or not isinstance(data["margin"], (int, float)):
         raise DataError(where, "margin", f"expected a number, got {data['margin']!r}")
+    if not math.isfinite(data["margin"]):  # Python's json reads NaN and Infinity; they make the loss NaN
+        raise DataError(where, "margin", f"must be a finite number, got {data['margin']}")
     return float(data["margin"])
 
 
@@ -191,6 +194,8 @@ def _ranked_pairs(data: dict, where: str) -> list[dict]:
             score = r.get("score")
             if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
                 raise DataError(where, f"{field}.score", f"expected a number, got {score!r}")
+            if score is not None and not math.isfinite(score):  # NaN sorts anywhere: the ranking is lost
+                raise DataError(where, f"{field}.score", f"must be a finite number, got {score}")
             ranked.append((text, score))
         else:
             raise DataError(where, field, "expected a string or an object with text and score")
