@@ -64,12 +64,17 @@ def _run(cls: type, train: Callable, default_config: str, argv: list[str] | None
             check_output_free(cfg.output_dir)  # a second run on one directory stops at once
         train(cfg)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a NaN/inf caught before it reached the weights
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 3
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    """The message on one line: some wrap a library's multi-line one (the hub's, for a model)."""
+    return " ".join(str(error).split())
 
 
 def teardown() -> None:

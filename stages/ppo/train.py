@@ -88,8 +88,9 @@ def train(cfg: PPOStageConfig) -> dict:
     reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
     ref_fingerprint = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
     # Everything loaded: only now take the output directory (a bad input leaves it as it was).
+    digest = checkpoint_digest(cfg, (cfg.policy, cfg.reward_model, cfg.value_model))  # reads the inputs' manifests
     out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
-    state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out)
+    state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out, digest)
 
     bar = tqdm(
         total=cfg.train.max_steps,
@@ -324,11 +325,11 @@ def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
     )
 
 
-def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, running, out: Path):
-    """(state, tracking): the state of the newest complete checkpoint written under this config,
-    or a fresh one with the held-out evaluation of the starting policy ("before")."""
+def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, running, out: Path, digest: str):
+    """(state, tracking): the state of the newest complete checkpoint written under this config
+    and these inputs (`digest`: rlhf/checkpoint.py `checkpoint_digest`), or a fresh one with the
+    held-out evaluation of the starting policy ("before")."""
     state = {"step": 0, "before": None, "kl_history": []}
-    digest = checkpoint_digest(cfg, (cfg.policy, cfg.reward_model, cfg.value_model))
     # decided on the main process for all: every process resumes the same step
     ckpt = agreed_checkpoint(out / "checkpoints", digest, cfg.train.resume, accelerator.is_main_process)
     tracking = Tracking(cfg.tracking, out, "ppo", to_dict(cfg), accelerator.is_main_process, fresh=ckpt is None)

@@ -91,8 +91,9 @@ def train(cfg: SFTStageConfig) -> dict:
 
     # 4. Everything loaded: take the output directory, then train, resuming from the newest
     #    complete checkpoint of this config and input if there is one.
+    digest = checkpoint_digest(cfg, (cfg.model,))  # reads the input's manifest: before the output is touched
     start_stage(out, cfg, state.is_main_process)
-    resume = resume_point(out, cfg.train, checkpoint_digest(cfg, (cfg.model,)), state)
+    resume = resume_point(out, cfg.train, digest, state)
     tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process, fresh=resume is None)
     trainer.add_callback(TrackingCallback(tracking, "sft"))
     trainer.add_callback(FiniteGuard("sft", trainer))
