@@ -99,7 +99,7 @@ class FiniteGuard(TrainerCallback):
     the final save: a diverged model is never saved as finished, and the last good checkpoint
     stays the newest. PPO's loop does the same (stages/ppo/train.py `_stop_if_not_finite`).
     Under DeepSpeed the gradients live in its engine, so the weights (each process's shard) are
-    checked at every step instead. Every process agrees (a max over processes) so none waits."""
+    checked at every step instead. Every process agrees (a flag summed over processes): none waits."""
 
     def __init__(self, stage: str, trainer):
         self.stage, self.trainer = stage, trainer
