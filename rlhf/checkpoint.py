@@ -12,19 +12,34 @@ Resumable training state lives in `<output_dir>/checkpoints/`; a checkpoint coun
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import NOT_HASHED, config_hash, dump_yaml
+from accelerate.utils import broadcast_object_list
+
+from rlhf.config import NOT_HASHED, WEIGHTS_NEUTRAL, config_hash, dump_yaml
 
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 _STEP = re.compile(r"^(?:checkpoint|step)-(\d+)$")
+LOCK = ".lock"
+
+
+class ManifestError(ValueError):
+    """A manifest.json that cannot be read: one line naming the file."""
+
+
+class OutputInUseError(RuntimeError):
+    """Another run holds the output directory's lock."""
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -47,8 +62,14 @@ def read_manifest(directory: str | Path) -> dict | None:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not a readable manifest ({e}); re-run the stage that wrote it") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: not a readable manifest (a JSON object expected); re-run the stage that wrote it")
+    return manifest
 
 
 def versions() -> dict[str, str]:
@@ -99,12 +120,14 @@ def write_manifest(
 
 
 def start_stage(output_dir: str | Path, cfg, is_main_process: bool) -> Path:
-    """A stage's start: the output directory exists, its old manifest is gone (the directory is
-    being rewritten, so it no longer counts as finished) and the resolved config is written.
-    Returns the directory."""
+    """A stage's start, called once its config, data and models have loaded (a bad input must
+    leave an earlier output untouched): the output directory exists and is locked for this run,
+    its old manifest is gone (the directory is being rewritten, so it no longer counts as
+    finished) and the resolved config is written. Returns the directory."""
     out = Path(output_dir)
     if is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        lock_output(out)
         (out / MANIFEST).unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     return out
@@ -147,6 +170,24 @@ def finish_stage(
     )
 
 
+def checkpoint_digest(cfg, inputs: tuple[str | None, ...]) -> str:
+    """What a resumable checkpoint belongs to: the config, less the keys that cannot change the
+    trained weights (WEIGHTS_NEUTRAL: logging, saving, evaluation), and the identity of each
+    earlier stage output it reads (config hash and when it finished). An upstream stage that
+    re-ran makes earlier checkpoints stale, though this stage's own config is unchanged."""
+    ignore = NOT_HASHED + WEIGHTS_NEUTRAL
+    gen = getattr(cfg, "generation", None)
+    if gen is not None and gen.do_sample:  # a sampled evaluation draws from the training RNG
+        ignore = tuple(k for k in ignore if k not in ("generation", "train.eval_every"))
+    identities = {}
+    for p in inputs:
+        manifest = read_manifest(p) if p and Path(p).is_dir() else None
+        if manifest:
+            identities[str(p)] = [manifest.get("config_hash"), manifest.get("finished_at")]
+    blob = json.dumps({"config": config_hash(cfg, ignore=ignore), "inputs": identities}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def input_hashes(*paths: str | None) -> dict[str, str | None]:
     """{path: config_hash} for the given model paths that are stage outputs with a manifest."""
     out = {}
@@ -158,20 +199,87 @@ def input_hashes(*paths: str | None) -> dict[str, str | None]:
     return out
 
 
-def claim_checkpoints(checkpoint_dir: str | Path, digest: str) -> bool:
-    """Tie a checkpoint directory to a config hash. Checkpoints written under another config
-    are removed (resuming from them would mix two runs); returns True if any were removed.
-    Call on the main process only."""
+def claim_checkpoints(checkpoint_dir: str | Path, digest: str) -> Path | None:
+    """Tie a checkpoint directory to a `checkpoint_digest`. Checkpoints written under another
+    digest (another config, or other inputs) are never resumed from: the directory is moved
+    aside to checkpoints.stale-<their digest>-<time>, kept for the user to inspect or delete.
+    Returns where it went, or None. Call on the main process only."""
     checkpoint_dir = Path(checkpoint_dir)
     stamp = checkpoint_dir / "CONFIG_HASH"
-    removed = False
-    if stamp.is_file() and stamp.read_text().strip() != digest:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        removed = True
+    moved = None
+    if stamp.is_file() and (old := stamp.read_text().strip()) != digest:
+        moved = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{old}-{time.strftime('%Y%m%d-%H%M%S')}")
+        checkpoint_dir.rename(moved)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file():
         atomic_write_text(stamp, digest + "\n")
-    return removed
+    return moved
+
+
+def agreed_checkpoint(checkpoint_dir: str | Path, digest: str, resume: bool, is_main_process: bool) -> Path | None:
+    """The checkpoint every process resumes from, decided on the main process and broadcast: on
+    several nodes without one view of the disk, each deciding for itself would split the run
+    (ranks at different steps). The main process first moves checkpoints of another digest
+    aside and removes ones a crash cut short (no COMPLETE marker). Call on every process."""
+    checkpoint_dir = Path(checkpoint_dir)
+    choice: list[str | None] = [None]
+    if is_main_process:
+        moved = claim_checkpoints(checkpoint_dir, digest)
+        if moved is not None:
+            logging.getLogger("rlhf").warning("checkpoints of another config or input moved aside to %s", moved)
+        for p in checkpoint_dir.iterdir():
+            if p.is_dir() and checkpoint_step(p) is not None and not (p / COMPLETE).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+        newest = latest_checkpoint(checkpoint_dir) if resume else None
+        choice = [str(newest) if newest else None]
+    broadcast_object_list(choice)  # also the barrier after the main process's clean-up
+    return Path(choice[0]) if choice[0] else None
+
+
+def lock_output(output_dir: Path) -> None:
+    """Hold <output_dir>/.lock for the rest of this process (flock; the kernel drops it when the
+    process ends, crash included): a second run on the same directory would interleave and
+    prune the first one's checkpoints. The file names the holder for the error message."""
+    path = Path(output_dir) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        error = _in_use(output_dir, fd)
+        os.close(fd)
+        raise error from None
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+    _HELD_LOCKS.append(fd)
+
+
+def check_output_free(output_dir: str | Path) -> None:
+    """Stop at once if another run holds `output_dir`'s lock, without creating or changing
+    anything (the lock itself is taken when training starts, in `start_stage`)."""
+    path = Path(output_dir) / LOCK
+    if not path.is_file() or _HELD_LOCKS:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(output_dir, fd) from None
+    finally:
+        os.close(fd)
+
+
+def _in_use(output_dir: str | Path, fd: int) -> OutputInUseError:
+    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
+    return OutputInUseError(f"{output_dir} is in use by another run ({holder}); wait for it or use another output_dir")
+
+
+def release_output_locks() -> None:
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.pop())
+
+
+_HELD_LOCKS: list[int] = []  # file descriptors of the output locks this process holds
 
 
 def mark_complete(checkpoint_dir: str | Path) -> None:

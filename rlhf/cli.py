@@ -14,11 +14,15 @@ import os
 import sys
 from collections.abc import Callable
 
+import torch
+
+from rlhf.checkpoint import ManifestError, OutputInUseError, check_output_free, release_output_locks
 from rlhf.config import ConfigError, dump_yaml, load_config
 from rlhf.data import DataError
 from rlhf.registry import ModelLoadError
+from rlhf.tracking import finish_open_trackers
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, ManifestError, OutputInUseError)
 
 
 def parse(cls: type, default_config: str | None, argv: list[str] | None = None, description: str = ""):
@@ -32,10 +36,16 @@ def parse(cls: type, default_config: str | None, argv: list[str] | None = None, 
 
 
 def run_stage(cls: type, train: Callable, default_config: str, argv: list[str] | None = None) -> int:
-    """Parse, run `train(cfg)`, and turn user errors into a one-line message and exit code 2."""
+    """Parse, run `train(cfg)`, and turn user errors into a one-line message and exit code 2
+    (3 for a NaN/inf). Whatever happens, the trackers, the output lock and the process group are
+    ended here: a process that exits with its process group alive can abort in the collective
+    library's teardown (`terminate called without an active exception` under ZeRO-3)."""
     setup_logging()
     setup_cpu_threads()
-    code = _run(cls, train, default_config, argv)
+    try:
+        code = _run(cls, train, default_config, argv)
+    finally:
+        teardown()
     # `accelerate launch` reports any failure as exit code 1; the pipeline reads the real one here.
     status_file = os.environ.get("RLHF_EXIT_STATUS_FILE")
     if status_file and code != 0 and os.environ.get("RANK", "0") == "0":
@@ -50,22 +60,34 @@ def _run(cls: type, train: Callable, default_config: str, argv: list[str] | None
         if print_only:
             print(dump_yaml(cfg), end="")
             return 0
+        if os.environ.get("RANK", "0") == "0":
+            check_output_free(cfg.output_dir)  # a second run on one directory stops at once
         train(cfg)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a NaN/inf caught before it reached the weights
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 3
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    """The message on one line: some wrap a library's multi-line one (the hub's, for a model)."""
+    return " ".join(str(error).split())
+
+
+def teardown() -> None:
+    finish_open_trackers()
+    release_output_locks()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def setup_cpu_threads() -> None:
     """On a CPU-only machine, use every core (shared among local processes). `accelerate launch`
     sets OMP_NUM_THREADS=1 unless told otherwise, which runs a CPU job on one core; RLHF_NUM_THREADS
     overrides the choice."""
-    import torch
-
     if torch.cuda.is_available():
         return
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

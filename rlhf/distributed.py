@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import PartialState
@@ -16,12 +17,16 @@ from accelerate.utils import parse_flag_from_env
 
 
 def process_state() -> PartialState:
+    """The stage's PartialState. Collectives time out after RLHF_PG_TIMEOUT_S seconds (default
+    1800, NCCL's and gloo's own default, set explicitly so that it is known and can be lowered):
+    a process left waiting for a peer that died fails instead of hanging."""
+    timeout = timedelta(seconds=float(os.environ.get("RLHF_PG_TIMEOUT_S", "1800")))
     if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return PartialState()
+        return PartialState(timeout=timeout)
     if deepspeed_launched():
-        return PartialState(backend="gloo")  # DeepSpeed's CPU accelerator over gloo
+        return PartialState(backend="gloo", timeout=timeout)  # DeepSpeed's CPU accelerator over gloo
     os.environ["ACCELERATE_USE_CPU"] = "true"  # read by AcceleratorState and TrainingArguments
-    return PartialState(cpu=True)
+    return PartialState(cpu=True, timeout=timeout)
 
 
 def deepspeed_launched() -> bool:

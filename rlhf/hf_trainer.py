@@ -4,13 +4,12 @@ writer (full model or LoRA adapter + tokenizer, optionally merged weights)."""
 
 from __future__ import annotations
 
-import logging
-import shutil
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from rlhf.checkpoint import claim_checkpoints, latest_checkpoint, mark_complete
+from rlhf.checkpoint import agreed_checkpoint, mark_complete
 from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig
 from rlhf.distributed import whole_models
 from rlhf.precision import Precision
@@ -94,21 +93,43 @@ class TrackingCallback(TrainerCallback):
             mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
+class FiniteGuard(TrainerCallback):
+    """Stops the run (FloatingPointError, exit code 3) at the first non-finite gradient, before
+    the optimizer writes it into the weights, and at non-finite weights before any checkpoint or
+    the final save: a diverged model is never saved as finished, and the last good checkpoint
+    stays the newest. PPO's loop does the same (stages/ppo/train.py `_stop_if_not_finite`).
+    Under DeepSpeed the gradients live in its engine, so the weights (each process's shard) are
+    checked at every step instead. Every process agrees (a flag summed over processes): none waits."""
+
+    def __init__(self, stage: str, trainer):
+        self.stage, self.trainer = stage, trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        if grads or not self.trainer.is_deepspeed_enabled:
+            self._check(grads, f"gradient before optimizer step {state.global_step + 1}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps or self.trainer.is_deepspeed_enabled:
+            params = [getattr(p, "ds_tensor", p) for p in self.trainer.model.parameters()]
+            self._check(params, f"weights after step {state.global_step}")
+
+    def _check(self, tensors: list[torch.Tensor], what: str) -> None:
+        bad = any(not torch.isfinite(t).all() for t in tensors if t.numel())
+        device = self.trainer.accelerator.device
+        flag = self.trainer.accelerator.reduce(torch.tensor(float(bad), device=device), "sum")
+        if flag.item() > 0:
+            raise FloatingPointError(
+                f"{self.stage}: non-finite {what}; stopped before saving, the last complete checkpoint is kept. "
+                "Lower optim.lr or check the data."
+            )
+
+
 def resume_point(output_dir: Path, train: TrainConfig, digest: str, state) -> str | None:
-    """The newest complete checkpoint to resume from (None to start afresh). Checkpoints that a
-    crash cut short (no COMPLETE marker), or that another config wrote, are never resumed from;
-    the main process removes them."""
-    ckpt_dir = output_dir / "checkpoints"
-    if state.is_main_process and claim_checkpoints(ckpt_dir, digest):
-        logging.getLogger("rlhf").warning("removed checkpoints in %s written under another config", ckpt_dir)
-    if state.is_main_process and ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            if p.is_dir() and p.name.startswith("checkpoint-") and not (p / "COMPLETE").is_file():
-                shutil.rmtree(p, ignore_errors=True)
-    state.wait_for_everyone()
-    if not train.resume:
-        return None
-    newest = latest_checkpoint(ckpt_dir)
+    """The newest complete checkpoint to resume from (None to start afresh), decided on the main
+    process for all (`agreed_checkpoint`). `digest` is the stage's `checkpoint_digest`:
+    checkpoints of another config or input are moved aside, ones a crash cut short removed."""
+    newest = agreed_checkpoint(output_dir / "checkpoints", digest, train.resume, state.is_main_process)
     return str(newest) if newest else None
 
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.checkpoint import read_manifest
+from rlhf.checkpoint import ManifestError, read_manifest
 from rlhf.config import ConfigError, config_hash, load_config
 from rlhf.config.schema import format_override, from_dict, parse_override, set_dotted
 from rlhf.config.stages import NOT_HASHED, PPOStageConfig, RMStageConfig, SFTStageConfig
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_pipeline(args.config, args.overrides, args.accelerate_config, args.num_processes)
         return run(cfg, args.from_stage, args.only, args.dry_run)
-    except ConfigError as e:
+    except (ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

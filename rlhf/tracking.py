@@ -82,6 +82,7 @@ class Tracking:
         self.trackers: list[GeneralTracker] = []
         if not is_main_process:
             return
+        _OPEN.append(self)
         output_dir = Path(output_dir)
         if fresh:
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -122,6 +123,8 @@ class Tracking:
             except Exception as e:
                 warnings.warn(f"tracker {tracker.name} failed to finish: {e}", stacklevel=2)
         self.trackers = []
+        if self in _OPEN:
+            _OPEN.remove(self)
 
     def _start(self, tracker: GeneralTracker, config: dict) -> bool:
         try:
@@ -154,6 +157,15 @@ class Tracking:
             )
             if self._start(tracker, config):
                 return
+
+
+_OPEN: list[Tracking] = []  # started and not finished: ended by `finish_open_trackers` on any exit
+
+
+def finish_open_trackers() -> None:
+    """End every tracker still open (a stage that raised): files flushed, wandb runs closed."""
+    for tracking in list(_OPEN):
+        tracking.finish()
 
 
 def _wandb_settings():

@@ -4,6 +4,7 @@ updates (its weights are gathered once per rollout for generation)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -59,7 +60,7 @@ STAGE_ARGS = {
 SCRIPTS = {"sft": "launch/stage1_sft.py", "rm": "launch/stage2_rm.py", "ppo": "launch/stage3_ppo.py"}
 
 
-def launch(mode: str, stage: str, out, *extra, ok: bool = True):
+def launch(mode: str, stage: str, out, *extra, ok: bool = True, env: dict | None = None):
     cmd = [
         sys.executable,
         "-m",
@@ -78,7 +79,7 @@ def launch(mode: str, stage: str, out, *extra, ok: bool = True):
         f"output_dir={out / stage}",
         *extra,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert (result.returncode == 0) == ok, f"{mode}/{stage}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -141,3 +142,68 @@ def test_advantage_whitening_and_explained_variance_are_global(tmp_path):
         "explained_variance_matches": True,
         "per_process_differs": True,
     }
+
+
+def test_nonfinite_run_under_zero3_exits_3_on_every_process(tmp_path):
+    """Item 21 (and 18 under DeepSpeed): a two-process ZeRO-3 stage that raises ends cleanly, with
+    the stage's own exit code (3: non-finite), no hang and no abort in the process group's teardown."""
+    status = tmp_path / "exit_code"
+    cmd_env = {"RLHF_EXIT_STATUS_FILE": str(status), "RLHF_PG_TIMEOUT_S": "120"}
+    extra = ["optim.lr=1e30", "optim.warmup_ratio=0.5", "optim.max_grad_norm=null", "train.save_every=1"]
+    result = launch("zero3", "sft", tmp_path, *extra, ok=False, env=cmd_env)
+    assert status.read_text().strip() == "3", result.stderr[-3000:]
+    assert "non-finite" in result.stderr and "terminate called" not in result.stderr
+    assert not (tmp_path / "sft" / "manifest.json").exists()
+
+
+def _node(rank: int, cwd, port: int, *args: str) -> subprocess.Popen:
+    """One process of a two-node job started by hand, as a launcher on each node would start it
+    (torchrun's environment), in its own working directory: two nodes without a shared disk."""
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "RLHF_NUM_THREADS": "1",
+        "RLHF_PG_TIMEOUT_S": "60",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+    }
+    cmd = [sys.executable, str(ROOT / SCRIPTS["sft"]), "--config", str(ROOT / "configs/tiny/sft.yaml")]
+    cmd += [*STAGE_ARGS["sft"], *COMMON, "output_dir=out", "train.keep_checkpoints=5", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _both(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    out = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError("a rank hung: the ranks resumed from different steps") from None
+        out.append((proc.returncode, err))
+    return out
+
+
+def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path):
+    """Item 14: two nodes, each with its own disk. Node 1's disk holds a newer checkpoint than
+    node 0's (node 0 lagged when the copy was made). Each rank deciding for itself would resume
+    at different steps and split the run; rank 0 decides and every rank resumes its choice."""
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node1.mkdir()
+    port = 29400 + os.getpid() % 500
+    done = _both([_node(0, node1, port), _node(1, node1, port)])  # both on one disk: checkpoints 2 and 4
+    assert all(code == 0 for code, _ in done), done[0][1][-3000:] + done[1][1][-3000:]
+    shutil.copytree(node1, node0)
+    shutil.rmtree(node0 / "out" / "checkpoints" / "checkpoint-4")
+    (node0 / "out" / "metrics.jsonl").write_text("")
+
+    done = _both([_node(0, node0, port + 1), _node(1, node1, port + 1)])
+    assert all(code == 0 for code, _ in done), done[0][1][-3000:] + done[1][1][-3000:]
+    assert "resuming from out/checkpoints/checkpoint-2" in done[0][1]
+    steps = [json.loads(line)["step"] for line in (node0 / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert {3, 4} <= set(steps)  # node 0 trained steps 3 and 4 with node 1, not alone

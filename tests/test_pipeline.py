@@ -276,3 +276,53 @@ def test_names_that_leave_runs_dir_or_get_eaten_are_refused(tmp_path, name):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "config key 'name'" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+TINY = [
+    "model=tiny-llama",
+    "report=false",
+    "sft.task.train_size=256",
+    "sft.task.eval_size=8",
+    "sft.evaluate_base=false",
+    "sft.train.batch_size=8",
+    "sft.train.max_steps=4",
+    "sft.train.save_every=2",
+    "rm.pairs.train_size=128",
+    "rm.pairs.eval_size=16",
+    "rm.train.batch_size=8",
+    "rm.train.max_steps=4",
+    "rm.train.save_every=2",
+    "rm.train.log_every=1",
+    "rm.pairs.onpolicy_fraction=0",
+    "ppo.task.train_size=64",
+    "ppo.task.eval_size=8",
+    "ppo.rollout.prompts_per_step=8",
+    "ppo.ppo.minibatches=2",
+    "ppo.ppo.value_warmup_steps=0",
+    "ppo.rollout.generation.max_new_tokens=4",
+    "ppo.generation.max_new_tokens=4",
+    "ppo.train.max_steps=2",
+    "ppo.train.save_every=1",
+    "ppo.train.eval_every=0",
+    *[f"{s}.tracking.report_to=[]" for s in ("sft", "rm", "ppo")],
+]
+
+
+def test_upstream_rerun_makes_downstream_start_afresh(tmp_path):
+    """Item 1: SFT re-trains after a config change; RM and PPO must not resume from checkpoints
+    made from the old SFT (their own configs did not change), but start afresh, the old
+    checkpoints moved aside."""
+    first = pipeline(tmp_path, "up", *TINY)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    again = pipeline(tmp_path, "up", *TINY, "sft.train.max_steps=6")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    run_dir = tmp_path / "up"
+    sft_hash = json.loads((run_dir / "sft" / "manifest.json").read_text())["config_hash"]
+    for stage in ("rm", "ppo"):
+        log = (run_dir / "logs" / f"{stage}.log").read_text().split("=====")[-1]  # the second run's part
+        assert "resum" not in log.lower(), (stage, log[-3000:])
+        assert len(list((run_dir / stage).glob("checkpoints.stale-*"))) == 1, stage
+        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        assert manifest["inputs"][str(run_dir / "sft")] == sft_hash
+    rm_steps = [r["step"] for r in _jsonl(run_dir / "rm" / "metrics.jsonl") if "train/rm/loss" in r]
+    assert rm_steps[0] == 1 and max(rm_steps) == 4  # a whole fresh run, not one step from the old end

@@ -144,9 +144,16 @@ def dump_yaml(obj: Any) -> str:
 
 
 def config_hash(obj: Any, ignore: tuple[str, ...] = ()) -> str:
-    """A short, stable hash of what a config computes; `ignore` lists top-level keys that don't
-    change the result (output paths, tracking)."""
-    data = {k: v for k, v in to_dict(obj).items() if k not in ignore}
+    """A short, stable hash of what a config computes; `ignore` lists keys, dotted for nested
+    ones (`train.log_every`), that don't change the result (output paths, tracking)."""
+    data = to_dict(obj)
+    for key in ignore:
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
     blob = json.dumps(data, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -22,6 +22,23 @@ from rlhf.tasks import RULES, TASKS
 # Top-level keys that never change what a stage computes: left out of the config hash that
 # decides whether a finished stage can be reused.
 NOT_HASHED = ("output_dir", "tracking")
+# Keys (dotted) that cannot change the trained weights, also left out of the hash a resumable
+# checkpoint is tied to (rlhf/checkpoint.py `checkpoint_digest`): changing how often a run logs,
+# saves or evaluates, or the held-out evaluation's own settings, resumes it. Evaluation never
+# touches the training state: the Trainer evaluates without sampling and re-seeds at its start
+# (after SFT's `evaluate_base`); PPO's held-out generation is greedy unless generation.do_sample,
+# in which case `checkpoint_digest` keeps `generation` and `train.eval_every` (sampling would draw
+# from the training RNG). As torchtune's recipes do, these are not part of what a checkpoint is.
+WEIGHTS_NEUTRAL = (
+    "train.log_every",
+    "train.save_every",
+    "train.eval_every",
+    "train.keep_checkpoints",
+    "train.resume",
+    "generation",
+    "evaluate_base",
+    "data.max_eval_examples",
+)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from rlhf.checkpoint import claim_checkpoints, finish_stage, latest_checkpoint, start_stage
-from rlhf.config import NOT_HASHED, ConfigError, PPOStageConfig, config_hash, to_dict
+from rlhf.checkpoint import agreed_checkpoint, checkpoint_digest, finish_stage, start_stage
+from rlhf.config import ConfigError, PPOStageConfig, to_dict
 from rlhf.data import load_records, normalize_sft
 from rlhf.data.prompts import normalize_prompts
 from rlhf.distributed import is_zero3, process_state
@@ -76,7 +76,6 @@ def train(cfg: PPOStageConfig) -> dict:
     started = time.time()
     estimator = _registered(ESTIMATORS, cfg.ppo.advantage_estimator, "ppo.advantage_estimator")
     _registered(ENGINES, cfg.rollout.engine, "rollout.engine")
-    out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
     models = build_models(cfg, accelerator, estimator, precision)
     data = load_prompts(cfg, models.tokenizer)
     engine = build_engine(cfg.rollout.engine, models.model, models.tokenizer, accelerator)
@@ -87,7 +86,10 @@ def train(cfg: PPOStageConfig) -> dict:
     # A checksum of the reference, checked again at the end (ZeRO-3 shards weights: not checked there).
     reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
     ref_fingerprint = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
-    state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out)
+    # Everything loaded: only now take the output directory (a bad input leaves it as it was).
+    digest = checkpoint_digest(cfg, (cfg.policy, cfg.reward_model, cfg.value_model))  # reads the inputs' manifests
+    out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
+    state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out, digest)
 
     bar = tqdm(
         total=cfg.train.max_steps,
@@ -121,6 +123,7 @@ def train(cfg: PPOStageConfig) -> dict:
     ref_after = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
     if ref_after != ref_fingerprint:
         raise RuntimeError(f"the frozen reference changed during PPO ({ref_fingerprint} -> {ref_after})")
+    _stop_if_not_finite(accelerator, state["step"], weights=_finite_flag(models.model.parameters()))
     save_models(accelerator, models.model, models.tokenizer, models.policy_source, out, cfg, models.precision)
     result = _finish(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
     tracking.finish()
@@ -242,6 +245,9 @@ def ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageCon
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         clip_gradients(accelerator, model, cfg)
+                        # under DeepSpeed the engine holds the gradients (p.grad is None): the loss check stands
+                        grads = (p.grad for p in model.parameters() if p.grad is not None)
+                        _stop_if_not_finite(accelerator, step, gradients=_finite_flag(grads))
                     optimizer.step()
                     optimizer.zero_grad()
                 for k, v in stats.items():
@@ -330,15 +336,13 @@ def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
     )
 
 
-def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, running, out: Path):
-    """(state, tracking): the state of the newest complete checkpoint written under this config,
-    or a fresh one with the held-out evaluation of the starting policy ("before")."""
+def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, running, out: Path, digest: str):
+    """(state, tracking): the state of the newest complete checkpoint written under this config
+    and these inputs (`digest`: rlhf/checkpoint.py `checkpoint_digest`), or a fresh one with the
+    held-out evaluation of the starting policy ("before")."""
     state = {"step": 0, "before": None, "kl_history": []}
-    ckpt_dir = out / "checkpoints"
-    if accelerator.is_main_process and claim_checkpoints(ckpt_dir, config_hash(cfg, ignore=NOT_HASHED)):
-        log.warning("removed checkpoints in %s written under another config", ckpt_dir)
-    accelerator.wait_for_everyone()
-    ckpt = latest_checkpoint(ckpt_dir) if cfg.train.resume else None
+    # decided on the main process for all: every process resumes the same step
+    ckpt = agreed_checkpoint(out / "checkpoints", digest, cfg.train.resume, accelerator.is_main_process)
     tracking = Tracking(cfg.tracking, out, "ppo", to_dict(cfg), accelerator.is_main_process, fresh=ckpt is None)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
@@ -376,6 +380,7 @@ def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, ru
         )
         tracking.log(evaluation, step=step)
     if cfg.train.save_every and step % cfg.train.save_every == 0:
+        _stop_if_not_finite(accelerator, step, weights=_finite_flag(models.model.parameters()))
         save_checkpoint(accelerator, out / "checkpoints", state, kl_ctl, running, cfg.train.keep_checkpoints)
 
 
@@ -457,6 +462,13 @@ def _stop_if_not_finite(accelerator, step: int, **tensors) -> None:
             f"PPO step {step}: non-finite {', '.join(bad) or 'values on another process'}; stopping before the "
             "optimizer step so the weights stay intact. Check the reward model's scores and lower optim.lr."
         )
+
+
+def _finite_flag(tensors) -> torch.Tensor:
+    """0 if every tensor is finite, else NaN (for `_stop_if_not_finite`). Under ZeRO-3 a
+    parameter's own data is this process's shard (`ds_tensor`)."""
+    finite = all(bool(torch.isfinite(getattr(t, "ds_tensor", t)).all()) for t in tensors)
+    return torch.tensor(0.0 if finite else float("nan"))
 
 
 def _registered(table: dict, name: str, key: str):

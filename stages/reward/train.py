@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
@@ -20,14 +21,14 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from rlhf.checkpoint import finish_stage, start_stage
-from rlhf.config import NOT_HASHED, ConfigError, RMStageConfig, config_hash, to_dict
+from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
+from rlhf.config import ConfigError, RMStageConfig, to_dict
 from rlhf.data import load_records, normalize_preferences
 from rlhf.data.lengths import limit_length
 from rlhf.distributed import is_zero3, process_state, whole_models
 from rlhf.evaluation import flatten_metrics, score_sequences
 from rlhf.generation import render_prompts
-from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import (
     build_policy,
@@ -106,9 +107,7 @@ def train(cfg: RMStageConfig) -> dict:
     precision = resolve_precision(cfg.model_init)  # dtype, autocast, attention: decided once, here
     set_seed(cfg.seed)
     started = time.time()
-    out = start_stage(cfg.output_dir, cfg, state.is_main_process)
-    resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
-    tracking = Tracking(cfg.tracking, out, "rm", to_dict(cfg), state.is_main_process, fresh=resume is None)
+    out = Path(cfg.output_dir)  # not touched until training starts (step 5): a bad input leaves it as it was
 
     # 1. Tokenizer and the init model (usually the SFT output).
     source = resolve(cfg.model)
@@ -166,13 +165,19 @@ def train(cfg: RMStageConfig) -> dict:
         train_dataset=train_set,
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows and cfg.train.eval_every else None,
         processing_class=tokenizer,
-        callbacks=[TrackingCallback(tracking, "rm")],
         lm_coef=cfg.loss.lm_coef,
     )
     if cfg.loss.lm_coef > 0:
         _check_not_zero3(trainer)
 
-    # 5. Train, resuming from the newest complete checkpoint if there is one.
+    # 5. Everything loaded: take the output directory, then train, resuming from the newest
+    #    complete checkpoint of this config and input if there is one.
+    digest = checkpoint_digest(cfg, (cfg.model,))  # reads the input's manifest: before the output is touched
+    start_stage(out, cfg, state.is_main_process)
+    resume = resume_point(out, cfg.train, digest, state)
+    tracking = Tracking(cfg.tracking, out, "rm", to_dict(cfg), state.is_main_process, fresh=resume is None)
+    trainer.add_callback(TrackingCallback(tracking, "rm"))
+    trainer.add_callback(FiniteGuard("rm", trainer))
     if resume:
         log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)

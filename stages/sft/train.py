@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from accelerate.utils import set_seed
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from rlhf.checkpoint import finish_stage, start_stage
-from rlhf.config import NOT_HASHED, SFTStageConfig, config_hash, to_dict
+from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
+from rlhf.config import SFTStageConfig, to_dict
 from rlhf.data import load_records, normalize_sft
 from rlhf.data.lengths import limit_length
 from rlhf.distributed import process_state, whole_models
 from rlhf.evaluation import evaluate_generations, flatten_metrics
-from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import Tracking
@@ -34,9 +35,7 @@ def train(cfg: SFTStageConfig) -> dict:
     precision = resolve_precision(cfg.model_init)  # dtype, autocast, attention: decided once, here
     set_seed(cfg.seed)
     started = time.time()
-    out = start_stage(cfg.output_dir, cfg, state.is_main_process)
-    resume = resume_point(out, cfg.train, config_hash(cfg, ignore=NOT_HASHED), state)
-    tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process, fresh=resume is None)
+    out = Path(cfg.output_dir)  # not touched until training starts (step 4): a bad input leaves it as it was
 
     # 1. Data: read, detect the format, normalise (errors name file, line and field).
     train_records, train_source = load_records(cfg.data, cfg.task, "train")
@@ -79,7 +78,6 @@ def train(cfg: SFTStageConfig) -> dict:
         train_dataset=Dataset.from_list(train_examples),
         eval_dataset=Dataset.from_list(eval_examples) if eval_examples and cfg.train.eval_every else None,
         processing_class=tokenizer,
-        callbacks=[TrackingCallback(tracking, "sft")],
     )
     trainer.train_dataset, over = limit_length(trainer.train_dataset, cfg.data.max_length, cfg.data.overlong)
     if over:
@@ -91,7 +89,14 @@ def train(cfg: SFTStageConfig) -> dict:
             "dropped" if cfg.data.overlong == "drop" else "truncated",
         )
 
-    # 4. Train, resuming from the newest complete checkpoint if there is one.
+    # 4. Everything loaded: take the output directory, then train, resuming from the newest
+    #    complete checkpoint of this config and input if there is one.
+    digest = checkpoint_digest(cfg, (cfg.model,))  # reads the input's manifest: before the output is touched
+    start_stage(out, cfg, state.is_main_process)
+    resume = resume_point(out, cfg.train, digest, state)
+    tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process, fresh=resume is None)
+    trainer.add_callback(TrackingCallback(tracking, "sft"))
+    trainer.add_callback(FiniteGuard("sft", trainer))
     if resume:
         log.info("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -1,0 +1,222 @@
+"""A fault battery run as a user would, through the real commands (launch/stage*.py): each fault
+ends with one line on stderr (exit 2, or 3 for non-finite values), the previous output of the
+stage stays byte-for-byte as it was, and nothing half-written is left. Also: checkpoints are
+tied to what changes the weights (changing how often a run logs or saves resumes it; changing
+the learning rate moves the old checkpoints aside, still on disk), and a second run on one
+output directory stops at once, naming the first.
+
+One finished output per stage (module fixtures, a few steps of test-sized models) serves every
+fault; tests that must change an output work on a copy."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_entry
+
+QUIET = ["tracking.report_to=[]", "tracking.progress=false"]
+SFT = [
+    "model=tiny-llama",
+    "task.train_size=256",
+    "task.eval_size=8",
+    "train.batch_size=8",
+    "train.max_steps=4",
+    "train.save_every=2",
+    "train.log_every=1",
+    "optim.warmup_ratio=0",
+    "evaluate_base=false",
+    *QUIET,
+]
+RM = [
+    "pairs.train_size=128",
+    "pairs.eval_size=16",
+    "pairs.onpolicy_fraction=0",
+    "train.batch_size=8",
+    "train.max_steps=4",
+    "train.save_every=2",
+    "train.log_every=1",
+    "optim.warmup_ratio=0",
+    *QUIET,
+]
+PPO = [
+    "task.train_size=64",
+    "task.eval_size=8",
+    "rollout.prompts_per_step=8",
+    "ppo.minibatches=2",
+    "rollout.generation.max_new_tokens=4",
+    "generation.max_new_tokens=4",
+    "train.max_steps=2",
+    "train.save_every=1",
+    "train.log_every=1",
+    "ppo.value_warmup_steps=0",
+    *QUIET,
+]
+SCRIPTS = {"sft": "launch/stage1_sft.py", "rm": "launch/stage2_rm.py", "ppo": "launch/stage3_ppo.py"}
+
+
+def stage(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = {"sft": SFT, "rm": RM, "ppo": PPO}[name]
+    return run_entry(SCRIPTS[name], *args, *extra, f"output_dir={out}", timeout=600)
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, hidden ones (the lock) included."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    assert result.returncode == code, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), result.stderr[-3000:]
+    for word in words:
+        assert word in line, line
+    return line
+
+
+def finish(name: str, out: Path, *extra: str) -> Path:
+    result = stage(name, out, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["finished"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("finished")
+
+
+@pytest.fixture(scope="module")
+def sft_out(root) -> Path:
+    return finish("sft", root / "sft")
+
+
+@pytest.fixture(scope="module")
+def rm_out(root, sft_out) -> Path:
+    return finish("rm", root / "rm", f"model={sft_out}")
+
+
+@pytest.fixture(scope="module")
+def ppo_out(root, sft_out, rm_out) -> Path:
+    return finish("ppo", root / "ppo", f"policy={sft_out}", f"reward_model={rm_out}")
+
+
+@pytest.fixture
+def outputs(request) -> dict[str, Path]:
+    """The finished outputs a test's stage needs (each made once per module, on first use)."""
+    name = request.node.callspec.params.get("name", "sft") if hasattr(request.node, "callspec") else "sft"
+    needs = {"sft": ["sft"], "rm": ["sft", "rm"], "ppo": ["sft", "rm", "ppo"]}[name]
+    return {n: request.getfixturevalue(f"{n}_out") for n in needs}
+
+
+def inputs_of(name: str, outputs: dict[str, Path]) -> tuple[str, ...]:
+    return {
+        "sft": (),
+        "rm": (f"model={outputs['sft']}",),
+        "ppo": (f"policy={outputs['sft']}", f"reward_model={outputs['rm']}"),
+    }[name]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "sft.jsonl").write_text('{"prompt": "1-1=", "completion": "0"}\n{"prompt": "2-1=", "completion": \n')
+    (d / "pairs.jsonl").write_text('{"prompt": "1-1=", "chosen": "0"}\n')  # no rejected answer
+    return {"sft": d / "sft.jsonl", "rm": d / "pairs.jsonl", "ppo": d / "sft.jsonl"}
+
+
+# item 15: a bad input leaves the finished output as it was, byte for byte
+@pytest.mark.parametrize("name", ["sft", "rm", "ppo"])
+def test_bad_data_file_leaves_the_output_intact(name, outputs, bad_files):
+    before = snapshot(outputs[name])
+    result = stage(name, outputs[name], *inputs_of(name, outputs), f"data.train={bad_files[name]}")
+    one_line_error(result, 2, bad_files[name].name)
+    assert snapshot(outputs[name]) == before
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "ppo"])
+def test_unknown_model_leaves_the_output_intact(name, outputs):
+    before = snapshot(outputs[name])
+    key = {"sft": "model", "rm": "model", "ppo": "reward_model"}[name]
+    result = stage(name, outputs[name], *inputs_of(name, outputs), f"{key}=no-such-model-anywhere")
+    one_line_error(result, 2, "no-such-model-anywhere")
+    assert snapshot(outputs[name]) == before
+
+
+# item 21: a corrupt manifest of an input is one line naming the file
+def test_corrupt_input_manifest_is_one_line_naming_the_file(sft_out, rm_out, tmp_path):
+    sft = tmp_path / "sft"
+    shutil.copytree(sft_out, sft)
+    (sft / "manifest.json").write_text('{"stage": "sft", "finished": tr')
+    before = snapshot(rm_out)
+    result = stage("rm", rm_out, f"model={sft}")
+    one_line_error(result, 2, str(sft / "manifest.json"))
+    assert snapshot(rm_out) == before
+
+
+# item 18: a diverging run stops with exit 3; nothing is saved as finished, complete checkpoints stay
+@pytest.mark.parametrize("name", ["sft", "rm"])
+def test_diverging_run_exits_3_and_keeps_the_last_good_checkpoint(name, outputs, tmp_path):
+    # warm-up from 0: step 1 runs at lr 0 (checkpoint-1 is the start, finite), step 2 at ~1e29
+    # sends the weights to ~1e29, and step 3's gradients overflow
+    out = tmp_path / name
+    extra = ["optim.lr=1e30", "optim.warmup_ratio=0.5", "optim.max_grad_norm=null", "train.save_every=1"]
+    result = stage(name, out, *inputs_of(name, outputs), *extra)
+    one_line_error(result, 3, "non-finite")
+    assert not (out / "manifest.json").exists()
+    kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*") if (p / "COMPLETE").is_file())
+    assert kept and "checkpoint-4" not in kept, kept
+
+
+# item 17: keys that cannot change the weights do not invalidate checkpoints; others move them aside
+def test_changing_how_often_a_run_logs_or_saves_resumes_it(outputs, tmp_path):
+    out = tmp_path / "sft"
+    shutil.copytree(outputs["sft"], out)
+    result = stage("sft", out, "train.save_every=3", "train.log_every=2", "train.keep_checkpoints=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr and "checkpoint-4" in result.stderr
+    assert not list(tmp_path.glob("sft/checkpoints.stale-*"))
+
+
+def test_changing_the_learning_rate_moves_old_checkpoints_aside(outputs, tmp_path):
+    out = tmp_path / "sft"
+    shutil.copytree(outputs["sft"], out)
+    old = snapshot(out / "checkpoints")
+    result = stage("sft", out, "optim.lr=2e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" not in result.stderr
+    (stale,) = out.glob("checkpoints.stale-*")
+    assert snapshot(stale) == old  # still on disk, as they were
+    assert (out / "checkpoints" / "checkpoint-4" / "COMPLETE").is_file()  # and a fresh run wrote its own
+
+
+# item 16: two runs on one output directory
+def test_second_run_on_one_output_stops_at_once_naming_the_first(outputs, tmp_path):
+    out = tmp_path / "sft"
+    cmd = [sys.executable, str(ROOT / SCRIPTS["sft"]), *SFT, "train.max_steps=40", "train.save_every=10"]
+    first = subprocess.Popen([*cmd, f"output_dir={out}"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / ".lock").is_file() or not (out / ".lock").read_text():
+            assert first.poll() is None and time.time() < deadline, "the first run ended before it started training"
+            time.sleep(0.05)
+        t0 = time.time()
+        second = stage("sft", out, "train.max_steps=40", "train.save_every=10")
+        one_line_error(second, 2, "in use", f"pid {first.pid}")
+        assert time.time() - t0 < 60
+    finally:
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finished"] and manifest["metrics"]["train_loss"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-30", "checkpoint-40"]
