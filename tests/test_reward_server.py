@@ -117,7 +117,7 @@ def test_ppo_with_a_remote_reward_model_stops_when_it_dies_and_resumes(rm_dir, p
     url, out = f"{base}/score", tmp_path / "ppo"
     args = [f"policy={policy_dir}", "reward_model=null", "reward.model_weight=0", *FAST, f"output_dir={out}"]
     args += [f"reward.remote.url={url}", "reward.remote.retries=1", "reward.remote.backoff=0.1"]
-    args += ["reward.remote.timeout=30", "train.max_steps=6", "train.save_every=2", "train.log_every=1"]
+    args += ["reward.remote.timeout=30", "train.max_steps=4", "train.save_every=2", "train.log_every=1"]
     run = subprocess.Popen(
         [sys.executable, str(ROOT / "launch/stage3_ppo.py"), *args],
         cwd=ROOT,
@@ -153,10 +153,10 @@ def test_ppo_with_a_remote_reward_model_stops_when_it_dies_and_resumes(rm_dir, p
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / kept[-1]}" in resumed.stderr
     resumed_at = int(kept[-1].split("-")[1])
-    assert served == (6 - resumed_at) * 16  # every remaining step's 16 episodes were scored over HTTP
+    assert served == (4 - resumed_at) * 16  # every remaining step's 16 episodes were scored over HTTP
     assert json.loads((out / "manifest.json").read_text())["finished"]
     records = [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/remote_score" in r]
-    assert [r["step"] for r in records[resumed_at - 6 :]] == list(range(resumed_at + 1, 7))
+    assert [r["step"] for r in records[resumed_at - 4 :]] == list(range(resumed_at + 1, 5))
     for r in records:  # the sequence score is the remote one (weight 1), less 1 for a response without EOS
         assert r["train/ppo/score"] == pytest.approx(
             r["train/ppo/remote_score"] - (1 - r["train/ppo/eos_rate"]), abs=1e-5
