@@ -2,8 +2,10 @@
 
     launch/stage1_sft.py [--config FILE] [key.sub=value ...] [--print-config]
 
-Bad configs, bad data and unloadable models end the process with one line on stderr naming the
-key, file, line or field, and exit code 2.
+Bad configs, bad data, unloadable models and broken reward functions end the process with one line
+on stderr naming the key, file, line, field or function, and exit code 2. A run stopped mid-way
+with its weights intact (a NaN/inf, a reward server that stopped answering) exits with code 3:
+its last checkpoint resumes.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from rlhf.checkpoint import ManifestError, OutputInUseError, check_output_free, 
 from rlhf.config import ConfigError, dump_yaml, load_config
 from rlhf.data import DataError
 from rlhf.registry import ModelLoadError
+from rlhf.reward_client import RemoteRewardError
+from rlhf.reward_functions import RewardFunctionError
 from rlhf.tracking import finish_open_trackers
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, ManifestError, OutputInUseError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, ManifestError, OutputInUseError, RewardFunctionError)
 
 
 def parse(cls: type, default_config: str | None, argv: list[str] | None = None, description: str = ""):
@@ -66,7 +70,8 @@ def _run(cls: type, train: Callable, default_config: str, argv: list[str] | None
     except USER_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:  # a NaN/inf caught before it reached the weights
+    except (FloatingPointError, RemoteRewardError) as e:  # a NaN/inf, or a dead reward server, caught mid-run
+        # before the step reached the weights: the last checkpoint resumes
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 3
     return 0

@@ -4,8 +4,8 @@
 - `evaluate_directory`: the same for a saved stage output, loaded as a user would, plus the
   reward model's mean score of its answers;
 - `evaluate_in_loop`: the same during training, the prompts split across processes;
-- `score_sequences` / `score_responses`: the one reward-model scorer (PPO's held-out scores and
-  the RM stage's pair accuracy both go through it);
+- `score_sequences` / `score_responses`: the one reward-model scorer (PPO's held-out scores, the
+  RM stage's pair accuracy and the reward server, rlhf/reward_server.py, all go through it);
 - `flatten_metrics` / `summary`: a task report as flat `eval/<stage>/…` keys, or its headline.
 """
 
@@ -78,10 +78,16 @@ def score_responses(
 ) -> torch.Tensor:
     """The reward model's score of each response to its chat prompt, tokenised exactly as a
     rollout is: the rendered prompt, the response tokens, EOS. -> (N,)"""
+    return score_sequences(reward_model, response_rows(tokenizer, prompts, responses), tokenizer.pad_token_id)
+
+
+def response_rows(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]], responses: Sequence[str]
+) -> list[list[int]]:
+    """The token ids `score_responses` scores: rendered chat prompt + response tokens + EOS."""
     prompt_ids = render_prompts(tokenizer, prompts)
     answers = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    rows = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompt_ids, answers, strict=True)]
-    return score_sequences(reward_model, rows, tokenizer.pad_token_id)
+    return [p + a + [tokenizer.eos_token_id] for p, a in zip(prompt_ids, answers, strict=True)]
 
 
 def evaluate_directory(

@@ -17,6 +17,7 @@ from rlhf.config.parts import (
     TrainConfig,
 )
 from rlhf.config.schema import ConfigError
+from rlhf.reward_functions import RewardFunctionError, load_reward_function
 from rlhf.tasks import RULES, TASKS
 
 # Top-level keys that never change what a stage computes: left out of the config hash that
@@ -217,11 +218,39 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class RemoteRewardConfig:
+    """A reward model served over HTTP by `launch/serve_rm.py` (API: docs/rewards.md). Each process
+    sends its own episodes' decoded chat prompts and responses once per step."""
+
+    url: str = ""  # the scoring endpoint, e.g. http://127.0.0.1:8000/score; "": no remote reward model
+    weight: float = 1.0  # weight of its score in the sequence score
+    timeout: float = 60.0  # seconds per request
+    # tries after the first failed one (connection refused, time-out, HTTP 5xx), with exponential
+    # backoff (backoff, 2·backoff, 4·backoff s); then the run stops with exit code 3, its last
+    # checkpoint intact for resume. HTTP 4xx (a bad request) is not retried.
+    retries: int = 3
+    backoff: float = 1.0
+
+    def check(self) -> None:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ConfigError("url", f"must be an http:// or https:// URL, got {self.url!r}")
+        if not self.timeout > 0:
+            raise ConfigError("timeout", f"must be > 0, got {self.timeout}")
+        if self.retries < 0 or self.backoff < 0:
+            raise ConfigError("retries", "retries and backoff must be >= 0")
+
+
+@dataclass(frozen=True)
 class PPORewardConfig:
-    """Step 3 of PPO: the sequence score = weighted reward-model score + weighted rule rewards."""
+    """Step 3 of PPO: the sequence score = weighted reward-model score + weighted rule rewards +
+    weighted reward functions + weighted remote reward model score (docs/rewards.md)."""
 
     model_weight: float = 1.0  # weight of the reward model's score (0: rule rewards only)
     rules: dict[str, float] = field(default_factory=dict)  # rlhf.tasks.RULES name -> weight, e.g. {subtraction: 1.0}
+    # your own reward functions, "package.module:function" -> weight (rlhf/reward_functions.py), e.g.
+    # {"rlhf.tasks.subtraction:exact_reward": 1.0}; imported when the config is checked
+    functions: dict[str, float] = field(default_factory=dict)
+    remote: RemoteRewardConfig = field(default_factory=RemoteRewardConfig)  # a reward model over HTTP (serve_rm.py)
     normalize: Literal["none", "batch", "running"] = "none"  # whiten scores per batch or by running stats
     clip: float | None = None  # clip scores to [-clip, clip] after normalisation
     missing_eos_penalty: float | None = -1.0  # added to the score of a response that never emitted EOS
@@ -230,6 +259,11 @@ class PPORewardConfig:
         for name in self.rules:
             if name not in RULES:
                 raise ConfigError(f"rules.{name}", f"unknown rule reward; known: {sorted(RULES)}")
+        for spec in self.functions:
+            try:
+                load_reward_function(spec)
+            except RewardFunctionError as e:
+                raise ConfigError(f"functions.{spec}", str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -261,8 +295,10 @@ class PPOStageConfig:
     def check(self) -> None:
         if self.reward_model is None and self.reward.model_weight != 0:
             raise ConfigError("reward_model", "is null but reward.model_weight is not 0; set one or the other")
-        if self.reward_model is None and not self.reward.rules:
-            raise ConfigError("reward.rules", "no reward model and no rule rewards: nothing to optimise")
+        if self.reward_model is None and not (self.reward.rules or self.reward.functions or self.reward.remote.url):
+            raise ConfigError(
+                "reward.rules", "no reward model, rule rewards, reward functions or remote reward: nothing to optimise"
+            )
         if self.share_policy_trunk and self.value_model is not None:
             raise ConfigError("value_model", "must be null with share_policy_trunk: the value head sits on the policy")
         if self.rollout.prompts_per_step % self.ppo.minibatches:

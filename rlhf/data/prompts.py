@@ -1,7 +1,8 @@
 """PPO prompts from any data set the other stages read: a `prompt` (string or chat) with or
 without an answer, `query`, a chat `messages` list (the prompt is everything before the last
 assistant turn), or HH-style `chosen` transcripts. Each becomes {"prompt": [messages],
-"answer": str | None}; the answer, when present, is only used to score held-out generations."""
+"answer": str | None, **the record's other fields}; the answer scores held-out generations, and
+the answer and the other fields (e.g. `tests`) reach PPO's reward functions (`reward.functions`)."""
 
 from __future__ import annotations
 
@@ -17,24 +18,30 @@ def normalize_prompts(records: Sequence[Record]) -> list[dict]:
 
 
 def _prompt_of(record: Record) -> dict:
+    prompt, answer, used = _prompt_and_answer(record)
+    # the fields the prompt and answer were read from are consumed; every other one is kept as is
+    extra = {k: v for k, v in record.data.items() if k not in used and k not in ("prompt", "answer")}
+    return {"prompt": prompt, "answer": answer, **extra}
+
+
+def _prompt_and_answer(record: Record) -> tuple[list[dict], str | None, tuple[str, ...]]:
+    """(chat prompt, answer or None, the record fields they came from)."""
     data, where = record.data, record.where
     if "messages" in data:
         messages = chat(data["messages"], where, "messages")
         if messages[-1]["role"] == "assistant":
-            return {"prompt": as_prompt(messages[:-1], where, "messages"), "answer": messages[-1]["content"]}
-        return {"prompt": messages, "answer": None}
+            return as_prompt(messages[:-1], where, "messages"), messages[-1]["content"], ("messages",)
+        return messages, None, ("messages",)
     for field in ("prompt", "query"):
         if field in data:
             answer = data.get("answer", data.get("completion"))
             if isinstance(answer, list) and answer and isinstance(answer[-1], dict):
                 answer = answer[-1].get("content")
-            return {
-                "prompt": as_prompt(data[field], where, field),
-                "answer": answer if isinstance(answer, str) else None,
-            }
+            used = (field, "answer", "completion")
+            return as_prompt(data[field], where, field), answer if isinstance(answer, str) else None, used
     if isinstance(data.get("chosen"), str) and ASSISTANT in data["chosen"]:
         transcript = data["chosen"]
-        return {"prompt": hh_messages(transcript[: transcript.rfind(ASSISTANT)], where), "answer": None}
+        return hh_messages(transcript[: transcript.rfind(ASSISTANT)], where), None, ("chosen", "rejected")
     raise DataError(
         where, "prompt", f"no prompt: expected 'prompt', 'query', 'messages' or HH 'chosen'; found keys {sorted(data)}"
     )

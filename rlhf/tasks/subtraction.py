@@ -295,6 +295,20 @@ def subtraction_digits(questions: Sequence[str], responses: Sequence[str]) -> li
     return _per_question(questions, responses, share_right)
 
 
+# ---- the same, as reward functions (`reward.functions: {"rlhf.tasks.subtraction:exact_reward": 1.0}`):
+# chat prompts in, the question read from the last user message (rlhf/reward_functions.py) ------
+
+
+def exact_reward(prompts: Sequence[list[dict]], responses: Sequence[str], **fields) -> list[float]:
+    """The `subtraction` rule as a reward function: 1.0 for the exact difference, else 0.0."""
+    return subtraction_exact([p[-1]["content"] for p in prompts], responses)
+
+
+def digits_reward(prompts: Sequence[list[dict]], responses: Sequence[str], **fields) -> list[float]:
+    """The `subtraction_digits` rule as a reward function: the share of the difference's characters right."""
+    return subtraction_digits([p[-1]["content"] for p in prompts], responses)
+
+
 TASK = Task(
     name="subtraction",
     train_records=train_records,

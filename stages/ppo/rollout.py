@@ -6,7 +6,7 @@ including its EOS."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -41,6 +41,8 @@ class Scored:
     raw_scores: torch.Tensor  # (B,) the combined score before normalisation
     model_scores: torch.Tensor | None  # (B,) the reward model's score; None without one
     rule_scores: dict[str, torch.Tensor]  # rule name -> (B,)
+    function_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # "module:function" -> (B,)
+    remote_scores: torch.Tensor | None = None  # (B,) the remote reward model's score; None without one
     has_eos: torch.Tensor  # (B,) bool, whether the response emitted EOS
     questions: list[str]  # the prompts' last user message
     texts: list[str]  # the decoded responses

@@ -1,11 +1,15 @@
-"""Step 3 of PPO: one score per response from the reward model and the rule rewards, with the
-missing-EOS penalty, then optional normalisation and clipping."""
+"""Step 3 of PPO: one score per response from the reward model, the rule rewards, the reward
+functions and a remote reward model, with the missing-EOS penalty, then optional normalisation
+and clipping."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from rlhf.config.stages import PPORewardConfig
+from rlhf.config.stages import PPORewardConfig, RemoteRewardConfig
+from rlhf.reward_client import RemoteRewardError, remote_scores
 
 
 class RunningMoments:
@@ -38,13 +42,20 @@ def combine_scores(
     rule_scores: dict[str, torch.Tensor],
     has_eos: torch.Tensor,
     cfg: PPORewardConfig,
+    function_scores: dict[str, torch.Tensor] | None = None,
+    remote_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """score = w_rm · r_rm + Σ w_i · rule_i (+ penalty if the response never emitted EOS). (B,)"""
+    """score = w_rm · r_rm + Σ w_i · rule_i + Σ w_f · function_f + w_remote · r_remote (+ penalty
+    if the response never emitted EOS). (B,)"""
     score = torch.zeros_like(has_eos, dtype=torch.float32)
     if model_scores is not None and cfg.model_weight:
         score = score + cfg.model_weight * model_scores.float()
     for name, weight in cfg.rules.items():
         score = score + weight * rule_scores[name].float()
+    for spec, weight in cfg.functions.items():
+        score = score + weight * function_scores[spec].float()
+    if cfg.remote.url:
+        score = score + cfg.remote.weight * remote_scores.float()
     if cfg.missing_eos_penalty is not None:
         score = torch.where(has_eos, score, score + cfg.missing_eos_penalty)
     return score
@@ -63,3 +74,22 @@ def normalize_scores(
     if cfg.clip is not None:
         scores = scores.clamp(-cfg.clip, cfg.clip)
     return scores
+
+
+def remote_model_scores(
+    remote: RemoteRewardConfig, prompts: Sequence[list[dict]], responses: Sequence[str], accelerator
+) -> torch.Tensor:
+    """The served reward model's scores of this process's episodes (B,). Every process asks the
+    server for its own; if any of them fails, all stop with RemoteRewardError (exit code 3), so no
+    process waits forever at the next collective."""
+    error, scores = None, [0.0] * len(responses)
+    try:
+        scores = remote_scores(remote, prompts, responses)
+    except RemoteRewardError as e:
+        error = e
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise RemoteRewardError(f"reward server {remote.url} failed on another process; see its log")
+    return torch.tensor(scores, device=accelerator.device, dtype=torch.float32)

@@ -40,6 +40,7 @@ from rlhf.evaluation import evaluate_directory, evaluate_in_loop, flatten_metric
 from rlhf.generation import render_prompts
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import sequence_scores
+from rlhf.reward_functions import call_reward_function, row_fields
 from rlhf.tasks import RULES, task_records
 from rlhf.tracking import Tracking
 from stages.ppo.advantages import ESTIMATORS, explained_variance, explained_variance_sums
@@ -51,7 +52,7 @@ from stages.ppo.models import Models, build_models, fingerprint, reference_logit
 from stages.ppo.optim import clip_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored, response_mask
 from stages.ppo.saving import save_checkpoint, save_models
-from stages.ppo.scores import RunningMoments, combine_scores, normalize_scores
+from stages.ppo.scores import RunningMoments, combine_scores, normalize_scores, remote_model_scores
 
 log = logging.getLogger("rlhf.ppo")
 
@@ -207,19 +208,34 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, accelerator)
 
 
 def _score(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator) -> Scored:
-    """Step 3: one score per response from the reward model and the rule rewards (+ the
-    missing-EOS penalty), before normalisation."""
+    """Step 3: one score per response from the reward model, the rule rewards, the reward
+    functions and the remote reward model (+ the missing-EOS penalty), before normalisation."""
     texts = models.tokenizer.batch_decode(response, skip_special_tokens=True)
-    questions = [data.prompts[i]["prompt"][-1]["content"] for i in batch]
+    rows = [data.prompts[i] for i in batch]
+    prompts = [row["prompt"] for row in rows]  # chat messages
+    questions = [p[-1]["content"] for p in prompts]
     model_scores = None
     if models.reward_model is not None:
         with torch.no_grad(), accelerator.autocast():
             model_scores = sequence_scores(models.reward_model, input_ids, attention_mask)
     device = accelerator.device
     rules = {name: torch.tensor(RULES[name](questions, texts), device=device) for name in cfg.reward.rules}
-    raw = combine_scores(model_scores, rules, has_eos, cfg.reward)  # (B,)
+    fields = row_fields(rows)  # answer, tests, …: the prompt rows' other fields, one list each
+    functions = {
+        spec: torch.tensor(call_reward_function(spec, prompts, texts, fields), device=device, dtype=torch.float32)
+        for spec in cfg.reward.functions
+    }
+    remote = remote_model_scores(cfg.reward.remote, prompts, texts, accelerator) if cfg.reward.remote.url else None
+    raw = combine_scores(model_scores, rules, has_eos, cfg.reward, functions, remote)  # (B,)
     return Scored(
-        raw_scores=raw, model_scores=model_scores, rule_scores=rules, has_eos=has_eos, questions=questions, texts=texts
+        raw_scores=raw,
+        model_scores=model_scores,
+        rule_scores=rules,
+        function_scores=functions,
+        remote_scores=remote,
+        has_eos=has_eos,
+        questions=questions,
+        texts=texts,
     )
 
 
@@ -314,6 +330,10 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         metrics["train/ppo/rm_score"] = gather_mean(scored.model_scores)
     for name, values in scored.rule_scores.items():
         metrics[f"train/ppo/rule_{name}"] = gather_mean(values)
+    for spec, values in scored.function_scores.items():
+        metrics[f"train/ppo/fn_{spec.replace(':', '.')}"] = gather_mean(values)
+    if scored.remote_scores is not None:
+        metrics["train/ppo/remote_score"] = gather_mean(scored.remote_scores)
     return metrics
 
 
