@@ -1,15 +1,19 @@
 """Precision is decided once, by `resolve_precision`: the weights' dtype, bf16 autocast and the
 attention kernel for every machine a stage may run on; the Trainer's bf16 flag and the models the
-registry builds follow the resolved value; `sdpa_fp32` attends exactly as eager fp32 attention."""
+registry builds follow the resolved value; `sdpa_fp32` attends exactly as eager fp32 attention.
+What a stage trains is held in fp32 (bf16 weights lose AdamW's small steps), through the real entry
+points; fp16, which would need a loss scaler, is refused."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 import rlhf.precision
-from rlhf.config import ModelInit, OptimConfig, TrainConfig
+from conftest import run_entry
+from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, SFTStageConfig, TrainConfig, load_config
 from rlhf.distributed import deepspeed_plugin, is_zero3
 from rlhf.hf_trainer import trainer_kwargs
 from rlhf.precision import FP32_SDPA, Precision, resolve_precision
@@ -18,29 +22,31 @@ from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, reso
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 # (dtype, mixed_precision, attn_implementation, machine, native bf16, deepspeed)
-#   -> (weights dtype, autocast, attention)
+#   -> (frozen weights dtype, trained weights dtype, autocast, attention)
 # machine "cpu" or "cuda"; native bf16: AVX512-BF16/AMX on a CPU, bf16 support on a GPU.
 CASES = [
     # CPU: fp32 weights; auto autocasts in bf16 only where the CPU multiplies bf16 natively
-    (("auto", None, None, "cpu", True, False), (F32, None, None)),
-    (("auto", "auto", None, "cpu", True, False), (F32, "bf16", FP32_SDPA)),
-    (("auto", "auto", None, "cpu", False, False), (F32, None, None)),  # emulated bf16 is slower
-    (("auto", "auto", None, "cpu", True, True), (F32, None, None)),  # DeepSpeed's JSON decides
-    (("auto", "auto", "eager", "cpu", True, False), (F32, "bf16", "eager")),  # a set kernel is kept
-    (("auto", "bf16", None, "cpu", False, False), (F32, "bf16", FP32_SDPA)),  # explicit bf16 is kept
-    (("auto", "bf16", None, "cpu", True, True), (F32, "bf16", FP32_SDPA)),
-    (("bfloat16", "auto", None, "cpu", True, False), (BF16, None, None)),  # weights already bf16
-    (("bfloat16", None, "sdpa", "cpu", True, False), (BF16, None, "sdpa")),
-    (("float32", "auto", None, "cpu", True, False), (F32, "bf16", FP32_SDPA)),
-    # CUDA: bf16 comes from the weights (dtype auto on a bf16 GPU), never from auto autocast
-    (("auto", "auto", None, "cuda", True, False), (BF16, None, None)),
-    (("auto", None, None, "cuda", True, False), (BF16, None, None)),
-    (("auto", "auto", None, "cuda", False, False), (F32, None, None)),  # a GPU without bf16
-    (("auto", "bf16", None, "cuda", True, False), (BF16, "bf16", None)),  # GPU autocast: plain sdpa
-    (("auto", "bf16", None, "cuda", False, False), (F32, "bf16", None)),
-    (("float32", "auto", None, "cuda", True, False), (F32, None, None)),
-    (("float16", "auto", None, "cuda", True, True), (F16, None, None)),
-    (("auto", "auto", "flash_attention_2", "cuda", True, True), (BF16, None, "flash_attention_2")),
+    (("auto", None, None, "cpu", True, False), (F32, F32, None, None)),
+    (("auto", "auto", None, "cpu", True, False), (F32, F32, "bf16", FP32_SDPA)),
+    (("auto", "auto", None, "cpu", False, False), (F32, F32, None, None)),  # emulated bf16 is slower
+    (("auto", "auto", None, "cpu", True, True), (F32, F32, None, None)),  # DeepSpeed's JSON decides
+    (("auto", "auto", "eager", "cpu", True, False), (F32, F32, "bf16", "eager")),  # a set kernel is kept
+    (("auto", "bf16", None, "cpu", False, False), (F32, F32, "bf16", FP32_SDPA)),  # explicit bf16 is kept
+    (("auto", "bf16", None, "cpu", True, True), (F32, F32, "bf16", FP32_SDPA)),
+    # bf16 weights: what trains is fp32 under bf16 autocast (fp32 master weights), frozen models bf16
+    (("bfloat16", "auto", None, "cpu", True, False), (BF16, F32, "bf16", FP32_SDPA)),
+    (("bfloat16", None, "sdpa", "cpu", True, False), (BF16, F32, "bf16", "sdpa")),
+    (("bfloat16", None, None, "cpu", True, True), (BF16, BF16, None, None)),  # DeepSpeed keeps fp32 masters
+    (("float32", "auto", None, "cpu", True, False), (F32, F32, "bf16", FP32_SDPA)),
+    # CUDA: bf16 comes from dtype auto on a bf16 GPU (never from auto autocast): frozen models in
+    # bf16, trained ones fp32 under bf16 autocast; DeepSpeed trains the bf16 weights itself
+    (("auto", "auto", None, "cuda", True, False), (BF16, F32, "bf16", None)),
+    (("auto", None, None, "cuda", True, False), (BF16, F32, "bf16", None)),
+    (("auto", "auto", None, "cuda", False, False), (F32, F32, None, None)),  # a GPU without bf16
+    (("auto", "bf16", None, "cuda", True, False), (BF16, F32, "bf16", None)),  # GPU autocast: plain sdpa
+    (("auto", "bf16", None, "cuda", False, False), (F32, F32, "bf16", None)),
+    (("float32", "auto", None, "cuda", True, False), (F32, F32, None, None)),
+    (("auto", "auto", "flash_attention_2", "cuda", True, True), (BF16, BF16, None, "flash_attention_2")),
 ]
 
 
@@ -52,6 +58,7 @@ def on_machine(monkeypatch, machine: str, native: bool, deepspeed: bool) -> None
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     else:
         monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
 
 
 @pytest.mark.parametrize(("given", "expected"), CASES, ids=lambda v: "-".join(map(str, v)))
@@ -59,7 +66,7 @@ def test_resolve_precision_rule(monkeypatch, given, expected):
     dtype, mixed, attn, machine, native, deepspeed = given
     on_machine(monkeypatch, machine, native, deepspeed)
     p = resolve_precision(ModelInit(dtype=dtype, mixed_precision=mixed, attn_implementation=attn))
-    assert (p.dtype, p.mixed, p.attn_implementation) == expected
+    assert (p.dtype, p.trained_dtype, p.mixed, p.attn_implementation) == expected
     assert p.cuda == (machine == "cuda") and p.native_bf16 == native
 
 
@@ -152,3 +159,39 @@ def test_one_deepspeed_check():
     assert is_zero3(with_ds) and not is_zero3(without)
     plugin.zero_stage = 2
     assert not is_zero3(with_ds)
+
+
+def test_trained_parameters_are_fp32_frozen_ones_keep_bf16():
+    """bf16 weights: a model the stage trains holds every trainable parameter in fp32 (the whole
+    model; with LoRA the adapters and PEFT's modules_to_save head `score`), a frozen one stays bf16,
+    and so does a LoRA model's frozen base."""
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    precision = Precision(BF16, "bf16", None, cuda=False, native_bf16=True, trained_dtype=F32)
+    for build in (build_policy, build_scalar_model):
+        for lora in (LoraConfig(), LoraConfig(enabled=True, r=4)):
+            frozen = build(source, ModelInit(), tokenizer, seed=0, precision=precision)
+            assert {p.dtype for p in frozen.parameters()} == {BF16}
+            model = build(source, ModelInit(), tokenizer, lora, seed=0, precision=precision, trained=True)
+            trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+            assert set(trained.values()) == {F32}, trained
+            if lora.enabled:
+                assert {p.dtype for p in model.parameters() if not p.requires_grad} == {BF16}
+            if lora.enabled and build is build_scalar_model:
+                assert any("score" in n for n in trained)  # the head trains, in fp32
+
+
+def test_float16_weights_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"'model_init.dtype'.*loss scaler.*bfloat16"):
+        load_config(SFTStageConfig, None, ["model_init.dtype=float16"])
+
+
+def test_accelerate_fp16_is_refused_where_it_would_apply(monkeypatch):
+    """`accelerate launch --mixed_precision fp16` (or its config file) reaches a stage as
+    ACCELERATE_MIXED_PRECISION=fp16; it applies when model_init.mixed_precision is null."""
+    on_machine(monkeypatch, "cuda", True, False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match=r"'model_init.mixed_precision'.*fp16.*NaN"):
+        resolve_precision(ModelInit(dtype="float32"))
+    assert resolve_precision(ModelInit(dtype="float32", mixed_precision="bf16")).mixed == "bf16"  # ours wins
+    assert resolve_precision(ModelInit()).mixed == "bf16"  # bf16 GPU: trained weights fp32 under bf16 autocast

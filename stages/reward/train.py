@@ -153,7 +153,9 @@ def train(cfg: RMStageConfig) -> dict:
     eval_rows = encode_pairs(tokenizer, eval_pairs, use_margin)
 
     # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
-    model = build_scalar_model(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
+    model = build_scalar_model(
+        source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True
+    )
     args = RewardConfig(
         **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
         max_length=None,

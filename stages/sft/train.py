@@ -55,7 +55,7 @@ def train(cfg: SFTStageConfig) -> dict:
     # 2. Model and tokenizer from the registry (preset, local directory or hub id).
     source = resolve(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model_init)
-    model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
+    model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True)
     base_metrics = None
     if cfg.evaluate_base and eval_examples and state.is_main_process:
         base_metrics, _ = evaluate_generations(model, tokenizer, eval_examples, cfg.task.name, cfg.generation)
