@@ -195,3 +195,95 @@ def test_accelerate_fp16_is_refused_where_it_would_apply(monkeypatch):
         resolve_precision(ModelInit(dtype="float32"))
     assert resolve_precision(ModelInit(dtype="float32", mixed_precision="bf16")).mixed == "bf16"  # ours wins
     assert resolve_precision(ModelInit()).mixed == "bf16"  # bf16 GPU: trained weights fp32 under bf16 autocast
+
+
+# ---- through the real entry points: a bf16 run trains fp32 weights, and every weight moves ----
+
+LR = "1e-5"  # AdamW's step is ~lr: far below bf16's resolution around weights of ~0.02 to 1
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    """A test-sized model saved in bf16, as hub checkpoints are."""
+    out = tmp_path_factory.mktemp("bf16")
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    build_policy(source, ModelInit(), tokenizer, seed=0).to(BF16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def changed_fraction(start: dict, saved: dict) -> float:
+    """Share of the starting weights that the run moved, over the weights both hold; the embeddings
+    aside, whose rows of tokens the run never saw get no gradient."""
+    keys = [k for k in start if k in saved and "embed_tokens" not in k]
+    moved = sum(int((saved[k].float() != start[k].float()).sum()) for k in keys)
+    return moved / sum(start[k].numel() for k in keys)
+
+
+def stage_run(stage: str, model_dir, out, *extra):
+    common = [f"output_dir={out}", "model_init.dtype=bfloat16", "tracking.report_to=[]", "tracking.progress=false"]
+    common += ["train.save_every=0", "optim.warmup_ratio=0", f"optim.lr={LR}"]
+    if stage == "sft":
+        args = ["launch/stage1_sft.py", f"model={model_dir}", "task.train_size=64", "task.eval_size=4"]
+        args += ["train.batch_size=8", "train.max_steps=6", "evaluate_base=false", "generation.max_new_tokens=4"]
+    elif stage == "rm":
+        args = ["launch/stage2_rm.py", f"model={model_dir}", "pairs.train_size=64", "pairs.eval_size=8"]
+        args += ["pairs.onpolicy_fraction=0", "loss.lm_coef=0", "train.batch_size=8", "train.max_steps=6"]
+    else:
+        args = ["launch/stage3_ppo.py", f"policy={model_dir}", f"value_model={model_dir}", "reward_model=tiny-llama"]
+        args += ["task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=8", "ppo.minibatches=2"]
+        args += ["rollout.generation.max_new_tokens=4", "generation.max_new_tokens=4", "train.max_steps=3"]
+        args += [f"value_optim.lr={LR}", "ppo.value_warmup_steps=0", "train.eval_every=0"]
+    result = run_entry(*args, *common, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_bf16_run_trains_fp32_weights_that_all_move(bf16_dir, tmp_path, stage):
+    """model_init.dtype=bfloat16, full fine-tuning at lr 1e-5: the weights the stage trains are fp32
+    (saved so) and nearly all of them move; in bf16 most AdamW steps would round to nothing."""
+    out = tmp_path / stage
+    stage_run(stage, bf16_dir, out)
+    start = load_file(bf16_dir / "model.safetensors")
+    outputs = [out / "model.safetensors"] + ([out / "value_model" / "model.safetensors"] if stage == "ppo" else [])
+    for path in outputs:
+        saved = load_file(path)
+        assert {t.dtype for t in saved.values()} == {F32}, path
+        assert changed_fraction(start, saved) > 0.95, (path, changed_fraction(start, saved))
+
+
+@pytest.mark.parametrize("stage", ["rm", "ppo"])
+def test_bf16_lora_run_trains_fp32_adapters_and_heads(bf16_dir, tmp_path, stage):
+    """With LoRA the bf16 base stays frozen; the adapters and PEFT's modules_to_save head (the
+    reward / value model's `score`) train in fp32 and move."""
+    out = tmp_path / stage
+    stage_run(stage, bf16_dir, out, "lora.enabled=true", "lora.r=4")
+    adapter = load_file((out / "value_model" if stage == "ppo" else out) / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {F32}, {k: t.dtype for k, t in adapter.items()}
+    heads = [k for k in adapter if "score" in k]
+    assert heads and all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)
+
+
+def test_float16_and_accelerate_fp16_stop_before_anything_is_written(tmp_path):
+    """fp16 trains without a loss scaler here: refused with one line naming the key, exit 2, before
+    the output directory exists; accelerate's fp16 reaches PPO's Accelerator through the env."""
+    tiny = ["tracking.report_to=[]", "tracking.progress=false", "train.max_steps=1", "train.save_every=0"]
+    tiny += ["task.train_size=16", "task.eval_size=2", "generation.max_new_tokens=2"]
+    sft = ["launch/stage1_sft.py", "model=tiny-llama", "evaluate_base=false", *tiny]
+    ppo = ["launch/stage3_ppo.py", "policy=tiny-llama", "reward_model=tiny-llama", *tiny]
+    ppo += ["rollout.prompts_per_step=4", "ppo.minibatches=1", "rollout.generation.max_new_tokens=2"]
+    ppo += ["model_init.mixed_precision=null"]  # auto would pick bf16 on a CPU that has it: ours wins
+    out = tmp_path / "f16"
+    result = run_entry(*sft, "model_init.dtype=float16", f"output_dir={out}")
+    last = (result.stderr.strip().splitlines() or [""])[-1]
+    assert result.returncode == 2 and "'model_init.dtype'" in last, result.stderr[-3000:]
+    assert not out.exists()
+    for args in (sft, ppo):
+        out = tmp_path / args[0][-6:-3]
+        result = run_entry(*args, f"output_dir={out}", env={"ACCELERATE_MIXED_PRECISION": "fp16"})
+        last = (result.stderr.strip().splitlines() or [""])[-1]
+        assert result.returncode == 2 and "'model_init.mixed_precision'" in last and "fp16" in last, result.stderr[
+            -3000:
+        ]
+        assert not out.exists()

@@ -32,6 +32,7 @@ from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import (
     build_policy,
     build_scalar_model,
+    cast_trainable,
     config_of,
     load_tokenizer,
     resolve,
@@ -171,6 +172,9 @@ def train(cfg: RMStageConfig) -> dict:
         callbacks=[TrackingCallback(tracking, "rm")],
         lm_coef=cfg.loss.lm_coef,
     )
+    # TRL casts a QLoRA model's trainable parameters to bf16 (trl/trainer/reward_trainer.py); AdamW
+    # steps would round away there, so they go back to the trained dtype (rlhf/precision.py).
+    cast_trainable(trainer.model, precision.trained_dtype)
     if cfg.loss.lm_coef > 0:
         _check_not_zero3(trainer)
 

@@ -23,7 +23,7 @@ from rlhf.distributed import process_state, whole_models
 from rlhf.evaluation import evaluate_generations, flatten_metrics
 from rlhf.hf_trainer import TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.precision import resolve_precision
-from rlhf.registry import build_policy, load_tokenizer, resolve
+from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
 from rlhf.tracking import Tracking
 
 log = logging.getLogger("rlhf.sft")
@@ -81,6 +81,9 @@ def train(cfg: SFTStageConfig) -> dict:
         processing_class=tokenizer,
         callbacks=[TrackingCallback(tracking, "sft")],
     )
+    # TRL casts a QLoRA model's trainable parameters to bf16 (trl/trainer/sft_trainer.py); AdamW
+    # steps would round away there, so they go back to the trained dtype (rlhf/precision.py).
+    cast_trainable(trainer.model, precision.trained_dtype)
     trainer.train_dataset, over = limit_length(trainer.train_dataset, cfg.data.max_length, cfg.data.overlong)
     if over:
         log.warning(
