@@ -17,20 +17,32 @@ from rlhf.tasks import TASKS
 class ModelInit:
     """How a model's weights are loaded (any stage, any model the stage loads)."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    # weights of frozen models; auto: bf16 on a GPU that has it, else fp32. What a stage trains is
+    # held in fp32 (bf16 multiplies under autocast when this is bf16) unless DeepSpeed keeps fp32
+    # master weights itself; float16 is refused. The rule lives in rlhf/precision.py.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
     revision: str | None = None  # hub branch, tag or commit
     attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"; None: transformers' choice
     load_in_4bit: bool = False  # QLoRA: 4-bit base weights (needs bitsandbytes and a CUDA GPU; implies LoRA)
     gradient_checkpointing: bool = False  # trade compute for activation memory
-    # bf16: weights, gradients and optimizer state stay in `dtype` (fp32 on a CPU) while matrix
+    # bf16: weights, gradients and optimizer state stay fp32 (trained) or `dtype` (frozen) while matrix
     # multiplies run in bf16 under autocast; on CPUs with AVX512-BF16 or AMX that is ~4x faster per
     # multiply. auto: bf16 on such a CPU (fp32 weights, no CUDA, no DeepSpeed), else null. null:
-    # accelerate's own setting (`accelerate launch --mixed_precision`), off by default. Under CPU
+    # accelerate's own setting (`accelerate launch --mixed_precision`; fp16 refused), off by default. Under CPU
     # bf16 an unset attn_implementation becomes "sdpa_fp32": SDPA with autocast off, since bf16
     # attention scores slowed the tiny reward model's learning and PyTorch's CPU SDPA backward is
-    # slow in bf16. GPUs get bf16 from dtype: auto instead. The rule lives in rlhf/precision.py.
+    # slow in bf16. GPUs get bf16 from dtype: auto instead (bf16 weights, or for what trains fp32
+    # weights under bf16 autocast, which then sets this to bf16). The rule lives in rlhf/precision.py.
     mixed_precision: Literal["bf16", "auto"] | None = None
+
+    def check(self) -> None:
+        # fp16 needs a loss scaler (its 5-bit exponent underflows small gradients to 0 and overflows
+        # to inf, then NaN), which no stage runs; bf16 has fp32's range. See rlhf/precision.py.
+        if self.dtype == "float16":
+            raise ConfigError(
+                "dtype", "float16 trains without a loss scaler and ends in NaN; use bfloat16 (same memory) or float32"
+            )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@
   (the reward model reads it at the last real token, the value model at every token);
 - LoRA (PEFT) wraps either; QLoRA loads the base in 4 bits where bitsandbytes and a GPU exist.
 
-Weights' dtype and the attention kernel come from the stage's `Precision` (rlhf/precision.py).
+Weights' dtype and the attention kernel come from the stage's `Precision` (rlhf/precision.py): a
+model built with `trained=True` holds what trains (the whole model, or LoRA adapters and PEFT's
+`modules_to_save` heads) in `precision.trained_dtype`, fp32 without DeepSpeed; the rest in `dtype`.
 
 Works for any decoder transformers has `AutoModelForCausalLM` / `AutoModelForSequenceClassification`
 classes for; tests cover Llama, Qwen2, Mistral and GPT-2 shapes.
@@ -146,15 +148,18 @@ def build_policy(
     lora: LoraConfig | None = None,
     seed: int = 0,
     precision: Precision | None = None,
+    trained: bool = False,
 ) -> PreTrainedModel:
     """A causal LM (an adapter from an earlier stage is merged in), optionally LoRA-wrapped.
-    `precision`: the stage's resolved one; None resolves it from `init` (tests, tools)."""
+    `precision`: the stage's resolved one; None resolves it from `init` (tests, tools).
+    `trained`: the stage trains this model (its trainable parameters get `precision.trained_dtype`)."""
     precision = precision or resolve_precision(init)
-    model = _load(AutoModelForCausalLM, source, init, precision, seed)
+    dtype = _load_dtype(precision, lora, trained)
+    model = _load(AutoModelForCausalLM, source, init, precision, seed, dtype)
     if source.adapter:
         model = _merge_adapter(model, source.adapter)
     _fit_vocab(model, tokenizer)
-    return _finish(model, init, lora, source, "CAUSAL_LM")
+    return _finish(model, init, lora, source, "CAUSAL_LM", precision.trained_dtype if trained else None)
 
 
 def build_scalar_model(
@@ -164,24 +169,27 @@ def build_scalar_model(
     lora: LoraConfig | None = None,
     seed: int = 0,
     precision: Precision | None = None,
+    trained: bool = False,
 ) -> PreTrainedModel:
     """The decoder with a one-output linear head (`score`): a reward model, or a value model read
     at every token. From a causal LM the head starts random; from a reward model it is kept.
-    `precision`: the stage's resolved one; None resolves it from `init` (tests, tools)."""
+    `precision`: the stage's resolved one; None resolves it from `init` (tests, tools).
+    `trained`: the stage trains this model (its trainable parameters get `precision.trained_dtype`)."""
     precision = precision or resolve_precision(init)
+    dtype = _load_dtype(precision, lora, trained)
     if source.adapter and source.adapter_task != "SEQ_CLS":
         # LoRA SFT output: merge the adapter into the causal LM, then move its body under a head.
-        lm = _merge_adapter(_load(AutoModelForCausalLM, source, init, precision, seed), source.adapter)
-        model = _load(AutoModelForSequenceClassification, source, init, precision, seed, num_labels=1)
+        lm = _merge_adapter(_load(AutoModelForCausalLM, source, init, precision, seed, dtype), source.adapter)
+        model = _load(AutoModelForSequenceClassification, source, init, precision, seed, dtype, num_labels=1)
         _backbone(model).load_state_dict(_backbone(lm).state_dict())
         del lm
     else:
-        model = _load(AutoModelForSequenceClassification, source, init, precision, seed, num_labels=1)
+        model = _load(AutoModelForSequenceClassification, source, init, precision, seed, dtype, num_labels=1)
         if source.adapter:
             model = _merge_adapter(model, source.adapter)
     model.config.pad_token_id = tokenizer.pad_token_id
     _fit_vocab(model, tokenizer)
-    return _finish(model, init, lora, source, "SEQ_CLS")
+    return _finish(model, init, lora, source, "SEQ_CLS", precision.trained_dtype if trained else None)
 
 
 def score_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -236,8 +244,16 @@ def _backbone(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def _load(auto_cls, source: ModelSource, init: ModelInit, precision: Precision, seed: int, **kwargs) -> PreTrainedModel:
-    dtype, attn = precision.dtype, precision.attn_implementation
+def _load_dtype(precision: Precision, lora: LoraConfig | None, trained: bool) -> torch.dtype:
+    """The dtype to load weights in: a model trained in full is all trainable parameters; with LoRA
+    the base is frozen and only what PEFT adds is cast to the trained dtype (`_finish`)."""
+    return precision.trained_dtype if trained and not (lora and lora.enabled) else precision.dtype
+
+
+def _load(
+    auto_cls, source: ModelSource, init: ModelInit, precision: Precision, seed: int, dtype: torch.dtype, **kwargs
+) -> PreTrainedModel:
+    attn = precision.attn_implementation
     if source.path is None:  # built-in preset: random init from its config, reproducible by seed
         config = source.preset.make_config()
         for k, v in kwargs.items():
@@ -265,7 +281,14 @@ def _merge_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
 
-def _finish(model, init: ModelInit, lora: LoraConfig | None, source: ModelSource, task_type: str):
+def _finish(
+    model,
+    init: ModelInit,
+    lora: LoraConfig | None,
+    source: ModelSource,
+    task_type: str,
+    trained_dtype: torch.dtype | None,
+):
     if init.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -286,7 +309,20 @@ def _finish(model, init: ModelInit, lora: LoraConfig | None, source: ModelSource
         target_modules=list(targets) if not isinstance(targets, str) else targets,
         task_type=task_type,
     )
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    if trained_dtype is not None:
+        cast_trainable(model, trained_dtype)
+    return model
+
+
+def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters that train to `dtype` (the stage's `precision.trained_dtype`). PEFT
+    upcasts LoRA adapters to fp32 itself (`autocast_adapter_dtype`) but copies `modules_to_save`
+    heads (a reward or value model's `score`) in the base's dtype; under DeepSpeed this brings the
+    adapters back to the base's dtype, as ZeRO-3 needs one dtype (trl#6089) and keeps fp32 masters."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _fit_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -73,8 +73,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # the head holds the stage's weight dtype; QLoRA's k-bit preparation leaves the policy's
-        # final norm (and so `hidden`) in fp32 under bf16 weights. A no-op everywhere else.
+        # the head holds the stage's trained dtype (fp32 without DeepSpeed) while `hidden` may be
+        # bf16 (bf16 policy weights under LoRA or DeepSpeed); QLoRA's k-bit preparation leaves the
+        # policy's final norm in fp32. A no-op where they agree.
         return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
 
 
@@ -205,7 +206,9 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
     reference + reward model (frozen), and the optimizer, placed by accelerate."""
     policy_source = resolve(cfg.policy)
     tokenizer = load_tokenizer(policy_source, cfg.model_init)
-    policy = build_policy(policy_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
+    policy = build_policy(
+        policy_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True
+    )
     ref_policy = None
     if not cfg.lora.enabled:
         # the same seed as the policy: a preset policy is a random init, and the reference must be that model
@@ -217,11 +220,11 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         reward_model = freeze(build_scalar_model(rm_source, cfg.model_init, tokenizer, precision=precision))
     value_model = None
     if estimator.needs_critic and cfg.share_policy_trunk:
-        value_model = ValueHead(policy.config.hidden_size, precision.dtype)
+        value_model = ValueHead(policy.config.hidden_size, precision.trained_dtype)
     elif estimator.needs_critic:
         value_source = resolve(cfg.value_model or cfg.reward_model or cfg.policy)
         value_model = build_scalar_model(
-            value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision
+            value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True
         )
     for m in (policy, value_model, ref_policy, reward_model):
         if m is not None:

@@ -33,6 +33,7 @@ from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import (
     build_policy,
     build_scalar_model,
+    cast_trainable,
     config_of,
     load_tokenizer,
     resolve,
@@ -152,7 +153,9 @@ def train(cfg: RMStageConfig) -> dict:
     eval_rows = encode_pairs(tokenizer, eval_pairs, use_margin)
 
     # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
-    model = build_scalar_model(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
+    model = build_scalar_model(
+        source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True
+    )
     args = RewardConfig(
         **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
         max_length=None,
@@ -167,6 +170,9 @@ def train(cfg: RMStageConfig) -> dict:
         processing_class=tokenizer,
         lm_coef=cfg.loss.lm_coef,
     )
+    # TRL casts a QLoRA model's trainable parameters to bf16 (trl/trainer/reward_trainer.py); AdamW
+    # steps would round away there, so they go back to the trained dtype (rlhf/precision.py).
+    cast_trainable(trainer.model, precision.trained_dtype)
     if cfg.loss.lm_coef > 0:
         _check_not_zero3(trainer)
 

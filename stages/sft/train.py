@@ -24,7 +24,7 @@ from rlhf.distributed import process_state, whole_models
 from rlhf.evaluation import evaluate_generations, flatten_metrics
 from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.precision import resolve_precision
-from rlhf.registry import build_policy, load_tokenizer, resolve
+from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
 from rlhf.tracking import Tracking
 
 log = logging.getLogger("rlhf.sft")
@@ -54,7 +54,7 @@ def train(cfg: SFTStageConfig) -> dict:
     # 2. Model and tokenizer from the registry (preset, local directory or hub id).
     source = resolve(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model_init)
-    model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision)
+    model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True)
     base_metrics = None
     if cfg.evaluate_base and eval_examples and state.is_main_process:
         base_metrics, _ = evaluate_generations(model, tokenizer, eval_examples, cfg.task.name, cfg.generation)
@@ -79,6 +79,9 @@ def train(cfg: SFTStageConfig) -> dict:
         eval_dataset=Dataset.from_list(eval_examples) if eval_examples and cfg.train.eval_every else None,
         processing_class=tokenizer,
     )
+    # TRL casts a QLoRA model's trainable parameters to bf16 (trl/trainer/sft_trainer.py); AdamW
+    # steps would round away there, so they go back to the trained dtype (rlhf/precision.py).
+    cast_trainable(trainer.model, precision.trained_dtype)
     trainer.train_dataset, over = limit_length(trainer.train_dataset, cfg.data.max_length, cfg.data.overlong)
     if over:
         log.warning(
