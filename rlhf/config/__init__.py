@@ -11,11 +11,12 @@ from rlhf.config.parts import (
     TrainConfig,
 )
 from rlhf.config.schema import ConfigError, config_hash, dump_yaml, load_config, to_dict
-from rlhf.config.stages import NOT_HASHED, PPOStageConfig, RMStageConfig, SFTStageConfig
+from rlhf.config.stages import NOT_HASHED, DPOStageConfig, PPOStageConfig, RMStageConfig, SFTStageConfig
 
 __all__ = [
     "NOT_HASHED",
     "ConfigError",
+    "DPOStageConfig",
     "DataConfig",
     "GenerationConfig",
     "LoraConfig",
