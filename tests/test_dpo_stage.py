@@ -24,7 +24,7 @@ from rlhf.distributed import process_state
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import read_metrics
-from stages.dpo.train import PairDPOTrainer, dpo_args, encode_dpo_pairs
+from stages.dpo.train import PairDPOTrainer, _reference_is_adapter_off, dpo_args, encode_dpo_pairs
 
 FAST = [
     "task.eval_size=16",
@@ -233,3 +233,51 @@ def test_bad_loss_settings_name_the_key(override, words):
     with pytest.raises(ConfigError, match=words) as e:
         load_config(DPOStageConfig, ROOT / "configs/tiny/dpo.yaml", [override])
     assert e.value.key.startswith("loss.")
+
+
+def test_with_lora_the_reference_is_the_policy_with_its_adapter_off(tmp_path):
+    """No second model with LoRA: TRL's copy of the new adapter is dropped, so the reference is
+    the adapter-off policy (the SFT weights) and nothing but the trained adapter is saved."""
+    cfg = load_config(
+        DPOStageConfig,
+        ROOT / "configs/tiny/dpo.yaml",
+        [
+            "policy=tiny-llama",
+            f"output_dir={tmp_path}",
+            "lora.enabled=true",
+            "lora.r=4",
+            "model_init.mixed_precision=null",
+        ],
+    )
+    process_state()
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, cfg.model_init)
+    policy = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=0)
+    pair = {
+        "prompt": [{"role": "user", "content": "请计算：52 - 17 = ，直接返回计算结果"}],
+        "chosen": [{"role": "assistant", "content": "35"}],
+        "rejected": [{"role": "assistant", "content": "45"}],
+    }
+    rows = encode_dpo_pairs(tokenizer, [pair])
+    trainer = PairDPOTrainer(
+        model=policy,
+        ref_model=None,
+        args=dpo_args(cfg, tmp_path, resolve_precision(cfg.model_init)),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    _reference_is_adapter_off(trainer)
+    assert list(trainer.model.peft_config) == ["default"]
+    # move the adapter off zero, so that policy and reference differ
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, trainer.data_collator(rows)).item()
+        with trainer.model.disable_adapter():
+            ref_c, _ = response_logprob(trainer.model, tokenizer, pair["prompt"][0]["content"], "35")
+            ref_r, _ = response_logprob(trainer.model, tokenizer, pair["prompt"][0]["content"], "45")
+        pi_c, _ = response_logprob(trainer.model, tokenizer, pair["prompt"][0]["content"], "35")
+        pi_r, _ = response_logprob(trainer.model, tokenizer, pair["prompt"][0]["content"], "45")
+    assert got == pytest.approx(sigmoid_dpo(pi_c, pi_r, ref_c, ref_r, cfg.loss.beta), rel=1e-4, abs=1e-5)
