@@ -72,7 +72,7 @@ def test_smoke_run_trains_saves_and_reports_before_and_after(sft_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)  # a plain Hugging Face directory
 
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["stage"] == "dpo" and manifest["finished"] and str(sft_dir) in manifest["inputs"]
+    assert manifest["stage"] == "dpo" and manifest["finished"] and manifest["model"] == str(sft_dir)
     report = json.loads((out / "eval.json").read_text())
     for when in ("before", "after"):
         assert set(report[when]["accuracy_by_digits"]) == {"2", "5"} and report[when]["n"] == 16
