@@ -24,18 +24,42 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.checkpoint import ManifestError, read_manifest
 from rlhf.config import ConfigError, config_hash, load_config
 from rlhf.config.schema import format_override, from_dict, parse_override, set_dotted
-from rlhf.config.stages import NOT_HASHED, PPOStageConfig, RMStageConfig, SFTStageConfig
+from rlhf.config.stages import NOT_HASHED, DPOStageConfig, PPOStageConfig, RMStageConfig, SFTStageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("sft", "rm", "ppo")
-SCRIPTS = {"sft": "launch/stage1_sft.py", "rm": "launch/stage2_rm.py", "ppo": "launch/stage3_ppo.py"}
-CLASSES = {"sft": SFTStageConfig, "rm": RMStageConfig, "ppo": PPOStageConfig}
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """What the pipeline knows of one kind of stage: how to launch it, its config class, and the
+    keys that wire it to the run (`run`: runs/<name>) and to the stages before it (`needs`)."""
+
+    script: str
+    config_class: type
+    wiring: Callable[[PipelineConfig, Path], dict[str, str]]
+    needs: tuple[str, ...] = ()
+
+
+# A new kind of stage is a new line here (and a StageSpec field of PipelineConfig).
+KINDS: dict[str, StageKind] = {
+    "sft": StageKind("launch/stage1_sft.py", SFTStageConfig, lambda cfg, run: {"model": cfg.model}),
+    "rm": StageKind("launch/stage2_rm.py", RMStageConfig, lambda cfg, run: {"model": str(run / "sft")}, ("sft",)),
+    "ppo": StageKind(
+        "launch/stage3_ppo.py",
+        PPOStageConfig,
+        lambda cfg, run: {"policy": str(run / "sft"), "reward_model": str(run / "rm")},
+        ("sft", "rm"),
+    ),
+    "dpo": StageKind("launch/stage3_dpo.py", DPOStageConfig, lambda cfg, run: {"policy": str(run / "sft")}, ("sft",)),
+}
+STAGES = tuple(KINDS)  # every kind, in pipeline order
 
 
 @dataclass(frozen=True)
@@ -55,11 +79,20 @@ class PipelineConfig:
     num_processes: int | None = None  # override the accelerate config's process count
     main_process_port: int | None = None  # for several pipelines on one machine
     report: bool = True  # write runs/<name>/report.html at the end
+    # the stages this pipeline runs, in order: [sft, rm, ppo], or [sft, dpo] for DPO instead of RM + PPO
+    stages: tuple[str, ...] = ("sft", "rm", "ppo")
     sft: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/sft.yaml"))
     rm: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/rm.yaml"))
     ppo: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/ppo.yaml"))
+    dpo: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/dpo.yaml"))
 
     def check(self) -> None:
+        for i, stage in enumerate(self.stages):
+            if stage not in KINDS:
+                raise ConfigError("stages", f"unknown stage {stage!r}; known: {list(KINDS)}")
+            missing = [n for n in KINDS[stage].needs if n not in self.stages[:i]]
+            if missing:
+                raise ConfigError("stages", f"{stage} reads the output of {missing[0]}, which must come before it")
         # The name is one directory under runs_dir and a tracking run name: no path separators
         # or '..' that would put a run elsewhere or share another run's directories.
         bad = [c for c in ("/", "\\") if c in self.name]
@@ -127,14 +160,9 @@ def load_pipeline(
 def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
     """What the pipeline sets for a stage: where it writes, what it starts from, run names."""
     run = Path(cfg.runs_dir) / cfg.name
-    wiring = {
-        "sft": {"model": cfg.model},
-        "rm": {"model": str(run / "sft")},
-        "ppo": {"policy": str(run / "sft"), "reward_model": str(run / "rm")},
-    }[stage]
     typed = {
         "output_dir": str(run / stage),
-        **wiring,
+        **KINDS[stage].wiring(cfg, run),
         "tracking.group": cfg.name,
         "tracking.run_name": f"{cfg.name}-{stage}",
     }
@@ -145,7 +173,7 @@ def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
 
 def resolved_stage_config(cfg: PipelineConfig, stage: str):
     spec = getattr(cfg, stage)
-    return load_config(CLASSES[stage], _path(spec.config), stage_overrides(cfg, stage))
+    return load_config(KINDS[stage].config_class, _path(spec.config), stage_overrides(cfg, stage))
 
 
 def launch_command(cfg: PipelineConfig, stage: str) -> list[str]:
@@ -157,16 +185,20 @@ def launch_command(cfg: PipelineConfig, stage: str) -> list[str]:
     if cfg.main_process_port:
         cmd += ["--main_process_port", str(cfg.main_process_port)]
     spec = getattr(cfg, stage)
-    return [*cmd, str(ROOT / SCRIPTS[stage]), "--config", str(_path(spec.config)), *stage_overrides(cfg, stage)]
+    return [*cmd, str(ROOT / KINDS[stage].script), "--config", str(_path(spec.config)), *stage_overrides(cfg, stage)]
 
 
 def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None, dry_run: bool = False) -> int:
     run_dir = Path(cfg.runs_dir) / cfg.name
     logs = run_dir / "logs"
-    selected = [only] if only else list(STAGES[STAGES.index(from_stage) :] if from_stage else STAGES)
+    stages = cfg.stages
+    for flag, stage in (("--from-stage", from_stage), ("--only", only)):
+        if stage is not None and stage not in stages:
+            raise ConfigError(flag, f"{stage} is not one of this pipeline's stages {list(stages)}")
+    selected = [only] if only else list(stages[stages.index(from_stage) :] if from_stage else stages)
     forced = set(selected) if (only or from_stage) else set()
     upstream_ran = False
-    for stage in STAGES:
+    for stage in stages:
         if stage not in selected:
             continue
         stage_cfg = resolved_stage_config(cfg, stage)
@@ -193,7 +225,7 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
         upstream_ran = True
     if dry_run:
         return 0
-    print(summary_table(run_dir), flush=True)
+    print(summary_table(run_dir, cfg.stages), flush=True)
     if cfg.report:
         try:
             from rlhf.report import write_report
@@ -226,8 +258,8 @@ def _run_logged(cmd: list[str], log_path: Path, extra_env: dict[str, str]) -> in
         return proc.wait()
 
 
-def summary_table(run_dir: Path) -> str:
-    """The key figures of each stage, from their manifests and eval.json files."""
+def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo")) -> str:
+    """The key figures of each of `stages`, from their manifests and eval.json files."""
     lines = ["", f"Pipeline summary: {run_dir}", ""]
     rows = []
 
@@ -235,8 +267,8 @@ def summary_table(run_dir: Path) -> str:
         path = run_dir / stage / name
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    sft, rm, ppo = load("sft", "eval.json"), load("rm", "eval.json"), load("ppo", "eval.json")
-    for stage in STAGES:
+    sft, rm, ppo, dpo = (load(s, "eval.json") if s in stages else {} for s in ("sft", "rm", "ppo", "dpo"))
+    for stage in stages:
         manifest = load(stage, "manifest.json")
         wall = manifest.get("metrics", {}).get("wall_time_s")
         rows.append((stage, "wall time", f"{wall:.0f} s" if wall else "-"))
@@ -253,11 +285,16 @@ def summary_table(run_dir: Path) -> str:
         rows.append(("ppo", "accuracy after", _acc(ppo.get("after") or {})))
         kl, target = ppo.get("final_kl"), ppo.get("kl_target")
         rows.append(("ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
+    if dpo:
+        rows.append(("dpo", "accuracy before", _acc(dpo.get("before") or {})))
+        rows.append(("dpo", "accuracy after", _acc(dpo.get("after") or {})))
+        if (dpo.get("pairs") or {}).get("accuracy") is not None:
+            rows.append(("dpo", "held-out pair accuracy", f"{dpo['pairs']['accuracy']:.3f}"))
     width = max(len(r[1]) for r in rows)
     lines += [f"  {s:<4} {k:<{width}}  {v}" for s, k, v in rows]
     lines += [
         "",
-        f"  outputs:     {run_dir}/{{sft,rm,ppo}}",
+        f"  outputs:     {run_dir}/{{{','.join(stages)}}}",
         f"  TensorBoard: tensorboard --logdir {run_dir}",
         f"  wandb:       wandb sync {run_dir}/*/wandb/offline-run-*   (offline runs)",
         f"  report:      {run_dir}/report.html",

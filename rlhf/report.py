@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 from rlhf.checkpoint import atomic_write_json, atomic_write_text
 from rlhf.tasks import TASKS
 
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "dpo")
 
 # (plot file, title, [(metric key, label)], y-label): one line per metric present in the run. The
 # run's task adds its own lines (`Task.curves`, e.g. its rule rewards on ppo_score), and
@@ -73,6 +73,23 @@ CURVES = [
         "PPO: held-out accuracy during training",
         [("eval/ppo/accuracy", "all")],
         "exact match",
+    ),
+    ("dpo_loss", "DPO: loss", [("train/dpo/loss", "train"), ("eval/dpo/loss", "held-out")], "−log σ(β(r_c − r_r))"),
+    (
+        "dpo_rewards",
+        "DPO: implicit rewards β·log(π/π_ref)",
+        [
+            ("train/dpo/rewards/margins", "margin"),
+            ("train/dpo/rewards/chosen", "chosen"),
+            ("train/dpo/rewards/rejected", "rejected"),
+        ],
+        "β·log-ratio",
+    ),
+    (
+        "dpo_accuracy",
+        "DPO: pairs ranked right by the implicit reward",
+        [("train/dpo/rewards/accuracies", "train"), ("eval/dpo/rewards/accuracies", "held-out")],
+        "accuracy",
     ),
 ]
 
@@ -189,7 +206,7 @@ def _save(fig, path: Path) -> str:
 
 
 def accuracy_rows(stages: dict) -> list[tuple[str, dict]]:
-    """(model, task eval) for the base model, the SFT model and the PPO model."""
+    """(model, task eval) for the base model, the SFT model and the PPO and DPO models."""
     sft, ppo = stages["sft"]["eval"], stages["ppo"]["eval"]
     rows = []
     if sft.get("base"):
@@ -200,6 +217,11 @@ def accuracy_rows(stages: dict) -> list[tuple[str, dict]]:
         rows.append(("before PPO", ppo["before"]))
     if ppo.get("after"):
         rows.append(("PPO", ppo["after"]))
+    dpo = stages["dpo"]["eval"]
+    if dpo.get("before") and not sft:
+        rows.append(("before DPO", dpo["before"]))
+    if dpo.get("after"):
+        rows.append(("DPO", dpo["after"]))
     return rows
 
 
@@ -254,6 +276,14 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
                 f"<th>response</th><th>answer</th><th></th></tr>{body}</table>"
             )
 
+    dpo = stages["dpo"]["eval"]
+    if dpo.get("pairs"):
+        pairs = dpo["pairs"]
+        parts.append(
+            f"<h2>DPO</h2><p>held-out pairs ranked right by the implicit reward {_fmt(pairs.get('accuracy'))}, "
+            f"mean margin {_fmt(pairs.get('margin'))}, loss {_fmt(pairs.get('loss'))}</p>"
+        )
+
     perf = ""
     for stage in STAGES:
         manifest, series = stages[stage]["manifest"], stages[stage]["series"]
@@ -262,6 +292,7 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
             "sft": series.get("train/sft/train_samples_per_second"),
             "rm": series.get("train/rm/train_samples_per_second"),
             "ppo": series.get("train/ppo/episodes_per_s"),
+            "dpo": series.get("train/dpo/train_samples_per_second"),
         }[stage]
         unit = "episodes/s" if stage == "ppo" else "examples/s"
         tokens = series.get("train/ppo/tokens_per_s") if stage == "ppo" else None

@@ -8,14 +8,19 @@ import pytest
 import yaml
 
 from rlhf.config import ConfigError, SFTStageConfig, config_hash, dump_yaml, load_config
-from rlhf.config.stages import NOT_HASHED, PPOStageConfig, RMStageConfig
+from rlhf.config.stages import NOT_HASHED, DPOStageConfig, PPOStageConfig, RMStageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CLASSES = {"sft.yaml": SFTStageConfig, "rm.yaml": RMStageConfig, "ppo.yaml": PPOStageConfig}
+STAGE_CLASSES = {
+    "sft.yaml": SFTStageConfig,
+    "rm.yaml": RMStageConfig,
+    "ppo.yaml": PPOStageConfig,
+    "dpo.yaml": DPOStageConfig,
+}
 
 
 def stage_class(path: Path):
-    if path.name == "pipeline.yaml":
+    if path.name.startswith("pipeline"):  # pipeline.yaml, pipeline_dpo.yaml
         from rlhf.pipeline import PipelineConfig
 
         return PipelineConfig

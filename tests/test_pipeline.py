@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, run_entry
 from rlhf.cli import parse
-from rlhf.pipeline import CLASSES
+from rlhf.pipeline import KINDS
 from rlhf.report import load_stage
 from wandb_offline import history
 
@@ -255,7 +255,7 @@ def test_a_name_with_a_hash_sends_each_stage_to_its_own_directory(tmp_path):
         stage, _, command = line.removeprefix("[pipeline] ").partition(": ")
         args = shlex.split(command)  # the command as printed is the command run
         script = next(i for i, a in enumerate(args) if a.endswith(".py"))
-        configs[stage] = parse(CLASSES[stage], None, args[script + 1 :])[0]  # as the stage parses it
+        configs[stage] = parse(KINDS[stage].config_class, None, args[script + 1 :])[0]  # as the stage parses it
     assert [configs[s].output_dir for s in ("sft", "rm", "ppo")] == [str(run_dir / s) for s in ("sft", "rm", "ppo")]
     assert configs["rm"].model == configs["ppo"].policy == str(run_dir / "sft")
     assert configs["ppo"].reward_model == str(run_dir / "rm")

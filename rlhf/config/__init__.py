@@ -11,12 +11,20 @@ from rlhf.config.parts import (
     TrainConfig,
 )
 from rlhf.config.schema import ConfigError, config_hash, dump_yaml, load_config, to_dict
-from rlhf.config.stages import NOT_HASHED, WEIGHTS_NEUTRAL, PPOStageConfig, RMStageConfig, SFTStageConfig
+from rlhf.config.stages import (
+    NOT_HASHED,
+    WEIGHTS_NEUTRAL,
+    DPOStageConfig,
+    PPOStageConfig,
+    RMStageConfig,
+    SFTStageConfig,
+)
 
 __all__ = [
     "NOT_HASHED",
     "WEIGHTS_NEUTRAL",
     "ConfigError",
+    "DPOStageConfig",
     "DataConfig",
     "GenerationConfig",
     "LoraConfig",

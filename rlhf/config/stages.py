@@ -121,16 +121,21 @@ class RMStageConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
-        if self.task.name is None:
-            return  # no generated pairs
-        known = TASKS[self.task.name].wrong_kinds
-        for key, kinds in (
-            ("pairs.kinds", self.pairs.kinds or ()),
-            ("pairs.train_kind_weights", self.pairs.train_kind_weights),
-        ):
-            for k in kinds:
-                if k not in known:
-                    raise ConfigError(key, f"unknown kind {k!r} for task {self.task.name!r}; known: {list(known)}")
+        _check_pair_kinds(self.task, self.pairs)
+
+
+def _check_pair_kinds(task: TaskConfig, pairs: PairsConfig) -> None:
+    """The kinds of wrong answers named in `pairs` must be the task's (stages that read pairs: RM, DPO)."""
+    if task.name is None:
+        return  # no generated pairs
+    known = TASKS[task.name].wrong_kinds
+    for key, kinds in (
+        ("pairs.kinds", pairs.kinds or ()),
+        ("pairs.train_kind_weights", pairs.train_kind_weights),
+    ):
+        for k in kinds:
+            if k not in known:
+                raise ConfigError(key, f"unknown kind {k!r} for task {task.name!r}; known: {list(known)}")
 
 
 @dataclass(frozen=True)
@@ -312,3 +317,82 @@ class PPOStageConfig:
                 f"must divide the minibatch (rollout.prompts_per_step / ppo.minibatches = "
                 f"{self.rollout.prompts_per_step} / {self.ppo.minibatches} = {minibatch}), got {self.train.grad_accum}",
             )
+
+
+# TRL 1.16's DPOTrainer loss types that compare a chosen and a rejected answer (its `sft` term is
+# `loss.sft_coef` here; `aot_unpaired` and `apo_down` are left out: they ignore the pairing or
+# assume chosen answers worse than the model's own, neither of which fits pairs of a right and a
+# wrong answer).
+DPOLossType = Literal[
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "apo_zero",
+    "discopop",
+    "sigmoid_norm",
+]
+_SMOOTHED = ("robust", "exo_pair", "aot")  # the loss types that read label_smoothing
+
+
+@dataclass(frozen=True)
+class DPOLossConfig:
+    """The DPO family of losses on log-ratios r = log π(y|x) − log π_ref(y|x) of the chosen and the
+    rejected answer, as TRL's DPOTrainer computes them (its `loss_type`)."""
+
+    # sigmoid: −log σ(β(r_c − r_r)) (Rafailov et al. 2023); ipo: (Δ/len − 1/(2β))², per-token
+    # log-ratios (Azar et al. 2023); hinge: max(0, 1 − β(r_c − r_r)) (SLiC, Zhao et al. 2023);
+    # robust: sigmoid with label noise ε (Chowdhury et al. 2024); exo_pair (Ji et al. 2024);
+    # nca_pair (Chen et al. 2024); bco_pair (Jung et al. 2024); sppo_hard (Wu et al. 2024);
+    # aot (Melnyk et al. 2024); apo_zero (D'Oosterlinck et al. 2024); discopop (Lu et al. 2024);
+    # sigmoid_norm: sigmoid on per-token log-ratios
+    type: DPOLossType = "sigmoid"
+    # β: how far the policy may move from the reference (higher: closer); for ipo, IPO's τ
+    beta: float = 0.1
+    # ε, the share of pairs assumed mislabelled (robust: [0, 0.5); exo_pair: > 0, 1e-3 in the
+    # paper; aot); refused with the other types, which would ignore it
+    label_smoothing: float = 0.0
+    # weight of the NLL of the chosen answers added to the preference loss (RPO: Pang et al. 2024,
+    # "Iterative Reasoning Preference Optimization", §2: without it DPO lowers the likelihood of the
+    # right answers on maths too); 0: off
+    sft_coef: float = 0.0
+
+    def check(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError("beta", f"must be > 0, got {self.beta}")
+        if not self.sft_coef >= 0:
+            raise ConfigError("sft_coef", f"must be >= 0, got {self.sft_coef}")
+        if self.label_smoothing and self.type not in _SMOOTHED:
+            raise ConfigError("label_smoothing", f"is not read by loss type {self.type!r}; only by {list(_SMOOTHED)}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.type == "exo_pair" and self.label_smoothing == 0:
+            raise ConfigError("label_smoothing", "must be > 0 with exo_pair (the EXO paper uses 1e-3)")
+
+
+@dataclass(frozen=True)
+class DPOStageConfig:
+    """DPO, the other road from SFT (instead of RM + PPO): the policy learns from chosen/rejected
+    pairs directly, against the frozen SFT model as reference (Rafailov et al. 2023)."""
+
+    policy: str = "tiny"  # the SFT output; also the frozen reference (with LoRA: the policy, adapter off)
+    output_dir: str = "runs/tiny/dpo"
+    seed: int = 0
+    model_init: ModelInit = field(default_factory=ModelInit)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # preference pairs, any stage-2 format; null: the task's
+    task: TaskConfig = field(default_factory=TaskConfig)  # generated pairs and the held-out accuracy
+    pairs: PairsConfig = field(default_factory=PairsConfig)  # as stage 2; onpolicy_fraction: the SFT model's mistakes
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))  # TRL's DPO default
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def check(self) -> None:
+        _check_pair_kinds(self.task, self.pairs)

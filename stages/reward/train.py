@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -23,25 +23,22 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
 from rlhf.config import ConfigError, RMStageConfig, to_dict
-from rlhf.data import load_records, normalize_preferences
 from rlhf.data.lengths import limit_length
 from rlhf.distributed import is_zero3, process_state, whole_models
 from rlhf.evaluation import flatten_metrics, score_sequences
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, trainer_kwargs
-from rlhf.precision import Precision, resolve_precision
+from rlhf.precision import resolve_precision
 from rlhf.registry import (
-    build_policy,
     build_scalar_model,
     cast_trainable,
     config_of,
     load_tokenizer,
     resolve,
 )
-from rlhf.tasks import TASKS, task_preference_records
 from rlhf.tracking import Tracking
 from stages.reward.loss import pair_accuracy, pairwise_loss, response_lm_loss
-from stages.reward.onpolicy import mine_onpolicy_pairs
+from stages.reward.pairs import preference_pairs
 
 log = logging.getLogger("rlhf.rm")
 
@@ -118,24 +115,9 @@ def train(cfg: RMStageConfig) -> dict:
 
     # 2. Pairs: a file in any preference format, or generated for the task; with the task's
     #    pairs, a share of the rejected answers are the init model's own mistakes.
-    train_pairs, train_source, train_dropped = _load_pairs(cfg, "train")
-    eval_pairs, eval_source, _ = _load_pairs(cfg, "eval")
-    if cfg.pairs.onpolicy_fraction > 0 and cfg.data.train is None:
-        policy = build_policy(source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision)
-        n_train = round(cfg.pairs.onpolicy_fraction * len(train_pairs))
-        mined = _mine(policy, tokenizer, train_pairs[len(train_pairs) - n_train :], n_train, cfg, precision)
-        train_pairs = train_pairs[: len(train_pairs) - len(mined)] + mined
-        if cfg.data.eval is None:
-            eval_pairs += _mine(
-                policy, tokenizer, eval_pairs, round(cfg.pairs.onpolicy_fraction * len(eval_pairs)), cfg, precision
-            )
-        del policy
-        log.info("on-policy pairs: %d train, %d eval", len(mined), sum(p.get("kind") == "onpolicy" for p in eval_pairs))
-    if train_dropped:
-        log.warning("dropped training pairs: %s", dict(train_dropped))
-    log.info(
-        "train: %d pairs from %s; eval: %d pairs from %s", len(train_pairs), train_source, len(eval_pairs), eval_source
-    )
+    pairs = preference_pairs(cfg, source, tokenizer, precision)
+    train_pairs, eval_pairs, train_dropped = pairs.train, pairs.eval, pairs.train_dropped
+    train_source, eval_source = pairs.train_source, pairs.eval_source
 
     # 3. Tokens: chat-rendered prompt + response + EOS, exactly the sequence PPO will score.
     use_margin = cfg.loss.use_margin and any("margin" in p for p in train_pairs)
@@ -243,40 +225,6 @@ def _check_not_zero3(trainer) -> None:
     """ZeRO-3 shards the embeddings, which the language-model loss reads outside the forward."""
     if is_zero3(trainer.accelerator):
         raise ConfigError("loss.lm_coef", "is not supported under DeepSpeed ZeRO-3 (sharded embeddings); use ZeRO-2")
-
-
-def _load_pairs(cfg: RMStageConfig, split: str) -> tuple[list[dict], str, Counter]:
-    size = cfg.pairs.train_size if split == "train" else cfg.pairs.eval_size
-    kinds = cfg.pairs.kinds or (TASKS[cfg.task.name].wrong_kinds if cfg.task.name else ())
-    weights = cfg.pairs.kind_weights(kinds) if split == "train" else None
-    records, label = load_records(
-        cfg.data,
-        cfg.task,
-        split,
-        generate=lambda: task_preference_records(cfg.task, kinds, size, split, weights),
-    )
-    if not records:
-        return [], label, Counter()
-    pairs, fmt, dropped = normalize_preferences(records)
-    return pairs, f"{label} ({fmt})", dropped
-
-
-def _mine(policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig, precision: Precision) -> list[dict]:
-    if wanted <= 0:
-        return []
-    task = TASKS[cfg.task.name]
-    # sampling runs before the Trainer (and its autocast) exists: the stage's autocast, by hand
-    with precision.autocast(next(policy.parameters()).device.type):
-        return mine_onpolicy_pairs(
-            policy,
-            tokenizer,
-            pairs,
-            wanted,
-            cfg.pairs.onpolicy_samples,
-            cfg.pairs.onpolicy_temperature,
-            max_new_tokens=task.answer_tokens,
-            is_correct=task.is_correct,
-        )
 
 
 def encode_pairs(tokenizer, pairs: list[dict], use_margin: bool) -> list[dict]:
