@@ -12,6 +12,7 @@ from rlhf.config.stages import NOT_HASHED, PPOStageConfig, RMStageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CLASSES = {"sft.yaml": SFTStageConfig, "rm.yaml": RMStageConfig, "ppo.yaml": PPOStageConfig}
+STAGE_CLASSES |= {"grpo.yaml": PPOStageConfig, "rloo.yaml": PPOStageConfig}  # stage 3 with other estimators
 
 
 def stage_class(path: Path):
