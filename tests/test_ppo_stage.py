@@ -331,14 +331,14 @@ def test_group_sampling_and_dynamic_sampling(sft_dir, tmp_path, monkeypatch):
     overrides += ["rollout.dynamic_sampling=true", "rollout.max_sampling_tries=10", "reward.missing_eos_penalty=null"]
     ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))
 
-    records = read_metrics(out / "metrics.jsonl")
-    tables = [r for r in records if r.get("table") == "samples/ppo"]
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    tables = [r for r in map(json.loads, lines) if r.get("table") == "samples/ppo"]
     assert len(tables) == 3
     for table in tables:
         prompts, scores = [row[0] for row in table["rows"]], [row[2] for row in table["rows"]]
         assert len(prompts) == 8 and prompts[0:4] == [prompts[0]] * 4 and prompts[4:8] == [prompts[4]] * 4
         assert prompts[0] != prompts[4] and "7" in prompts[0] and "7" in prompts[4]
         assert len(set(scores[0:4])) > 1 and len(set(scores[4:8])) > 1
-    steps = [r for r in records if "train/ppo/dropped_groups" in r]
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/dropped_groups" in r]
     assert len(steps) == 3 and sum(r["train/ppo/dropped_groups"] for r in steps) > 0
     assert all(r["train/ppo/sampling_tries"] >= 1 for r in steps)
