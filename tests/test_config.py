@@ -17,6 +17,7 @@ STAGE_CLASSES = {
     "ppo.yaml": PPOStageConfig,
     "dpo.yaml": DPOStageConfig,
 }
+STAGE_CLASSES |= {"grpo.yaml": PPOStageConfig, "rloo.yaml": PPOStageConfig}  # stage 3 with other estimators
 
 
 def stage_class(path: Path):

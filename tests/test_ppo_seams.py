@@ -14,7 +14,7 @@ from stages.ppo import train as ppo_train
 from stages.ppo.rollout import Rollout
 
 
-def reward_to_go(rewards, values, mask, gamma, lam):
+def reward_to_go(rewards, values, mask, *, gamma, lam, group_size):
     """A critic-free estimator for the test: A_t = Σ_{k≥t} r_k (REINFORCE), no returns."""
     advantages_ = rewards.float().flip(1).cumsum(1).flip(1) * mask
     return advantages_, advantages_
@@ -23,12 +23,13 @@ def reward_to_go(rewards, values, mask, gamma, lam):
 def test_rollout_is_built_by_keyword_only():
     t = torch.zeros(2, 3)
     with pytest.raises(TypeError):
-        Rollout(t, t, t, t, t, t, t, t, t[:, 0], t, t, t)  # eleven-plus positional tensors: refused
+        Rollout(t, t, t, t, t, t, t, t, t, t[:, 0], t, t, t)  # eleven-plus positional tensors: refused
     r = Rollout(
         input_ids=t,
         attention_mask=t,
         response_ids=t,
         response_mask=t,
+        loss_mask=t,
         logprobs=t + 1,
         ref_logprobs=t + 2,
         values=None,

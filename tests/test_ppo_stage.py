@@ -183,9 +183,15 @@ def test_nan_reward_stops_before_the_weights(sft_dir, tmp_path):
     assert not (tmp_path / "nan" / "manifest.json").exists() and not (tmp_path / "nan" / "model.safetensors").exists()
 
 
-def test_killed_run_resumes_to_the_same_result(sft_dir, tmp_path):
-    args = ["train.max_steps=10", "train.save_every=3", "train.log_every=1"]
-    straight = ppo(tmp_path / "straight", *args, policy=sft_dir)
+# the reward model's scores (not the rule's, all -1 for a random policy) make every group's answers differ
+GRPO_RESUME = ["ppo.advantage_estimator=grpo", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4"]
+GRPO_RESUME += ["ppo.kl_in=loss", "ppo.kl_estimator=k3", "rollout.dynamic_sampling=true", "reward.model_weight=1"]
+
+
+@pytest.mark.parametrize("variant", [[], GRPO_RESUME], ids=["gae", "grpo"])
+def test_killed_run_resumes_to_the_same_result(sft_dir, tmp_path, variant):
+    args = ["train.max_steps=10", "train.save_every=3", "train.log_every=1", *variant]
+    straight = ppo(tmp_path / "straight", *args, policy=sft_dir, timeout=900)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "killed"
@@ -201,7 +207,7 @@ def test_killed_run_resumes_to_the_same_result(sft_dir, tmp_path):
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # a shared CPU can be slow
     while not (out / "checkpoints" / "step-3" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.02)
@@ -209,21 +215,39 @@ def test_killed_run_resumes_to_the_same_result(sft_dir, tmp_path):
     proc.wait()
     assert not (out / "manifest.json").exists()
 
-    resumed = ppo(out, *args, policy=sft_dir)
+    resumed = ppo(out, *args, policy=sft_dir, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     last = lambda path: [r for r in read_metrics(path) if r["step"] == 10 and "train/ppo/score" in r][-1]  # noqa: E731
     x, y = last(tmp_path / "straight" / "metrics.jsonl"), last(out / "metrics.jsonl")
-    for key in ("train/ppo/score", "train/ppo/kl", "train/ppo/policy_loss", "train/ppo/value_loss"):
+    keys = ["train/ppo/score", "train/ppo/kl", "train/ppo/policy_loss"]
+    keys += ["train/ppo/kl_loss", "train/ppo/sampling_tries"] if variant else ["train/ppo/value_loss"]
+    for key in keys:
         assert x[key] == pytest.approx(y[key], abs=1e-6), key
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["value-model", "shared-trunk"])
-def test_policy_learns_what_the_reward_asks(sft_dir, tmp_path, monkeypatch, shared):
+# the critic-free estimators answer each prompt 4 times; 4 prompts × 4 = 16 episodes a step and 40 steps keep
+# six more runs affordable on a shared 2-core CPU
+GROUPS = ["rollout.prompts_per_step=4", "rollout.samples_per_prompt=4"]
+SMALL = ["rollout.prompts_per_step=16", "ppo.minibatches=2", "train.max_steps=40"]
+ESTIMATOR_RUNS = {
+    "value-model": ["share_policy_trunk=false"],
+    "shared-trunk": ["share_policy_trunk=true"],
+    "grpo": [*SMALL, "ppo.advantage_estimator=grpo", *GROUPS, "ppo.kl_in=loss", "ppo.kl_estimator=k3"],
+    "dr_grpo": [*SMALL, "ppo.advantage_estimator=dr_grpo", *GROUPS, "ppo.loss_agg=seq_mean_token_sum_norm"],
+    "rloo": [*SMALL, "ppo.advantage_estimator=rloo", *GROUPS],
+    "reinforce_pp": [*SMALL, "ppo.advantage_estimator=reinforce_pp"],
+    "reinforce_pp_baseline": [*SMALL, "ppo.advantage_estimator=reinforce_pp_baseline", *GROUPS],
+}
+
+
+@pytest.mark.parametrize("variant", list(ESTIMATOR_RUNS))
+def test_policy_learns_what_the_reward_asks(sft_dir, tmp_path, monkeypatch, variant):
     """PPO does what it is for: with a rule that pays for digits, a random policy (about 2 % digits
-    at first) writes mostly digits within a few dozen steps, with either critic."""
+    at first) writes mostly digits within a few dozen steps, with either critic and with each
+    critic-free estimator."""
     import stages.ppo.train as ppo_train
     from rlhf.config import PPOStageConfig, load_config
     from rlhf.tasks import RULES
@@ -237,7 +261,7 @@ def test_policy_learns_what_the_reward_asks(sft_dir, tmp_path, monkeypatch, shar
     overrides += [*FAST, f"output_dir={out}", "train.max_steps=60", "train.save_every=0", "rollout.prompts_per_step=32"]
     overrides += ["ppo.minibatches=4", "ppo.epochs=2", "optim.lr=3e-3", "optim.scheduler=constant", "ppo.kl_coef=0.01"]
     overrides += ["reward.missing_eos_penalty=null"]
-    overrides += [f"share_policy_trunk={str(shared).lower()}", "ppo.value_warmup_steps=2"]
+    overrides += ["ppo.value_warmup_steps=2", *ESTIMATOR_RUNS[variant]]
     ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))
 
     scores = [r["train/ppo/score"] for r in read_metrics(out / "metrics.jsonl") if "train/ppo/score" in r]
@@ -418,3 +442,36 @@ def test_preset_policy_with_a_seed_is_its_own_reference_and_before(tmp_path):
     metrics, samples = evaluate_generations(initial, tokenizer, examples, cfg.task.name, cfg.generation)
     before = json.loads((out / "eval.json").read_text())["before"]
     assert before["samples"] == samples and before["accuracy"] == metrics["accuracy"]
+
+
+def test_group_sampling_and_dynamic_sampling(sft_dir, tmp_path, monkeypatch):
+    """samples_per_prompt answers each prompt n times in adjacent rows; dynamic sampling (DAPO)
+    drops the groups whose scores are all equal and draws more prompts in their place. A rule that
+    pays only for answers to prompts holding a 7 (by response length, so they differ) makes every
+    other group all-zero: the kept groups are all sevens, and the dropped ones are logged."""
+    import stages.ppo.train as ppo_train
+    from rlhf.config import PPOStageConfig, load_config
+    from rlhf.tasks import RULES
+
+    def sevens(questions, responses):
+        return [float(len(r) % 3) if "7" in q else 0.0 for q, r in zip(questions, responses, strict=True)]
+
+    monkeypatch.setitem(RULES, "sevens", sevens)
+    out = tmp_path / "groups"
+    overrides = [f"policy={sft_dir}", "reward_model=null", "reward.model_weight=0", "reward.rules={sevens: 1.0}"]
+    overrides += [*FAST, f"output_dir={out}", "train.max_steps=3", "train.save_every=0", "tracking.samples_every=1"]
+    overrides += ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "ppo.advantage_estimator=grpo"]
+    overrides += ["rollout.dynamic_sampling=true", "rollout.max_sampling_tries=10", "reward.missing_eos_penalty=null"]
+    ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))
+
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    tables = [r for r in map(json.loads, lines) if r.get("table") == "samples/ppo"]
+    assert len(tables) == 3
+    for table in tables:
+        prompts, scores = [row[0] for row in table["rows"]], [row[2] for row in table["rows"]]
+        assert len(prompts) == 8 and prompts[0:4] == [prompts[0]] * 4 and prompts[4:8] == [prompts[4]] * 4
+        assert prompts[0] != prompts[4] and "7" in prompts[0] and "7" in prompts[4]
+        assert len(set(scores[0:4])) > 1 and len(set(scores[4:8])) > 1
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/dropped_groups" in r]
+    assert len(steps) == 3 and sum(r["train/ppo/dropped_groups"] for r in steps) > 0
+    assert all(r["train/ppo/sampling_tries"] >= 1 for r in steps)

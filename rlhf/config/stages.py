@@ -142,7 +142,10 @@ def _check_pair_kinds(task: TaskConfig, pairs: PairsConfig) -> None:
 class RolloutConfig:
     """Step 1 of PPO: how many prompts are answered per iteration, and how."""
 
-    prompts_per_step: int = 64  # per process
+    # distinct prompts per process and step; each is answered samples_per_prompt times, so a step holds
+    # prompts_per_step × samples_per_prompt episodes per process (ppo.minibatches must divide that)
+    prompts_per_step: int = 64
+    samples_per_prompt: int = 1  # n responses per prompt, adjacent in the batch: the group estimators' groups
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.0)
     )
@@ -152,8 +155,24 @@ class RolloutConfig:
     # forward, so the first PPO ratio would not be 1.
     logprobs_from_generation: bool | None = None
     engine: str = "hf"  # the rollout engine (stages/ppo/engines.py): hf = transformers' KV-cached generate
+    # DAPO's dynamic sampling (Yu et al. 2025, §3.2): drop the groups whose scores are all equal (they give every
+    # response a zero advantage) and sample more prompts until the batch is full, at most max_sampling_tries
+    # rounds; a batch still short then is filled up with dropped groups. Needs samples_per_prompt > 1.
+    dynamic_sampling: bool = False
+    max_sampling_tries: int = 4
+
+    @property
+    def episodes_per_step(self) -> int:
+        """Episodes per process and step: prompts_per_step × samples_per_prompt."""
+        return self.prompts_per_step * self.samples_per_prompt
 
     def check(self) -> None:
+        if self.prompts_per_step < 1 or self.samples_per_prompt < 1:
+            raise ConfigError("samples_per_prompt", "prompts_per_step and samples_per_prompt must be positive")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ConfigError("dynamic_sampling", "drops groups of equal scores: needs samples_per_prompt > 1")
+        if self.max_sampling_tries < 1:
+            raise ConfigError("max_sampling_tries", f"must be >= 1, got {self.max_sampling_tries}")
         # PPO's ratio and the KL penalty need the log-prob of each token under the distribution it
         # was sampled from; the training forward computes the full softmax(logits / T). Truncated
         # (top-k / top-p) or greedy sampling draws from another distribution, which would make the
@@ -181,6 +200,10 @@ class PPOConfig:
     epochs: int = 2  # passes over each rollout
     minibatches: int = 4  # per epoch; each is split further by train.grad_accum
     clip_range: float = 0.2  # ε of the clipped surrogate (seed 003)
+    # DAPO's clip-higher (Yu et al. 2025, §3.1): clip ρ to [1 − clip_range_low, 1 + clip_range_high] (e.g. 0.2 and
+    # 0.28), so unlikely tokens can still rise; null: clip_range
+    clip_range_low: float | None = None
+    clip_range_high: float | None = None
     value_clip_range: float | None = 0.2  # clip of value predictions around the rollout's; null: off
     vf_coef: float = (
         1.0  # weight of the value loss (policy and value have separate lrs; this matters for shared clipping)
@@ -188,28 +211,52 @@ class PPOConfig:
     entropy_coef: float = 0.0  # weight of the entropy bonus
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE λ
-    advantage_estimator: str = "gae"  # stages/ppo/advantages.py ESTIMATORS; one needing no critic builds no value model
-    whiten_advantages: bool = True
-    # per-token KL(policy‖ref) in the reward (Schulman 2020); only k1 is accepted (see check())
+    # stages/ppo/advantages.py ESTIMATORS: gae, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline (README's
+    # table); one needing no critic builds no value model; grpo, dr_grpo, rloo and reinforce_pp_baseline need
+    # rollout.samples_per_prompt > 1
+    advantage_estimator: str = "gae"
+    # whiten the advantages over the batch; null: as the estimator does it (gae and reinforce_pp*: yes; the group
+    # estimators grpo, dr_grpo, rloo: no)
+    whiten_advantages: bool | None = None
+    # Where the KL(policy‖ref) penalty goes, and its per-token estimator (Schulman 2020); only these regularise:
+    #   reward + k1: −β·k1 per token in the reward, whose policy gradient is that of β·KL (InstructGPT)
+    #   loss + k3:   β·k3 of the current policy's log-probs added to the loss (GRPO, Shao et al. 2024, eq. 4)
+    #   loss + k2:   β·k2 in the loss: its gradient is exactly that of β·KL (Tang & Munos 2025)
+    # refused: k2/k3 in the reward (their gradient through the reward is biased) and k1 in the loss (its gradient,
+    # ∇log π, is zero in expectation: nothing pulls the policy back)
+    kl_in: Literal["reward", "loss"] = "reward"
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_coef: float = 0.05  # β (initial β when kl_target is set)
     kl_target: float | None = None  # adaptive β toward this KL per sequence (Ziegler et al. 2019); null: fixed β
     kl_horizon: int = 10_000  # episodes over which the adaptive controller moves β
     max_approx_kl: float | None = None  # stop the epoch loop early when approx KL of an update exceeds this
     value_warmup_steps: int = 0  # first iterations train the value model only (policy lr 0): better advantages
+    # how the per-token losses become one number (stages/ppo/losses.py aggregate_loss): token_mean over the
+    # minibatch's tokens (DAPO; what PPO here always did), seq_mean_token_mean (GRPO's per-response mean) or
+    # seq_mean_token_sum_norm (each response's sum / rollout.generation.max_new_tokens; Dr. GRPO)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    # leave responses cut off at max_new_tokens (no EOS) out of the loss: their score judges an unfinished
+    # answer (DAPO's overlong filtering, Yu et al. 2025, §3.4)
+    mask_truncated: bool = False
 
     def check(self) -> None:
         if self.epochs <= 0 or self.minibatches <= 0:
             raise ConfigError("epochs", "epochs and minibatches must be positive")
         if not 0.0 < self.clip_range < 1.0:
             raise ConfigError("clip_range", f"must be in (0, 1), got {self.clip_range}")
+        if self.clip_range_low is not None and not 0.0 < self.clip_range_low < 1.0:
+            raise ConfigError("clip_range_low", f"must be in (0, 1), got {self.clip_range_low}")
+        if self.clip_range_high is not None and not self.clip_range_high > 0.0:
+            raise ConfigError("clip_range_high", f"must be > 0, got {self.clip_range_high}")
+        if self.kl_in == "loss" and self.kl_estimator == "k1":
+            raise ConfigError("kl_estimator", "k1 in the loss has zero expected gradient (no regularisation); use k3")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ConfigError("gamma", "gamma and lam must be in [0, 1]")
         if self.kl_coef < 0:
             raise ConfigError("kl_coef", f"must be >= 0, got {self.kl_coef}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError("kl_target", f"must be positive, got {self.kl_target}")
-        if self.kl_estimator != "k1":
+        if self.kl_in == "reward" and self.kl_estimator != "k1":
             # In the reward the penalty reaches the policy only through the score function
             # ∇log π · KL: its expectation is ∇KL for k1, but k2 = r²/2 and k3 = e^{−r} − 1 + r are
             # ~0 near the reference (second order in r), so they barely regularise. k3 is a loss term
@@ -217,8 +264,8 @@ class PPOConfig:
             raise ConfigError(
                 "kl_estimator",
                 f"{self.kl_estimator} is refused as a reward penalty: its score-function gradient is ~0 near the "
-                "reference, so it barely regularises; use k1 in the reward (k3 belongs in the loss, "
-                "ppo.kl_in: loss). train/ppo/kl_k3 is logged either way",
+                "reference, so it barely regularises; use k1 in the reward, or put k3 in the loss "
+                "(ppo.kl_in: loss). train/ppo/kl_k3 is logged either way",
             )
 
 
@@ -259,6 +306,11 @@ class PPORewardConfig:
     normalize: Literal["none", "batch", "running"] = "none"  # whiten scores per batch or by running stats
     clip: float | None = None  # clip scores to [-clip, clip] after normalisation
     missing_eos_penalty: float | None = -1.0  # added to the score of a response that never emitted EOS
+    # DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): a response longer than max_new_tokens − L (L =
+    # overlong_buffer tokens) loses overlong_penalty · (length − (max_new_tokens − L)) / L, linearly up to the full
+    # penalty at max_new_tokens; null: off
+    overlong_buffer: int | None = None
+    overlong_penalty: float = 1.0
 
     def check(self) -> None:
         for name in self.rules:
@@ -269,6 +321,10 @@ class PPORewardConfig:
                 load_reward_function(spec)
             except RewardFunctionError as e:
                 raise ConfigError(f"functions.{spec}", str(e)) from None
+        if self.overlong_buffer is not None and self.overlong_buffer < 1:
+            raise ConfigError("overlong_buffer", f"must be >= 1 token (or null: off), got {self.overlong_buffer}")
+        if self.overlong_penalty < 0:
+            raise ConfigError("overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
 
 
 @dataclass(frozen=True)
@@ -306,16 +362,23 @@ class PPOStageConfig:
             )
         if self.share_policy_trunk and self.value_model is not None:
             raise ConfigError("value_model", "must be null with share_policy_trunk: the value head sits on the policy")
-        if self.rollout.prompts_per_step % self.ppo.minibatches:
-            raise ConfigError("ppo.minibatches", "must divide rollout.prompts_per_step")
-        minibatch = self.rollout.prompts_per_step // self.ppo.minibatches
+        if self.rollout.episodes_per_step % self.ppo.minibatches:
+            raise ConfigError(
+                "ppo.minibatches",
+                f"must divide the {self.rollout.episodes_per_step} episodes per step "
+                "(rollout.prompts_per_step × rollout.samples_per_prompt)",
+            )
+        max_new = self.rollout.generation.max_new_tokens
+        if self.reward.overlong_buffer is not None and self.reward.overlong_buffer >= max_new:
+            raise ConfigError("reward.overlong_buffer", f"must be below rollout.generation.max_new_tokens ({max_new})")
+        minibatch = self.rollout.episodes_per_step // self.ppo.minibatches
         if minibatch % self.train.grad_accum:
             # every minibatch must be exactly one optimizer step of grad_accum equal micro-batches
             # (veRL asserts the same); otherwise accelerate / DeepSpeed step mid-minibatch
             raise ConfigError(
                 "train.grad_accum",
-                f"must divide the minibatch (rollout.prompts_per_step / ppo.minibatches = "
-                f"{self.rollout.prompts_per_step} / {self.ppo.minibatches} = {minibatch}), got {self.train.grad_accum}",
+                f"must divide the minibatch ({self.rollout.episodes_per_step} episodes per step / ppo.minibatches "
+                f"{self.ppo.minibatches} = {minibatch}), got {self.train.grad_accum}",
             )
 
 

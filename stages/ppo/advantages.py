@@ -1,9 +1,25 @@
 """Advantage estimators and how well the value model explains the returns.
 
-An estimator is a pure function `(rewards, values, mask, cfg) -> (advantages, returns)` on (B, T)
-tensors, registered in `ESTIMATORS` with whether it needs a critic; `ppo.advantage_estimator`
-picks one. When the chosen estimator needs no critic, the recipe builds no value model and
-`values` is None."""
+The registry contract. An estimator is a pure function on (B, T) tensors,
+
+    fn(rewards, values, mask, *, gamma, lam, group_size) -> (advantages, returns)
+
+- rewards (B, T): per-token rewards, the sequence score at the last real token plus −β·KL at every
+  token when `ppo.kl_in: reward` (0 elsewhere on padding); values (B, T) or None; mask (B, T).
+- group_size: `rollout.samples_per_prompt`; rows i·n … i·n + n − 1 answer the same prompt.
+- advantages (B, T) and returns (B, T), both 0 on padding. Returns are the value model's targets
+  and are ignored when there is no critic.
+
+It is registered in `ESTIMATORS` as an `Estimator` saying whether it needs a critic (when not, the
+recipe builds, trains and saves no value model and `values` is None), whether it needs groups
+(`rollout.samples_per_prompt` > 1, refused before anything loads otherwise) and whether its
+advantages are whitened over the whole batch afterwards (`ppo.whiten_advantages: null` follows
+this; the recipe does it, over every process's episodes). `ppo.advantage_estimator` picks one.
+
+The group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline) treat a response as one action
+with the sequence reward R = Σ_t r_t (the score, minus β·Σ KL when the KL is in the reward), as
+their papers do, and give every token of a response the same advantage (outcome supervision);
+γ and λ are not used by them."""
 
 from __future__ import annotations
 
@@ -13,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.ppo.masked import masked_sums, moments
+from stages.ppo.masked import last_index, masked_sums, moments
 
 
 def gae(
@@ -37,24 +53,109 @@ def gae(
 
 
 def gae_estimator(
-    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float, lam: float
+    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gae` as a registered estimator (it needs the critic's values)."""
+    """`gae` as a registered estimator (it needs the critic's values; groups play no part)."""
     if values is None:
         raise ValueError("the gae estimator needs the value model's values")
     return gae(rewards, values, mask, gamma, lam)
 
 
+def _grouped(rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The sequence rewards R = Σ_t r_t, as (B / n, n): one row per prompt."""
+    B = rewards.shape[0]
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"{B} episodes do not split into groups of {group_size}")
+    return (rewards.float() * mask).sum(1).view(B // group_size, group_size)
+
+
+def _per_token(advantage: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B / n, n) sequence advantages -> the same value at every real token (B, T), twice (advantages, returns)."""
+    per_token = advantage.reshape(-1, 1) * mask.float()
+    return per_token, per_token
+
+
+def grpo(
+    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): A_i = (R_i − mean_g R) / (std_g R + ε)
+    for the n responses to one prompt. std is Bessel-corrected and ε = 1e-4, as in TRL's GRPOTrainer."""
+    R = _grouped(rewards, mask, group_size)
+    advantage = (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-4)
+    return _per_token(advantage, mask)
+
+
+def dr_grpo(
+    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training", eq. 3): A_i = R_i − mean_g R, no division
+    by the group's std (which up-weights prompts that are nearly always right or wrong). Its other half, no length
+    normalisation, is `ppo.loss_agg: seq_mean_token_sum_norm`."""
+    R = _grouped(rewards, mask, group_size)
+    return _per_token(R - R.mean(1, keepdim=True), mask)
+
+
+def rloo(
+    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO (Ahmadian et al. 2024, eq. 6; Kool et al. 2019): each response's baseline is the mean reward of the
+    other n − 1 responses to its prompt: A_i = R_i − (Σ_g R − R_i) / (n − 1) = n / (n − 1) · (R_i − mean_g R)."""
+    R = _grouped(rewards, mask, group_size)
+    baseline = (R.sum(1, keepdim=True) - R) / (group_size - 1)
+    return _per_token(R - baseline, mask)
+
+
+def reinforce_pp(
+    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025, eq. 6-8): the per-token KL stays in the reward and each token's advantage is the
+    return from it on, G_t = Σ_{k≥t} γ^{k−t} r_k. The paper's global batch normalisation, (A − mean) / std over
+    every token of the batch, is registered with the estimator (`whiten=True`) and done by the recipe across
+    processes, since a pure per-process function cannot see the other processes' tokens."""
+    rewards, mask = rewards.float() * mask, mask.float()
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    returns = returns * mask
+    return returns, returns
+
+
+def reinforce_pp_baseline(
+    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++-baseline (Hu 2025, §3.2): REINFORCE++ with the group's mean sequence reward subtracted first (at
+    the last real token, where the score is), then the return from each token and global normalisation. The
+    baseline is mean_g Σ_t r_t, so with the KL in the reward it also holds the group's mean KL, a constant per
+    group (OpenRLHF subtracts the mean score only; the two differ by β · mean_g Σ KL)."""
+    R = _grouped(rewards, mask, group_size)
+    shifted = rewards.float().clone()
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    shifted[rows, last_index(mask)] -= R.mean(1, keepdim=True).expand_as(R).reshape(-1)
+    return reinforce_pp(shifted, values, mask, gamma=gamma, lam=lam, group_size=group_size)
+
+
 @dataclass(frozen=True)
 class Estimator:
-    """fn(rewards (B, T), values (B, T) | None, mask (B, T), gamma, lam) -> advantages, returns (B, T)."""
+    """fn(rewards, values | None, mask, *, gamma, lam, group_size) -> advantages, returns; all (B, T)."""
 
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     needs_critic: bool  # False: no value model is built, loaded, trained or saved
+    needs_groups: bool = False  # True: rollout.samples_per_prompt must be > 1
+    # whiten the advantages over the whole batch (every process) when ppo.whiten_advantages is null: PPO's usual
+    # practice, and REINFORCE++'s global normalisation. The group estimators already compare like with like
+    # (OpenRLHF and TRL do not whiten them again).
+    whiten: bool = True
 
 
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(gae_estimator, needs_critic=True),
+    "grpo": Estimator(grpo, needs_critic=False, needs_groups=True, whiten=False),
+    "dr_grpo": Estimator(dr_grpo, needs_critic=False, needs_groups=True, whiten=False),
+    "rloo": Estimator(rloo, needs_critic=False, needs_groups=True, whiten=False),
+    "reinforce_pp": Estimator(reinforce_pp, needs_critic=False),
+    "reinforce_pp_baseline": Estimator(reinforce_pp_baseline, needs_critic=False, needs_groups=True),
 }
 
 

@@ -26,25 +26,56 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(x: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None) -> torch.Tensor:
+    """A per-token loss x (B, T) reduced to a scalar over the real tokens (`ppo.loss_agg`):
+    token_mean               Σ_bt x / Σ_bt 1: every token weighs the same (DAPO, Yu et al. 2025, §3.3)
+    seq_mean_token_mean      mean over sequences of each one's token mean (GRPO's 1/|o_i|); sequences with no
+                             real token (masked out) do not count
+    seq_mean_token_sum_norm  Σ_bt x / (B · max_len): each sequence's token sum over a constant, so a long
+                             response is not down-weighted (Dr. GRPO, Liu et al. 2025, eq. 3; max_len =
+                             rollout.generation.max_new_tokens)"""
+    mask = mask.to(x.dtype)
+    if mode == "token_mean":
+        return masked_mean(x, mask)
+    if mode == "seq_mean_token_mean":
+        has_tokens = (mask.sum(1) > 0).to(x.dtype)
+        return masked_mean(masked_mean(x, mask, dim=1), has_tokens)
+    if mode == "seq_mean_token_sum_norm":
+        if not max_len:
+            raise ValueError("seq_mean_token_sum_norm needs max_len, the constant each sequence's sum is divided by")
+        return (x * mask).sum() / (x.shape[0] * max_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}; known: {LOSS_AGGREGATIONS}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    *,
+    clip_range_high: float | None = None,
+    agg: str = "token_mean",
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7; seed 003), as a loss to minimise:
-      L = −mean_t min(ρ_t·A_t, clip(ρ_t, 1−ε, 1+ε)·A_t),  ρ_t = exp(log π(a_t) − log π_old(a_t)).
-    Returns the token-mean loss and stats: clip fraction and approximate KL(old ‖ new) (k3).
+      L = −agg_t min(ρ_t·A_t, clip(ρ_t, 1−ε_low, 1+ε_high)·A_t),  ρ_t = exp(log π(a_t) − log π_old(a_t)),
+    ε_low = clip_range, ε_high = clip_range_high (default: the same; DAPO's "clip-higher" raises it, Yu et al.
+    2025 §3.1) and agg from `aggregate_loss` (default: the token mean). Returns the loss and stats: clip fraction
+    and approximate KL(old ‖ new) (k3).
 
     The tokens were sampled from the old policy, so KL(old ‖ new) = E_old[−r] with r = log π − log π_old,
     and its k3 estimator (Schulman 2020, with the log-ratio log π_old − log π = −r) is
     e^{r} − 1 − r: unbiased under the old policy and ≥ 0 (tests/test_ppo_math.py checks it exactly)."""
+    high = clip_range if clip_range_high is None else clip_range_high
     log_ratio = logprobs.float() - old_logprobs.float()
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, agg, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),

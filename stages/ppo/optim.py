@@ -68,7 +68,7 @@ def fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int) ->
     plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return
-    micro = max(1, cfg.rollout.prompts_per_step // cfg.ppo.minibatches // cfg.train.grad_accum)
+    micro = max(1, cfg.rollout.episodes_per_step // cfg.ppo.minibatches // cfg.train.grad_accum)
     ds = plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum

@@ -1,8 +1,8 @@
 """One PPO iteration's experience, as a named container (no positional tuples).
 
-Shapes: B episodes (prompts), P prompt tokens (left-padded), R response tokens (right-padded
-with pad after EOS). The attention mask covers the real prompt tokens and the response up to and
-including its EOS."""
+Shapes: B episodes (prompts × rollout.samples_per_prompt, a prompt's responses adjacent), P prompt
+tokens (left-padded), R response tokens (right-padded with pad after EOS). The attention mask
+covers the real prompt tokens and the response up to and including its EOS."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ class Rollout:
     attention_mask: torch.Tensor  # (B, P + R) 1 on real tokens
     response_ids: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
+    loss_mask: torch.Tensor  # (B, R) the tokens the losses see: response_mask, less cut-off ones (ppo.mask_truncated)
     logprobs: torch.Tensor  # (B, R) fp32, the policy that sampled the response
     ref_logprobs: torch.Tensor  # (B, R) fp32, the frozen reference
     values: torch.Tensor | None  # (B, R) fp32, V(s_t) before each response token; None without a critic
-    kl: torch.Tensor  # (B, R) fp32, the per-token KL estimate in the reward (0 on padding)
+    kl: torch.Tensor  # (B, R) fp32, the per-token KL estimate (in the reward unless ppo.kl_in: loss; 0 on padding)
     scores: torch.Tensor  # (B,) sequence scores after normalisation
-    rewards: torch.Tensor  # (B, R) −β·KL per token + score at the last token
+    rewards: torch.Tensor  # (B, R) −β·KL per token (kl_in: reward) + score at the last token
     advantages: torch.Tensor  # (B, R) from the advantage estimator, whitened if configured
     returns: torch.Tensor | None  # (B, R) the value model's targets; None without a critic
 

@@ -93,3 +93,12 @@ def remote_model_scores(
     if failed.item() > 0:
         raise RemoteRewardError(f"reward server {remote.url} failed on another process; see its log")
     return torch.tensor(scores, device=accelerator.device, dtype=torch.float32)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, cfg: PPORewardConfig) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), times `overlong_penalty` p: with L the buffer,
+    0 up to max_new_tokens − L tokens, then −p·(length − (max_new_tokens − L)) / L, reaching −p at max_new_tokens
+    (a response cannot be longer). lengths (B,) response tokens including EOS -> (B,) fp32, ≤ 0."""
+    start = max_new_tokens - cfg.overlong_buffer
+    excess = (lengths.float() - start).clamp(min=0.0)
+    return -cfg.overlong_penalty * (excess / cfg.overlong_buffer).clamp(max=1.0)

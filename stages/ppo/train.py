@@ -2,13 +2,16 @@
 penalty to the frozen reference (InstructGPT; Ziegler et al. 2019). Written on torch +
 accelerate; one file, top to bottom. Each iteration:
 
-  1. generate responses to a batch of prompts with the rollout engine (sampling from config)
+  1. generate responses to a batch of prompts with the rollout engine (sampling from config),
+     `rollout.samples_per_prompt` per prompt (groups), dropping groups of equal scores under
+     `rollout.dynamic_sampling`
   2. log-probs under the policy and the reference, values from the value model
   3. score prompt + response with the reward model and the rule rewards
-  4. per-token rewards: −β·KL(policy ‖ ref) at every token, plus the score at the last token
+  4. per-token rewards: −β·KL(policy ‖ ref) at every token (unless `ppo.kl_in: loss`), plus the
+     score at the last token
   5. advantages (and returns) by the configured estimator, GAE(γ, λ) by default; whitened
-  6. PPO epochs over minibatches: clipped surrogate + clipped value loss (− entropy bonus),
-     stopping early if the approximate KL runs away
+  6. PPO epochs over minibatches: clipped surrogate + clipped value loss (− entropy bonus, + β·KL
+     with `ppo.kl_in: loss`), stopping early if the approximate KL runs away
   7. log, adapt β, checkpoint, evaluate on held-out prompts
 
 Steps 1–5 are `make_rollout`, step 6 is `ppo_update`. The variation points are registries:
@@ -43,16 +46,22 @@ from rlhf.registry import sequence_scores
 from rlhf.reward_functions import call_reward_function, row_fields
 from rlhf.tasks import RULES, task_records
 from rlhf.tracking import Tracking
-from stages.ppo.advantages import ESTIMATORS, explained_variance, explained_variance_sums
-from stages.ppo.engines import ENGINES, RolloutEngine, build_engine
+from stages.ppo.advantages import ESTIMATORS, Estimator, explained_variance, explained_variance_sums
+from stages.ppo.engines import ENGINES, Generated, RolloutEngine, build_engine
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
-from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from stages.ppo.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from stages.ppo.masked import masked_mean, masked_sums, masked_whiten, moments
 from stages.ppo.models import Models, build_models, fingerprint, reference_logits
 from stages.ppo.optim import clip_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored, response_mask
 from stages.ppo.saving import save_checkpoint, save_models
-from stages.ppo.scores import RunningMoments, combine_scores, normalize_scores, remote_model_scores
+from stages.ppo.scores import (
+    RunningMoments,
+    combine_scores,
+    normalize_scores,
+    overlong_penalty,
+    remote_model_scores,
+)
 
 log = logging.getLogger("rlhf.ppo")
 
@@ -76,6 +85,7 @@ def train(cfg: PPOStageConfig) -> dict:
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     started = time.time()
     estimator = _registered(ESTIMATORS, cfg.ppo.advantage_estimator, "ppo.advantage_estimator")
+    _check_estimator(estimator, cfg)
     _registered(ENGINES, cfg.rollout.engine, "rollout.engine")
     models = build_models(cfg, accelerator, estimator, precision)
     data = load_prompts(cfg, models.tokenizer)
@@ -104,14 +114,17 @@ def train(cfg: PPOStageConfig) -> dict:
         step, t0 = state["step"], time.time()
         set_lr(models.optimizer, step, cfg)
         batch = _prompt_batch(len(data.prompt_ids), step, cfg.rollout.prompts_per_step, accelerator, cfg.seed)
-        rollout, scored, t_gen = make_rollout(models, engine, data, batch, cfg, kl_ctl, running, accelerator, step)
+        rollout, scored, sampling, t_gen = make_rollout(
+            models, engine, data, batch, cfg, kl_ctl, running, accelerator, step
+        )
         t_score = time.time()
-        stats = ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step)
+        stats = ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step, kl_coef=kl_ctl.value)
+        stats.update(sampling)
         engine.update_weights(models.model)
         t_train = time.time()
 
         seq_kl = accelerator.gather(rollout.kl.sum(1)).mean().item()
-        kl_ctl.update(seq_kl, len(batch) * accelerator.num_processes)
+        kl_ctl.update(seq_kl, rollout.scores.shape[0] * accelerator.num_processes)
         state["kl_history"] = (state["kl_history"] + [seq_kl])[-10:]
         state["step"] = step + 1
         timings = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
@@ -143,20 +156,18 @@ def make_rollout(
     running: RunningMoments,
     accelerator,
     step: int,
-) -> tuple[Rollout, Scored, float]:
-    """Steps 1–5 for this process's prompts `batch`: (rollout, what step 3 said, time when
-    generation ended)."""
+) -> tuple[Rollout, Scored, dict, float]:
+    """Steps 1–5 for this process's prompts `batch`: (rollout, what step 3 said, what dynamic
+    sampling did, time when generation ended). The rollout holds samples_per_prompt episodes per
+    prompt, adjacent."""
     gen, tokenizer, model = cfg.rollout.generation, models.tokenizer, models.model
-    # 1. generate, keeping the sampled tokens' log-probs when they equal what a forward of the
-    #    policy would give
+    # 1. generate n responses per prompt, keeping the sampled tokens' log-probs when they equal what
+    #    a forward of the policy would give
     reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator)
-    sampled = engine.generate([data.prompt_ids[i] for i in batch], gen, reuse_logprobs)
-    query, response = sampled.prompt_ids, sampled.response_ids
+    batch, sampled, sampling = sample_groups(models, engine, data, batch, cfg, accelerator, step, reuse_logprobs)
+    response = sampled.response_ids
     R = response.shape[1]
-    resp_mask, has_eos = response_mask(response, tokenizer.eos_token_id)  # (B, R), (B,)
-    # left pads are the only pads in a left-padded prompt; the pad id never appears inside one
-    input_ids = torch.cat([query, response], dim=1)  # (B, P + R)
-    attention_mask = torch.cat([(query != tokenizer.pad_token_id).long(), resp_mask], dim=1)  # (B, P + R)
+    input_ids, attention_mask, resp_mask, has_eos = _episode_tensors(sampled, tokenizer)
     t_gen = time.time()
 
     # 2. log-probs under policy and reference; values (the math on them in fp32, whatever the
@@ -175,19 +186,24 @@ def make_rollout(
     scored = _score(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator)
     scores = normalize_scores(scored.raw_scores, accelerator.gather(scored.raw_scores), cfg.reward, running)
 
-    # 4. KL-penalised per-token rewards;  5. advantages (and returns), whitened
+    # 4. KL-penalised per-token rewards (with ppo.kl_in: loss the KL is a loss term instead: β = 0 here);
+    # 5. advantages (and returns), whitened if the estimator or ppo.whiten_advantages says so
     kl = kl_estimate(logprobs, ref_logprobs, cfg.ppo.kl_estimator) * resp_mask  # (B, R)
-    rewards = kl_penalized_rewards(scores, kl, kl_ctl.value, resp_mask)  # (B, R)
+    rewards = kl_penalized_rewards(scores, kl, kl_ctl.value if cfg.ppo.kl_in == "reward" else 0.0, resp_mask)  # (B, R)
     estimator = ESTIMATORS[cfg.ppo.advantage_estimator]
-    advantages, returns = estimator.fn(rewards, values, resp_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
-    if cfg.ppo.whiten_advantages:
-        advantages = whiten_advantages(advantages, resp_mask, accelerator)
+    advantages, returns = estimator.fn(
+        rewards, values, resp_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, group_size=cfg.rollout.samples_per_prompt
+    )
+    if _whiten(estimator, cfg):
+        advantages = whiten_advantages(advantages, resp_mask, accelerator)  # over every process's tokens
     _stop_if_not_finite(accelerator, step, scores=scores, rewards=rewards, advantages=advantages)
     rollout = Rollout(
         input_ids=input_ids,
         attention_mask=attention_mask,
         response_ids=response,
         response_mask=resp_mask,
+        # DAPO's overlong filtering: responses cut off at max_new_tokens teach nothing either way
+        loss_mask=resp_mask * has_eos[:, None] if cfg.ppo.mask_truncated else resp_mask,
         logprobs=logprobs,
         ref_logprobs=ref_logprobs,
         values=values,
@@ -197,7 +213,76 @@ def make_rollout(
         advantages=advantages,
         returns=returns if values is not None else None,
     )
-    return rollout, scored, t_gen
+    return rollout, scored, sampling, t_gen
+
+
+def sample_groups(models, engine, data, batch, cfg, accelerator, step: int, with_logprobs: bool):
+    """Step 1: (episodes, sampled, stats): samples_per_prompt responses to each prompt of `batch`,
+    adjacent, and each row's prompt index. With rollout.dynamic_sampling (DAPO, Yu et al. 2025,
+    §3.2) they are scored first (step 3 scores the kept rows again) and groups whose scores are all
+    equal are dropped: they give every response a zero advantage. More prompts are drawn, from a
+    stream seeded per try so a resumed run draws the same, until every process holds
+    prompts_per_step groups or max_sampling_tries rounds ran; a process still short fills up with
+    dropped groups (as veRL keeps shapes fixed; it raises instead)."""
+    roll, n = cfg.rollout, cfg.rollout.samples_per_prompt
+
+    def draw(prompts: list[int]) -> tuple[list[int], Generated]:
+        episodes = [i for i in prompts for _ in range(n)]
+        return episodes, engine.generate([data.prompt_ids[i] for i in episodes], roll.generation, with_logprobs)
+
+    if not roll.dynamic_sampling:
+        episodes, sampled = draw(batch)
+        return episodes, sampled, {}
+    kept, dropped = [], []  # (sampled, group index within it, prompt index)
+    tries = 0
+    while tries < roll.max_sampling_tries:
+        seed = cfg.seed + 1_000_003 * tries  # try 0 is the usual stream
+        prompts = batch if tries == 0 else _prompt_batch(len(data.prompt_ids), step, len(batch), accelerator, seed)
+        episodes, sampled = draw(prompts)
+        tries += 1
+        input_ids, attention_mask, _, has_eos = _episode_tensors(sampled, models.tokenizer)
+        raw = _score(models, data, episodes, input_ids, attention_mask, sampled.response_ids, has_eos, cfg, accelerator)
+        groups = raw.raw_scores.view(-1, n)
+        for g, spread in enumerate((groups.max(1).values > groups.min(1).values).tolist()):
+            (kept if spread else dropped).append((sampled, g, prompts[g]))
+        fewest = accelerator.gather(torch.tensor([len(kept)], device=accelerator.device)).min().item()
+        if fewest >= len(batch):
+            break
+    n_dropped = accelerator.reduce(torch.tensor(float(len(dropped)), device=accelerator.device), "sum").item()
+    chosen = (kept + dropped)[: len(batch)]
+    episodes = [prompt for _, _, prompt in chosen for _ in range(n)]
+    stats = {"dropped_groups": n_dropped, "sampling_tries": float(tries)}
+    return episodes, _cat_groups(chosen, n, models.tokenizer.pad_token_id), stats
+
+
+def _cat_groups(chosen: list, n: int, pad_id: int) -> Generated:
+    """The rows of the chosen groups (sampled, group index, _) as one batch: prompts left-padded and
+    responses right-padded with the pad id to the widest. A response cut off at max_new_tokens is
+    already the widest, so padding never follows one (an EOS-valued pad cannot fake its end)."""
+    P = max(s.prompt_ids.shape[1] for s, _, _ in chosen)
+    R = max(s.response_ids.shape[1] for s, _, _ in chosen)
+    prompts, responses, logprobs = [], [], []
+    for s, g, _ in chosen:
+        rows = slice(g * n, (g + 1) * n)
+        prompts.append(torch.nn.functional.pad(s.prompt_ids[rows], (P - s.prompt_ids.shape[1], 0), value=pad_id))
+        responses.append(torch.nn.functional.pad(s.response_ids[rows], (0, R - s.response_ids.shape[1]), value=pad_id))
+        if s.logprobs is not None:
+            logprobs.append(torch.nn.functional.pad(s.logprobs[rows], (0, R - s.logprobs.shape[1]), value=0.0))
+    return Generated(
+        prompt_ids=torch.cat(prompts),
+        response_ids=torch.cat(responses),
+        logprobs=torch.cat(logprobs) if logprobs else None,
+    )
+
+
+def _episode_tensors(sampled: Generated, tokenizer):
+    """(input_ids (B, P + R), attention_mask (B, P + R), response mask (B, R), has_eos (B,))."""
+    query, response = sampled.prompt_ids, sampled.response_ids
+    resp_mask, has_eos = response_mask(response, tokenizer.eos_token_id)  # (B, R), (B,)
+    # left pads are the only pads in a left-padded prompt; the pad id never appears inside one
+    input_ids = torch.cat([query, response], dim=1)  # (B, P + R)
+    attention_mask = torch.cat([(query != tokenizer.pad_token_id).long(), resp_mask], dim=1)  # (B, P + R)
+    return input_ids, attention_mask, resp_mask, has_eos
 
 
 def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, accelerator) -> torch.Tensor:
@@ -227,6 +312,10 @@ def _score(models, data, batch, input_ids, attention_mask, response, has_eos, cf
     }
     remote = remote_model_scores(cfg.reward.remote, prompts, texts, accelerator) if cfg.reward.remote.url else None
     raw = combine_scores(model_scores, rules, has_eos, cfg.reward, functions, remote)  # (B,)
+    if cfg.reward.overlong_buffer is not None:  # DAPO's soft overlong punishment, logged as a rule
+        lengths = attention_mask[:, -response.shape[1] :].sum(1)
+        rules["overlong"] = overlong_penalty(lengths, cfg.rollout.generation.max_new_tokens, cfg.reward)
+        raw = raw + rules["overlong"]
     return Scored(
         raw_scores=raw,
         model_scores=model_scores,
@@ -239,12 +328,14 @@ def _score(models, data, batch, input_ids, attention_mask, response, has_eos, cf
     )
 
 
-def ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageConfig, step: int) -> dict:
+def ppo_update(
+    model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageConfig, step: int, kl_coef: float = 0.0
+) -> dict:
     """Step 6: `ppo.epochs` passes over the rollout in `ppo.minibatches` shuffled minibatches; one
     optimizer step per minibatch, whose `train.grad_accum` equal micro-batches accumulate (the
     config check makes the minibatch divisible by grad_accum, as veRL asserts: accelerate and
     DeepSpeed count micro-batches, so any other number would step mid-minibatch and carry a
-    partial gradient into the next one). Returns mean statistics."""
+    partial gradient into the next one). kl_coef: β, for `ppo.kl_in: loss`. Returns mean statistics."""
     B = rollout.response_ids.shape[0]
     mb_size = B // cfg.ppo.minibatches
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
@@ -256,7 +347,7 @@ def ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageCon
             for idx in order.tensor_split(cfg.train.grad_accum):  # exactly grad_accum micro-batches
                 mb = rollout.select(idx.to(rollout.input_ids.device))
                 with accelerator.accumulate(model):
-                    loss, stats = minibatch_loss(model, mb, cfg)
+                    loss, stats = minibatch_loss(model, mb, cfg, kl_coef=kl_coef)
                     _stop_if_not_finite(accelerator, step, loss=loss.detach())
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -278,18 +369,42 @@ def ppo_update(model, optimizer, accelerator, rollout: Rollout, cfg: PPOStageCon
     return {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in out.items()}
 
 
-def minibatch_loss(model, mb: Rollout, cfg: PPOStageConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate + vf_coef · clipped value loss − entropy_coef · entropy on one
-    micro-batch, and its statistics (no value terms without a critic)."""
+def minibatch_loss(
+    model, mb: Rollout, cfg: PPOStageConfig, kl_coef: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + vf_coef · clipped value loss − entropy_coef · entropy (+ β·KL with
+    `ppo.kl_in: loss`) on one micro-batch's loss tokens, and its statistics (no value terms
+    without a critic)."""
+    ppo, max_len = cfg.ppo, cfg.rollout.generation.max_new_tokens
     logits, values = model(mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
     logits = logits.float() / cfg.rollout.generation.temperature
     new_logprobs = logprobs_from_logits(logits, mb.response_ids)
-    pg_loss, pg = policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.ppo.clip_range)
-    entropy = masked_mean(entropy_from_logits(logits), mb.response_mask)
+    clip_low = ppo.clip_range if ppo.clip_range_low is None else ppo.clip_range_low
+    clip_high = ppo.clip_range if ppo.clip_range_high is None else ppo.clip_range_high
+    pg_loss, pg = policy_loss(
+        new_logprobs,
+        mb.logprobs,
+        mb.advantages,
+        mb.loss_mask,
+        clip_low,
+        clip_range_high=clip_high,
+        agg=ppo.loss_agg,
+        max_len=max_len,
+    )
+    entropy = masked_mean(entropy_from_logits(logits), mb.loss_mask)
     loss = pg_loss - cfg.ppo.entropy_coef * entropy
     stats = {"policy_loss": pg_loss, "entropy": entropy, "clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"]}
+    if ppo.kl_in == "loss":
+        # β·KL(π_θ ‖ ref) as a loss term (GRPO, Shao et al. 2024, eq. 4; estimators: Schulman 2020), on the fresh
+        # log-probs so that it has a gradient: k3's, (1 − π_ref/π_θ)·∇log π_θ, is that of KL(ref ‖ π_θ) at on-policy
+        # tokens and pulls toward the reference; k2's, log(π_θ/π_ref)·∇log π_θ, is exactly ∇KL(π_θ ‖ ref).
+        kl_loss = aggregate_loss(
+            kl_estimate(new_logprobs, mb.ref_logprobs, ppo.kl_estimator), mb.loss_mask, ppo.loss_agg, max_len
+        )
+        loss = loss + kl_coef * kl_loss
+        stats["kl_loss"] = kl_loss.detach()
     if values is not None:
-        vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.ppo.value_clip_range)
+        vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.loss_mask, cfg.ppo.value_clip_range)
         loss = loss + cfg.ppo.vf_coef * vf_loss
         stats.update({"value_loss": vf_loss, "value_clipfrac": vf["clipfrac"]})
     stats["ratio"] = pg["ratio"]
@@ -489,6 +604,19 @@ def _finite_flag(tensors) -> torch.Tensor:
     parameter's own data is this process's shard (`ds_tensor`)."""
     finite = all(bool(torch.isfinite(getattr(t, "ds_tensor", t)).all()) for t in tensors)
     return torch.tensor(0.0 if finite else float("nan"))
+
+
+def _check_estimator(estimator: Estimator, cfg: PPOStageConfig) -> None:
+    """What the chosen estimator asks of the rest of the config, refused before anything loads."""
+    if estimator.needs_groups and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(
+            "rollout.samples_per_prompt",
+            f"{cfg.ppo.advantage_estimator} compares responses to the same prompt: needs samples_per_prompt > 1",
+        )
+
+
+def _whiten(estimator: Estimator, cfg: PPOStageConfig) -> bool:
+    return estimator.whiten if cfg.ppo.whiten_advantages is None else cfg.ppo.whiten_advantages
 
 
 def _registered(table: dict, name: str, key: str):
