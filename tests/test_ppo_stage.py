@@ -277,6 +277,7 @@ def test_mixed_precision_multiplies_in_bf16_and_keeps_the_math_in_fp32(sft_dir, 
     evaluations before and after run in fp32 either way, like every stage's eval.json."""
     import rlhf.evaluation as evaluation
     import stages.ppo.models as ppo_models
+    import stages.ppo.saving as ppo_saving
     import stages.ppo.train as ppo_train
     from rlhf.config import PPOStageConfig, load_config
 
@@ -302,8 +303,8 @@ def test_mixed_precision_multiplies_in_bf16_and_keeps_the_math_in_fp32(sft_dir, 
         finally:
             evaluating.pop()
 
-    real_evaluate_directory = ppo_train.evaluate_directory
-    monkeypatch.setattr(ppo_train, "evaluate_directory", evaluate_directory)
+    real_evaluate_directory = ppo_saving.evaluate_directory
+    monkeypatch.setattr(ppo_saving, "evaluate_directory", evaluate_directory)
     for module in (ppo_models, evaluation):  # the stage's models, and the held-out evaluations'
         monkeypatch.setattr(module, "build_policy", watched(module.build_policy, "policy"))
         monkeypatch.setattr(module, "build_scalar_model", watched(module.build_scalar_model, "scalar"))
@@ -426,7 +427,7 @@ def test_preset_policy_with_a_seed_is_its_own_reference_and_before(tmp_path):
     """policy=tiny-llama seed=3: the reference is the policy's initial weights (it was a seed-0
     model), and the "before" evaluation scores that same model."""
     from rlhf.evaluation import evaluate_generations
-    from stages.ppo.train import load_prompts
+    from stages.ppo.sampling import load_prompts
 
     out = tmp_path / "seeded"
     args = ["seed=3", "train.max_steps=1", "train.save_every=0", "task.eval_size=4"]

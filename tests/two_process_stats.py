@@ -9,9 +9,8 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from stages.ppo.advantages import explained_variance, explained_variance_sums
+from stages.ppo.advantages import explained_variance, explained_variance_sums, whiten_advantages
 from stages.ppo.masked import masked_whiten
-from stages.ppo.train import whiten_advantages
 
 accelerator = Accelerator(cpu=True)
 g = torch.Generator().manual_seed(0)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.ppo.masked import last_index, masked_sums, moments
+from rlhf.config import ConfigError, PPOStageConfig
+from stages.ppo.masked import last_index, masked_sums, masked_whiten, moments
 
 
 def gae(
@@ -176,3 +177,23 @@ def explained_variance(
     if var_returns.item() < 1e-12:
         return math.nan
     return (1.0 - var_residual / var_returns).item()
+
+
+def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, accelerator) -> torch.Tensor:
+    """Step 5's whitening with the mean and variance of every process's tokens, not this process's
+    alone: the advantages then do not depend on how the batch is split (as OpenRLHF and veRL
+    whiten the whole batch). (B, R) -> (B, R), 0 on padding."""
+    return masked_whiten(advantages, mask, sums=accelerator.reduce(masked_sums(advantages, mask), "sum"))
+
+
+def check_estimator(estimator: Estimator, cfg: PPOStageConfig) -> None:
+    """What the chosen estimator asks of the rest of the config, refused before anything loads."""
+    if estimator.needs_groups and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(
+            "rollout.samples_per_prompt",
+            f"{cfg.ppo.advantage_estimator} compares responses to the same prompt: needs samples_per_prompt > 1",
+        )
+
+
+def whitens(estimator: Estimator, cfg: PPOStageConfig) -> bool:
+    return estimator.whiten if cfg.ppo.whiten_advantages is None else cfg.ppo.whiten_advantages

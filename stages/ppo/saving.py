@@ -1,18 +1,27 @@
-"""PPO's files: resumable training state (atomic checkpoints) and the stage's output models."""
+"""PPO's files: where a run resumes (or its "before" evaluation), atomic checkpoints of the training
+state, the output models, and the end of the run (the held-out evaluation, eval.json, manifest)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from pathlib import Path
 
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from rlhf.checkpoint import atomic_write_json, mark_complete, prune_checkpoints
-from rlhf.config import PPOStageConfig
+from rlhf.checkpoint import agreed_checkpoint, atomic_write_json, finish_stage, mark_complete, prune_checkpoints
+from rlhf.config import PPOStageConfig, to_dict
 from rlhf.distributed import whole_models
+from rlhf.evaluation import evaluate_directory, flatten_metrics, summary
 from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy
+from rlhf.tracking import Tracking
+from stages.ppo.models import Models
+from stages.ppo.sampling import Prompts
+
+log = logging.getLogger("rlhf.ppo")
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, kl_ctl, running, keep: int) -> None:
@@ -69,3 +78,77 @@ def save_models(
     else:
         unwrapped.value_model.save_pretrained(str(out / "value_model"), state_dict=parts["value_model"])
         tokenizer.save_pretrained(str(out / "value_model"))
+
+
+def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, running, out: Path, digest: str):
+    """(state, tracking): the state of the newest complete checkpoint written under this config
+    and these inputs (`digest`: rlhf/checkpoint.py `checkpoint_digest`), or a fresh one with the
+    held-out evaluation of the starting policy ("before")."""
+    state = {"step": 0, "before": None, "kl_history": []}
+    # decided on the main process for all: every process resumes the same step
+    ckpt = agreed_checkpoint(out / "checkpoints", digest, cfg.train.resume, accelerator.is_main_process)
+    tracking = Tracking(cfg.tracking, out, "ppo", to_dict(cfg), accelerator.is_main_process, fresh=ckpt is None)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        saved = json.loads((ckpt / "ppo_state.json").read_text())
+        state.update(saved["state"])
+        kl_ctl.load_state_dict(saved["kl_controller"])
+        running.load_state_dict(saved["running_scores"])
+        log.info("resumed from %s at step %d", ckpt, state["step"])
+    elif data.eval_examples and accelerator.is_main_process:
+        state["before"] = evaluate_saved(cfg.policy, cfg, data, models.precision)
+        log.info("before PPO: %s", summary(state["before"]))
+    accelerator.wait_for_everyone()
+    return state, tracking
+
+
+def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, tracking, out, models, started) -> dict:
+    """Evaluate the saved policy on held-out prompts (main process), then eval.json and the manifest."""
+    metrics: dict = {
+        "steps": state["step"],
+        "final_kl": _mean(state["kl_history"]),
+        "kl_target": cfg.ppo.kl_target,
+        "beta": kl_ctl.value,
+        "reference_fingerprint": ref_fingerprint,
+    }
+    if not accelerator.is_main_process:
+        return metrics
+    report = None
+    if data.eval_examples:
+        after = evaluate_saved(str(out), cfg, data, models.precision)
+        report = {"before": state["before"], "after": after, **metrics, "eval_source": data.eval_source}
+        if state["before"] and "accuracy" in after:
+            report["accuracy_gain"] = round(after["accuracy"] - state["before"]["accuracy"], 4)
+        tracking.log(flatten_metrics(after, "eval/ppo"), step=state["step"])
+        metrics.update({"before": summary(state["before"]), "after": summary(after)})
+        log.info("after PPO: %s (before: %s)", summary(after), summary(state["before"]))
+    finish_stage(
+        out,
+        cfg,
+        stage="ppo",
+        model=cfg.policy,
+        base_model=models.policy_source.root,
+        inputs=(cfg.policy, cfg.reward_model, cfg.value_model),
+        metrics=metrics,
+        started=started,
+        eval_report=report,
+        extra={"reward_model": cfg.reward_model, "data": {"train": data.train_source, "eval": data.eval_source}},
+    )
+    return metrics
+
+
+def evaluate_saved(policy_dir: str, cfg: PPOStageConfig, data: Prompts, precision: Precision) -> dict:
+    return evaluate_directory(
+        policy_dir,
+        cfg.reward_model,
+        data.eval_examples,
+        cfg.task.name,
+        cfg.generation,
+        cfg.model_init,
+        precision,
+        seed=cfg.seed,
+    )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

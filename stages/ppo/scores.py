@@ -9,7 +9,11 @@ from collections.abc import Sequence
 import torch
 
 from rlhf.config.stages import PPORewardConfig, RemoteRewardConfig
+from rlhf.registry import sequence_scores
 from rlhf.reward_client import RemoteRewardError, remote_scores
+from rlhf.reward_functions import call_reward_function, row_fields
+from rlhf.tasks import RULES
+from stages.ppo.rollout import Scored
 
 
 class RunningMoments:
@@ -102,3 +106,39 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, cfg: PPORewardC
     start = max_new_tokens - cfg.overlong_buffer
     excess = (lengths.float() - start).clamp(min=0.0)
     return -cfg.overlong_penalty * (excess / cfg.overlong_buffer).clamp(max=1.0)
+
+
+def score_episodes(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator) -> Scored:
+    """Step 3: one score per response from the reward model, the rule rewards, the reward
+    functions and the remote reward model (+ the missing-EOS penalty), before normalisation."""
+    texts = models.tokenizer.batch_decode(response, skip_special_tokens=True)
+    rows = [data.prompts[i] for i in batch]
+    prompts = [row["prompt"] for row in rows]  # chat messages
+    questions = [p[-1]["content"] for p in prompts]
+    model_scores = None
+    if models.reward_model is not None:
+        with torch.no_grad(), accelerator.autocast():
+            model_scores = sequence_scores(models.reward_model, input_ids, attention_mask)
+    device = accelerator.device
+    rules = {name: torch.tensor(RULES[name](questions, texts), device=device) for name in cfg.reward.rules}
+    fields = row_fields(rows)  # answer, tests, …: the prompt rows' other fields, one list each
+    functions = {
+        spec: torch.tensor(call_reward_function(spec, prompts, texts, fields), device=device, dtype=torch.float32)
+        for spec in cfg.reward.functions
+    }
+    remote = remote_model_scores(cfg.reward.remote, prompts, texts, accelerator) if cfg.reward.remote.url else None
+    raw = combine_scores(model_scores, rules, has_eos, cfg.reward, functions, remote)  # (B,)
+    if cfg.reward.overlong_buffer is not None:  # DAPO's soft overlong punishment, logged as a rule
+        lengths = attention_mask[:, -response.shape[1] :].sum(1)
+        rules["overlong"] = overlong_penalty(lengths, cfg.rollout.generation.max_new_tokens, cfg.reward)
+        raw = raw + rules["overlong"]
+    return Scored(
+        raw_scores=raw,
+        model_scores=model_scores,
+        rule_scores=rules,
+        function_scores=functions,
+        remote_scores=remote,
+        has_eos=has_eos,
+        questions=questions,
+        texts=texts,
+    )

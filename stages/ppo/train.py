@@ -23,56 +23,39 @@ tasks (rlhf/tasks/).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from rlhf.checkpoint import agreed_checkpoint, checkpoint_digest, finish_stage, start_stage
-from rlhf.config import ConfigError, PPOStageConfig, to_dict
-from rlhf.data import load_records, normalize_sft
-from rlhf.data.prompts import normalize_prompts
+from rlhf.checkpoint import checkpoint_digest, start_stage
+from rlhf.config import ConfigError, PPOStageConfig
 from rlhf.distributed import is_zero3, process_state
-from rlhf.evaluation import evaluate_directory, evaluate_in_loop, flatten_metrics, summary
-from rlhf.generation import render_prompts
+from rlhf.evaluation import evaluate_in_loop
 from rlhf.precision import Precision, resolve_precision
-from rlhf.registry import sequence_scores
-from rlhf.reward_functions import call_reward_function, row_fields
-from rlhf.tasks import RULES, task_records
-from rlhf.tracking import Tracking
-from stages.ppo.advantages import ESTIMATORS, Estimator, explained_variance, explained_variance_sums
-from stages.ppo.engines import ENGINES, Generated, RolloutEngine, build_engine
+from stages.ppo.advantages import (
+    ESTIMATORS,
+    check_estimator,
+    explained_variance,
+    explained_variance_sums,
+    whiten_advantages,
+    whitens,
+)
+from stages.ppo.engines import ENGINES, RolloutEngine, build_engine
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from stages.ppo.masked import masked_mean, masked_sums, masked_whiten, moments
+from stages.ppo.masked import masked_mean, masked_sums, moments
 from stages.ppo.models import Models, build_models, fingerprint, reference_logits
 from stages.ppo.optim import clip_gradients, set_lr
-from stages.ppo.rollout import Rollout, Scored, response_mask
-from stages.ppo.saving import save_checkpoint, save_models
-from stages.ppo.scores import (
-    RunningMoments,
-    combine_scores,
-    normalize_scores,
-    overlong_penalty,
-    remote_model_scores,
-)
+from stages.ppo.rollout import Rollout, Scored
+from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
+from stages.ppo.saving import finish_run, resume_or_start, save_checkpoint, save_models
+from stages.ppo.scores import RunningMoments, normalize_scores, score_episodes
 
 log = logging.getLogger("rlhf.ppo")
-
-
-@dataclass(kw_only=True)
-class Prompts:
-    prompts: list[dict]  # normalised chat prompts for training
-    prompt_ids: list[list[int]]  # their rendered token ids
-    eval_examples: list[dict]  # held-out prompts with a reference completion
-    train_source: str
-    eval_source: str
 
 
 def train(cfg: PPOStageConfig) -> dict:
@@ -85,7 +68,7 @@ def train(cfg: PPOStageConfig) -> dict:
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     started = time.time()
     estimator = _registered(ESTIMATORS, cfg.ppo.advantage_estimator, "ppo.advantage_estimator")
-    _check_estimator(estimator, cfg)
+    check_estimator(estimator, cfg)
     _registered(ENGINES, cfg.rollout.engine, "rollout.engine")
     models = build_models(cfg, accelerator, estimator, precision)
     data = load_prompts(cfg, models.tokenizer)
@@ -113,7 +96,7 @@ def train(cfg: PPOStageConfig) -> dict:
     while state["step"] < cfg.train.max_steps:
         step, t0 = state["step"], time.time()
         set_lr(models.optimizer, step, cfg)
-        batch = _prompt_batch(len(data.prompt_ids), step, cfg.rollout.prompts_per_step, accelerator, cfg.seed)
+        batch = prompt_batch(len(data.prompt_ids), step, cfg.rollout.prompts_per_step, accelerator, cfg.seed)
         rollout, scored, sampling, t_gen = make_rollout(
             models, engine, data, batch, cfg, kl_ctl, running, accelerator, step
         )
@@ -139,7 +122,7 @@ def train(cfg: PPOStageConfig) -> dict:
         raise RuntimeError(f"the frozen reference changed during PPO ({ref_fingerprint} -> {ref_after})")
     _stop_if_not_finite(accelerator, state["step"], weights=_finite_flag(models.model.parameters()))
     save_models(accelerator, models.model, models.tokenizer, models.policy_source, out, cfg, models.precision)
-    result = _finish(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
+    result = finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
     tracking.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -167,7 +150,7 @@ def make_rollout(
     batch, sampled, sampling = sample_groups(models, engine, data, batch, cfg, accelerator, step, reuse_logprobs)
     response = sampled.response_ids
     R = response.shape[1]
-    input_ids, attention_mask, resp_mask, has_eos = _episode_tensors(sampled, tokenizer)
+    input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer)
     t_gen = time.time()
 
     # 2. log-probs under policy and reference; values (the math on them in fp32, whatever the
@@ -183,7 +166,7 @@ def make_rollout(
         del logits, ref
 
     # 3. score: reward model at the response's last real token, rule rewards, EOS penalty
-    scored = _score(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator)
+    scored = score_episodes(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator)
     scores = normalize_scores(scored.raw_scores, accelerator.gather(scored.raw_scores), cfg.reward, running)
 
     # 4. KL-penalised per-token rewards (with ppo.kl_in: loss the KL is a loss term instead: β = 0 here);
@@ -194,7 +177,7 @@ def make_rollout(
     advantages, returns = estimator.fn(
         rewards, values, resp_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, group_size=cfg.rollout.samples_per_prompt
     )
-    if _whiten(estimator, cfg):
+    if whitens(estimator, cfg):
         advantages = whiten_advantages(advantages, resp_mask, accelerator)  # over every process's tokens
     _stop_if_not_finite(accelerator, step, scores=scores, rewards=rewards, advantages=advantages)
     rollout = Rollout(
@@ -214,118 +197,6 @@ def make_rollout(
         returns=returns if values is not None else None,
     )
     return rollout, scored, sampling, t_gen
-
-
-def sample_groups(models, engine, data, batch, cfg, accelerator, step: int, with_logprobs: bool):
-    """Step 1: (episodes, sampled, stats): samples_per_prompt responses to each prompt of `batch`,
-    adjacent, and each row's prompt index. With rollout.dynamic_sampling (DAPO, Yu et al. 2025,
-    §3.2) they are scored first (step 3 scores the kept rows again) and groups whose scores are all
-    equal are dropped: they give every response a zero advantage. More prompts are drawn, from a
-    stream seeded per try so a resumed run draws the same, until every process holds
-    prompts_per_step groups or max_sampling_tries rounds ran; a process still short fills up with
-    dropped groups (as veRL keeps shapes fixed; it raises instead)."""
-    roll, n = cfg.rollout, cfg.rollout.samples_per_prompt
-
-    def draw(prompts: list[int]) -> tuple[list[int], Generated]:
-        episodes = [i for i in prompts for _ in range(n)]
-        return episodes, engine.generate([data.prompt_ids[i] for i in episodes], roll.generation, with_logprobs)
-
-    if not roll.dynamic_sampling:
-        episodes, sampled = draw(batch)
-        return episodes, sampled, {}
-    kept, dropped = [], []  # (sampled, group index within it, prompt index)
-    tries = 0
-    while tries < roll.max_sampling_tries:
-        seed = cfg.seed + 1_000_003 * tries  # try 0 is the usual stream
-        prompts = batch if tries == 0 else _prompt_batch(len(data.prompt_ids), step, len(batch), accelerator, seed)
-        episodes, sampled = draw(prompts)
-        tries += 1
-        input_ids, attention_mask, _, has_eos = _episode_tensors(sampled, models.tokenizer)
-        raw = _score(models, data, episodes, input_ids, attention_mask, sampled.response_ids, has_eos, cfg, accelerator)
-        groups = raw.raw_scores.view(-1, n)
-        for g, spread in enumerate((groups.max(1).values > groups.min(1).values).tolist()):
-            (kept if spread else dropped).append((sampled, g, prompts[g]))
-        fewest = accelerator.gather(torch.tensor([len(kept)], device=accelerator.device)).min().item()
-        if fewest >= len(batch):
-            break
-    n_dropped = accelerator.reduce(torch.tensor(float(len(dropped)), device=accelerator.device), "sum").item()
-    chosen = (kept + dropped)[: len(batch)]
-    episodes = [prompt for _, _, prompt in chosen for _ in range(n)]
-    stats = {"dropped_groups": n_dropped, "sampling_tries": float(tries)}
-    return episodes, _cat_groups(chosen, n, models.tokenizer.pad_token_id), stats
-
-
-def _cat_groups(chosen: list, n: int, pad_id: int) -> Generated:
-    """The rows of the chosen groups (sampled, group index, _) as one batch: prompts left-padded and
-    responses right-padded with the pad id to the widest. A response cut off at max_new_tokens is
-    already the widest, so padding never follows one (an EOS-valued pad cannot fake its end)."""
-    P = max(s.prompt_ids.shape[1] for s, _, _ in chosen)
-    R = max(s.response_ids.shape[1] for s, _, _ in chosen)
-    prompts, responses, logprobs = [], [], []
-    for s, g, _ in chosen:
-        rows = slice(g * n, (g + 1) * n)
-        prompts.append(torch.nn.functional.pad(s.prompt_ids[rows], (P - s.prompt_ids.shape[1], 0), value=pad_id))
-        responses.append(torch.nn.functional.pad(s.response_ids[rows], (0, R - s.response_ids.shape[1]), value=pad_id))
-        if s.logprobs is not None:
-            logprobs.append(torch.nn.functional.pad(s.logprobs[rows], (0, R - s.logprobs.shape[1]), value=0.0))
-    return Generated(
-        prompt_ids=torch.cat(prompts),
-        response_ids=torch.cat(responses),
-        logprobs=torch.cat(logprobs) if logprobs else None,
-    )
-
-
-def _episode_tensors(sampled: Generated, tokenizer):
-    """(input_ids (B, P + R), attention_mask (B, P + R), response mask (B, R), has_eos (B,))."""
-    query, response = sampled.prompt_ids, sampled.response_ids
-    resp_mask, has_eos = response_mask(response, tokenizer.eos_token_id)  # (B, R), (B,)
-    # left pads are the only pads in a left-padded prompt; the pad id never appears inside one
-    input_ids = torch.cat([query, response], dim=1)  # (B, P + R)
-    attention_mask = torch.cat([(query != tokenizer.pad_token_id).long(), resp_mask], dim=1)  # (B, P + R)
-    return input_ids, attention_mask, resp_mask, has_eos
-
-
-def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor, accelerator) -> torch.Tensor:
-    """Step 5's whitening with the mean and variance of every process's tokens, not this process's
-    alone: the advantages then do not depend on how the batch is split (as OpenRLHF and veRL
-    whiten the whole batch). (B, R) -> (B, R), 0 on padding."""
-    return masked_whiten(advantages, mask, sums=accelerator.reduce(masked_sums(advantages, mask), "sum"))
-
-
-def _score(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator) -> Scored:
-    """Step 3: one score per response from the reward model, the rule rewards, the reward
-    functions and the remote reward model (+ the missing-EOS penalty), before normalisation."""
-    texts = models.tokenizer.batch_decode(response, skip_special_tokens=True)
-    rows = [data.prompts[i] for i in batch]
-    prompts = [row["prompt"] for row in rows]  # chat messages
-    questions = [p[-1]["content"] for p in prompts]
-    model_scores = None
-    if models.reward_model is not None:
-        with torch.no_grad(), accelerator.autocast():
-            model_scores = sequence_scores(models.reward_model, input_ids, attention_mask)
-    device = accelerator.device
-    rules = {name: torch.tensor(RULES[name](questions, texts), device=device) for name in cfg.reward.rules}
-    fields = row_fields(rows)  # answer, tests, …: the prompt rows' other fields, one list each
-    functions = {
-        spec: torch.tensor(call_reward_function(spec, prompts, texts, fields), device=device, dtype=torch.float32)
-        for spec in cfg.reward.functions
-    }
-    remote = remote_model_scores(cfg.reward.remote, prompts, texts, accelerator) if cfg.reward.remote.url else None
-    raw = combine_scores(model_scores, rules, has_eos, cfg.reward, functions, remote)  # (B,)
-    if cfg.reward.overlong_buffer is not None:  # DAPO's soft overlong punishment, logged as a rule
-        lengths = attention_mask[:, -response.shape[1] :].sum(1)
-        rules["overlong"] = overlong_penalty(lengths, cfg.rollout.generation.max_new_tokens, cfg.reward)
-        raw = raw + rules["overlong"]
-    return Scored(
-        raw_scores=raw,
-        model_scores=model_scores,
-        rule_scores=rules,
-        function_scores=functions,
-        remote_scores=remote,
-        has_eos=has_eos,
-        questions=questions,
-        texts=texts,
-    )
 
 
 def ppo_update(
@@ -452,47 +323,6 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
     return metrics
 
 
-def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
-    """Training prompts (any SFT format; fresh task items by default) and held-out prompts with answers."""
-    train_records, train_source = load_records(
-        cfg.data, cfg.task, "train", generate=lambda: task_records(cfg.task, "train", seed_offset=20)
-    )
-    prompts = normalize_prompts(train_records)
-    eval_records, eval_source = load_records(cfg.data, cfg.task, "eval")
-    eval_examples = [e for e in normalize_sft(eval_records)[0] if "completion" in e] if eval_records else []
-    log.info("prompts: %d from %s; held-out: %d from %s", len(prompts), train_source, len(eval_examples), eval_source)
-    prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in prompts])
-    return Prompts(
-        prompts=prompts,
-        prompt_ids=prompt_ids,
-        eval_examples=eval_examples,
-        train_source=train_source,
-        eval_source=eval_source,
-    )
-
-
-def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, running, out: Path, digest: str):
-    """(state, tracking): the state of the newest complete checkpoint written under this config
-    and these inputs (`digest`: rlhf/checkpoint.py `checkpoint_digest`), or a fresh one with the
-    held-out evaluation of the starting policy ("before")."""
-    state = {"step": 0, "before": None, "kl_history": []}
-    # decided on the main process for all: every process resumes the same step
-    ckpt = agreed_checkpoint(out / "checkpoints", digest, cfg.train.resume, accelerator.is_main_process)
-    tracking = Tracking(cfg.tracking, out, "ppo", to_dict(cfg), accelerator.is_main_process, fresh=ckpt is None)
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        saved = json.loads((ckpt / "ppo_state.json").read_text())
-        state.update(saved["state"])
-        kl_ctl.load_state_dict(saved["kl_controller"])
-        running.load_state_dict(saved["running_scores"])
-        log.info("resumed from %s at step %d", ckpt, state["step"])
-    elif data.eval_examples and accelerator.is_main_process:
-        state["before"] = _evaluate_saved(cfg.policy, cfg, data, models.precision)
-        log.info("before PPO: %s", summary(state["before"]))
-    accelerator.wait_for_everyone()
-    return state, tracking
-
-
 def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, running, accelerator, tracking, out):
     """Step 7: log the step's metrics and a few samples, evaluate held-out prompts, checkpoint."""
     step = state["step"]
@@ -519,54 +349,6 @@ def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, ru
         save_checkpoint(accelerator, out / "checkpoints", state, kl_ctl, running, cfg.train.keep_checkpoints)
 
 
-def _finish(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, tracking, out, models, started) -> dict:
-    """Evaluate the saved policy on held-out prompts (main process), then eval.json and the manifest."""
-    metrics: dict = {
-        "steps": state["step"],
-        "final_kl": _mean(state["kl_history"]),
-        "kl_target": cfg.ppo.kl_target,
-        "beta": kl_ctl.value,
-        "reference_fingerprint": ref_fingerprint,
-    }
-    if not accelerator.is_main_process:
-        return metrics
-    report = None
-    if data.eval_examples:
-        after = _evaluate_saved(str(out), cfg, data, models.precision)
-        report = {"before": state["before"], "after": after, **metrics, "eval_source": data.eval_source}
-        if state["before"] and "accuracy" in after:
-            report["accuracy_gain"] = round(after["accuracy"] - state["before"]["accuracy"], 4)
-        tracking.log(flatten_metrics(after, "eval/ppo"), step=state["step"])
-        metrics.update({"before": summary(state["before"]), "after": summary(after)})
-        log.info("after PPO: %s (before: %s)", summary(after), summary(state["before"]))
-    finish_stage(
-        out,
-        cfg,
-        stage="ppo",
-        model=cfg.policy,
-        base_model=models.policy_source.root,
-        inputs=(cfg.policy, cfg.reward_model, cfg.value_model),
-        metrics=metrics,
-        started=started,
-        eval_report=report,
-        extra={"reward_model": cfg.reward_model, "data": {"train": data.train_source, "eval": data.eval_source}},
-    )
-    return metrics
-
-
-def _evaluate_saved(policy_dir: str, cfg: PPOStageConfig, data: Prompts, precision: Precision) -> dict:
-    return evaluate_directory(
-        policy_dir,
-        cfg.reward_model,
-        data.eval_examples,
-        cfg.task.name,
-        cfg.generation,
-        cfg.model_init,
-        precision,
-        seed=cfg.seed,
-    )
-
-
 def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, accelerator) -> bool:
     """Whether the rollout's log-probs come from the sampling pass (`rollout.logprobs_from_generation`;
     null: when they equal the training forward's up to fp32 rounding: fp32 weights and no mixed
@@ -574,18 +356,6 @@ def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, acceler
     if cfg.rollout.logprobs_from_generation is not None:
         return cfg.rollout.logprobs_from_generation
     return precision.dtype == torch.float32 and accelerator.mixed_precision == "no"
-
-
-def _prompt_batch(n: int, step: int, B: int, accelerator, seed: int) -> list[int]:
-    """This process's B prompt indices (of n) for `step`: a fixed seeded permutation per pass
-    over the prompts, so the order is the same after a resume."""
-    start = (step * accelerator.num_processes + accelerator.process_index) * B
-    out = []
-    for i in range(start, start + B):
-        epoch, pos = divmod(i, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.append(perm[pos].item())
-    return out
 
 
 def _stop_if_not_finite(accelerator, step: int, **tensors) -> None:
@@ -604,19 +374,6 @@ def _finite_flag(tensors) -> torch.Tensor:
     parameter's own data is this process's shard (`ds_tensor`)."""
     finite = all(bool(torch.isfinite(getattr(t, "ds_tensor", t)).all()) for t in tensors)
     return torch.tensor(0.0 if finite else float("nan"))
-
-
-def _check_estimator(estimator: Estimator, cfg: PPOStageConfig) -> None:
-    """What the chosen estimator asks of the rest of the config, refused before anything loads."""
-    if estimator.needs_groups and cfg.rollout.samples_per_prompt < 2:
-        raise ConfigError(
-            "rollout.samples_per_prompt",
-            f"{cfg.ppo.advantage_estimator} compares responses to the same prompt: needs samples_per_prompt > 1",
-        )
-
-
-def _whiten(estimator: Estimator, cfg: PPOStageConfig) -> bool:
-    return estimator.whiten if cfg.ppo.whiten_advantages is None else cfg.ppo.whiten_advantages
 
 
 def _registered(table: dict, name: str, key: str):
