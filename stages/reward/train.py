@@ -120,43 +120,8 @@ def train(cfg: RMStageConfig) -> dict:
     train_source, eval_source = pairs.train_source, pairs.eval_source
 
     # 3. Tokens: chat-rendered prompt + response + EOS, exactly the sequence PPO will score.
-    use_margin = cfg.loss.use_margin and any("margin" in p for p in train_pairs)
-    train_rows = encode_pairs(tokenizer, train_pairs, use_margin)
-    train_set, over = limit_length(
-        Dataset.from_list(train_rows), cfg.data.max_length, cfg.data.overlong, columns=("chosen_ids", "rejected_ids")
-    )
-    if over:
-        log.warning(
-            "%d training pairs longer than data.max_length=%d were %s",
-            over,
-            cfg.data.max_length,
-            "dropped" if cfg.data.overlong == "drop" else "truncated",
-        )
-    eval_rows = encode_pairs(tokenizer, eval_pairs, use_margin)
-
     # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
-    model = build_scalar_model(
-        source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True
-    )
-    args = RewardConfig(
-        **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
-        max_length=None,
-        center_rewards_coefficient=cfg.loss.center_coef,
-        disable_dropout=True,
-    )
-    trainer = PairwiseRewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows and cfg.train.eval_every else None,
-        processing_class=tokenizer,
-        lm_coef=cfg.loss.lm_coef,
-    )
-    # TRL casts a QLoRA model's trainable parameters to bf16 (trl/trainer/reward_trainer.py); AdamW
-    # steps would round away there, so they go back to the trained dtype (rlhf/precision.py).
-    cast_trainable(trainer.model, precision.trained_dtype)
-    if cfg.loss.lm_coef > 0:
-        _check_not_zero3(trainer)
+    trainer, eval_rows, over = _reward_trainer(cfg, source, tokenizer, precision, out, train_pairs, eval_pairs)
 
     # 5. Everything loaded: take the output directory, then train, resuming from the newest
     #    complete checkpoint of this config and input if there is one.
@@ -182,9 +147,8 @@ def train(cfg: RMStageConfig) -> dict:
         if eval_pairs:
             saved = resolve(str(out))
             with whole_models():
-                reward_model = build_scalar_model(
-                    saved, cfg.model_init, load_tokenizer(saved, cfg.model_init), precision=precision
-                )
+                rm_tokenizer = load_tokenizer(saved, cfg.model_init)
+                reward_model = build_scalar_model(saved, cfg.model_init, rm_tokenizer, precision=precision)
             report = evaluate_pairs(reward_model, tokenizer, eval_pairs, eval_rows)
             eval_report = {**report, "eval_source": eval_source}
             metrics.update({k: v for k, v in report.items() if k != "scores"})
@@ -278,3 +242,46 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dic
             for p, c, r in list(zip(pairs, chosen.tolist(), rejected.tolist(), strict=False))[:8]
         ],
     }
+
+
+def _reward_trainer(cfg: RMStageConfig, source, tokenizer, precision, out: Path, train_pairs, eval_pairs):
+    """(trainer, eval_rows, over): the pairs as tokens (over: how many were longer than
+    data.max_length), and TRL's RewardTrainer with our loss on them."""
+    use_margin = cfg.loss.use_margin and any("margin" in p for p in train_pairs)
+    train_rows = encode_pairs(tokenizer, train_pairs, use_margin)
+    train_set, over = limit_length(
+        Dataset.from_list(train_rows), cfg.data.max_length, cfg.data.overlong, columns=("chosen_ids", "rejected_ids")
+    )
+    if over:
+        log.warning(
+            "%d training pairs longer than data.max_length=%d were %s",
+            over,
+            cfg.data.max_length,
+            "dropped" if cfg.data.overlong == "drop" else "truncated",
+        )
+    eval_rows = encode_pairs(tokenizer, eval_pairs, use_margin)
+
+    # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
+    model = build_scalar_model(
+        source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True
+    )
+    args = RewardConfig(
+        **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
+        max_length=None,
+        center_rewards_coefficient=cfg.loss.center_coef,
+        disable_dropout=True,
+    )
+    trainer = PairwiseRewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows and cfg.train.eval_every else None,
+        processing_class=tokenizer,
+        lm_coef=cfg.loss.lm_coef,
+    )
+    # TRL casts a QLoRA model's trainable parameters to bf16 (trl/trainer/reward_trainer.py); AdamW
+    # steps would round away there, so they go back to the trained dtype (rlhf/precision.py).
+    cast_trainable(trainer.model, precision.trained_dtype)
+    if cfg.loss.lm_coef > 0:
+        _check_not_zero3(trainer)
+    return trainer, eval_rows, over

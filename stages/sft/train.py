@@ -64,6 +64,55 @@ def train(cfg: SFTStageConfig) -> dict:
 
     # 3. TRL's SFTTrainer. Loss on the completion for prompt/completion data, on every assistant
     #    turn for multi-turn chats; we truncate or drop over-long examples ourselves, to count them.
+    trainer, over = _sft_trainer(cfg, model, tokenizer, out, precision, train_examples, eval_examples)
+
+    # 4. Everything loaded: take the output directory, then train, resuming from the newest
+    #    complete checkpoint of this config and input if there is one.
+    digest = checkpoint_digest(cfg, (cfg.model,))  # reads the input's manifest: before the output is touched
+    start_stage(out, cfg, state.is_main_process)
+    resume = resume_point(out, cfg.train, digest, state)
+    tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process, fresh=resume is None)
+    trainer.add_callback(TrackingCallback(tracking, "sft"))
+    trainer.add_callback(FiniteGuard("sft", trainer))
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    # 5. Save a standard Hugging Face directory (adapter with LoRA) + tokenizer.
+    save_output(trainer, tokenizer, out, source, cfg.model_init, precision, cfg.lora, cfg.seed, scalar_head=False)
+    state.wait_for_everyone()
+
+    # 6. Evaluate what was saved, as a user would load it: the directory itself, generating
+    #    greedily with the chat template. Main process only; the others wait.
+    metrics: dict = {"train_loss": result.training_loss, "overlong": over, "format": fmt}
+    if state.is_main_process:
+        eval_report = None
+        if eval_examples:
+            task_metrics, samples = _evaluate_saved(out, cfg, tokenizer, eval_examples, precision)
+            eval_report = {**task_metrics, "eval_source": eval_source, "base": base_metrics, "samples": samples}
+            metrics.update({k: v for k, v in task_metrics.items() if k != "task"})
+            tracking.log(flatten_metrics(task_metrics, "eval/sft"), step=trainer.state.global_step)
+
+        # 7. eval.json, then the manifest, written last: its presence means the directory is complete.
+        finish_stage(
+            out,
+            cfg,
+            stage="sft",
+            model=cfg.model,
+            base_model=source.root,
+            inputs=(cfg.model,),
+            metrics=metrics,
+            started=started,
+            eval_report=eval_report,
+            extra={"data": {"train": train_source, "eval": eval_source, "format": fmt}},
+        )
+    tracking.finish()
+    state.wait_for_everyone()
+    return metrics
+
+
+def _sft_trainer(cfg: SFTStageConfig, model, tokenizer, out: Path, precision, train_examples, eval_examples):
+    """(trainer, over): TRL's SFTTrainer on our examples, and how many were longer than data.max_length."""
     multi_turn = "messages" in train_examples[0]
     args = SFTConfig(
         **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
@@ -91,54 +140,13 @@ def train(cfg: SFTStageConfig) -> dict:
             cfg.data.max_length,
             "dropped" if cfg.data.overlong == "drop" else "truncated",
         )
+    return trainer, over
 
-    # 4. Everything loaded: take the output directory, then train, resuming from the newest
-    #    complete checkpoint of this config and input if there is one.
-    digest = checkpoint_digest(cfg, (cfg.model,))  # reads the input's manifest: before the output is touched
-    start_stage(out, cfg, state.is_main_process)
-    resume = resume_point(out, cfg.train, digest, state)
-    tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process, fresh=resume is None)
-    trainer.add_callback(TrackingCallback(tracking, "sft"))
-    trainer.add_callback(FiniteGuard("sft", trainer))
-    if resume:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
 
-    # 5. Save a standard Hugging Face directory (adapter with LoRA) + tokenizer.
-    save_output(trainer, tokenizer, out, source, cfg.model_init, precision, cfg.lora, cfg.seed, scalar_head=False)
-    state.wait_for_everyone()
-
-    # 6. Evaluate what was saved, as a user would load it: the directory itself, generating
-    #    greedily with the chat template. Main process only; the others wait.
-    metrics: dict = {"train_loss": result.training_loss, "overlong": over, "format": fmt}
-    if state.is_main_process:
-        eval_report = None
-        if eval_examples:
-            saved = resolve(str(out))
-            with whole_models():
-                eval_model = build_policy(
-                    saved, cfg.model_init, load_tokenizer(saved, cfg.model_init), precision=precision
-                )
-            task_metrics, samples = evaluate_generations(
-                eval_model, tokenizer, eval_examples, cfg.task.name, cfg.generation
-            )
-            eval_report = {**task_metrics, "eval_source": eval_source, "base": base_metrics, "samples": samples}
-            metrics.update({k: v for k, v in task_metrics.items() if k != "task"})
-            tracking.log(flatten_metrics(task_metrics, "eval/sft"), step=trainer.state.global_step)
-
-        # 7. eval.json, then the manifest, written last: its presence means the directory is complete.
-        finish_stage(
-            out,
-            cfg,
-            stage="sft",
-            model=cfg.model,
-            base_model=source.root,
-            inputs=(cfg.model,),
-            metrics=metrics,
-            started=started,
-            eval_report=eval_report,
-            extra={"data": {"train": train_source, "eval": eval_source, "format": fmt}},
-        )
-    tracking.finish()
-    state.wait_for_everyone()
-    return metrics
+def _evaluate_saved(out: Path, cfg: SFTStageConfig, tokenizer, eval_examples, precision) -> tuple[dict, list[dict]]:
+    """Held-out accuracy of what was saved, loaded as a user would: the directory itself, generating
+    greedily with the chat template."""
+    saved = resolve(str(out))
+    with whole_models():
+        eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init), precision=precision)
+    return evaluate_generations(eval_model, tokenizer, eval_examples, cfg.task.name, cfg.generation)
