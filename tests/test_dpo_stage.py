@@ -6,6 +6,7 @@ interrupted run resumes to the same weights; the SFT -> DPO pipeline chains the 
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -210,7 +211,9 @@ def test_pipeline_dry_run_chains_sft_then_dpo(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("[pipeline]")]
     assert [line.split(":")[0] for line in lines] == ["[pipeline] sft", "[pipeline] dpo"]
-    assert "launch/stage3_dpo.py" in lines[1] and f"policy={tmp_path / 'tiny-dpo' / 'sft'}" in lines[1]
+    args = shlex.split(lines[1].split(":", 1)[1])  # as a shell would pass them to the stage
+    assert any(a.endswith("launch/stage3_dpo.py") for a in args)
+    assert f'policy="{tmp_path / "tiny-dpo" / "sft"}"' in args  # a typed, quoted path
 
 
 def test_pipeline_refuses_a_stage_before_its_input():

@@ -120,11 +120,11 @@ def outputs(request) -> dict[str, Path]:
 
 
 def inputs_of(name: str, outputs: dict[str, Path]) -> tuple[str, ...]:
-    return {
-        "sft": (),
-        "rm": (f"model={outputs['sft']}",),
-        "ppo": (f"policy={outputs['sft']}", f"reward_model={outputs['rm']}"),
-    }[name]
+    if name == "rm":
+        return (f"model={outputs['sft']}",)
+    if name == "ppo":
+        return (f"policy={outputs['sft']}", f"reward_model={outputs['rm']}")
+    return ()
 
 
 @pytest.fixture(scope="module")
