@@ -110,6 +110,14 @@ class FiniteGuard(TrainerCallback):
             self._check(grads, f"gradient before optimizer step {state.global_step + 1}")
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.is_deepspeed_enabled:
+            # DeepSpeed keeps the gradients in its engine and steps inside it; its global gradient
+            # norm of the step just taken is the first sign of divergence (the weights can stay
+            # finite for a while: a ZeRO-3 run at lr 1e30 reported grad_norm inf on finite weights)
+            engine = getattr(self.trainer, "model_wrapped", None)
+            norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+            if norm is not None:
+                self._check([torch.as_tensor(float(norm))], f"gradient norm at step {state.global_step}")
         if control.should_save or state.global_step >= state.max_steps or self.trainer.is_deepspeed_enabled:
             params = [getattr(p, "ds_tensor", p) for p in self.trainer.model.parameters()]
             self._check(params, f"weights after step {state.global_step}")
