@@ -238,8 +238,13 @@ ESTIMATOR_RUNS = {
     "grpo": [*SMALL, "ppo.advantage_estimator=grpo", *GROUPS, "ppo.kl_in=loss", "ppo.kl_estimator=k3"],
     "dr_grpo": [*SMALL, "ppo.advantage_estimator=dr_grpo", *GROUPS, "ppo.loss_agg=seq_mean_token_sum_norm"],
     "rloo": [*SMALL, "ppo.advantage_estimator=rloo", *GROUPS],
-    "reinforce_pp": [*SMALL, "ppo.advantage_estimator=reinforce_pp"],
-    "reinforce_pp_baseline": [*SMALL, "ppo.advantage_estimator=reinforce_pp_baseline", *GROUPS],
+    # REINFORCE++ has no baseline but the batch mean: it needs the full batch of 32 and 60 steps
+    "reinforce_pp": ["ppo.advantage_estimator=reinforce_pp"],
+    "reinforce_pp_baseline": [
+        "ppo.advantage_estimator=reinforce_pp_baseline",
+        "rollout.prompts_per_step=8",
+        "rollout.samples_per_prompt=4",
+    ],
 }
 
 
@@ -384,6 +389,7 @@ def test_every_minibatch_is_one_optimizer_step_and_leaves_no_gradient():
         attention_mask=torch.ones_like(ids),
         response_ids=ids[:, P:],
         response_mask=torch.ones(B, R, dtype=torch.long),
+        loss_mask=torch.ones(B, R, dtype=torch.long),
         logprobs=zeros - 4.0,
         ref_logprobs=zeros - 4.0,
         values=zeros,
