@@ -203,7 +203,8 @@ def test_changing_the_learning_rate_moves_old_checkpoints_aside(outputs, tmp_pat
 # item 16: two runs on one output directory
 def test_second_run_on_one_output_stops_at_once_naming_the_first(outputs, tmp_path):
     out = tmp_path / "sft"
-    cmd = [sys.executable, str(ROOT / SCRIPTS["sft"]), *SFT, "train.max_steps=40", "train.save_every=10"]
+    # long enough that the first run is still training when the second one has started and checked
+    cmd = [sys.executable, str(ROOT / SCRIPTS["sft"]), *SFT, "train.max_steps=5000", "train.save_every=1000"]
     first = subprocess.Popen([*cmd, f"output_dir={out}"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -211,12 +212,11 @@ def test_second_run_on_one_output_stops_at_once_naming_the_first(outputs, tmp_pa
             assert first.poll() is None and time.time() < deadline, "the first run ended before it started training"
             time.sleep(0.05)
         t0 = time.time()
-        second = stage("sft", out, "train.max_steps=40", "train.save_every=10")
+        second = stage("sft", out, "train.max_steps=5000", "train.save_every=1000")
+        assert first.poll() is None, "the first run ended before the second one checked: the test proves nothing"
         one_line_error(second, 2, "in use", f"pid {first.pid}")
         assert time.time() - t0 < 60
+        assert not (out / "manifest.json").exists()  # the first run is still the only writer
     finally:
-        _, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["finished"] and manifest["metrics"]["train_loss"] > 0
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-30", "checkpoint-40"]
+        first.kill()
+        first.communicate(timeout=120)
