@@ -17,7 +17,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from rlhf.tasks.base import Task, TaskSpec, exact_match
+from rlhf.tasks.base import Task, TaskSpec, bucket_report, exact_match
 
 # Short on purpose: with the tiny tokenizer a 4-digit item is 10 prompt tokens (" + " and " =" are
 # single tokens, digits one each); the task's name, not the prompt, says the answer is reversed.
@@ -157,14 +157,7 @@ def accuracy_report(questions: Sequence[str], answers: Sequence[str], responses:
     hits: dict[int, list[bool]] = defaultdict(list)
     for question, answer, response in zip(questions, answers, responses, strict=True):
         hits[bucket_of(*parse_question(question))].append(exact_match(response, answer))
-    flat = [h for v in hits.values() for h in v]
-    return {
-        "task": "addition_reversed",
-        "accuracy": round(sum(flat) / max(len(flat), 1), 4),
-        "accuracy_by_digits": {str(b): round(sum(v) / len(v), 4) for b, v in sorted(hits.items())},
-        "n_by_digits": {str(b): len(v) for b, v in sorted(hits.items())},
-        "n": len(flat),
-    }
+    return bucket_report("addition_reversed", hits)
 
 
 def _per_question(questions: Sequence[str], responses: Sequence[str], score: Callable[[str, str], float]) -> list:

@@ -59,3 +59,16 @@ class Task:
 def exact_match(response: str, answer: str) -> bool:
     """Exact match of the answer, ignoring surrounding white space (seed 000's scoring)."""
     return response.strip() == str(answer).strip()
+
+
+def bucket_report(task: str, hits: Mapping[int, Sequence[bool]]) -> dict:
+    """eval.json's task block from exact-match hits per digit bucket: accuracy overall and per
+    bucket, and the counts (every task reports in this shape; the report reads it)."""
+    flat = [h for v in hits.values() for h in v]
+    return {
+        "task": task,
+        "accuracy": round(sum(flat) / max(len(flat), 1), 4),
+        "accuracy_by_digits": {str(k): round(sum(v) / len(v), 4) for k, v in sorted(hits.items())},
+        "n_by_digits": {str(k): len(v) for k, v in sorted(hits.items())},
+        "n": len(flat),
+    }

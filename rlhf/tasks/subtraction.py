@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from rlhf.tasks.base import Task, TaskSpec
+from rlhf.tasks.base import Task, TaskSpec, bucket_report
 
 PROMPT = "请计算：%d - %d = ，直接返回计算结果"
 SEED_BUCKETS = (2, 5, 10, 20)
@@ -247,14 +247,7 @@ def accuracy_report(
     for prompt, answer, response in zip(prompts, answers, responses, strict=True):
         x, y = parse_question(prompt)
         hits[bucket_of(x, y, buckets)].append(is_correct(response, answer))
-    flat = [h for v in hits.values() for h in v]
-    return {
-        "task": "subtraction",
-        "accuracy": round(sum(flat) / max(len(flat), 1), 4),
-        "accuracy_by_digits": {str(b): round(sum(v) / len(v), 4) for b, v in sorted(hits.items())},
-        "n_by_digits": {str(b): len(v) for b, v in sorted(hits.items())},
-        "n": len(flat),
-    }
+    return bucket_report("subtraction", hits)
 
 
 # ---- rule rewards for PPO (reward.rules): one float per response ---------------------------------

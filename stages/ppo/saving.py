@@ -106,7 +106,7 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
     """Evaluate the saved policy on held-out prompts (main process), then eval.json and the manifest."""
     metrics: dict = {
         "steps": state["step"],
-        "final_kl": _mean(state["kl_history"]),
+        "final_kl": mean_or_nan(state["kl_history"]),
         "kl_target": cfg.ppo.kl_target,
         "beta": kl_ctl.value,
         "reference_fingerprint": ref_fingerprint,
@@ -150,5 +150,5 @@ def evaluate_saved(policy_dir: str, cfg: PPOStageConfig, data: Prompts, precisio
     )
 
 
-def _mean(values: list[float]) -> float:
+def mean_or_nan(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")

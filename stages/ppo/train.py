@@ -52,7 +52,7 @@ from stages.ppo.models import Models, build_models, fingerprint, reference_logit
 from stages.ppo.optim import clip_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored
 from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
-from stages.ppo.saving import finish_run, resume_or_start, save_checkpoint, save_models
+from stages.ppo.saving import finish_run, mean_or_nan, resume_or_start, save_checkpoint, save_models
 from stages.ppo.scores import RunningMoments, normalize_scores, score_episodes
 
 log = logging.getLogger("rlhf.ppo")
@@ -232,10 +232,10 @@ def ppo_update(
                     totals.setdefault(k, []).append(v.item())
                 epoch_kl.append(stats["approx_kl"].item())
         epochs_run += 1
-        mean_kl = accelerator.reduce(torch.tensor(_mean(epoch_kl), device=accelerator.device), "mean").item()
+        mean_kl = accelerator.reduce(torch.tensor(mean_or_nan(epoch_kl), device=accelerator.device), "mean").item()
         if cfg.ppo.max_approx_kl is not None and mean_kl > cfg.ppo.max_approx_kl:
             break  # early stop: the policy moved too far from the one that sampled the rollout
-    out = {k: _mean(v) for k, v in totals.items()}
+    out = {k: mean_or_nan(v) for k, v in totals.items()}
     out["epochs_run"] = float(epochs_run)
     return {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in out.items()}
 
@@ -380,7 +380,3 @@ def _registered(table: dict, name: str, key: str):
     if name not in table:
         raise ConfigError(key, f"unknown {name!r}; known: {sorted(table)}")
     return table[name]
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
