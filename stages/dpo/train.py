@@ -27,7 +27,7 @@ from rlhf.data import load_records, normalize_sft
 from rlhf.distributed import process_state
 from rlhf.evaluation import evaluate_directory, flatten_metrics, summary
 from rlhf.generation import render_prompts
-from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
 from rlhf.tracking import Tracking
@@ -97,7 +97,7 @@ def train(cfg: DPOStageConfig) -> dict:
     trainer.add_callback(FiniteGuard("dpo", trainer))
     if resume:
         log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    train_loss = train_from(trainer, resume)  # the final checkpoint: no further step
     pair_report = _evaluate_pairs(trainer) if eval_rows else None
 
     # 7. Save a standard Hugging Face directory (adapter with LoRA) + tokenizer.
@@ -105,7 +105,7 @@ def train(cfg: DPOStageConfig) -> dict:
     state.wait_for_everyone()
 
     # 8. The saved policy's held-out accuracy, then eval.json and the manifest, written last.
-    metrics: dict = {"train_loss": result.training_loss, "overlong": over, "dropped": dict(pairs.train_dropped)}
+    metrics: dict = {"train_loss": train_loss, "overlong": over, "dropped": dict(pairs.train_dropped)}
     if state.is_main_process:
         report = _held_out_report(cfg, out, eval_examples, eval_source, before, pair_report, precision, metrics)
         if report and "after" in report:
