@@ -4,7 +4,9 @@ updates (its weights are gathered once per rollout for generation)."""
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -22,6 +24,7 @@ MODES = {
     "zero2": "configs/accelerate/zero2.yaml",
     "zero3": "configs/accelerate/zero3.yaml",
 }
+MULTINODE = "configs/accelerate/multinode.yaml"
 COMMON = ["tracking.report_to=[]", "tracking.progress=false"]
 STAGE_ARGS = {
     "sft": [
@@ -85,32 +88,50 @@ def launch(mode: str, stage: str, out, *extra, ok: bool = True, env: dict | None
     return result
 
 
+def three_stages(mode: str, out) -> dict[str, subprocess.CompletedProcess]:
+    """SFT, then the RM on its output, then PPO on both, each under `mode` with two processes.
+    The RM's LM loss (loss.lm_coef, on in the tiny config) runs under DDP and ZeRO-2; ZeRO-3
+    refuses it (see below), so it is off there."""
+    results = {"sft": launch(mode, "sft", out)}
+    no_lm = ["loss.lm_coef=0"] if mode == "zero3" else []
+    results["rm"] = launch(mode, "rm", out, f"model={out / 'sft'}", *no_lm)
+    results["ppo"] = launch(mode, "ppo", out, f"policy={out / 'sft'}", f"reward_model={out / 'rm'}")
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_node_zero3(tmp_path_factory):
+    """The three stages under ZeRO-3, one node, two processes: checked on their own below, and the
+    reference the two-node run must match."""
+    out = tmp_path_factory.mktemp("zero3")
+    return out, three_stages("zero3", out)
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_each_stage_distributed(mode, tmp_path):
-    launch(mode, "sft", tmp_path)
-    sft = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
-    assert json.loads((tmp_path / "sft" / "manifest.json").read_text())["finished"]
-
-    # the RM's LM loss (loss.lm_coef, on in the tiny config) runs under DDP and ZeRO-2; ZeRO-3
-    # refuses it with a config error before training
+def test_each_stage_distributed(mode, tmp_path, request):
     if mode == "zero3":
-        refused = launch(mode, "rm", tmp_path / "refused", f"model={tmp_path / 'sft'}", ok=False)
-        assert "loss.lm_coef" in refused.stderr and "ZeRO-3" in refused.stderr
-    launch(mode, "rm", tmp_path, f"model={tmp_path / 'sft'}", *(["loss.lm_coef=0"] if mode == "zero3" else []))
-    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
-    assert rm.config.num_labels == 1 and (tmp_path / "rm" / "eval.json").is_file()
-    assert ("train/rm/lm_loss" in (tmp_path / "rm" / "metrics.jsonl").read_text()) == (mode != "zero3")
+        out, results = request.getfixturevalue("one_node_zero3")
+    else:
+        out, results = tmp_path, three_stages(mode, tmp_path)
+    sft = AutoModelForCausalLM.from_pretrained(out / "sft")
+    assert json.loads((out / "sft" / "manifest.json").read_text())["finished"]
 
-    result = launch(mode, "ppo", tmp_path, f"policy={tmp_path / 'sft'}", f"reward_model={tmp_path / 'rm'}")
-    ppo = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
+    if mode == "zero3":  # the RM's LM loss is refused under ZeRO-3 with a config error before training
+        refused = launch(mode, "rm", tmp_path / "refused", f"model={out / 'sft'}", ok=False)
+        assert "loss.lm_coef" in refused.stderr and "ZeRO-3" in refused.stderr
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "rm")
+    assert rm.config.num_labels == 1 and (out / "rm" / "eval.json").is_file()
+    assert ("train/rm/lm_loss" in (out / "rm" / "metrics.jsonl").read_text()) == (mode != "zero3")
+
+    ppo = AutoModelForCausalLM.from_pretrained(out / "ppo")
     before, after = sft.state_dict(), ppo.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after), "PPO changed nothing"
-    records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/ppo/score" in r]
     assert len(steps) == 3 and all(r["train/ppo/episodes_per_s"] > 0 for r in steps)
-    assert (tmp_path / "ppo" / "checkpoints" / "step-2" / "COMPLETE").is_file()
+    assert (out / "ppo" / "checkpoints" / "step-2" / "COMPLETE").is_file()
     assert any("eval/ppo/accuracy" in r for r in records)  # evaluation split over both processes
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in results["ppo"].stderr
 
     if mode == "zero3":  # the value head on the policy's sharded trunk: one module, saved beside it
         shared = tmp_path / "shared"
@@ -118,8 +139,8 @@ def test_each_stage_distributed(mode, tmp_path):
             mode,
             "ppo",
             shared,
-            f"policy={tmp_path / 'sft'}",
-            f"reward_model={tmp_path / 'rm'}",
+            f"policy={out / 'sft'}",
+            f"reward_model={out / 'rm'}",
             "share_policy_trunk=true",
         )
         head = load_file(shared / "ppo" / "value_head.safetensors")
@@ -207,3 +228,94 @@ def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path):
     assert "resuming from out/checkpoints/checkpoint-2" in done[0][1]
     steps = [json.loads(line)["step"] for line in (node0 / "out" / "metrics.jsonl").read_text().splitlines()]
     assert {3, 4} <= set(steps)  # node 0 trained steps 3 and 4 with node 1, not alone
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(stage: str, out, logs, *extra: str) -> None:
+    """One stage started as a user starts two nodes with configs/accelerate/multinode.yaml: the same
+    `accelerate launch` on each node, machine_rank 0 and 1, one process each, rendezvous at node
+    0's address. Here both nodes are this machine (127.0.0.1, a free port) and share its disk."""
+    port, procs = _free_port(), []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_NUM_THREADS": "1", "RLHF_PG_TIMEOUT_S": "120"}
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / MULTINODE)]
+        cmd += ["--machine_rank", str(rank), "--num_machines", "2", "--num_processes", "2"]
+        cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(ROOT / SCRIPTS[stage])]
+        cmd += ["--config", str(ROOT / f"configs/tiny/{stage}.yaml"), *STAGE_ARGS[stage], *COMMON, *extra]
+        cmd.append(f"output_dir={out / stage}")
+        log = open(logs / f"{stage}-node{rank}.log", "w")  # files, not pipes: a full pipe would stall a rank
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+    try:
+        codes = [proc.wait(timeout=600) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    tails = "\n".join((logs / f"{stage}-node{rank}.log").read_text()[-3000:] for rank in (0, 1))
+    assert codes == [0, 0], f"{stage}: exit codes {codes}\n{tails}"
+    assert "Traceback" not in tails and "terminate called" not in tails, tails
+
+
+NOT_REPRODUCIBLE = re.compile(r"(_per_s|_per_second|runtime|time|wall|flos)")  # timings differ run to run
+
+
+def _weight_files(output) -> list:
+    return sorted(p.relative_to(output) for p in output.rglob("*.safetensors") if "checkpoints" not in p.parts)
+
+
+def assert_same_run(a, b) -> None:
+    """Two outputs of one stage are the same run: every weight file holds the same tensors (to
+    1e-6) and metrics.jsonl the same records, timings aside."""
+    weights = _weight_files(a)
+    assert weights and weights == _weight_files(b)
+    for name in weights:
+        x, y = load_file(a / name), load_file(b / name)
+        assert x.keys() == y.keys(), name
+        for key in x:
+            assert torch.allclose(x[key], y[key], rtol=0, atol=1e-6), f"{name}: {key}"
+    records = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert len(records[0]) == len(records[1]) > 0
+    for x, y in zip(*records, strict=True):
+        keys = {k for k in x if isinstance(x[k], (int, float)) and not NOT_REPRODUCIBLE.search(k)}
+        assert keys == {k for k in y if isinstance(y[k], (int, float)) and not NOT_REPRODUCIBLE.search(k)}
+        for key in keys:
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (a.name, x["step"], key)
+
+
+def test_two_nodes_match_one_node(one_node_zero3, tmp_path):
+    """Item 23: configs/accelerate/multinode.yaml (DeepSpeed ZeRO-3 over two nodes) started as a user
+    would on two nodes, one process each, gloo on CPU: SFT, RM and PPO each finish on both nodes
+    with the outputs of one node running two processes (same inputs, same ranks, same shards)."""
+    one, _ = one_node_zero3
+    two, logs = tmp_path / "two", tmp_path / "logs"
+    logs.mkdir()
+    two_nodes("sft", two, logs)
+    two_nodes("rm", two, logs, f"model={one / 'sft'}", "loss.lm_coef=0")
+    two_nodes("ppo", two, logs, f"policy={one / 'sft'}", f"reward_model={one / 'rm'}")
+    for stage in ("sft", "rm", "ppo"):
+        assert json.loads((two / stage / "manifest.json").read_text())["finished"]
+        assert_same_run(one / stage, two / stage)
+
+
+def test_in_loop_evaluation_on_four_processes_counts_every_item_once(tmp_path):
+    """Item 3: PPO's in-loop evaluation on 4 processes (gloo) of 9 held-out items, which do not
+    split evenly: every item is counted once (accuracy 3/9 by construction, see
+    tests/four_process_eval.py; slicing the padded gather loses item 7 and counts item 8 twice:
+    2/9), and the reward model's mean score is that of the 9 answers."""
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / MODES["ddp"])]
+    cmd += ["--num_processes", "4", "--main_process_port", str(_free_port())]
+    cmd += [str(ROOT / "tests/four_process_eval.py"), str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-5000:]
+    got = json.loads(out.read_text())
+    assert got["processes"] == 4
+    expected, in_loop = got["expected"], got["in_loop"]
+    assert in_loop["eval/ppo/n"] == expected["eval/ppo/n"] == 9
+    assert in_loop["eval/ppo/accuracy"] == expected["eval/ppo/accuracy"] == 0.3333  # 3/9
+    assert in_loop["eval/ppo/rm_score"] == pytest.approx(expected["eval/ppo/rm_score"], abs=1e-5)
