@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.config import PPOStageConfig
-from rlhf.data import load_records, normalize_sft
+from rlhf.data import HeldOut, load_held_out, load_records
 from rlhf.data.prompts import normalize_prompts
 from rlhf.generation import render_prompts
 from rlhf.tasks import task_records
@@ -25,27 +25,49 @@ log = logging.getLogger("rlhf.ppo")
 class Prompts:
     prompts: list[dict]  # normalised chat prompts for training
     prompt_ids: list[list[int]]  # their rendered token ids
-    eval_examples: list[dict]  # held-out prompts with a reference completion
+    eval_examples: list[dict]  # the validation split's prompts with a reference completion (in-loop evaluation)
+    test_examples: list[dict]  # the test split's (eval.json's before and after; nothing else)
     train_source: str
     eval_source: str
+    test_source: str
+
+    def held_out(self) -> HeldOut:
+        return HeldOut(
+            validation=self.eval_examples,
+            test=self.test_examples,
+            validation_source=self.eval_source,
+            test_source=self.test_source,
+        )
 
 
 def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
-    """Training prompts (any SFT format; fresh task items by default) and held-out prompts with answers."""
+    """Training prompts (any SFT format; fresh task items by default) and both held-out splits'
+    prompts with answers."""
     train_records, train_source = load_records(
         cfg.data, cfg.task, "train", generate=lambda: task_records(cfg.task, "train", seed_offset=20)
     )
     prompts = normalize_prompts(train_records)
-    eval_records, eval_source = load_records(cfg.data, cfg.task, "eval")
-    eval_examples = [e for e in normalize_sft(eval_records)[0] if "completion" in e] if eval_records else []
-    log.info("prompts: %d from %s; held-out: %d from %s", len(prompts), train_source, len(eval_examples), eval_source)
+    held_out = load_held_out(cfg.data, cfg.task)
+    eval_examples = [e for e in held_out.validation if "completion" in e]
+    test_examples = [e for e in held_out.test if "completion" in e]
+    log.info(
+        "prompts: %d from %s; validation: %d from %s; test: %d from %s",
+        len(prompts),
+        train_source,
+        len(eval_examples),
+        held_out.validation_source,
+        len(test_examples),
+        held_out.test_source,
+    )
     prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in prompts])
     return Prompts(
         prompts=prompts,
         prompt_ids=prompt_ids,
         eval_examples=eval_examples,
+        test_examples=test_examples,
         train_source=train_source,
-        eval_source=eval_source,
+        eval_source=held_out.validation_source,
+        test_source=held_out.test_source,
     )
 
 
