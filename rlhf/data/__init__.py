@@ -64,6 +64,13 @@ class HeldOut:
     validation_source: str  # where they came from, e.g. "task:subtraction/eval" or a file
     test_source: str
 
+    def describe(self) -> str:
+        """For the log: how many of each, from where."""
+        return (
+            f"validation {len(self.validation)} from {self.validation_source}, "
+            f"test {len(self.test)} from {self.test_source}"
+        )
+
 
 def load_held_out(data: DataConfig, task: TaskConfig) -> HeldOut:
     """Both held-out splits: data.eval / data.test, or the task's generated ones when null."""

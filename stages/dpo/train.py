@@ -61,8 +61,7 @@ def train(cfg: DPOStageConfig) -> dict:
     #    of the rejected answers the SFT model's own mistakes (on-policy, as the InstructGPT
     #    labellers compared the model's own samples).
     pairs = preference_pairs(cfg, source, tokenizer, precision)
-    # the held-out accuracy is on the task's validation and test splits (data.eval holds pairs;
-    # data.test, if set, prompts with answers)
+    # held-out accuracy: the task's validation split and data.test or the task's test split (data.eval holds pairs)
     held_out = load_held_out(DataConfig(test=cfg.data.test, test_split=cfg.data.test_split), cfg.task)
 
     # 3. Tokens: the chat-rendered prompt, then each answer and EOS (the sequence the policy writes).
@@ -107,6 +106,7 @@ def train(cfg: DPOStageConfig) -> dict:
     # 8. The saved policy's held-out accuracy, then eval.json and the manifest, written last.
     metrics: dict = {"train_loss": result.training_loss, "overlong": over, "dropped": dict(pairs.train_dropped)}
     if state.is_main_process:
+        sources = {"train": pairs.train_source, "eval": pairs.eval_source, "test": held_out.test_source}
         report, after = _held_out_report(cfg, out, held_out, before, pair_report, precision, metrics)
         if after:
             tracking.log(tracked_metrics(after, "dpo"), step=trainer.state.global_step)
@@ -120,10 +120,7 @@ def train(cfg: DPOStageConfig) -> dict:
             metrics=metrics,
             started=started,
             eval_report=report,
-            extra={
-                "data": {"train": pairs.train_source, "eval": pairs.eval_source, "test": held_out.test_source},
-                "loss": to_dict(cfg.loss),
-            },
+            extra={"data": sources, "loss": to_dict(cfg.loss)},
         )
     tracking.finish()
     state.wait_for_everyone()

@@ -50,15 +50,7 @@ def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
     held_out = load_held_out(cfg.data, cfg.task)
     eval_examples = [e for e in held_out.validation if "completion" in e]
     test_examples = [e for e in held_out.test if "completion" in e]
-    log.info(
-        "prompts: %d from %s; validation: %d from %s; test: %d from %s",
-        len(prompts),
-        train_source,
-        len(eval_examples),
-        held_out.validation_source,
-        len(test_examples),
-        held_out.test_source,
-    )
+    log.info("prompts: %d from %s; held out: %s", len(prompts), train_source, held_out.describe())
     prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in prompts])
     return Prompts(
         prompts=prompts,

@@ -41,16 +41,7 @@ def train(cfg: SFTStageConfig) -> dict:
     train_records, train_source = load_records(cfg.data, cfg.task, "train")
     train_examples, fmt = normalize_sft(train_records)
     held_out = load_held_out(cfg.data, cfg.task)  # validation: the Trainer's eval loss; test: eval.json
-    log.info(
-        "train: %d examples from %s (format: %s); validation: %d from %s; test: %d from %s",
-        len(train_examples),
-        train_source,
-        fmt,
-        len(held_out.validation),
-        held_out.validation_source,
-        len(held_out.test),
-        held_out.test_source,
-    )
+    log.info("train: %d examples from %s (format: %s); %s", len(train_examples), train_source, fmt, held_out.describe())
 
     # 2. Model and tokenizer from the registry (preset, local directory or hub id).
     source = resolve(cfg.model)
@@ -86,9 +77,7 @@ def train(cfg: SFTStageConfig) -> dict:
     metrics: dict = {"train_loss": result.training_loss, "overlong": over, "format": fmt}
     if state.is_main_process:
         eval_report = None
-        evaluation = (
-            _evaluate_saved(out, cfg, tokenizer, held_out, precision) if held_out.validation or held_out.test else {}
-        )
+        evaluation = _evaluate_saved(out, cfg, tokenizer, held_out, precision)
         if evaluation:
             sources = {"validation_source": held_out.validation_source, "test_source": held_out.test_source}
             eval_report = {**for_eval_json(evaluation), **sources, "base": for_eval_json(base)}
@@ -150,7 +139,9 @@ def _sft_trainer(cfg: SFTStageConfig, model, tokenizer, out: Path, precision, tr
 
 def _evaluate_saved(out: Path, cfg: SFTStageConfig, tokenizer, held_out: HeldOut, precision) -> dict:
     """Held-out accuracy of what was saved, loaded as a user would: the directory itself, generating
-    greedily with the chat template."""
+    greedily with the chat template. {} without held-out data."""
+    if not (held_out.validation or held_out.test):
+        return {}
     saved = resolve(str(out))
     with whole_models():
         eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init), precision=precision)
