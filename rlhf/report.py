@@ -193,7 +193,8 @@ def _plots(stages: dict, plot_dir: Path) -> tuple[list[tuple[str, str, str]], di
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
         data[name] = {label: _plot_line(ax, label, points) for label, points in lines.items()}
-        _style(ax, title, "step", ylabel, legend=len(lines) > 1)
+        smoothed = any("smoothed" in line for line in data[name].values())  # the legend says which is the EMA
+        _style(ax, title, "step", ylabel, legend=len(lines) > 1 or smoothed)
         images.append((name, title, _save(fig, plot_dir / f"{name}.png")))
 
     scores = stages["rm"]["eval"].get("scores")
