@@ -360,7 +360,7 @@ def _accuracy_rows(stage: str, when: str, evaluation: dict | None) -> list[tuple
 
 
 def _acc(report: dict) -> str:
-    """0.912 ± 0.005 (2-digit 1.000 ± 0.000, 5-digit 0.824 ± 0.012, n 1000 each): ± one standard error."""
+    """E.g. 0.912 ± 0.006 (2-digit 1.000 ± 0.000, 5-digit 0.824 ± 0.012): ± one standard error."""
     if "accuracy" not in report:
         return "-"
 
