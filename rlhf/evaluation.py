@@ -29,7 +29,7 @@ from rlhf.data import HeldOut, reference_answer
 from rlhf.distributed import whole_models
 from rlhf.generation import gathered_for_generation, generate_text, left_pad, render_prompts
 from rlhf.precision import Precision
-from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve, sequence_scores
+from rlhf.registry import build_policy, build_scalar_model, end_of_turn_id, load_tokenizer, resolve, sequence_scores
 from rlhf.tasks import get_task, score_generations
 
 
@@ -140,7 +140,7 @@ def changed_items(before: dict | None, after: dict | None, per_bucket: int = 5) 
 def score_sequences(
     reward_model: torch.nn.Module, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 256
 ) -> torch.Tensor:
-    """The reward model's score of each token sequence (prompt + response + EOS), read at its last
+    """The reward model's score of each token sequence (prompt + response + end of turn), read at its last
     real token. Rows are left-padded, as in a PPO rollout. -> (N,) fp32 on the CPU."""
     was_training = reward_model.training
     reward_model.eval()
@@ -162,17 +162,20 @@ def score_responses(
     responses: Sequence[str],
 ) -> torch.Tensor:
     """The reward model's score of each response to its chat prompt, tokenised exactly as a
-    rollout is: the rendered prompt, the response tokens, EOS. -> (N,)"""
+    rollout is: the rendered prompt, the response tokens, the template's end of turn. -> (N,)"""
     return score_sequences(reward_model, response_rows(tokenizer, prompts, responses), tokenizer.pad_token_id)
 
 
 def response_rows(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]], responses: Sequence[str]
 ) -> list[list[int]]:
-    """The token ids `score_responses` scores: rendered chat prompt + response tokens + EOS."""
+    """The token ids `score_responses` scores: rendered chat prompt + response tokens + the token
+    the template ends an assistant turn with (EOS for most; Gemma's `<end_of_turn>`, Llama 3's
+    `<|eot_id|>`): where a rollout stops and the reward model was trained to be read."""
     prompt_ids = render_prompts(tokenizer, prompts)
     answers = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    return [p + a + [tokenizer.eos_token_id] for p, a in zip(prompt_ids, answers, strict=True)]
+    end = [end_of_turn_id(tokenizer)]
+    return [p + a + end for p, a in zip(prompt_ids, answers, strict=True)]
 
 
 def evaluate_directory(

@@ -40,6 +40,12 @@ def sample_item(rng: random.Random, d: int) -> tuple[int, int]:
     return x, y
 
 
+def answer_chars(task: TaskSpec) -> int:
+    """Characters of the longest answer for this config: x, y < 10^d, so x + y < 2·10^d has at
+    most d + 1 digits (99 + 99 = 198 -> "891")."""
+    return max(task.train_digits + task.eval_digits) + 1
+
+
 def bucket_of(x: int, y: int) -> int:
     return max(len(str(x)), len(str(y)))
 
@@ -239,7 +245,7 @@ TASK = Task(
     score=accuracy_report,
     rules={"addition_reversed": exact_rule, "addition_reversed_digits": digits_rule},
     wrong_kinds=WRONG_KINDS,
-    answer_tokens=8,  # a sum of two 6-digit numbers has 7 digits, then EOS
+    answer_tokens=answer_chars,
     curves=(
         ("ppo_score", "train/ppo/rule_addition_reversed", "addition_reversed rule"),
         ("ppo_score", "train/ppo/rule_addition_reversed_digits", "addition_reversed digits rule"),

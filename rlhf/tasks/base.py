@@ -57,7 +57,10 @@ class Task:
     score: Callable[[Sequence[str], Sequence[str], Sequence[str]], dict]
     rules: Mapping[str, Rule]  # rule rewards for PPO's reward.rules, by name (unique across tasks)
     wrong_kinds: tuple[str, ...]  # kinds of wrong answers for the reward model's pairs
-    answer_tokens: int  # max new tokens when sampling the model's own answers (on-policy RM pairs)
+    # (task config) -> the most tokens a right answer takes, before the end of turn: one per character
+    # of the longest one (a digit or a sign is one token, or part of one, in every tokenizer the
+    # presets use); on-policy RM pairs sample that many, plus slack (stages/reward/pairs.py)
+    answer_tokens: Callable[[TaskSpec], int]
     # extra report lines: (plot name in rlhf.report.CURVES, metric key, label)
     curves: tuple[tuple[str, str, str], ...] = ()
     fewshot: bool = False  # whether the generators honour task.fewshot

@@ -284,6 +284,12 @@ def pair_records(
     return [r for _, x, y in items if (r := preference_record(x, y, kinds, rng, task.fewshot, weights))]
 
 
+def answer_chars(task: TaskSpec) -> int:
+    """Characters of the longest difference for this config: x < 10^dx and y < 10^dx, so |x − y|
+    has at most dx digits, and a sign (0 − 99 = −99: 3 characters for dx = 2)."""
+    return max(task.train_digits + task.eval_digits) + 1
+
+
 def accuracy_report(
     prompts: Sequence[str],
     answers: Sequence[str],
@@ -361,7 +367,7 @@ TASK = Task(
     score=accuracy_report,
     rules={"subtraction": subtraction_exact, "subtraction_digits": subtraction_digits},
     wrong_kinds=WRONG_KINDS,
-    answer_tokens=16,  # what on-policy mining has always sampled: a 20-digit difference and EOS fit
+    answer_tokens=answer_chars,
     curves=(
         ("ppo_score", "train/ppo/rule_subtraction", "subtraction rule"),
         ("ppo_score", "train/ppo/rule_subtraction_digits", "subtraction digits rule"),

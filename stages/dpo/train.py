@@ -29,7 +29,7 @@ from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, su
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, trainer_kwargs
 from rlhf.precision import Precision, resolve_precision
-from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
+from rlhf.registry import build_policy, cast_trainable, end_of_turn_id, load_tokenizer, resolve
 from rlhf.tracking import Tracking
 from stages.reward.pairs import preference_pairs
 
@@ -197,16 +197,17 @@ def dpo_args(cfg: DPOStageConfig, out, precision: Precision) -> DPOConfig:
 
 def encode_dpo_pairs(tokenizer, pairs: list[dict]) -> list[dict]:
     """{prompt_ids, chosen_ids, rejected_ids} per pair: the chat-rendered prompt ending with the
-    assistant marker, and each answer's tokens followed by EOS, so that the log-probs trained are
-    those of the sequence the policy generates (and EOS, its decision to stop, is in the loss)."""
+    assistant marker, and each answer's tokens followed by the template's end of turn (EOS, or e.g.
+    Gemma's `<end_of_turn>`), so that the log-probs trained are those of the sequence the policy
+    generates (and that token, its decision to stop, is in the loss)."""
     if not pairs:
         return []
     prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in pairs])
     chosen = tokenizer([p["chosen"][0]["content"] for p in pairs], add_special_tokens=False)["input_ids"]
     rejected = tokenizer([p["rejected"][0]["content"] for p in pairs], add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id]
+    end = [end_of_turn_id(tokenizer)]
     return [
-        {"prompt_ids": pi, "chosen_ids": c + eos, "rejected_ids": r + eos}
+        {"prompt_ids": pi, "chosen_ids": c + end, "rejected_ids": r + end}
         for pi, c, r in zip(prompt_ids, chosen, rejected, strict=True)
     ]
 

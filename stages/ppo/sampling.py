@@ -5,6 +5,7 @@ with DAPO's dynamic sampling when configured."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,7 @@ def sample_groups(models, engine, data, batch, cfg, accelerator, step: int, with
         prompts = batch if tries == 0 else prompt_batch(len(data.prompt_ids), step, len(batch), accelerator, seed)
         episodes, sampled = draw(prompts)
         tries += 1
-        input_ids, attention_mask, _, has_eos = episode_tensors(sampled, models.tokenizer)
+        input_ids, attention_mask, _, has_eos = episode_tensors(sampled, models.tokenizer, models.stop_ids)
         raw = score_episodes(
             models, data, episodes, input_ids, attention_mask, sampled.response_ids, has_eos, cfg, accelerator
         )
@@ -136,10 +137,12 @@ def _cat_groups(chosen: list, n: int, pad_id: int) -> Generated:
     )
 
 
-def episode_tensors(sampled: Generated, tokenizer):
-    """(input_ids (B, P + R), attention_mask (B, P + R), response mask (B, R), has_eos (B,))."""
+def episode_tensors(sampled: Generated, tokenizer, stop_ids: Sequence[int]):
+    """(input_ids (B, P + R), attention_mask (B, P + R), response mask (B, R), has_eos (B,)). A
+    response ends at its first stop token (`stop_ids`: EOS or the template's end of turn); the
+    attention mask ends there too, so the reward model is read at that token."""
     query, response = sampled.prompt_ids, sampled.response_ids
-    resp_mask, has_eos = response_mask(response, tokenizer.eos_token_id)  # (B, R), (B,)
+    resp_mask, has_eos = response_mask(response, stop_ids)  # (B, R), (B,)
     # left pads are the only pads in a left-padded prompt; the pad id never appears inside one
     input_ids = torch.cat([query, response], dim=1)  # (B, P + R)
     attention_mask = torch.cat([(query != tokenizer.pad_token_id).long(), resp_mask], dim=1)  # (B, P + R)
