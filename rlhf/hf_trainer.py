@@ -4,6 +4,7 @@ writer (full model or LoRA adapter + tokenizer, optionally merged weights)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from rlhf.distributed import whole_models
 from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy, build_scalar_model
 from rlhf.tracking import Tracking
+
+log = logging.getLogger("rlhf")
 
 
 def trainer_kwargs(
@@ -131,6 +134,34 @@ class FiniteGuard(TrainerCallback):
                 f"{self.stage}: non-finite {what}; stopped before saving, the last complete checkpoint is kept. "
                 "Lower optim.lr or check the data."
             )
+
+
+class _TrainedToTheEnd(Exception):
+    """Raised by `StopAtMaxSteps` to leave the Trainer's loop before its first step."""
+
+
+class StopAtMaxSteps(TrainerCallback):
+    """A run resumed from its final checkpoint (global step = max_steps: a crash came after the
+    last checkpoint but before the manifest) must train no further. The Trainer checks max_steps
+    only after a step, so a mid-epoch resume at the end would take one more step (and save
+    checkpoint max_steps+1). By `on_train_begin` the Trainer has loaded the checkpoint's weights
+    (into the DeepSpeed engine, under DeepSpeed), so leaving here keeps exactly them."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise _TrainedToTheEnd
+
+
+def train_from(trainer, resume: str | None) -> float | None:
+    """`trainer.train(resume_from_checkpoint=resume)`; returns the mean training loss of the steps
+    this run took, or None when `resume` is the final checkpoint (no step left: its weights are
+    loaded and nothing is trained)."""
+    trainer.add_callback(StopAtMaxSteps())
+    try:
+        return trainer.train(resume_from_checkpoint=resume).training_loss
+    except _TrainedToTheEnd:
+        log.info("%s is the final checkpoint (step %d): nothing left to train", resume, trainer.state.global_step)
+        return None
 
 
 def resume_point(output_dir: Path, train: TrainConfig, digest: str, state) -> str | None:

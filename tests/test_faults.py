@@ -10,6 +10,7 @@ fault; tests that must change an output work on a copy."""
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, run_entry
+from rlhf.checkpoint import checkpoint_step
+from rlhf.tracking import read_metrics
 
 QUIET = ["tracking.report_to=[]", "tracking.progress=false"]
 SFT = [
@@ -222,3 +227,27 @@ def test_second_run_on_one_output_stops_at_once_naming_the_first(outputs, tmp_pa
     finally:
         first.kill()
         first.communicate(timeout=120)
+
+
+# a crash after the final checkpoint, before the manifest: the same command again resumes at the
+# last step and trains no further (the Trainer used to take one more step and save checkpoint-5)
+LAST_STEP = {"sft": 4, "rm": 4, "ppo": 2}
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "ppo"])
+def test_rerun_from_the_final_checkpoint_trains_no_further(name, outputs, tmp_path):
+    out = tmp_path / name
+    shutil.copytree(outputs[name], out)
+    (out / "manifest.json").unlink()  # what a crash between the last checkpoint and the manifest leaves
+    weights = {p.relative_to(out): load_file(p) for p in out.rglob("*.safetensors") if "checkpoints" not in p.parts}
+    result = stage(name, out, *inputs_of(name, outputs))
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = LAST_STEP[name]
+    assert re.search(rf"resum\w+ from \S+(checkpoint|step)-{last}\b", result.stderr), result.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["finished"]
+    saved = [checkpoint_step(p) for p in (out / "checkpoints").iterdir() if checkpoint_step(p) is not None]
+    assert max(saved) == last, saved
+    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == last
+    for path, before in weights.items():  # the final checkpoint's weights, saved again as they were
+        after = load_file(out / path)
+        assert all(torch.equal(before[k], after[k]) for k in before), path

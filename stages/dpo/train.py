@@ -27,7 +27,7 @@ from rlhf.data import HeldOut, load_held_out
 from rlhf.distributed import process_state
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.generation import render_prompts
-from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import build_policy, cast_trainable, end_of_turn_id, load_tokenizer, resolve
 from rlhf.tracking import Tracking
@@ -96,7 +96,7 @@ def train(cfg: DPOStageConfig) -> dict:
     trainer.add_callback(FiniteGuard("dpo", trainer))
     if resume:
         log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    train_loss = train_from(trainer, resume)  # the final checkpoint: no further step
     pair_report = _evaluate_pairs(trainer) if eval_rows else None
 
     # 7. Save a standard Hugging Face directory (adapter with LoRA) + tokenizer.
@@ -104,7 +104,7 @@ def train(cfg: DPOStageConfig) -> dict:
     state.wait_for_everyone()
 
     # 8. The saved policy's held-out accuracy, then eval.json and the manifest, written last.
-    metrics: dict = {"train_loss": result.training_loss, "overlong": over, "dropped": dict(pairs.train_dropped)}
+    metrics: dict = {"train_loss": train_loss, "overlong": over, "dropped": dict(pairs.train_dropped)}
     if state.is_main_process:
         sources = {"train": pairs.train_source, "eval": pairs.eval_source, "test": held_out.test_source}
         report, after = _held_out_report(cfg, out, held_out, before, pair_report, precision, metrics)

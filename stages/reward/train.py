@@ -27,7 +27,7 @@ from rlhf.data.lengths import limit_length
 from rlhf.distributed import is_zero3, process_state, whole_models
 from rlhf.evaluation import flatten_metrics, score_sequences
 from rlhf.generation import render_prompts
-from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
 from rlhf.precision import resolve_precision
 from rlhf.registry import (
     build_scalar_model,
@@ -134,7 +134,7 @@ def train(cfg: RMStageConfig) -> dict:
     trainer.add_callback(FiniteGuard("rm", trainer))
     if resume:
         log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    train_loss = train_from(trainer, resume)  # the final checkpoint: no further step
 
     # 6. Save a standard sequence-classification directory (adapter with LoRA) + tokenizer.
     save_output(trainer, tokenizer, out, source, cfg.model_init, precision, cfg.lora, cfg.seed, scalar_head=True)
@@ -142,7 +142,7 @@ def train(cfg: RMStageConfig) -> dict:
 
     # 7. Evaluate the saved directory on held-out pairs: accuracy (per kind of wrong answer),
     #    margin and the score distributions of chosen and rejected.
-    metrics: dict = {"train_loss": result.training_loss, "overlong": over, "dropped": dict(train_dropped)}
+    metrics: dict = {"train_loss": train_loss, "overlong": over, "dropped": dict(train_dropped)}
     if state.is_main_process:
         eval_report = None
         if eval_pairs:

@@ -22,7 +22,7 @@ from rlhf.data import HeldOut, load_held_out, load_records, normalize_sft
 from rlhf.data.lengths import limit_length
 from rlhf.distributed import process_state, whole_models
 from rlhf.evaluation import evaluate_held_out, for_eval_json, summary, tracked_metrics
-from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, trainer_kwargs
+from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
 from rlhf.tracking import Tracking
@@ -66,7 +66,7 @@ def train(cfg: SFTStageConfig) -> dict:
     trainer.add_callback(FiniteGuard("sft", trainer))
     if resume:
         log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    train_loss = train_from(trainer, resume)  # the final checkpoint: no further step
 
     # 5. Save a standard Hugging Face directory (adapter with LoRA) + tokenizer.
     save_output(trainer, tokenizer, out, source, cfg.model_init, precision, cfg.lora, cfg.seed, scalar_head=False)
@@ -74,7 +74,7 @@ def train(cfg: SFTStageConfig) -> dict:
 
     # 6. Evaluate what was saved, as a user would load it: the directory itself, generating
     #    greedily with the chat template. Main process only; the others wait.
-    metrics: dict = {"train_loss": result.training_loss, "overlong": over, "format": fmt}
+    metrics: dict = {"train_loss": train_loss, "overlong": over, "format": fmt}
     if state.is_main_process:
         eval_report = None
         evaluation = _evaluate_saved(out, cfg, tokenizer, held_out, precision)
