@@ -1,12 +1,19 @@
 """Held-out evaluation, shared by every stage and the report.
 
+Two held-out splits (rlhf.data.HeldOut): validation, for in-loop evaluation, the choice of a
+checkpoint and any tuning, and test, which eval.json, the report and the pipeline summary quote
+and nothing else reads. Tracked numbers keep them apart: `eval/<stage>/…` is the validation split
+(the in-loop curve), `test/<stage>/…` the test split.
+
 - `evaluate_generations`: greedy answers of a model to held-out prompts, scored by the task;
-- `evaluate_directory`: the same for a saved stage output, loaded as a user would, plus the
-  reward model's mean score of its answers;
-- `evaluate_in_loop`: the same during training, the prompts split across processes;
+- `evaluate_held_out`: the same on both splits, as eval.json records one model;
+- `evaluate_directory`: that for a saved stage output, loaded as a user would, plus the reward
+  model's mean score of its answers;
+- `changed_items`: the test items whose answer turned right or wrong between two evaluations;
+- `evaluate_in_loop`: the validation split during training, the prompts split across processes;
 - `score_sequences` / `score_responses`: the one reward-model scorer (PPO's held-out scores, the
   RM stage's pair accuracy and the reward server, rlhf/reward_server.py, all go through it);
-- `flatten_metrics` / `summary`: a task report as flat `eval/<stage>/…` keys, or its headline.
+- `flatten_metrics` / `tracked_metrics` / `summary`: a report as flat keys, or its headline.
 """
 
 from __future__ import annotations
@@ -18,12 +25,12 @@ from accelerate.utils import gather_object
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import GenerationConfig, ModelInit
-from rlhf.data import reference_answer
+from rlhf.data import HeldOut, reference_answer
 from rlhf.distributed import whole_models
 from rlhf.generation import gathered_for_generation, generate_text, left_pad, render_prompts
 from rlhf.precision import Precision
-from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve, sequence_scores
-from rlhf.tasks import score_generations
+from rlhf.registry import build_policy, build_scalar_model, end_of_turn_id, load_tokenizer, resolve, sequence_scores
+from rlhf.tasks import get_task, score_generations
 
 
 def evaluate_generations(
@@ -32,10 +39,11 @@ def evaluate_generations(
     examples: Sequence[dict],
     task_name: str | None,
     gen: GenerationConfig,
-    n_samples: int = 8,
 ) -> tuple[dict, list[dict]]:
-    """(metrics, samples): the task's report (exact-match accuracy, per bucket) of the model's
-    answers to examples that carry a reference answer, and a few examples to show."""
+    """(metrics, items): the task's report (exact-match accuracy and its standard error, overall
+    and per bucket) of the model's answers to the examples that carry a reference answer, and one
+    item per such example: {"prompt" (the question), "response", "answer", "correct", "bucket"}
+    (the bucket as the report keys it; None without a task)."""
     scored = [e for e in examples if reference_answer(e) is not None]
     if not scored:
         return {}, []
@@ -44,18 +52,95 @@ def evaluate_generations(
     responses = generate_text(model, tokenizer, prompts, gen)
     questions = [p[-1]["content"] for p in prompts]
     metrics = score_generations(task_name, questions, answers, responses)
-    samples = [
-        {"prompt": q, "response": r, "answer": a, "correct": r.strip() == a.strip()}
-        for q, r, a in list(zip(questions, responses, answers, strict=False))[:n_samples]
+    bucket = get_task(task_name).bucket if task_name is not None else None
+    items = [
+        {
+            "prompt": q,
+            "response": r,
+            "answer": a,
+            "correct": r.strip() == a.strip(),
+            "bucket": str(bucket(q)) if bucket else None,
+        }
+        for q, r, a in zip(questions, responses, answers, strict=True)
     ]
-    return metrics, samples
+    return metrics, items
+
+
+def pick_samples(items: Sequence[dict], n: int = 8) -> list[dict]:
+    """A few items to show (eval.json's `samples`): the first n / (number of buckets) of each bucket."""
+    buckets = list(dict.fromkeys(i["bucket"] for i in items))
+    per = max(1, n // max(len(buckets), 1))
+    return [i for b in buckets for i in [i for i in items if i["bucket"] == b][:per]]
+
+
+def evaluate_held_out(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    held_out: HeldOut,
+    task_name: str | None,
+    gen: GenerationConfig,
+    reward_model: torch.nn.Module | None = None,
+) -> dict:
+    """One model on both held-out splits, as eval.json records it: the test split's report at the
+    top level (`split: "test"`; with no test split, the validation split's, `split: "validation"`),
+    `samples` from each bucket, every answer in `items` (for `changed_items`; `for_eval_json`
+    drops them) and the validation split's report under `validation`. With a reward model, its
+    mean score of the answers on each split (`rm_score`). {} when neither split has answers."""
+    reports = {}
+    for split, examples in (("test", held_out.test), ("validation", held_out.validation)):
+        scored = [e for e in examples if reference_answer(e) is not None]
+        metrics, items = evaluate_generations(model, tokenizer, scored, task_name, gen)
+        if not items:
+            continue
+        if reward_model is not None:
+            scores = score_responses(
+                reward_model, tokenizer, [e["prompt"] for e in scored], [i["response"] for i in items]
+            )
+            metrics["rm_score"] = round(scores.mean().item(), 4)
+        reports[split] = (metrics, items)
+    if not reports:
+        return {}
+    quoted = "test" if "test" in reports else "validation"
+    metrics, items = reports[quoted]
+    out = {"split": quoted, **metrics, "samples": pick_samples(items), "items": items}
+    if quoted == "test" and "validation" in reports:
+        out["validation"] = reports["validation"][0]
+    return out
+
+
+def for_eval_json(evaluation: dict | None) -> dict | None:
+    """An evaluation without its per-item answers (`items`), as eval.json keeps it."""
+    return {k: v for k, v in evaluation.items() if k != "items"} if evaluation else evaluation
+
+
+def changed_items(before: dict | None, after: dict | None, per_bucket: int = 5) -> dict:
+    """The quoted split's items whose exact match changed from `before` to `after` (two evaluations
+    of the same items), per bucket: {bucket: {"n", "n_fixed", "n_broke", "fixed": [...], "broke":
+    [...]}}, fixed = wrong before and right after; up to per_bucket of each, in order, with both
+    answers. (n_fixed − n_broke) / n is the bucket's change in accuracy. {} if either has no items."""
+    b_items, a_items = (before or {}).get("items"), (after or {}).get("items")
+    if not b_items or not a_items or [i["prompt"] for i in b_items] != [i["prompt"] for i in a_items]:
+        return {}
+    out: dict[str, dict] = {}
+    for b, a in zip(b_items, a_items, strict=True):
+        entry = out.setdefault(b["bucket"] or "all", {"n": 0, "n_fixed": 0, "n_broke": 0, "fixed": [], "broke": []})
+        entry["n"] += 1
+        if b["correct"] == a["correct"]:
+            continue
+        kind = "fixed" if a["correct"] else "broke"
+        entry[f"n_{kind}"] += 1
+        if len(entry[kind]) < per_bucket:
+            entry[kind].append(
+                {"prompt": b["prompt"], "answer": b["answer"], "before": b["response"], "after": a["response"]}
+            )
+    return out
 
 
 @torch.no_grad()
 def score_sequences(
     reward_model: torch.nn.Module, rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 256
 ) -> torch.Tensor:
-    """The reward model's score of each token sequence (prompt + response + EOS), read at its last
+    """The reward model's score of each token sequence (prompt + response + end of turn), read at its last
     real token. Rows are left-padded, as in a PPO rollout. -> (N,) fp32 on the CPU."""
     was_training = reward_model.training
     reward_model.eval()
@@ -77,46 +162,46 @@ def score_responses(
     responses: Sequence[str],
 ) -> torch.Tensor:
     """The reward model's score of each response to its chat prompt, tokenised exactly as a
-    rollout is: the rendered prompt, the response tokens, EOS. -> (N,)"""
+    rollout is: the rendered prompt, the response tokens, the template's end of turn. -> (N,)"""
     return score_sequences(reward_model, response_rows(tokenizer, prompts, responses), tokenizer.pad_token_id)
 
 
 def response_rows(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]], responses: Sequence[str]
 ) -> list[list[int]]:
-    """The token ids `score_responses` scores: rendered chat prompt + response tokens + EOS."""
+    """The token ids `score_responses` scores: rendered chat prompt + response tokens + the token
+    the template ends an assistant turn with (EOS for most; Gemma's `<end_of_turn>`, Llama 3's
+    `<|eot_id|>`): where a rollout stops and the reward model was trained to be read."""
     prompt_ids = render_prompts(tokenizer, prompts)
     answers = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    return [p + a + [tokenizer.eos_token_id] for p, a in zip(prompt_ids, answers, strict=True)]
+    end = [end_of_turn_id(tokenizer)]
+    return [p + a + end for p, a in zip(prompt_ids, answers, strict=True)]
 
 
 def evaluate_directory(
     policy_dir: str,
     reward_model_dir: str | None,
-    examples: list[dict],
+    held_out: HeldOut,
     task_name: str | None,
     gen: GenerationConfig,
     init: ModelInit,
     precision: Precision,
     seed: int = 0,
 ) -> dict:
-    """Held-out accuracy (per bucket) of a saved policy, greedy, loaded as a user would, and the
-    reward model's mean score of its answers. Main process only, plain (unsharded) models.
-    `seed`: the stage's, so that a built-in preset (a random init) is the model the stage trains."""
+    """`evaluate_held_out` of a saved policy, greedy, loaded as a user would, with the reward
+    model's mean score of its answers. Main process only, plain (unsharded) models. `seed`: the
+    stage's, so that a built-in preset (a random init) is the model the stage trains."""
     source = resolve(policy_dir)
     tokenizer = load_tokenizer(source, init)
     with whole_models():
         policy = build_policy(source, init, tokenizer, seed=seed, precision=precision).eval()
-    metrics, samples = evaluate_generations(policy, tokenizer, examples, task_name, gen)
+    reward_model = None
     if reward_model_dir:
         rm_source = resolve(reward_model_dir)
         with whole_models():
             rm_tokenizer = load_tokenizer(rm_source, init)
             reward_model = build_scalar_model(rm_source, init, rm_tokenizer, precision=precision).eval()
-        responses = generate_text(policy, tokenizer, [e["prompt"] for e in examples], gen)
-        scores = score_responses(reward_model, tokenizer, [e["prompt"] for e in examples], responses)
-        metrics["rm_score"] = round(scores.mean().item(), 4) if len(scores) else 0.0
-    return {**metrics, "samples": samples}
+    return evaluate_held_out(policy, tokenizer, held_out, task_name, gen, reward_model)
 
 
 def evaluate_in_loop(
@@ -159,8 +244,25 @@ def flatten_metrics(metrics: dict, prefix: str) -> dict:
     return {f"{prefix}/{k}": v for k, v in flat.items()}
 
 
-def summary(metrics: dict | None) -> dict | None:
-    """The headline of an evaluation: accuracy, per bucket, and the reward model's mean score."""
-    if not metrics:
+def tracked_metrics(evaluation: dict, stage: str) -> dict:
+    """An evaluation as tracked numbers: the validation split under `eval/<stage>/` (the in-loop
+    curve's last point) and the test split under `test/<stage>/`."""
+    validation = evaluation.get("validation") if evaluation.get("split") == "test" else evaluation
+    out = flatten_metrics(validation, f"eval/{stage}") if validation else {}
+    if evaluation.get("split") == "test":
+        out.update(flatten_metrics(evaluation, f"test/{stage}"))
+    return out
+
+
+_HEADLINE = ("split", "accuracy", "stderr", "accuracy_by_digits", "stderr_by_digits", "rm_score")
+
+
+def summary(evaluation: dict | None) -> dict | None:
+    """The headline of an evaluation: which split, accuracy and its standard error, per bucket, the
+    reward model's mean score; and the validation split's accuracy beside the test split's."""
+    if not evaluation:
         return None
-    return {k: v for k, v in metrics.items() if k in ("accuracy", "accuracy_by_digits", "rm_score")}
+    out = {k: v for k, v in evaluation.items() if k in _HEADLINE}
+    if evaluation.get("validation"):
+        out["validation"] = {k: v for k, v in evaluation["validation"].items() if k in _HEADLINE}
+    return out

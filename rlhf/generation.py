@@ -1,7 +1,8 @@
 """Batched generation from chat prompts: left-padded, KV-cached, greedy or sampled (seeds 003, 004).
 
 Prompts are rendered with the tokenizer's chat template (`add_generation_prompt=True`), exactly
-as a user would with plain transformers, so what we evaluate is what they get.
+as a user would with plain transformers, so what we evaluate is what they get. Generation stops
+at any of the model's stop tokens, EOS and the template's end of turn (rlhf/registry/turns.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 
 from rlhf.config import GenerationConfig
 from rlhf.distributed import is_zero3
+from rlhf.registry import stop_token_ids
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]]) -> list[list[int]]:
@@ -122,8 +124,9 @@ def generate_ids(
     with_logprobs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(prompt_ids, response_ids, logprobs): (B, P) left-padded, (B, R) right-padded with pad after
-    EOS, and with `with_logprobs` (else None) the (B, R) fp32 log-probs of the response tokens under
-    softmax(logits / temperature) (positions after EOS hold the pad's log-prob: mask them)."""
+    the stop token, and with `with_logprobs` (else None) the (B, R) fp32 log-probs of the response
+    tokens under softmax(logits / temperature) (positions after the stop hold the pad's log-prob:
+    mask them). Stops at any of `stop_token_ids(tokenizer, model.generation_config)`."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     recorder = SampledLogprobs(gen.temperature if gen.do_sample else 1.0) if with_logprobs else None
@@ -132,7 +135,7 @@ def generate_ids(
         attention_mask=mask,
         max_new_tokens=gen.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(stop_token_ids(tokenizer, getattr(model, "generation_config", None))),
         use_cache=True,
         # Weights here are always whole on this process (gathered once under ZeRO-3, see
         # gathered_for_generation), so processes need not step in lockstep.
@@ -144,6 +147,54 @@ def generate_ids(
     return ids, response, recorder.finish(response) if recorder else None
 
 
+def ended_at(response_ids: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ended, length) of each response: ended (B,) bool, whether it holds a stop token; length (B,)
+    its tokens up to and including the first stop (R if it has none: cut off at max_new_tokens)."""
+    is_stop = torch.isin(response_ids, torch.tensor(list(stop_ids), device=response_ids.device))  # (B, R)
+    ended = is_stop.any(dim=1)
+    R = response_ids.shape[1]
+    first = torch.where(ended, is_stop.int().argmax(dim=1), torch.full_like(ended, R - 1, dtype=torch.long))
+    return ended, first + 1
+
+
+def response_texts(
+    tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, stop_ids: Sequence[int]
+) -> list[str]:
+    """The text of each response before its first stop token (the stop, and the pads after it, left
+    out even where the stop is not a special token), special tokens removed."""
+    ended, length = ended_at(response_ids, stop_ids)
+    rows = [
+        row[: n - 1 if e else n]
+        for row, n, e in zip(response_ids.tolist(), length.tolist(), ended.tolist(), strict=True)
+    ]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict]],
+    gen: GenerationConfig,
+    batch_size: int = 128,
+) -> tuple[list[str], list[bool]]:
+    """(texts, ended): the response text to each chat prompt (special tokens removed) and whether it
+    ended with a stop token (False: cut off at gen.max_new_tokens)."""
+    was_training = model.training
+    model.eval()
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    texts: list[str] = []
+    ended: list[bool] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            rows = render_prompts(tokenizer, prompts[start : start + batch_size])
+            _, responses, _ = generate_ids(model, tokenizer, rows, gen)
+            texts += response_texts(tokenizer, responses, stops)
+            ended += ended_at(responses, stops)[0].tolist()
+    finally:
+        model.train(was_training)
+    return texts, ended
+
+
 def generate_text(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -152,17 +203,7 @@ def generate_text(
     batch_size: int = 128,
 ) -> list[str]:
     """The response text to each chat prompt (special tokens removed)."""
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            rows = render_prompts(tokenizer, prompts[start : start + batch_size])
-            _, responses, _ = generate_ids(model, tokenizer, rows, gen)
-            out += tokenizer.batch_decode(responses, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-    return out
+    return generate_answers(model, tokenizer, prompts, gen, batch_size)[0]
 
 
 @contextlib.contextmanager

@@ -195,6 +195,7 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
     for flag, stage in (("--from-stage", from_stage), ("--only", only)):
         if stage is not None and stage not in stages:
             raise ConfigError(flag, f"{stage} is not one of this pipeline's stages {list(stages)}")
+    check_held_out_agree(cfg)
     selected = [only] if only else list(stages[stages.index(from_stage) :] if from_stage else stages)
     forced = set(selected) if (only or from_stage) else set()
     upstream_ran = False
@@ -236,6 +237,45 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
     return 0
 
 
+# The task fields that decide the held-out splits: the test split leaves the validation items out
+# and every generated training set leaves the test items out, so all stages must draw the same ones.
+HELD_OUT_KEYS = (
+    "task.name",
+    "task.eval_size",
+    "task.eval_digits",
+    "task.data_seed",
+    "task.fewshot",
+    "task.test_per_bucket",
+    "task.test_seed",
+    "data.test",
+    "data.test_split",
+)
+
+
+def check_held_out_agree(cfg: PipelineConfig) -> None:
+    """Refuse stages that would draw different validation or test splits: one stage's test items
+    could then be another's training items, and their eval.json files would quote different sets."""
+    seen: dict[str, tuple[str, object]] = {}  # key -> (the first stage that set it, its value)
+    for stage in cfg.stages:
+        stage_cfg = resolved_stage_config(cfg, stage)
+        for key in HELD_OUT_KEYS:
+            if stage == "rm" and key.startswith("data."):
+                continue  # the reward model reads pairs: its data.test is never read
+            value = _dotted(stage_cfg, key)
+            first, expected = seen.setdefault(key, (stage, value))
+            if value != expected:
+                raise ConfigError(
+                    f"{stage}.{key}",
+                    f"is {value!r} but {first}.{key} is {expected!r}: every stage must draw the same held-out splits",
+                )
+
+
+def _dotted(obj, key: str):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _finished_and_current(out: Path, digest: str) -> bool:
     """Finished with this config hash, from upstream outputs that are still the ones it read."""
     manifest = read_manifest(out)
@@ -273,7 +313,7 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"))
         wall = manifest.get("metrics", {}).get("wall_time_s")
         rows.append((stage, "wall time", f"{wall:.0f} s" if wall else "-"))
     if sft:
-        rows.append(("sft", "held-out accuracy", _acc(sft)))
+        rows += _accuracy_rows("sft", "", sft)
     if rm:
         rows.append(("rm", "pairwise accuracy", f"{rm.get('accuracy', float('nan')):.3f}"))
         if rm.get("accuracy_generated") is not None and "onpolicy" in rm.get("accuracy_by_kind", {}):
@@ -281,17 +321,21 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"))
         for kind, acc in rm.get("accuracy_by_kind", {}).items():
             rows.append(("rm", f"  on {kind}", f"{acc:.3f}"))
     if ppo:
-        rows.append(("ppo", "accuracy before", _acc(ppo.get("before") or {})))
-        rows.append(("ppo", "accuracy after", _acc(ppo.get("after") or {})))
+        rows += _accuracy_rows("ppo", " before", ppo.get("before")) + _accuracy_rows("ppo", " after", ppo.get("after"))
         kl, target = ppo.get("final_kl"), ppo.get("kl_target")
         rows.append(("ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
     if dpo:
-        rows.append(("dpo", "accuracy before", _acc(dpo.get("before") or {})))
-        rows.append(("dpo", "accuracy after", _acc(dpo.get("after") or {})))
+        rows += _accuracy_rows("dpo", " before", dpo.get("before")) + _accuracy_rows("dpo", " after", dpo.get("after"))
         if (dpo.get("pairs") or {}).get("accuracy") is not None:
             rows.append(("dpo", "held-out pair accuracy", f"{dpo['pairs']['accuracy']:.3f}"))
     width = max(len(r[1]) for r in rows)
     lines += [f"  {s:<4} {k:<{width}}  {v}" for s, k, v in rows]
+    if any("validation accuracy" in r[1] for r in rows):
+        lines += [
+            "",
+            "  accuracy: exact match, ± one standard error; the test split is used by nothing else, the validation",
+            "  split by in-loop evaluation and tuning",
+        ]
     lines += [
         "",
         f"  outputs:     {run_dir}/{{{','.join(stages)}}}",
@@ -303,11 +347,30 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"))
     return "\n".join(lines)
 
 
+def _accuracy_rows(stage: str, when: str, evaluation: dict | None) -> list[tuple[str, str, str]]:
+    """The quoted split's accuracy (the test split's, ± one standard error), then the validation
+    split's beside it (in-loop evaluation and tuning used it: not an unbiased figure)."""
+    if not evaluation or "accuracy" not in evaluation:
+        return []
+    split = evaluation.get("split", "held-out")
+    rows = [(stage, f"{split} accuracy{when}", _acc(evaluation))]
+    if evaluation.get("validation"):
+        rows.append((stage, f"  validation accuracy{when}", _acc(evaluation["validation"])))
+    return rows
+
+
 def _acc(report: dict) -> str:
+    """E.g. 0.912 ± 0.006 (2-digit 1.000 ± 0.000, 5-digit 0.824 ± 0.012): ± one standard error."""
     if "accuracy" not in report:
         return "-"
-    buckets = ", ".join(f"{d}-digit {a:.3f}" for d, a in report.get("accuracy_by_digits", {}).items())
-    return f"{report['accuracy']:.3f} ({buckets})" if buckets else f"{report['accuracy']:.3f}"
+
+    def pm(value: float, se: float | None) -> str:
+        return f"{value:.3f} ± {se:.3f}" if se is not None else f"{value:.3f}"
+
+    errors = report.get("stderr_by_digits", {})
+    buckets = ", ".join(f"{d}-digit {pm(a, errors.get(d))}" for d, a in report.get("accuracy_by_digits", {}).items())
+    head = pm(report["accuracy"], report.get("stderr"))
+    return f"{head} ({buckets})" if buckets else head
 
 
 def _path(p: str) -> Path:

@@ -2,12 +2,18 @@
 the data behind every plot, from what the stages left in runs/<name>/.
 
     python -m rlhf.report runs/tiny          # writes runs/tiny/report.html and runs/tiny/plots/
+
+Accuracy is quoted on the test split with one standard error; the validation split's figures sit
+in a table of their own. Chinese prompts need a CJK font where the page is viewed and, for any in
+a plot, where it is drawn: `apt-get install fonts-noto-cjk` (the page asks for Noto Sans CJK and
+its usual alternatives; matplotlib falls back to whichever of them is installed).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import io
 import json
@@ -20,11 +26,28 @@ import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib import font_manager
 
 from rlhf.checkpoint import atomic_write_json, atomic_write_text
 from rlhf.tasks import TASKS
 
 STAGES = ("sft", "rm", "ppo", "dpo")
+
+# Fonts that hold the Chinese of seed 000's prompts, in order of preference: Debian's
+# fonts-noto-cjk, Adobe's name for the same design, macOS's and Windows' own, WenQuanYi.
+CJK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Source Han Sans SC",
+    "PingFang SC",
+    "Microsoft YaHei",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+)
+_CSS_CJK = ", ".join(f'"{name}"' for name in CJK_FONTS)
+# A curve of at least SMOOTH_MIN points is drawn faint, under its exponential moving average.
+SMOOTH_MIN = 20
+SMOOTH_WEIGHT = 0.9  # s_t = 0.9·s_(t−1) + 0.1·x_t: about the last ten points
 
 # (plot file, title, [(metric key, label)], y-label): one line per metric present in the run. The
 # run's task adds its own lines (`Task.curves`, e.g. its rule rewards on ppo_score), and
@@ -150,21 +173,29 @@ def write_report(run_dir: str | Path) -> Path:
     stages = {s: load_stage(run_dir / s) for s in STAGES}
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    data: dict[str, dict] = {}
-    images: list[tuple[str, str, str]] = []  # (name, title, base64 png)
+    with plt.rc_context({"font.family": ["DejaVu Sans", *cjk_fonts()]}):  # per-glyph fallback for Chinese
+        images, data = _plots(stages, plot_dir)
+    atomic_write_json(plot_dir / "data.json", data)
+    page = _page(run_dir, stages, images, data)
+    atomic_write_text(run_dir / "report.html", page)
+    return run_dir / "report.html"
 
+
+def _plots(stages: dict, plot_dir: Path) -> tuple[list[tuple[str, str, str]], dict[str, dict]]:
+    """(images, data): each plot as (name, title, base64 PNG), also written to plot_dir, and the
+    numbers behind each."""
+    data: dict[str, dict] = {}
+    images: list[tuple[str, str, str]] = []
     for name, title, keys, ylabel in curves_for(stages):
         stage = stages[name.split("_")[0]]
         lines = {label: stage["series"][key] for key, label in keys if stage["series"].get(key)}
         if not lines:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-        for label, points in lines.items():
-            xs, ys = zip(*points, strict=False)
-            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
-        _style(ax, title, "step", ylabel, legend=len(lines) > 1)
+        data[name] = {label: _plot_line(ax, label, points) for label, points in lines.items()}
+        smoothed = any("smoothed" in line for line in data[name].values())  # the legend says which is the EMA
+        _style(ax, title, "step", ylabel, legend=len(lines) > 1 or smoothed)
         images.append((name, title, _save(fig, plot_dir / f"{name}.png")))
-        data[name] = {label: {"x": [p[0] for p in pts], "y": [p[1] for p in pts]} for label, pts in lines.items()}
 
     scores = stages["rm"]["eval"].get("scores")
     if scores:
@@ -177,11 +208,51 @@ def write_report(run_dir: str | Path) -> Path:
         _style(ax, "RM: held-out scores, chosen vs rejected", "reward", "pairs", legend=True)
         images.append(("rm_score_histogram", "RM score histogram", _save(fig, plot_dir / "rm_score_histogram.png")))
         data["rm_score_histogram"] = {"chosen": scores["chosen"], "rejected": scores["rejected"]}
+    return images, data
 
-    atomic_write_json(plot_dir / "data.json", data)
-    page = _page(run_dir, stages, images, data)
-    atomic_write_text(run_dir / "report.html", page)
-    return run_dir / "report.html"
+
+def _plot_line(ax, label: str, points: list[tuple[int, float]]) -> dict:
+    """One curve; a long one (noisy, step by step) faint, under its moving average. -> its data."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if len(xs) < SMOOTH_MIN:
+        ax.plot(xs, ys, label=label, marker="o", markersize=3)
+        return {"x": xs, "y": ys}
+    smooth = ema(ys, SMOOTH_WEIGHT)
+    (raw,) = ax.plot(xs, ys, alpha=0.25, linewidth=1)
+    ax.plot(xs, smooth, color=raw.get_color(), label=f"{label} (EMA {SMOOTH_WEIGHT})")
+    return {"x": xs, "y": ys, "smoothed": smooth}
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average with TensorBoard's start-up correction: s_t = w·s_(t−1) + (1 − w)·x_t
+    from s_0 = 0, reported as s_t / (1 − w^t) so the first points are not pulled toward 0. A NaN
+    is passed over (reported as NaN, the average carried on)."""
+    out, s, t = [], 0.0, 0
+    for x in values:
+        if math.isnan(x):
+            out.append(float("nan"))
+            continue
+        t += 1
+        s = weight * s + (1 - weight) * x
+        out.append(s / (1 - weight**t))
+    return out
+
+
+@functools.cache
+def cjk_fonts() -> tuple[str, ...]:
+    """The fonts of CJK_FONTS that matplotlib finds on this machine (none: Chinese is drawn as
+    boxes). matplotlib lists the fonts it found when its cache was built; one installed since
+    (apt-get install fonts-noto-cjk after the first plot) is looked for on disk and added."""
+
+    def known() -> tuple[str, ...]:
+        names = {f.name for f in font_manager.fontManager.ttflist}
+        return tuple(name for name in CJK_FONTS if name in names)
+
+    if not known():
+        for path in font_manager.findSystemFonts():
+            if any(mark in Path(path).name.lower() for mark in ("cjk", "wqy", "sourcehan")):
+                font_manager.fontManager.addfont(path)
+    return known()
 
 
 def _style(ax, title: str, xlabel: str, ylabel: str, legend: bool) -> None:
@@ -229,22 +300,7 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
     e = html.escape
     parts = [f"<h1>RLHF run <code>{e(run_dir.name)}</code></h1>", f"<p class=dim>{e(str(run_dir.resolve()))}</p>"]
 
-    rows = accuracy_rows(stages)
-    if rows:
-        buckets = sorted({d for _, r in rows for d in r.get("accuracy_by_digits", {})}, key=int)
-        head = "".join(f"<th>{e(d)}-digit</th>" for d in buckets)
-        body = ""
-        for name, r in rows:
-            cells = "".join(f"<td>{_fmt(r.get('accuracy_by_digits', {}).get(d))}</td>" for d in buckets)
-            body += (
-                f"<tr><td>{e(name)}</td><td>{_fmt(r.get('accuracy'))}</td>{cells}"
-                f"<td>{_fmt(r.get('rm_score'))}</td></tr>"
-            )
-        task = e(run_task(stages) or "")
-        parts.append(
-            f"<h2>Task accuracy: {task} (held-out, exact match)</h2><table><tr><th>model</th><th>all</th>"
-            f"{head}<th>RM score</th></tr>{body}</table>"
-        )
+    parts += _accuracy_tables(stages)
 
     rm = stages["rm"]["eval"]
     if rm.get("accuracy_by_kind"):
@@ -264,17 +320,7 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
             f"<h2>PPO</h2><p>final KL to the reference {_fmt(ppo.get('final_kl'))} nats per response "
             f"(target {e(str(ppo.get('kl_target')))}), β {_fmt(ppo.get('beta'))}</p>"
         )
-        samples = [(w, s) for w in ("before", "after") for s in (ppo.get(w) or {}).get("samples", [])]
-        if samples:
-            body = "".join(
-                f"<tr><td>{e(w)}</td><td>{e(s['prompt'])}</td><td>{e(s['response'])}</td>"
-                f"<td>{e(s['answer'])}</td><td>{'✔' if s['correct'] else '✘'}</td></tr>"
-                for w, s in samples
-            )
-            parts.append(
-                "<h3>Sample generations before and after PPO</h3><table><tr><th></th><th>prompt</th>"
-                f"<th>response</th><th>answer</th><th></th></tr>{body}</table>"
-            )
+        parts.append(_changed_section("PPO", ppo.get("changed")))
 
     dpo = stages["dpo"]["eval"]
     if dpo.get("pairs"):
@@ -283,6 +329,7 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
             f"<h2>DPO</h2><p>held-out pairs ranked right by the implicit reward {_fmt(pairs.get('accuracy'))}, "
             f"mean margin {_fmt(pairs.get('margin'))}, loss {_fmt(pairs.get('loss'))}</p>"
         )
+    parts.append(_changed_section("DPO", dpo.get("changed")))
 
     perf = ""
     for stage in STAGES:
@@ -318,8 +365,8 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>RLHF run {e(run_dir.name)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body {{ font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1180px; margin: 24px auto;
-       padding: 0 16px; color: #222; }}
+body {{ font: 14px/1.45 system-ui, -apple-system, "Segoe UI", {_CSS_CJK}, sans-serif;
+       max-width: 1180px; margin: 24px auto; padding: 0 16px; color: #222; }}
 h1 {{ font-size: 22px; margin-bottom: 0; }} h2 {{ font-size: 17px; margin-top: 28px; }} h3 {{ font-size: 15px; }}
 .dim {{ color: #777; margin-top: 2px; }}
 table {{ border-collapse: collapse; margin: 8px 0; }} td, th {{ border: 1px solid #ddd; padding: 4px 10px; }}
@@ -330,6 +377,73 @@ figure {{ margin: 0; }} img {{ width: 100%; height: auto; border: 1px solid #eee
 {"".join(parts)}
 </body></html>
 """
+
+
+def _accuracy_tables(stages: dict) -> list[str]:
+    """The task accuracy of each model on the quoted (test) split, ± one standard error, then on
+    the validation split in a table of its own."""
+    rows = accuracy_rows(stages)
+    if not rows:
+        return []
+    task, split = html.escape(run_task(stages) or ""), rows[-1][1].get("split", "held-out")
+    notes = {
+        "test": "drawn with its own seed, no training or validation item among them, used by nothing else",
+        "validation": "the split in-loop evaluation, any choice of checkpoint and tuning read: not an unbiased figure",
+    }
+    out = [_accuracy_table(f"Task accuracy: {task}, {split} split (exact match)", rows, notes.get(split, ""))]
+    validation = [(name, r["validation"]) for name, r in rows if r.get("validation")]
+    if validation:
+        out.append(_accuracy_table(f"Task accuracy: {task}, validation split", validation, notes["validation"]))
+    return out
+
+
+def _accuracy_table(title: str, rows: list[tuple[str, dict]], note: str) -> str:
+    e = html.escape
+    buckets = sorted({d for _, r in rows for d in r.get("accuracy_by_digits", {})}, key=int)
+    sizes = rows[-1][1].get("n_by_digits", {})
+    head = "".join(f"<th>{e(d)}-digit{f' (n {sizes[d]})' if d in sizes else ''}</th>" for d in buckets)
+    body = ""
+    for name, r in rows:
+        errors = r.get("stderr_by_digits", {})
+        cells = "".join(f"<td>{_pm(r.get('accuracy_by_digits', {}).get(d), errors.get(d))}</td>" for d in buckets)
+        body += (
+            f"<tr><td>{e(name)}</td><td>{_pm(r.get('accuracy'), r.get('stderr'))}</td>{cells}"
+            f"<td>{_fmt(r.get('rm_score'))}</td></tr>"
+        )
+    return (
+        f"<h2>{title}</h2><p class=dim>± one standard error, sqrt(p(1 − p)/n) per bucket; {e(note)}</p>"
+        f"<table><tr><th>model</th><th>all</th>{head}<th>RM score</th></tr>{body}</table>"
+    )
+
+
+def _changed_section(stage: str, changed: dict | None) -> str:
+    """The test items whose answer turned right (fixed) or wrong (broke) in `stage`, per bucket."""
+    if not changed:
+        return ""
+    e, mark = html.escape, {True: "✔", False: "✘"}
+    body = ""
+    for bucket, c in changed.items():
+        name = f"{bucket}-digit" if bucket.isdigit() else bucket
+        net = 100 * (c["n_fixed"] - c["n_broke"]) / max(c["n"], 1)
+        body += (
+            f"<tr><th colspan=5>{e(name)}: fixed {c['n_fixed']}, broke {c['n_broke']} of {c['n']} "
+            f"(net {net:+.1f} points)</th></tr>"
+        )
+        for kind, before_right in (("fixed", False), ("broke", True)):
+            body += "".join(
+                f"<tr><td>{kind}</td><td>{e(i['prompt'])}</td><td>{e(i['answer'])}</td>"
+                f"<td>{e(i['before'])} {mark[before_right]}</td><td>{e(i['after'])} {mark[not before_right]}</td></tr>"
+                for i in c[kind]
+            )
+    return (
+        f"<h3>Test items {stage} fixed and broke</h3><table><tr><th></th><th>prompt</th><th>answer</th>"
+        f"<th>before {stage}</th><th>after {stage}</th></tr>{body}</table>"
+    )
+
+
+def _pm(value, se) -> str:
+    """0.824 ± 0.012"""
+    return _fmt(value) if se is None or _fmt(value) == "-" else f"{_fmt(value)} ± {_fmt(se)}"
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -31,6 +31,7 @@ STAGE_ARGS = {
         "model=tiny-llama",
         "task.train_size=256",
         "task.eval_size=8",
+        "task.test_per_bucket=4",
         "train.max_steps=4",
         "train.batch_size=8",
         "train.save_every=2",
@@ -49,6 +50,7 @@ STAGE_ARGS = {
     "ppo": [
         "task.train_size=64",
         "task.eval_size=8",
+        "task.test_per_bucket=4",
         "rollout.prompts_per_step=8",
         "ppo.minibatches=2",
         "rollout.generation.max_new_tokens=4",

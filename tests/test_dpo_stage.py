@@ -29,6 +29,7 @@ from stages.dpo.train import PairDPOTrainer, _reference_is_adapter_off, dpo_args
 
 FAST = [
     "task.eval_size=16",
+    "task.test_per_bucket=8",
     "pairs.train_size=256",
     "pairs.eval_size=32",
     "pairs.onpolicy_fraction=0.25",

@@ -1,11 +1,14 @@
 """Generation decodes exactly as our GenerationConfig says, whatever decoding defaults the model's
-own generation_config.json carries (hub models ship repetition penalties, top-k, top-p)."""
+own generation_config.json carries (hub models ship repetition penalties, top-k, top-p), and stops
+at the chat template's end of turn as well as at EOS."""
 
 import torch
+from scripted_model import END_OF_TURN, bigram_policy, tokenizer_with_end_of_turn
 
 from rlhf.config import GenerationConfig, ModelInit
-from rlhf.generation import generate_ids, left_pad, render_prompts
-from rlhf.registry import build_policy, load_tokenizer, resolve
+from rlhf.evaluation import response_rows
+from rlhf.generation import generate_ids, generate_text, left_pad, render_prompts
+from rlhf.registry import build_policy, last_token_index, load_tokenizer, resolve, stop_token_ids
 
 INIT = ModelInit()
 PROMPTS = [
@@ -75,7 +78,7 @@ def test_sampled_logprobs_equal_a_forward_of_the_policy():
     torch.manual_seed(0)
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20)
     query, response, logprobs = generate_ids(policy, tokenizer, rows, gen, with_logprobs=True)
-    mask, _ = response_mask(response, tokenizer.eos_token_id)
+    mask, _ = response_mask(response, stop_token_ids(tokenizer, policy.generation_config))
     input_ids = torch.cat([query, response], 1)
     attention_mask = torch.cat([(query != tokenizer.pad_token_id).long(), mask], 1)
     with torch.no_grad():
@@ -85,3 +88,51 @@ def test_sampled_logprobs_equal_a_forward_of_the_policy():
     real = mask.bool()
     assert real.sum() >= 16
     torch.testing.assert_close(logprobs[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_generation_stops_at_the_templates_end_of_turn():
+    """Issue 14 item 10: a template whose turns end in <end_of_turn> (Gemma's shape; EOS is another
+    token) stops there: in evaluation's text, in PPO's rollout (the mask, the missing-EOS flag, the
+    token the reward model is read at) and in the rows the reward model is trained and scored on.
+    Before, generation ran on past it to max_new_tokens: "42" came back as "429999"."""
+    from stages.ppo.engines import Generated
+    from stages.ppo.sampling import episode_tensors
+
+    tokenizer = tokenizer_with_end_of_turn()
+    # after the assistant marker: 4, 2, <end_of_turn>, then 9s for ever if not stopped
+    policy = bigram_policy(tokenizer, {"<|assistant|>": "4", "4": "2", "2": END_OF_TURN, END_OF_TURN: "9", "9": "9"})
+    four, two, eot = tokenizer.convert_tokens_to_ids(["4", "2", END_OF_TURN])
+    stops = stop_token_ids(tokenizer, policy.generation_config)
+    assert stops == (eot, tokenizer.eos_token_id) and eot != tokenizer.eos_token_id
+    gen = GenerationConfig(max_new_tokens=6, do_sample=False)
+
+    assert generate_text(policy, tokenizer, PROMPTS, gen) == ["42", "42"]
+
+    query, response, _ = generate_ids(policy, tokenizer, render_prompts(tokenizer, PROMPTS), gen)
+    assert response.tolist() == [[four, two, eot]] * 2  # stopped: nothing generated after it
+    sampled = Generated(prompt_ids=query, response_ids=response, logprobs=None)
+    input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer, stops)
+    assert has_eos.tolist() == [True, True]  # no missing-EOS penalty
+    assert resp_mask.tolist() == [[1, 1, 1]] * 2
+    read_at = input_ids.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    assert read_at.tolist() == [eot, eot]  # the reward model's score is read at the end of turn
+
+    # the reward model is trained and scored on the same ending
+    assert response_rows(tokenizer, PROMPTS[:1], ["42"])[0][-3:] == [four, two, eot]
+
+
+def test_sampled_rollout_stops_at_the_end_of_turn():
+    """The same through PPO's rollout engine, sampling at temperature 1 with log-probs."""
+    from accelerate import Accelerator
+
+    from stages.ppo.engines import HFEngine
+    from stages.ppo.models import PolicyAndValue
+
+    tokenizer = tokenizer_with_end_of_turn()
+    policy = bigram_policy(tokenizer, {"<|assistant|>": "7", "7": END_OF_TURN, END_OF_TURN: "9", "9": "9"})
+    seven, eot = tokenizer.convert_tokens_to_ids(["7", END_OF_TURN])
+    engine = HFEngine(PolicyAndValue(policy, None), tokenizer, Accelerator(cpu=True))
+    gen = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=1.0)
+    out = engine.generate(render_prompts(tokenizer, PROMPTS), gen, with_logprobs=True)
+    assert out.response_ids.tolist() == [[seven, eot]] * 2
+    assert out.logprobs.shape == (2, 2) and (out.logprobs > -1e-6).all()  # each token's probability ~1

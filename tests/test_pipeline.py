@@ -18,7 +18,8 @@ import pytest
 
 from conftest import ROOT, run_entry
 from rlhf.cli import parse
-from rlhf.pipeline import KINDS
+from rlhf.config import ConfigError
+from rlhf.pipeline import KINDS, check_held_out_agree, load_pipeline
 from rlhf.report import load_stage
 from wandb_offline import history
 
@@ -26,11 +27,14 @@ MINI = [
     "model=tiny-llama",
     "sft.task.train_size=1000",
     "sft.task.eval_size=24",
+    "sft.task.test_per_bucket=12",
     "sft.train.max_steps=30",
     "sft.train.batch_size=32",
     "sft.optim.lr=3e-3",
     "sft.train.log_every=5",
     "sft.train.save_every=15",
+    "rm.task.eval_size=24",  # every stage draws the same held-out splits (the pipeline checks)
+    "rm.task.test_per_bucket=12",
     "rm.pairs.train_size=400",
     "rm.pairs.eval_size=48",
     "rm.train.max_steps=20",
@@ -39,6 +43,7 @@ MINI = [
     "rm.train.save_every=10",
     "ppo.task.train_size=200",
     "ppo.task.eval_size=24",
+    "ppo.task.test_per_bucket=12",
     "ppo.rollout.prompts_per_step=16",
     "ppo.ppo.minibatches=2",
     "ppo.ppo.value_warmup_steps=0",
@@ -54,6 +59,7 @@ SMALLEST = [
     "model=tiny-llama",
     *(f"{s}.{k}" for s in ("sft", "rm", "ppo") for k in ("tracking.progress=false", "tracking.report_to=[]")),
     *("sft.task.train_size=64", "sft.task.eval_size=8", "sft.evaluate_base=false", "sft.train.max_steps=2"),
+    *(f"{s}.task.{k}" for s in ("sft", "rm", "ppo") for k in ("eval_size=8", "test_per_bucket=4")),
     *("sft.train.batch_size=8", "rm.pairs.train_size=64", "rm.pairs.eval_size=8", "rm.pairs.onpolicy_fraction=0"),
     *("rm.train.max_steps=2", "rm.train.batch_size=8", "ppo.task.train_size=32", "ppo.task.eval_size=8"),
     *("ppo.rollout.prompts_per_step=8", "ppo.ppo.minibatches=2", "ppo.rollout.generation.max_new_tokens=4"),
@@ -283,6 +289,7 @@ TINY = [
     "report=false",
     "sft.task.train_size=256",
     "sft.task.eval_size=8",
+    *(f"{s}.task.{k}" for s in ("sft", "rm", "ppo") for k in ("eval_size=8", "test_per_bucket=4")),
     "sft.evaluate_base=false",
     "sft.train.batch_size=8",
     "sft.train.max_steps=4",
@@ -326,3 +333,19 @@ def test_upstream_rerun_makes_downstream_start_afresh(tmp_path):
         assert manifest["inputs"][str(run_dir / "sft")] == sft_hash
     rm_steps = [r["step"] for r in _jsonl(run_dir / "rm" / "metrics.jsonl") if "train/rm/loss" in r]
     assert rm_steps[0] == 1 and max(rm_steps) == 4  # a whole fresh run, not one step from the old end
+
+
+def test_stages_that_would_draw_different_held_out_splits_are_refused(tmp_path):
+    """One stage's test items must not be another's training items: every stage draws the same
+    validation and test splits, or the pipeline stops before running anything."""
+    config = str(ROOT / "configs/tiny/pipeline.yaml")
+    check_held_out_agree(load_pipeline(config, []))  # the shipped configs agree
+    for override, key in (
+        ("ppo.task.test_seed=7", "ppo.task.test_seed"),
+        ("rm.task.eval_size=24", "rm.task.eval_size"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            check_held_out_agree(load_pipeline(config, [override]))
+        assert err.value.key == key and "same held-out splits" in str(err.value)
+    result = run_entry("launch/pipeline.py", f"runs_dir={tmp_path}", "sft.task.test_per_bucket=10", "--dry-run")
+    assert result.returncode == 2 and "'rm.task.test_per_bucket'" in result.stderr and not any(tmp_path.iterdir())

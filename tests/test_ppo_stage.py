@@ -22,6 +22,7 @@ from stages.ppo.models import fingerprint
 FAST = [
     "task.train_size=256",
     "task.eval_size=16",
+    "task.test_per_bucket=8",
     "rollout.prompts_per_step=16",
     "ppo.minibatches=2",
     "rollout.generation.max_new_tokens=6",
@@ -432,7 +433,7 @@ def test_disable_dropout_also_switches_off_attention_dropout(preset):
 def test_preset_policy_with_a_seed_is_its_own_reference_and_before(tmp_path):
     """policy=tiny-llama seed=3: the reference is the policy's initial weights (it was a seed-0
     model), and the "before" evaluation scores that same model."""
-    from rlhf.evaluation import evaluate_generations
+    from rlhf.evaluation import evaluate_generations, pick_samples
     from stages.ppo.sampling import load_prompts
 
     out = tmp_path / "seeded"
@@ -445,10 +446,13 @@ def test_preset_policy_with_a_seed_is_its_own_reference_and_before(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["reference_fingerprint"] == fingerprint(initial, frozen_only=True)
     cfg = _ppo_config("policy=tiny-llama", "reward_model=tiny-llama", *args, f"output_dir={out}")
-    examples = load_prompts(cfg, tokenizer).eval_examples
-    metrics, samples = evaluate_generations(initial, tokenizer, examples, cfg.task.name, cfg.generation)
+    prompts = load_prompts(cfg, tokenizer)
+    metrics, items = evaluate_generations(initial, tokenizer, prompts.test_examples, cfg.task.name, cfg.generation)
     before = json.loads((out / "eval.json").read_text())["before"]
-    assert before["samples"] == samples and before["accuracy"] == metrics["accuracy"]
+    assert before["split"] == "test" and before["n"] == 16  # test_per_bucket 8, two buckets
+    assert before["samples"] == pick_samples(items) and before["accuracy"] == metrics["accuracy"]
+    metrics, _ = evaluate_generations(initial, tokenizer, prompts.eval_examples, cfg.task.name, cfg.generation)
+    assert before["validation"]["accuracy"] == metrics["accuracy"] and before["validation"]["n"] == 4
 
 
 def test_group_sampling_and_dynamic_sampling(sft_dir, tmp_path, monkeypatch):

@@ -225,14 +225,21 @@ def stage_run(stage: str, model_dir, out, *extra):
     common = [f"output_dir={out}", "model_init.dtype=bfloat16", "tracking.report_to=[]", "tracking.progress=false"]
     common += ["train.save_every=0", "optim.warmup_ratio=0", f"optim.lr={LR}"]
     if stage == "sft":
-        args = ["launch/stage1_sft.py", f"model={model_dir}", "task.train_size=64", "task.eval_size=4"]
+        args = [
+            "launch/stage1_sft.py",
+            f"model={model_dir}",
+            "task.train_size=64",
+            "task.eval_size=4",
+            "task.test_per_bucket=2",
+        ]
         args += ["train.batch_size=8", "train.max_steps=6", "evaluate_base=false", "generation.max_new_tokens=4"]
     elif stage == "rm":
         args = ["launch/stage2_rm.py", f"model={model_dir}", "pairs.train_size=64", "pairs.eval_size=8"]
         args += ["pairs.onpolicy_fraction=0", "loss.lm_coef=0", "train.batch_size=8", "train.max_steps=6"]
     else:
         args = ["launch/stage3_ppo.py", f"policy={model_dir}", f"value_model={model_dir}", "reward_model=tiny-llama"]
-        args += ["task.train_size=64", "task.eval_size=4", "rollout.prompts_per_step=8", "ppo.minibatches=2"]
+        args += ["task.train_size=64", "task.eval_size=4", "task.test_per_bucket=2", "rollout.prompts_per_step=8"]
+        args += ["ppo.minibatches=2"]
         args += ["rollout.generation.max_new_tokens=4", "generation.max_new_tokens=4", "train.max_steps=3"]
         args += [f"value_optim.lr={LR}", "ppo.value_warmup_steps=0", "train.eval_every=0"]
     result = run_entry(*args, *common, *extra)
@@ -269,7 +276,7 @@ def test_float16_and_accelerate_fp16_stop_before_anything_is_written(tmp_path):
     """fp16 trains without a loss scaler here: refused with one line naming the key, exit 2, before
     the output directory exists; accelerate's fp16 reaches PPO's Accelerator through the env."""
     tiny = ["tracking.report_to=[]", "tracking.progress=false", "train.max_steps=1", "train.save_every=0"]
-    tiny += ["task.train_size=16", "task.eval_size=2", "generation.max_new_tokens=2"]
+    tiny += ["task.train_size=16", "task.eval_size=2", "task.test_per_bucket=1", "generation.max_new_tokens=2"]
     sft = ["launch/stage1_sft.py", "model=tiny-llama", "evaluate_base=false", *tiny]
     ppo = ["launch/stage3_ppo.py", "policy=tiny-llama", "reward_model=tiny-llama", *tiny]
     ppo += ["rollout.prompts_per_step=4", "ppo.minibatches=1", "rollout.generation.max_new_tokens=2"]

@@ -73,3 +73,44 @@ def test_every_preference_format_trains_as_is(path, tmp_path):
     metrics = train(cfg)
     manifest = json.loads(Path(tmp_path / "rm" / "manifest.json").read_text())
     assert manifest["finished"] and metrics["n"] > 0
+
+
+def _pair(x: int, y: int) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": PROMPT % (x, y)}],
+        "chosen": [{"role": "assistant", "content": str(x - y)}],
+        "rejected": [{"role": "assistant", "content": "0"}],
+    }
+
+
+def test_onpolicy_mining_never_mines_a_cut_off_answer(caplog):
+    """Issue 14 item 11: an answer cut off at the sampling budget is never mined as "rejected".
+    The 20-digit bucket's right answer 77777777777777777778 − 1 = 77777777777777777777 (20 tokens)
+    against a model that writes 7s and never stops: mining used to sample 16 tokens and mine
+    "7777777777777777" as the wrong answer; now it samples 20 + 1 (sign) + 4 (slack) + 1 (end of
+    turn) = 26 tokens, the answer is still going, and it is dropped and counted. A finished wrong
+    answer is still mined, a finished right one is not."""
+    from scripted_model import bigram_policy
+
+    from rlhf.precision import resolve_precision
+    from rlhf.registry import build_tiny_tokenizer, prepare_tokenizer
+    from stages.reward.pairs import mine_pairs, mining_max_new_tokens
+
+    cfg = load_config(
+        RMStageConfig,
+        ROOT / "configs/tiny/rm.yaml",
+        ["task.train_digits=[20]", "task.train_weights=null", "pairs.onpolicy_samples=2"],
+    )
+    assert mining_max_new_tokens(cfg.task) == 26
+    tokenizer = prepare_tokenizer(build_tiny_tokenizer())
+    precision = resolve_precision(cfg.model_init)
+
+    never_stops = bigram_policy(tokenizer, {"<|assistant|>": "7", "7": "7"})
+    with caplog.at_level("INFO", logger="rlhf.pairs"):
+        mined = mine_pairs(never_stops, tokenizer, [_pair(77777777777777777778, 1)], 4, cfg, precision)
+    assert mined == []
+    assert "2 cut off at 26 tokens" in caplog.text
+
+    answers_minus_one = bigram_policy(tokenizer, {"<|assistant|>": "-", "-": "1", "1": "<|end|>"})
+    mined = mine_pairs(answers_minus_one, tokenizer, [_pair(1, 2), _pair(2, 7)], 4, cfg, precision)
+    assert [(p["prompt"][0]["content"], p["rejected"][0]["content"]) for p in mined] == [(PROMPT % (2, 7), "-1")]

@@ -16,6 +16,7 @@ FAST = [
     "model=tiny-llama",
     "task.train_size=2000",
     "task.eval_size=40",
+    "task.test_per_bucket=20",
     "train.batch_size=32",
     "optim.lr=3e-3",
     "optim.warmup_ratio=0",

@@ -83,10 +83,14 @@ def test_accuracy_report_per_bucket():
     responses = [" 9", "10", "12343\n", "1"]
     report = S.accuracy_report(prompts, answers, responses)
     # 2-digit: "9" right, "10" wrong (sign) -> 0.5; 5-digit: right, wrong -> 0.5
+    # standard error per bucket sqrt(0.5 · 0.5 / 2) = 0.35355; overall, stratified by bucket:
+    # sqrt(2 · 0.25 + 2 · 0.25) / 4 = 0.25
     assert report == {
         "task": "subtraction",
         "accuracy": 0.5,
+        "stderr": 0.25,
         "accuracy_by_digits": {"2": 0.5, "5": 0.5},
+        "stderr_by_digits": {"2": 0.3536, "5": 0.3536},
         "n_by_digits": {"2": 2, "5": 2},
         "n": 4,
     }

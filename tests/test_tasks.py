@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import ConfigError, DataConfig, RMStageConfig, SFTStageConfig, TaskConfig, load_config
-from rlhf.data import load_records
+from rlhf.data import DataError, load_records
 from rlhf.report import write_report
 from rlhf.tasks import RULES, TASKS, score_generations, task_preference_records, task_records
 from rlhf.tasks import addition_reversed as A
+from rlhf.tasks import subtraction as S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +99,12 @@ def _digest(records: list[dict]) -> str:
 
 
 def test_subtraction_data_is_byte_for_byte_what_it_was():
-    # Digests computed on the code before the task registry (commit 18db813), same calls.
-    t = TaskConfig(train_size=300, eval_size=100, train_digits=(2, 3, 4, 5), train_weights=(4, 2, 2, 2))
-    f = TaskConfig(train_size=50, eval_size=20, fewshot=True)
+    # Digests computed on the code before the task registry (commit 18db813), same calls. Without a
+    # test split nothing is reserved, so every generator draws exactly what it did.
+    t = TaskConfig(
+        train_size=300, eval_size=100, train_digits=(2, 3, 4, 5), train_weights=(4, 2, 2, 2), test_per_bucket=0
+    )
+    f = TaskConfig(train_size=50, eval_size=20, fewshot=True, test_per_bucket=0)
     kinds = ("wrong_digit", "missed_borrow", "sign_error", "dropped_digit")
     assert _digest(task_records(t, "train")) == "66ee826806b659bd"
     assert _digest(task_records(t, "train", seed_offset=20)) == "183d130dd6efd565"  # PPO's prompts
@@ -112,6 +116,84 @@ def test_subtraction_data_is_byte_for_byte_what_it_was():
     assert _digest(task_preference_records(f, ("sign_error", "dropped_digit"), 50, "train")) == "9f8555b55d0e601e"
     # kinds=None is every kind, in the task's order
     assert task_preference_records(t, None, 100, "eval") == task_preference_records(t, kinds, 100, "eval")
+    # the validation split is the same with a test split as without one
+    assert _digest(task_records(dataclasses.replace(t, test_per_bucket=50), "eval")) == "005d289e45f59bd3"
+
+
+# ---- the test split ------------------------------------------------------------------------------
+
+QUESTION_OF = {"subtraction": S.parse_question, "addition_reversed": A.parse_question}
+
+
+def _items(name: str, records: list[dict]) -> list[tuple[int, int]]:
+    """(x, y) of each generated record: SFT messages, held-out prompts or pairs."""
+    prompts = [r["messages"][0]["content"] if "messages" in r else r["prompt"] for r in records]
+    return [QUESTION_OF[name](p) for p in prompts]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_test_split_is_disjoint_from_training_and_validation_and_has_its_own_seed(name):
+    # 2-digit items are few (subtraction: 10^4, reversed addition: 9,000), so 3,000 training draws
+    # and 300 test items a bucket collide unless the test items are reserved
+    digits = (2, 5) if name == "subtraction" else (2, 3)  # subtraction counts the seed's buckets
+    cfg = TaskConfig(
+        name=name, train_size=3000, train_digits=digits, eval_size=200, eval_digits=digits, test_per_bucket=300
+    )
+    records = task_records(cfg, "test")
+    test = _items(name, records)
+    validation = set(_items(name, task_records(cfg, "eval")))
+    assert len(test) == 600 and not set(test) & validation
+    prompts, answers = [r["prompt"] for r in records], [r["answer"] for r in records]
+    assert score_generations(name, prompts, answers, answers)["n_by_digits"]["2"] == 300
+    trained = {
+        "sft": task_records(cfg, "train"),
+        "ppo prompts": task_records(cfg, "train", seed_offset=20),
+        "pairs": task_preference_records(cfg, None, 3000, "train"),
+        "held-out pairs": task_preference_records(cfg, None, 600, "eval"),
+    }
+    for what, records in trained.items():
+        assert not set(_items(name, records)) & set(test), what
+    # without the reservation the same draws would have held test items: the check above can fail
+    unreserved = dataclasses.replace(cfg, test_per_bucket=0)
+    assert set(_items(name, task_records(unreserved, "train"))) & set(test)
+    # drawn with test_seed: another seed draws other items, and the validation seed (data_seed + 1) is refused
+    other = _items(name, task_records(dataclasses.replace(cfg, test_seed=cfg.test_seed + 1), "test"))
+    assert len(set(other) & set(test)) < len(set(test)) // 2
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTStageConfig, ROOT / "configs/tiny/sft.yaml", ["task.test_seed=1235"])  # data_seed 1234 + 1
+    assert err.value.key == "task.test_seed" and "validation" in str(err.value)
+
+
+def test_subtraction_test_split_is_the_seeded_draw_without_validation_items():
+    cfg = TaskConfig(eval_size=400, eval_digits=(2, 5), test_per_bucket=1000, test_seed=77)
+    validation = {(x, y) for _, x, y in S.test_items(400, (2, 5), cfg.data_seed + 1)}
+    expected = S.test_items(2000, (2, 5), 77, exclude=validation)
+    assert S.test_split_items(cfg) == expected
+    # what was skipped: the plain draw from seed 77 holds validation items, the split none
+    plain = S.test_items(2000, (2, 5), 77)
+    assert {(x, y) for _, x, y in plain} & validation and plain != expected
+    assert [r["prompt"] for r in task_records(cfg, "test")] == [S.PROMPT % (x, y) for _, x, y in expected]
+
+
+def test_held_out_config_is_checked():
+    sft = ROOT / "configs/tiny/sft.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTStageConfig, sft, ["task.test_per_bucket=-1"])
+    assert err.value.key == "task.test_per_bucket"
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTStageConfig, sft, ["data.eval=data/x.jsonl", "data.test=data/x.jsonl", "data.eval_split=test"])
+    assert err.value.key == "data.test"
+    records, label = load_records(DataConfig(), dataclasses.replace(small("subtraction"), test_per_bucket=0), "test")
+    assert (records, label) == ([], "none")
+    records, label = load_records(DataConfig(), small("subtraction"), "test")
+    assert label == "task:subtraction/test" and len(records) == 3 * 1000
+
+
+def test_a_bucket_the_held_out_splits_use_up_is_refused_with_a_message():
+    # 1-digit subtraction has 100 items; 1,000 test items hold every one, so no training item is left
+    cfg = TaskConfig(train_digits=(1,), eval_digits=(1,), train_size=10, eval_size=0)
+    with pytest.raises(DataError, match=r"task:subtraction/train: .*1-digit bucket.*task.test_per_bucket"):
+        load_records(DataConfig(), cfg, "train")
 
 
 # ---- addition_reversed by hand -------------------------------------------------------------------
@@ -152,7 +234,9 @@ def test_addition_reversed_buckets_and_rules_by_hand():
     assert report == {
         "task": "addition_reversed",
         "accuracy": 0.5,
+        "stderr": 0.0,  # each bucket all right or all wrong: no spread within a bucket
         "accuracy_by_digits": {"2": 1.0, "4": 0.0},
+        "stderr_by_digits": {"2": 0.0, "4": 0.0},
         "n_by_digits": {"2": 1, "4": 1},
         "n": 2,
     }
@@ -188,4 +272,4 @@ def test_task_config_is_a_task_spec():
     """The task package reads its config by attribute; TaskConfig has every field it reads."""
     fields = {f.name for f in dataclasses.fields(TaskConfig)}
     assert {"name", "train_size", "train_digits", "train_weights", "eval_size", "eval_digits"} <= fields
-    assert {"fewshot", "data_seed"} <= fields
+    assert {"fewshot", "data_seed", "test_per_bucket", "test_seed"} <= fields

@@ -69,16 +69,26 @@ class DataConfig:
     hub dataset id. None means the task's built-in generated set (see `task`)."""
 
     train: str | None = None
-    eval: str | None = None
+    eval: str | None = None  # the validation split: in-loop evaluation, the choice of a checkpoint, any tuning
+    # the test split: quoted in eval.json, the report and the summary, used by nothing else; null: the
+    # task's generated test split (none without a task)
+    test: str | None = None
     train_split: str = "train"  # split to read from a hub id or a saved DatasetDict
     eval_split: str = "test"
+    test_split: str = "test"
     max_length: int = 512  # tokens per example (prompt + response)
     overlong: Literal["drop", "truncate"] = "drop"  # what to do with longer examples (counted in the log)
-    max_eval_examples: int | None = None  # cap on held-out examples used for evaluation
+    max_eval_examples: int | None = None  # cap on validation examples (the test split is never cut)
 
     def check(self) -> None:
         if self.max_length <= 0:
             raise ConfigError("max_length", f"must be positive, got {self.max_length}")
+        if self.test is not None and (self.test, self.test_split) == (self.eval, self.eval_split):
+            raise ConfigError(
+                "test",
+                f"is the validation data ({self.eval!r}, split {self.eval_split!r}); the test split must be "
+                "used by nothing else",
+            )
 
 
 @dataclass(frozen=True)
@@ -91,10 +101,16 @@ class TaskConfig:
     train_size: int = 100_000
     train_digits: tuple[int, ...] = (2, 3, 4, 5)  # digit buckets for training items (seed: 2, 5, 10, 20)
     train_weights: tuple[float, ...] | None = None  # sampling weight per bucket; None: uniform
-    eval_size: int = 400
-    eval_digits: tuple[int, ...] = (2, 5)  # the seed's first two buckets
+    eval_size: int = 400  # the validation split, over eval_digits: in-loop evaluation, checkpoint choice, tuning
+    eval_digits: tuple[int, ...] = (2, 5)  # the seed's first two buckets (of both held-out splits)
+    # the test split: items per bucket of eval_digits, drawn with test_seed, no validation item among
+    # them, and left out of every generated training set (SFT items, RM and DPO pairs, PPO prompts);
+    # eval.json, the report and the pipeline summary quote it. 1,000: one standard error is at most
+    # 1.6 points (at accuracy 0.5), 1.3 at 0.8. 0: no test split (the validation split is quoted)
+    test_per_bucket: int = 1000
+    test_seed: int = 20261130  # must differ from data_seed (training) and data_seed + 1 (validation)
     fewshot: bool = False  # prompt with the seed's few-shot instruction instead of the plain question
-    data_seed: int = 1234  # generated data depends on this, not on `seed`; the held-out set uses data_seed + 1
+    data_seed: int = 1234  # generated data depends on this, not on `seed`; the validation split uses data_seed + 1
 
     def check(self) -> None:
         if self.name is not None and self.name not in TASKS:
@@ -105,6 +121,15 @@ class TaskConfig:
             raise ConfigError("train_weights", "needs one weight per entry of train_digits")
         if any(d <= 0 for d in self.train_digits + self.eval_digits):
             raise ConfigError("train_digits", "digit counts must be positive")
+        if self.test_per_bucket < 0:
+            raise ConfigError("test_per_bucket", f"must be >= 0 (0: no test split), got {self.test_per_bucket}")
+        if self.test_seed in (self.data_seed, self.data_seed + 1):
+            which = (
+                "training items (data_seed)"
+                if self.test_seed == self.data_seed
+                else "the validation split (data_seed + 1)"
+            )
+            raise ConfigError("test_seed", f"{self.test_seed} is the seed of {which}; the test split needs its own")
 
 
 @dataclass(frozen=True)

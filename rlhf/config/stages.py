@@ -56,7 +56,7 @@ class SFTStageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation
-    evaluate_base: bool = True  # also score the starting model on the held-out set (eval.json "base")
+    evaluate_base: bool = True  # also score the starting model on both held-out splits (eval.json "base")
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from rlhf.config import DataConfig, TaskConfig
 from rlhf.data.io import DataError, Record, read_records
 from rlhf.data.preference import normalize_preferences
 from rlhf.data.sft import detect_sft_format, normalize_sft, reference_answer
 from rlhf.tasks import task_records
+from rlhf.tasks.base import BucketExhausted
 
 __all__ = [
     "DataError",
+    "HeldOut",
     "Record",
     "detect_sft_format",
+    "load_held_out",
     "load_records",
     "normalize_preferences",
     "normalize_sft",
@@ -25,21 +29,56 @@ __all__ = [
 def load_records(
     data: DataConfig, task: TaskConfig, split: str, generate: Callable[[], list[dict]] | None = None
 ) -> tuple[list[Record], str]:
-    """Records for "train" or "eval" and a label saying where they came from: the configured
-    file / dataset, or, when the config leaves it null, the task's generated set (`generate`,
-    e.g. the task's preference pairs; by default its SFT / held-out data)."""
-    source = data.train if split == "train" else data.eval
+    """Records for "train", "eval" (the validation split) or "test" and a label saying where they
+    came from: the configured file / dataset, or, when the config leaves it null, the task's
+    generated set (`generate`, e.g. the task's preference pairs; by default its SFT / held-out
+    data). No test split without a task, or with task.test_per_bucket 0."""
+    source = {"train": data.train, "eval": data.eval, "test": data.test}[split]
     if source is None:
-        if task.name is None:
-            if split == "eval":
+        if task.name is None or (split == "test" and task.test_per_bucket == 0):
+            if split != "train":
                 return [], "none"
             raise DataError("data.train", None, "no training data: set data.train or a built-in task")
         label = f"task:{task.name}/{split}"
-        generated = generate() if generate else task_records(task, split)
+        try:
+            generated = generate() if generate else task_records(task, split)
+        except BucketExhausted as e:
+            raise DataError(label, None, str(e)) from None
         return [Record(r, f"{label} item {i + 1}") for i, r in enumerate(generated)], label
-    records = read_records(source, data.train_split if split == "train" else data.eval_split)
+    records = read_records(source, {"train": data.train_split, "eval": data.eval_split, "test": data.test_split}[split])
     if split == "eval" and data.max_eval_examples is not None:
         records = records[: data.max_eval_examples]
     if not records:
         raise DataError(source, None, "holds no records")
     return records, source
+
+
+@dataclass(kw_only=True)
+class HeldOut:
+    """The two held-out splits of prompts with answers. Validation: in-loop evaluation, the choice
+    of a checkpoint, any tuning. Test: quoted in eval.json, the report and the summary, and used by
+    nothing else. Either may be empty."""
+
+    validation: list[dict]  # normalised examples {"prompt": [messages], "completion": [messages]}
+    test: list[dict]
+    validation_source: str  # where they came from, e.g. "task:subtraction/eval" or a file
+    test_source: str
+
+    def describe(self) -> str:
+        """For the log: how many of each, from where."""
+        return (
+            f"validation {len(self.validation)} from {self.validation_source}, "
+            f"test {len(self.test)} from {self.test_source}"
+        )
+
+
+def load_held_out(data: DataConfig, task: TaskConfig) -> HeldOut:
+    """Both held-out splits: data.eval / data.test, or the task's generated ones when null."""
+    validation, validation_source = load_records(data, task, "eval")
+    test, test_source = load_records(data, task, "test")
+    return HeldOut(
+        validation=normalize_sft(validation)[0] if validation else [],
+        test=normalize_sft(test)[0] if test else [],
+        validation_source=validation_source,
+        test_source=test_source,
+    )

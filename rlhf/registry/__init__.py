@@ -19,6 +19,7 @@ from rlhf.registry.models import (
 )
 from rlhf.registry.presets import PRESETS, Preset
 from rlhf.registry.tiny import build_tiny_tokenizer
+from rlhf.registry.turns import end_of_turn_id, stop_token_ids
 
 __all__ = [
     "PRESETS",
@@ -31,6 +32,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "cast_trainable",
     "config_of",
+    "end_of_turn_id",
     "last_token_index",
     "load_tokenizer",
     "position_ids_from_mask",
@@ -38,5 +40,6 @@ __all__ = [
     "resolve",
     "score_head",
     "sequence_scores",
+    "stop_token_ids",
     "token_scores",
 ]

@@ -2,6 +2,8 @@
 
 - `resolve(name)` says where weights come from (and reads an earlier stage's manifest);
 - `load_tokenizer` sets up pad token, padding side and chat template;
+- every model built carries its stop tokens (EOS and the template's end of turn, rlhf/registry/turns.py)
+  in `generation_config.eos_token_id`;
 - `build_policy` gives a causal LM, `build_scalar_model` the same decoder with a one-output head
   (the reward model reads it at the last real token, the value model at every token);
 - LoRA (PEFT) wraps either; QLoRA loads the base in 4 bits where bitsandbytes and a GPU exist.
@@ -37,6 +39,7 @@ from rlhf.config import LoraConfig, ModelInit
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry.presets import PRESETS, Preset
 from rlhf.registry.tiny import build_tiny_tokenizer
+from rlhf.registry.turns import stop_token_ids
 
 
 class ModelLoadError(RuntimeError):
@@ -332,7 +335,9 @@ def _fit_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> No
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        # every token that ends a turn, the model's own list included (rlhf/registry/turns.py): what
+        # sampling stops at here, and what a saved model's generation_config.json tells a user's generate()
+        model.generation_config.eos_token_id = list(stop_token_ids(tokenizer, model.generation_config))
 
 
 def _four_bit_config():

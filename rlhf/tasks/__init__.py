@@ -52,11 +52,13 @@ def get_task(name: str | None) -> Task:
 
 
 def task_records(task: TaskSpec, split: str, seed_offset: int = 0) -> list[dict]:
-    """Generated records for `split` ("train": SFT records, "eval": {"prompt", "answer"}), in the
-    task's formats. Training items depend on data_seed + seed_offset (PPO draws fresh prompts with
-    an offset)."""
+    """Generated records for `split` ("train": SFT records; "eval", the validation split, and
+    "test": {"prompt", "answer"}), in the task's formats. Training items depend on data_seed +
+    seed_offset (PPO draws fresh prompts with an offset) and never include a test item."""
     t = get_task(task.name)
-    return t.train_records(task, seed_offset) if split == "train" else t.eval_records(task)
+    if split == "train":
+        return t.train_records(task, seed_offset)
+    return t.test_records(task) if split == "test" else t.eval_records(task)
 
 
 def task_preference_records(

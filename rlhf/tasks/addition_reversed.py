@@ -15,9 +15,10 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
+from functools import lru_cache, partial
 
-from rlhf.tasks.base import Task, TaskSpec, bucket_report, exact_match
+from rlhf.tasks.base import Task, TaskSpec, bucket_report, draw_unreserved, exact_match
 
 # Short on purpose: with the tiny tokenizer a 4-digit item is 10 prompt tokens (" + " and " =" are
 # single tokens, digits one each); the task's name, not the prompt, says the answer is reversed.
@@ -39,20 +40,62 @@ def sample_item(rng: random.Random, d: int) -> tuple[int, int]:
     return x, y
 
 
+def answer_chars(task: TaskSpec) -> int:
+    """Characters of the longest answer for this config: x, y < 10^d, so x + y < 2·10^d has at
+    most d + 1 digits (99 + 99 = 198 -> "891")."""
+    return max(task.train_digits + task.eval_digits) + 1
+
+
 def bucket_of(x: int, y: int) -> int:
     return max(len(str(x)), len(str(y)))
 
 
-def items(n: int, digits: Sequence[int], weights: Sequence[float] | None, seed: int) -> list[tuple[int, int]]:
-    """n items, the bucket of each drawn from `digits` by `weights` (uniform if None)."""
+def items(
+    n: int,
+    digits: Sequence[int],
+    weights: Sequence[float] | None,
+    seed: int,
+    exclude: Container[tuple[int, int]] = frozenset(),
+) -> list[tuple[int, int]]:
+    """n items, the bucket of each drawn from `digits` by `weights` (uniform if None); an item in
+    `exclude` is skipped and its bucket drawn again (nothing excluded: the same stream as ever)."""
     rng = random.Random(seed)
-    return [sample_item(rng, rng.choices(digits, weights=weights)[0]) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        d = rng.choices(digits, weights=weights)[0]
+        out.append(draw_unreserved(partial(sample_item, rng, d), exclude, d))
+    return out
 
 
-def even_items(n: int, digits: Sequence[int], seed: int) -> list[tuple[int, int]]:
-    """n items split evenly over `digits`, in order (the held-out layout)."""
+def even_items(
+    n: int, digits: Sequence[int], seed: int, exclude: Container[tuple[int, int]] = frozenset()
+) -> list[tuple[int, int]]:
+    """n items split evenly over `digits`, in order (the held-out layout); `exclude` as in `items`."""
     rng = random.Random(seed)
-    return [sample_item(rng, digits[i * len(digits) // n]) for i in range(n)]
+    out = []
+    for i in range(n):
+        d = digits[i * len(digits) // n]
+        out.append(draw_unreserved(partial(sample_item, rng, d), exclude, d))
+    return out
+
+
+def test_split_items(task: TaskSpec) -> list[tuple[int, int]]:
+    """The test split: test_per_bucket items in each bucket of eval_digits, drawn with test_seed,
+    none of them a validation item (and `reserved` keeps them out of every training set)."""
+    return list(
+        _test_split(task.eval_size, tuple(task.eval_digits), task.data_seed, task.test_per_bucket, task.test_seed)
+    )
+
+
+@lru_cache(maxsize=8)
+def _test_split(eval_size, eval_digits, data_seed, per_bucket, test_seed) -> tuple[tuple[int, int], ...]:
+    seen = frozenset(even_items(eval_size, eval_digits, data_seed + 1))
+    return tuple(even_items(per_bucket * len(eval_digits), eval_digits, test_seed, exclude=seen))
+
+
+def reserved(task: TaskSpec) -> frozenset[tuple[int, int]]:
+    """The test split's items: no generated training item or pair is one of them."""
+    return frozenset(test_split_items(task))
 
 
 def parse_question(prompt: str) -> tuple[int, int]:
@@ -67,8 +110,8 @@ def parse_question(prompt: str) -> tuple[int, int]:
 
 
 def train_records(task: TaskSpec, seed_offset: int = 0) -> list[dict]:
-    """SFT records {"messages": [user, assistant]}, from data_seed + seed_offset."""
-    pairs = items(task.train_size, task.train_digits, task.train_weights, task.data_seed + seed_offset)
+    """SFT records {"messages": [user, assistant]}, from data_seed + seed_offset; no test-split item."""
+    pairs = items(task.train_size, task.train_digits, task.train_weights, task.data_seed + seed_offset, reserved(task))
     return [
         {"messages": [{"role": "user", "content": PROMPT % (x, y)}, {"role": "assistant", "content": answer_of(x, y)}]}
         for x, y in pairs
@@ -76,11 +119,16 @@ def train_records(task: TaskSpec, seed_offset: int = 0) -> list[dict]:
 
 
 def eval_records(task: TaskSpec) -> list[dict]:
-    """The held-out set {"prompt", "answer"}, split evenly over eval_digits, from data_seed + 1."""
+    """The validation split {"prompt", "answer"}, split evenly over eval_digits, from data_seed + 1."""
     return [
         {"prompt": PROMPT % (x, y), "answer": answer_of(x, y)}
         for x, y in even_items(task.eval_size, task.eval_digits, task.data_seed + 1)
     ]
+
+
+def test_records(task: TaskSpec) -> list[dict]:
+    """The test split {"prompt", "answer"}, from test_seed (see `test_split_items`)."""
+    return [{"prompt": PROMPT % (x, y), "answer": answer_of(x, y)} for x, y in test_split_items(task)]
 
 
 def wrong_answer(x: int, y: int, kind: str, rng: random.Random) -> str | None:
@@ -127,12 +175,13 @@ def pair_records(
     task: TaskSpec, kinds: Sequence[str], size: int, split: str, weights: Sequence[float] | None = None
 ) -> list[dict]:
     """Pairs {"prompt", "chosen", "rejected", "kind"}: the right answer against a wrong one of a
-    kind drawn by `weights` (uniform if None) from those that apply; from data_seed + 10 / + 11."""
+    kind drawn by `weights` (uniform if None) from those that apply; from data_seed + 10 / + 11,
+    no test-split item among them."""
     offset = 10 if split == "train" else 11
     if split == "train":
-        drawn = items(size, task.train_digits, task.train_weights, task.data_seed + offset)
+        drawn = items(size, task.train_digits, task.train_weights, task.data_seed + offset, reserved(task))
     else:
-        drawn = even_items(size, task.eval_digits, task.data_seed + offset)
+        drawn = even_items(size, task.eval_digits, task.data_seed + offset, reserved(task))
     rng = random.Random(task.data_seed + offset)
     out = []
     for x, y in drawn:
@@ -189,12 +238,14 @@ TASK = Task(
     name="addition_reversed",
     train_records=train_records,
     eval_records=eval_records,
+    test_records=test_records,
     preference_records=pair_records,
     is_correct=exact_match,
+    bucket=lambda question: bucket_of(*parse_question(question)),
     score=accuracy_report,
     rules={"addition_reversed": exact_rule, "addition_reversed_digits": digits_rule},
     wrong_kinds=WRONG_KINDS,
-    answer_tokens=8,  # a sum of two 6-digit numbers has 7 digits, then EOS
+    answer_tokens=answer_chars,
     curves=(
         ("ppo_score", "train/ppo/rule_addition_reversed", "addition_reversed rule"),
         ("ppo_score", "train/ppo/rule_addition_reversed_digits", "addition_reversed digits rule"),

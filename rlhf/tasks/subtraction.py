@@ -19,10 +19,11 @@ import json
 import random
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
+from functools import lru_cache, partial
 from pathlib import Path
 
-from rlhf.tasks.base import Task, TaskSpec, bucket_report
+from rlhf.tasks.base import Task, TaskSpec, bucket_report, draw_unreserved
 
 PROMPT = "请计算：%d - %d = ，直接返回计算结果"
 SEED_BUCKETS = (2, 5, 10, 20)
@@ -83,26 +84,61 @@ def is_correct(response: str, answer: str) -> bool:
     return response.strip() == str(answer).strip()
 
 
-def test_items(n: int, digits: Sequence[int], seed: int) -> list[tuple[int, int, int]]:
-    """(dx, x, y) for n items split evenly over `digits`, in the seed's order."""
+def test_items(
+    n: int, digits: Sequence[int], seed: int, exclude: Container[tuple[int, int]] = frozenset()
+) -> list[tuple[int, int, int]]:
+    """(dx, x, y) for n items split evenly over `digits`, in the seed's order; an (x, y) in
+    `exclude` is skipped and its bucket drawn again (nothing excluded: the seed's stream)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         dx = digits[i * len(digits) // n]
-        x, y = sample_item(rng, dx)
+        x, y = draw_unreserved(partial(sample_item, rng, dx), exclude, dx)
         out.append((dx, x, y))
     return out
 
 
-def train_items(n: int, digits: Sequence[int], weights: Sequence[float] | None, seed: int):
-    """(dx, x, y) for n items with dx drawn from `digits` by `weights` (uniform if None)."""
+def train_items(
+    n: int,
+    digits: Sequence[int],
+    weights: Sequence[float] | None,
+    seed: int,
+    exclude: Container[tuple[int, int]] = frozenset(),
+):
+    """(dx, x, y) for n items with dx drawn from `digits` by `weights` (uniform if None); an
+    (x, y) in `exclude` is skipped and its bucket drawn again."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         dx = rng.choices(digits, weights=weights)[0]
-        x, y = sample_item(rng, dx)
+        x, y = draw_unreserved(partial(sample_item, rng, dx), exclude, dx)
         out.append((dx, x, y))
     return out
+
+
+def validation_items(task: TaskSpec) -> list[tuple[int, int, int]]:
+    """The validation split (in-loop evaluation, tuning): eval_size items over eval_digits, from data_seed + 1."""
+    return test_items(task.eval_size, task.eval_digits, task.data_seed + 1)
+
+
+def test_split_items(task: TaskSpec) -> list[tuple[int, int, int]]:
+    """The test split: test_per_bucket items in each bucket of eval_digits, drawn with test_seed,
+    none of them a validation item (and `reserved` keeps them out of every training set)."""
+    return list(
+        _test_split(task.eval_size, tuple(task.eval_digits), task.data_seed, task.test_per_bucket, task.test_seed)
+    )
+
+
+@lru_cache(maxsize=8)
+def _test_split(eval_size, eval_digits, data_seed, per_bucket, test_seed) -> tuple[tuple[int, int, int], ...]:
+    validation = test_items(eval_size, eval_digits, data_seed + 1)
+    seen = frozenset((x, y) for _, x, y in validation)
+    return tuple(test_items(per_bucket * len(eval_digits), eval_digits, test_seed, exclude=seen))
+
+
+def reserved(task: TaskSpec) -> frozenset[tuple[int, int]]:
+    """The (x, y) of the test split: no generated training item or pair is one of them."""
+    return frozenset((x, y) for _, x, y in test_split_items(task))
 
 
 def test_record(x: int, y: int) -> dict:
@@ -209,15 +245,26 @@ def _borrow_columns(big: int, small: int) -> list[int]:
 
 
 def train_records(task: TaskSpec, seed_offset: int = 0) -> list[dict]:
-    """SFT records; items depend on data_seed + seed_offset (PPO draws fresh prompts with an offset)."""
-    items = train_items(task.train_size, task.train_digits, task.train_weights, task.data_seed + seed_offset)
+    """SFT records; items depend on data_seed + seed_offset (PPO draws fresh prompts with an
+    offset); no test-split item among them."""
+    items = train_items(
+        task.train_size, task.train_digits, task.train_weights, task.data_seed + seed_offset, reserved(task)
+    )
     return [sft_record(x, y, fewshot=task.fewshot) for _, x, y in items]
 
 
 def eval_records(task: TaskSpec) -> list[dict]:
-    """The held-out set {"prompt", "answer"}, from data_seed + 1."""
-    items = test_items(task.eval_size, task.eval_digits, task.data_seed + 1)
-    if task.fewshot:
+    """The validation split {"prompt", "answer"}, from data_seed + 1."""
+    return _held_out_records(validation_items(task), task.fewshot)
+
+
+def test_records(task: TaskSpec) -> list[dict]:
+    """The test split {"prompt", "answer"}, from test_seed (see `test_split_items`)."""
+    return _held_out_records(test_split_items(task), task.fewshot)
+
+
+def _held_out_records(items: Sequence[tuple[int, int, int]], fewshot: bool) -> list[dict]:
+    if fewshot:
         return [{"prompt": FEWSHOT_PROMPT % (x, y), "answer": str(x - y)} for _, x, y in items]
     return [test_record(x, y) for _, x, y in items]
 
@@ -226,14 +273,21 @@ def pair_records(
     task: TaskSpec, kinds: Sequence[str], size: int, split: str, weights: Sequence[float] | None = None
 ) -> list[dict]:
     """Chosen/rejected pairs for `split` ("train" or "eval"): the right answer against a realistic
-    wrong one (see `wrong_answer`), its kind drawn by `weights`; from data_seed + 10 / + 11."""
+    wrong one (see `wrong_answer`), its kind drawn by `weights`; from data_seed + 10 / + 11, no
+    test-split item among them."""
     offset = 10 if split == "train" else 11
     if split == "train":
-        items = train_items(size, task.train_digits, task.train_weights, task.data_seed + offset)
+        items = train_items(size, task.train_digits, task.train_weights, task.data_seed + offset, reserved(task))
     else:
-        items = test_items(size, task.eval_digits, task.data_seed + offset)
+        items = test_items(size, task.eval_digits, task.data_seed + offset, reserved(task))
     rng = random.Random(task.data_seed + offset)
     return [r for _, x, y in items if (r := preference_record(x, y, kinds, rng, task.fewshot, weights))]
+
+
+def answer_chars(task: TaskSpec) -> int:
+    """Characters of the longest difference for this config: x < 10^dx and y < 10^dx, so |x − y|
+    has at most dx digits, and a sign (0 − 99 = −99: 3 characters for dx = 2)."""
+    return max(task.train_digits + task.eval_digits) + 1
 
 
 def accuracy_report(
@@ -306,12 +360,14 @@ TASK = Task(
     name="subtraction",
     train_records=train_records,
     eval_records=eval_records,
+    test_records=test_records,
     preference_records=pair_records,
     is_correct=is_correct,
+    bucket=lambda question: bucket_of(*parse_question(question)),
     score=accuracy_report,
     rules={"subtraction": subtraction_exact, "subtraction_digits": subtraction_digits},
     wrong_kinds=WRONG_KINDS,
-    answer_tokens=16,  # what on-policy mining has always sampled: a 20-digit difference and EOS fit
+    answer_tokens=answer_chars,
     curves=(
         ("ppo_score", "train/ppo/rule_subtraction", "subtraction rule"),
         ("ppo_score", "train/ppo/rule_subtraction_digits", "subtraction digits rule"),

@@ -23,13 +23,13 @@ from trl import DPOConfig, DPOTrainer
 
 from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
 from rlhf.config import DataConfig, DPOStageConfig, to_dict
-from rlhf.data import load_records, normalize_sft
+from rlhf.data import HeldOut, load_held_out
 from rlhf.distributed import process_state
-from rlhf.evaluation import evaluate_directory, flatten_metrics, summary
+from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
 from rlhf.precision import Precision, resolve_precision
-from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
+from rlhf.registry import build_policy, cast_trainable, end_of_turn_id, load_tokenizer, resolve
 from rlhf.tracking import Tracking
 from stages.reward.pairs import preference_pairs
 
@@ -61,9 +61,8 @@ def train(cfg: DPOStageConfig) -> dict:
     #    of the rejected answers the SFT model's own mistakes (on-policy, as the InstructGPT
     #    labellers compared the model's own samples).
     pairs = preference_pairs(cfg, source, tokenizer, precision)
-    # the held-out accuracy is on the task's held-out set (data.eval holds pairs)
-    eval_records, eval_source = load_records(DataConfig(), cfg.task, "eval")
-    eval_examples = normalize_sft(eval_records)[0] if eval_records else []
+    # held-out accuracy: the task's validation split and data.test or the task's test split (data.eval holds pairs)
+    held_out = load_held_out(DataConfig(test=cfg.data.test, test_split=cfg.data.test_split), cfg.task)
 
     # 3. Tokens: the chat-rendered prompt, then each answer and EOS (the sequence the policy writes).
     train_rows, over = limit_pair_length(encode_dpo_pairs(tokenizer, pairs.train), cfg.data)
@@ -78,8 +77,8 @@ def train(cfg: DPOStageConfig) -> dict:
 
     # 4. The SFT model's held-out accuracy, loaded from its directory as a user would (main process).
     before = None
-    if eval_examples and state.is_main_process:
-        before = _evaluate_saved(cfg.policy, cfg, eval_examples, precision)
+    if (held_out.validation or held_out.test) and state.is_main_process:
+        before = _evaluate_saved(cfg.policy, cfg, held_out, precision) or None
         log.info("before DPO: %s", summary(before))
     state.wait_for_everyone()
 
@@ -107,9 +106,10 @@ def train(cfg: DPOStageConfig) -> dict:
     # 8. The saved policy's held-out accuracy, then eval.json and the manifest, written last.
     metrics: dict = {"train_loss": train_loss, "overlong": over, "dropped": dict(pairs.train_dropped)}
     if state.is_main_process:
-        report = _held_out_report(cfg, out, eval_examples, eval_source, before, pair_report, precision, metrics)
-        if report and "after" in report:
-            tracking.log(flatten_metrics(report["after"], "eval/dpo"), step=trainer.state.global_step)
+        sources = {"train": pairs.train_source, "eval": pairs.eval_source, "test": held_out.test_source}
+        report, after = _held_out_report(cfg, out, held_out, before, pair_report, precision, metrics)
+        if after:
+            tracking.log(tracked_metrics(after, "dpo"), step=trainer.state.global_step)
         finish_stage(
             out,
             cfg,
@@ -120,7 +120,7 @@ def train(cfg: DPOStageConfig) -> dict:
             metrics=metrics,
             started=started,
             eval_report=report,
-            extra={"data": {"train": pairs.train_source, "eval": pairs.eval_source}, "loss": to_dict(cfg.loss)},
+            extra={"data": sources, "loss": to_dict(cfg.loss)},
         )
     tracking.finish()
     state.wait_for_everyone()
@@ -151,17 +151,27 @@ def _build_trainer(cfg, source, tokenizer, precision: Precision, out: Path, trai
     return trainer
 
 
-def _held_out_report(cfg, out, eval_examples, eval_source, before, pair_report, precision, metrics) -> dict | None:
-    """eval.json: the task's held-out accuracy before and after (as PPO's), and the held-out pairs."""
-    if not eval_examples:
-        return {"pairs": pair_report} if pair_report else None
-    after = _evaluate_saved(str(out), cfg, eval_examples, precision)
-    report = {"before": before, "after": after, "pairs": pair_report, "eval_source": eval_source}
+def _held_out_report(cfg, out, held_out: HeldOut, before, pair_report, precision, metrics) -> tuple[dict | None, dict]:
+    """(eval.json, the evaluation after): the held-out accuracy before and after (as PPO's: the
+    test split quoted, the validation split beside it, the test items DPO fixed and broke), and
+    the held-out pairs."""
+    if not (held_out.validation or held_out.test):
+        return ({"pairs": pair_report} if pair_report else None), {}
+    after = _evaluate_saved(str(out), cfg, held_out, precision)
+    report = {
+        "split": after.get("split"),
+        "before": for_eval_json(before),
+        "after": for_eval_json(after),
+        "changed": changed_items(before, after),
+        "pairs": pair_report,
+        "validation_source": held_out.validation_source,
+        "test_source": held_out.test_source,
+    }
     if before and "accuracy" in after:
         report["accuracy_gain"] = round(after["accuracy"] - before["accuracy"], 4)
     metrics.update({"before": summary(before), "after": summary(after), "pairs": pair_report})
     log.info("after DPO: %s (before: %s)", summary(after), summary(before))
-    return report
+    return report, after
 
 
 def dpo_args(cfg: DPOStageConfig, out, precision: Precision) -> DPOConfig:
@@ -187,16 +197,17 @@ def dpo_args(cfg: DPOStageConfig, out, precision: Precision) -> DPOConfig:
 
 def encode_dpo_pairs(tokenizer, pairs: list[dict]) -> list[dict]:
     """{prompt_ids, chosen_ids, rejected_ids} per pair: the chat-rendered prompt ending with the
-    assistant marker, and each answer's tokens followed by EOS, so that the log-probs trained are
-    those of the sequence the policy generates (and EOS, its decision to stop, is in the loss)."""
+    assistant marker, and each answer's tokens followed by the template's end of turn (EOS, or e.g.
+    Gemma's `<end_of_turn>`), so that the log-probs trained are those of the sequence the policy
+    generates (and that token, its decision to stop, is in the loss)."""
     if not pairs:
         return []
     prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in pairs])
     chosen = tokenizer([p["chosen"][0]["content"] for p in pairs], add_special_tokens=False)["input_ids"]
     rejected = tokenizer([p["rejected"][0]["content"] for p in pairs], add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id]
+    end = [end_of_turn_id(tokenizer)]
     return [
-        {"prompt_ids": pi, "chosen_ids": c + eos, "rejected_ids": r + eos}
+        {"prompt_ids": pi, "chosen_ids": c + end, "rejected_ids": r + end}
         for pi, c, r in zip(prompt_ids, chosen, rejected, strict=True)
     ]
 
@@ -230,7 +241,7 @@ def _evaluate_pairs(trainer: DPOTrainer) -> dict:
     return {name: round(report[key], 4) for name, key in keys.items() if key in report}
 
 
-def _evaluate_saved(policy_dir: str, cfg: DPOStageConfig, examples: list[dict], precision: Precision) -> dict:
+def _evaluate_saved(policy_dir: str, cfg: DPOStageConfig, held_out: HeldOut, precision: Precision) -> dict:
     return evaluate_directory(
-        policy_dir, None, examples, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed
+        policy_dir, None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed
     )

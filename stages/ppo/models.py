@@ -28,6 +28,7 @@ from rlhf.registry import (
     load_tokenizer,
     position_ids_from_mask,
     resolve,
+    stop_token_ids,
     token_scores,
 )
 from stages.ppo.advantages import Estimator
@@ -197,6 +198,7 @@ class Models:
     ref_policy: torch.nn.Module | None  # None with LoRA: the policy with its adapter switched off
     reward_model: torch.nn.Module | None
     tokenizer: object
+    stop_ids: tuple[int, ...]  # the tokens that end a response: EOS and the template's end of turn
     policy_source: ModelSource
     precision: Precision  # how the models compute (rlhf/precision.py)
 
@@ -241,6 +243,9 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         ref_policy=ref_policy,
         reward_model=reward_model,
         tokenizer=tokenizer,
+        # decided once, from the policy as built (its generation_config holds the same set, which the
+        # rollout engine's generate() stops at): the masks, the missing-EOS penalty and the RM read
+        stop_ids=stop_token_ids(tokenizer, policy.generation_config),
         policy_source=policy_source,
         precision=precision,
     )

@@ -2,13 +2,17 @@
 
 Shapes: B episodes (prompts × rollout.samples_per_prompt, a prompt's responses adjacent), P prompt
 tokens (left-padded), R response tokens (right-padded with pad after EOS). The attention mask
-covers the real prompt tokens and the response up to and including its EOS."""
+covers the real prompt tokens and the response up to and including its EOS. "EOS" here is any
+stop token: EOS or the chat template's end of turn (rlhf/registry/turns.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from rlhf.generation import ended_at
 
 
 @dataclass(kw_only=True)
@@ -53,12 +57,10 @@ def _rows(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t[index]
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, has_eos): mask (B, R) is 1 up to and including the first EOS (everything, if the
-    response was cut off at max_new_tokens); has_eos (B,) says whether an EOS was emitted."""
-    is_eos = response_ids == eos_token_id
-    has_eos = is_eos.any(dim=1)
-    R = response_ids.shape[1]
-    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, R - 1, dtype=torch.long))
-    positions = torch.arange(R, device=response_ids.device)
-    return (positions[None, :] <= first_eos[:, None]).long(), has_eos
+def response_mask(response_ids: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, has_eos): mask (B, R) is 1 up to and including the first stop token, EOS or the
+    template's end of turn (everything, if the response was cut off at max_new_tokens); has_eos
+    (B,) says whether the response stopped by itself."""
+    has_eos, length = ended_at(response_ids, stop_ids)
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device)
+    return (positions[None, :] < length[:, None]).long(), has_eos

@@ -5,12 +5,13 @@ with DAPO's dynamic sampling when configured."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from rlhf.config import PPOStageConfig
-from rlhf.data import load_records, normalize_sft
+from rlhf.data import HeldOut, load_held_out, load_records
 from rlhf.data.prompts import normalize_prompts
 from rlhf.generation import render_prompts
 from rlhf.tasks import task_records
@@ -25,27 +26,41 @@ log = logging.getLogger("rlhf.ppo")
 class Prompts:
     prompts: list[dict]  # normalised chat prompts for training
     prompt_ids: list[list[int]]  # their rendered token ids
-    eval_examples: list[dict]  # held-out prompts with a reference completion
+    eval_examples: list[dict]  # the validation split's prompts with a reference completion (in-loop evaluation)
+    test_examples: list[dict]  # the test split's (eval.json's before and after; nothing else)
     train_source: str
     eval_source: str
+    test_source: str
+
+    def held_out(self) -> HeldOut:
+        return HeldOut(
+            validation=self.eval_examples,
+            test=self.test_examples,
+            validation_source=self.eval_source,
+            test_source=self.test_source,
+        )
 
 
 def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
-    """Training prompts (any SFT format; fresh task items by default) and held-out prompts with answers."""
+    """Training prompts (any SFT format; fresh task items by default) and both held-out splits'
+    prompts with answers."""
     train_records, train_source = load_records(
         cfg.data, cfg.task, "train", generate=lambda: task_records(cfg.task, "train", seed_offset=20)
     )
     prompts = normalize_prompts(train_records)
-    eval_records, eval_source = load_records(cfg.data, cfg.task, "eval")
-    eval_examples = [e for e in normalize_sft(eval_records)[0] if "completion" in e] if eval_records else []
-    log.info("prompts: %d from %s; held-out: %d from %s", len(prompts), train_source, len(eval_examples), eval_source)
+    held_out = load_held_out(cfg.data, cfg.task)
+    eval_examples = [e for e in held_out.validation if "completion" in e]
+    test_examples = [e for e in held_out.test if "completion" in e]
+    log.info("prompts: %d from %s; held out: %s", len(prompts), train_source, held_out.describe())
     prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in prompts])
     return Prompts(
         prompts=prompts,
         prompt_ids=prompt_ids,
         eval_examples=eval_examples,
+        test_examples=test_examples,
         train_source=train_source,
-        eval_source=eval_source,
+        eval_source=held_out.validation_source,
+        test_source=held_out.test_source,
     )
 
 
@@ -85,7 +100,7 @@ def sample_groups(models, engine, data, batch, cfg, accelerator, step: int, with
         prompts = batch if tries == 0 else prompt_batch(len(data.prompt_ids), step, len(batch), accelerator, seed)
         episodes, sampled = draw(prompts)
         tries += 1
-        input_ids, attention_mask, _, has_eos = episode_tensors(sampled, models.tokenizer)
+        input_ids, attention_mask, _, has_eos = episode_tensors(sampled, models.tokenizer, models.stop_ids)
         raw = score_episodes(
             models, data, episodes, input_ids, attention_mask, sampled.response_ids, has_eos, cfg, accelerator
         )
@@ -122,10 +137,12 @@ def _cat_groups(chosen: list, n: int, pad_id: int) -> Generated:
     )
 
 
-def episode_tensors(sampled: Generated, tokenizer):
-    """(input_ids (B, P + R), attention_mask (B, P + R), response mask (B, R), has_eos (B,))."""
+def episode_tensors(sampled: Generated, tokenizer, stop_ids: Sequence[int]):
+    """(input_ids (B, P + R), attention_mask (B, P + R), response mask (B, R), has_eos (B,)). A
+    response ends at its first stop token (`stop_ids`: EOS or the template's end of turn); the
+    attention mask ends there too, so the reward model is read at that token."""
     query, response = sampled.prompt_ids, sampled.response_ids
-    resp_mask, has_eos = response_mask(response, tokenizer.eos_token_id)  # (B, R), (B,)
+    resp_mask, has_eos = response_mask(response, stop_ids)  # (B, R), (B,)
     # left pads are the only pads in a left-padded prompt; the pad id never appears inside one
     input_ids = torch.cat([query, response], dim=1)  # (B, P + R)
     attention_mask = torch.cat([(query != tokenizer.pad_token_id).long(), resp_mask], dim=1)  # (B, P + R)

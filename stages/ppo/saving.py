@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from rlhf.checkpoint import agreed_checkpoint, atomic_write_json, finish_stage, mark_complete, prune_checkpoints
 from rlhf.config import PPOStageConfig, to_dict
 from rlhf.distributed import whole_models
-from rlhf.evaluation import evaluate_directory, flatten_metrics, summary
+from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy
 from rlhf.tracking import Tracking
@@ -83,7 +83,7 @@ def save_models(
 def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, running, out: Path, digest: str):
     """(state, tracking): the state of the newest complete checkpoint written under this config
     and these inputs (`digest`: rlhf/checkpoint.py `checkpoint_digest`), or a fresh one with the
-    held-out evaluation of the starting policy ("before")."""
+    held-out evaluation of the starting policy ("before", every test answer kept for `changed_items`)."""
     state = {"step": 0, "before": None, "kl_history": []}
     # decided on the main process for all: every process resumes the same step
     ckpt = agreed_checkpoint(out / "checkpoints", digest, cfg.train.resume, accelerator.is_main_process)
@@ -95,15 +95,16 @@ def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, run
         kl_ctl.load_state_dict(saved["kl_controller"])
         running.load_state_dict(saved["running_scores"])
         log.info("resumed from %s at step %d", ckpt, state["step"])
-    elif data.eval_examples and accelerator.is_main_process:
-        state["before"] = evaluate_saved(cfg.policy, cfg, data, models.precision)
+    elif (data.eval_examples or data.test_examples) and accelerator.is_main_process:
+        state["before"] = evaluate_saved(cfg.policy, cfg, data, models.precision) or None
         log.info("before PPO: %s", summary(state["before"]))
     accelerator.wait_for_everyone()
     return state, tracking
 
 
 def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, tracking, out, models, started) -> dict:
-    """Evaluate the saved policy on held-out prompts (main process), then eval.json and the manifest."""
+    """Evaluate the saved policy on both held-out splits (main process), then eval.json (quoting the
+    test split, with the test items PPO fixed and broke) and the manifest."""
     metrics: dict = {
         "steps": state["step"],
         "final_kl": mean_or_nan(state["kl_history"]),
@@ -114,13 +115,21 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
     if not accelerator.is_main_process:
         return metrics
     report = None
-    if data.eval_examples:
-        after = evaluate_saved(str(out), cfg, data, models.precision)
-        report = {"before": state["before"], "after": after, **metrics, "eval_source": data.eval_source}
-        if state["before"] and "accuracy" in after:
-            report["accuracy_gain"] = round(after["accuracy"] - state["before"]["accuracy"], 4)
-        tracking.log(flatten_metrics(after, "eval/ppo"), step=state["step"])
-        metrics.update({"before": summary(state["before"]), "after": summary(after)})
+    if data.eval_examples or data.test_examples:
+        before, after = state["before"], evaluate_saved(str(out), cfg, data, models.precision)
+        report = {
+            "split": after.get("split"),
+            "before": for_eval_json(before),
+            "after": for_eval_json(after),
+            "changed": changed_items(before, after),
+            **metrics,
+            "validation_source": data.eval_source,
+            "test_source": data.test_source,
+        }
+        if before and "accuracy" in after:
+            report["accuracy_gain"] = round(after["accuracy"] - before["accuracy"], 4)
+        tracking.log(tracked_metrics(after, "ppo"), step=state["step"])
+        metrics.update({"before": summary(before), "after": summary(after)})
         log.info("after PPO: %s (before: %s)", summary(after), summary(state["before"]))
     finish_stage(
         out,
@@ -132,7 +141,10 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
         metrics=metrics,
         started=started,
         eval_report=report,
-        extra={"reward_model": cfg.reward_model, "data": {"train": data.train_source, "eval": data.eval_source}},
+        extra={
+            "reward_model": cfg.reward_model,
+            "data": {"train": data.train_source, "eval": data.eval_source, "test": data.test_source},
+        },
     )
     return metrics
 
@@ -141,7 +153,7 @@ def evaluate_saved(policy_dir: str, cfg: PPOStageConfig, data: Prompts, precisio
     return evaluate_directory(
         policy_dir,
         cfg.reward_model,
-        data.eval_examples,
+        data.held_out(),
         cfg.task.name,
         cfg.generation,
         cfg.model_init,

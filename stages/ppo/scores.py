@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from rlhf.config.stages import PPORewardConfig, RemoteRewardConfig
+from rlhf.generation import response_texts
 from rlhf.registry import sequence_scores
 from rlhf.reward_client import RemoteRewardError, remote_scores
 from rlhf.reward_functions import call_reward_function, row_fields
@@ -50,7 +51,7 @@ def combine_scores(
     remote_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """score = w_rm · r_rm + Σ w_i · rule_i + Σ w_f · function_f + w_remote · r_remote (+ penalty
-    if the response never emitted EOS). (B,)"""
+    if the response never emitted a stop token, EOS or the template's end of turn). (B,)"""
     score = torch.zeros_like(has_eos, dtype=torch.float32)
     if model_scores is not None and cfg.model_weight:
         score = score + cfg.model_weight * model_scores.float()
@@ -111,7 +112,7 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, cfg: PPORewardC
 def score_episodes(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator) -> Scored:
     """Step 3: one score per response from the reward model, the rule rewards, the reward
     functions and the remote reward model (+ the missing-EOS penalty), before normalisation."""
-    texts = models.tokenizer.batch_decode(response, skip_special_tokens=True)
+    texts = response_texts(models.tokenizer, response, models.stop_ids)  # each cut at its stop token
     rows = [data.prompts[i] for i in batch]
     prompts = [row["prompt"] for row in rows]  # chat messages
     questions = [p[-1]["content"] for p in prompts]

@@ -10,7 +10,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from rlhf.config import DPOStageConfig, RMStageConfig
+from rlhf.config import DPOStageConfig, RMStageConfig, TaskConfig
 from rlhf.data import load_records, normalize_preferences
 from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy
@@ -79,10 +79,23 @@ def load_pairs(cfg: RMStageConfig | DPOStageConfig, split: str) -> tuple[list[di
     return pairs, f"{label} ({fmt})", dropped
 
 
+# Room past the longest right answer when sampling the model's own: a wrong answer a digit or two
+# longer (a missed borrow adds one) or a space token some tokenizers put before a number. Then one
+# token for the end of turn. An answer still going after that is dropped, never mined.
+ANSWER_SLACK = 4
+
+
+def mining_max_new_tokens(task: TaskConfig) -> int:
+    """Tokens sampled per on-policy answer: the task's longest right answer for this config, the
+    slack, and the end of turn."""
+    return TASKS[task.name].answer_tokens(task) + ANSWER_SLACK + 1
+
+
 def mine_pairs(
     policy, tokenizer, pairs: list[dict], wanted: int, cfg: RMStageConfig | DPOStageConfig, precision: Precision
 ) -> list[dict]:
-    """Up to `wanted` on-policy pairs from the prompts of `pairs`, labelled by the task's checker."""
+    """Up to `wanted` on-policy pairs from the prompts of `pairs`, labelled by the task's checker;
+    answers that never stopped are dropped (counted in the log)."""
     if wanted <= 0:
         return []
     task = TASKS[cfg.task.name]
@@ -95,6 +108,6 @@ def mine_pairs(
             wanted,
             cfg.pairs.onpolicy_samples,
             cfg.pairs.onpolicy_temperature,
-            max_new_tokens=task.answer_tokens,
+            max_new_tokens=mining_max_new_tokens(cfg.task),
             is_correct=task.is_correct,
-        )
+        ).pairs

@@ -33,6 +33,7 @@ from rlhf.registry import (
     build_scalar_model,
     cast_trainable,
     config_of,
+    end_of_turn_id,
     load_tokenizer,
     resolve,
 )
@@ -200,10 +201,10 @@ def encode_pairs(tokenizer, pairs: list[dict], use_margin: bool) -> list[dict]:
     prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in pairs])
     chosen = tokenizer([p["chosen"][0]["content"] for p in pairs], add_special_tokens=False)["input_ids"]
     rejected = tokenizer([p["rejected"][0]["content"] for p in pairs], add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id]
+    end = [end_of_turn_id(tokenizer)]
     rows = []
     for p, pi, c, r in zip(pairs, prompt_ids, chosen, rejected, strict=True):
-        row = {"chosen_ids": pi + c + eos, "rejected_ids": pi + r + eos, "response_start": len(pi)}
+        row = {"chosen_ids": pi + c + end, "rejected_ids": pi + r + end, "response_start": len(pi)}
         if use_margin:
             row["margin"] = float(p.get("margin", 0.0))
         rows.append(row)

@@ -18,10 +18,10 @@ from trl import SFTConfig, SFTTrainer
 
 from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
 from rlhf.config import SFTStageConfig, to_dict
-from rlhf.data import load_records, normalize_sft
+from rlhf.data import HeldOut, load_held_out, load_records, normalize_sft
 from rlhf.data.lengths import limit_length
 from rlhf.distributed import process_state, whole_models
-from rlhf.evaluation import evaluate_generations, flatten_metrics
+from rlhf.evaluation import evaluate_held_out, for_eval_json, summary, tracked_metrics
 from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
@@ -40,31 +40,21 @@ def train(cfg: SFTStageConfig) -> dict:
     # 1. Data: read, detect the format, normalise (errors name file, line and field).
     train_records, train_source = load_records(cfg.data, cfg.task, "train")
     train_examples, fmt = normalize_sft(train_records)
-    eval_records, eval_source = load_records(cfg.data, cfg.task, "eval")
-    eval_examples = normalize_sft(eval_records)[0] if eval_records else []
-    log.info(
-        "train: %d examples from %s (format: %s); eval: %d from %s",
-        len(train_examples),
-        train_source,
-        fmt,
-        len(eval_examples),
-        eval_source,
-    )
+    held_out = load_held_out(cfg.data, cfg.task)  # validation: the Trainer's eval loss; test: eval.json
+    log.info("train: %d examples from %s (format: %s); %s", len(train_examples), train_source, fmt, held_out.describe())
 
     # 2. Model and tokenizer from the registry (preset, local directory or hub id).
     source = resolve(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model_init)
     model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True)
-    base_metrics = None
-    if cfg.evaluate_base and eval_examples and state.is_main_process:
-        base_metrics, _ = evaluate_generations(model, tokenizer, eval_examples, cfg.task.name, cfg.generation)
-        log.info(
-            "base model on the held-out set: %s", {k: base_metrics.get(k) for k in ("accuracy", "accuracy_by_digits")}
-        )
+    base = None
+    if cfg.evaluate_base and state.is_main_process:
+        base = evaluate_held_out(model, tokenizer, held_out, cfg.task.name, cfg.generation) or None
+        log.info("base model, held out: %s", summary(base))
 
     # 3. TRL's SFTTrainer. Loss on the completion for prompt/completion data, on every assistant
     #    turn for multi-turn chats; we truncate or drop over-long examples ourselves, to count them.
-    trainer, over = _sft_trainer(cfg, model, tokenizer, out, precision, train_examples, eval_examples)
+    trainer, over = _sft_trainer(cfg, model, tokenizer, out, precision, train_examples, held_out.validation)
 
     # 4. Everything loaded: take the output directory, then train, resuming from the newest
     #    complete checkpoint of this config and input if there is one.
@@ -87,11 +77,12 @@ def train(cfg: SFTStageConfig) -> dict:
     metrics: dict = {"train_loss": train_loss, "overlong": over, "format": fmt}
     if state.is_main_process:
         eval_report = None
-        if eval_examples:
-            task_metrics, samples = _evaluate_saved(out, cfg, tokenizer, eval_examples, precision)
-            eval_report = {**task_metrics, "eval_source": eval_source, "base": base_metrics, "samples": samples}
-            metrics.update({k: v for k, v in task_metrics.items() if k != "task"})
-            tracking.log(flatten_metrics(task_metrics, "eval/sft"), step=trainer.state.global_step)
+        evaluation = _evaluate_saved(out, cfg, tokenizer, held_out, precision)
+        if evaluation:
+            sources = {"validation_source": held_out.validation_source, "test_source": held_out.test_source}
+            eval_report = {**for_eval_json(evaluation), **sources, "base": for_eval_json(base)}
+            metrics.update(summary(evaluation))
+            tracking.log(tracked_metrics(evaluation, "sft"), step=trainer.state.global_step)
 
         # 7. eval.json, then the manifest, written last: its presence means the directory is complete.
         finish_stage(
@@ -104,7 +95,10 @@ def train(cfg: SFTStageConfig) -> dict:
             metrics=metrics,
             started=started,
             eval_report=eval_report,
-            extra={"data": {"train": train_source, "eval": eval_source, "format": fmt}},
+            extra={
+                "data": {"train": train_source, "eval": held_out.validation_source, "test": held_out.test_source},
+                "format": fmt,
+            },
         )
     tracking.finish()
     state.wait_for_everyone()
@@ -143,10 +137,12 @@ def _sft_trainer(cfg: SFTStageConfig, model, tokenizer, out: Path, precision, tr
     return trainer, over
 
 
-def _evaluate_saved(out: Path, cfg: SFTStageConfig, tokenizer, eval_examples, precision) -> tuple[dict, list[dict]]:
+def _evaluate_saved(out: Path, cfg: SFTStageConfig, tokenizer, held_out: HeldOut, precision) -> dict:
     """Held-out accuracy of what was saved, loaded as a user would: the directory itself, generating
-    greedily with the chat template."""
+    greedily with the chat template. {} without held-out data."""
+    if not (held_out.validation or held_out.test):
+        return {}
     saved = resolve(str(out))
     with whole_models():
         eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init), precision=precision)
-    return evaluate_generations(eval_model, tokenizer, eval_examples, cfg.task.name, cfg.generation)
+    return evaluate_held_out(eval_model, tokenizer, held_out, cfg.task.name, cfg.generation)
