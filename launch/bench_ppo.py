@@ -370,7 +370,10 @@ def main() -> int:
     shutil.rmtree(setup_dir, ignore_errors=True)
     summary = {
         t: {
-            **{k: round(statistics.median(r[k] for r in rs), 1) for k in ("episodes_per_s", "tokens_per_s", "peak_rss_mb")},
+            **{
+                k: round(statistics.median(r[k] for r in rs), 1)
+                for k in ("episodes_per_s", "tokens_per_s", "peak_rss_mb")
+            },
             "seconds_per_update": round(statistics.median(r["seconds"] / r["updates"] for r in rs), 3),
         }
         for t, rs in results.items()

@@ -28,7 +28,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from rlhf.cli import setup_cpu_threads  # noqa: E402  (after the path insert)
+from rlhf.cli import setup_cpu_threads  # after the path insert
 
 
 def grpo_config(setup: dict, output_dir: str, updates: int, bf16: bool) -> GRPOConfig:
