@@ -3,6 +3,7 @@
     python launch/bench_ppo.py                 # 3 runs x 10 updates each, every trainer
     python launch/bench_ppo.py --runs 1 --updates 3 --only ours
     python launch/bench_ppo.py --precision bf16     # every trainer in bf16 mixed precision
+    python launch/bench_ppo.py --only trl_grpo --only ours_grpo --only ours_grpo_gae   # GRPO's work
 
 The fixed set-up: tiny random Llama models built from a config (policy: causal LM; one
 sequence-classification model as reward and value model), our tiny tokenizer, 64 prompts per
@@ -23,6 +24,43 @@ same work as TRL's), and with `share_policy_trunk=true` (`ours_shared`: the valu
 policy's trunk, so the minibatch steps run one model's forward and backward, as GRPO's do). The JSON
 gives both sets of ratios: `ratio_vs_*` for the first, `ratio_shared_vs_*` for the second.
 
+GRPO's work (`ours_grpo`, `ours_grpo_gae`): our same stage-3 loop with
+`ppo.advantage_estimator=grpo` on exactly the work `trl_grpo` is configured for
+(launch/bench_peers/trl_grpo.py; tests/test_bench_parity.py checks the two configs). Matched:
+  - 16 prompts x 4 completions = 64 episodes per update (rollout.prompts_per_step=16,
+    samples_per_prompt=4; TRL num_generations=4, generation_batch_size=64), the same prompts file,
+    chat-templated;
+  - 4 minibatches of 16 (ppo.minibatches=4; per_device_train_batch_size=16 x steps_per_generation=4),
+    one optimizer step each (gradient_accumulation_steps=1, train.grad_accum=1), 2 passes per rollout
+    (ppo.epochs=2; num_iterations=2): 8 optimizer steps per update;
+  - advantages (r - group mean) / (group std + 1e-4), Bessel-corrected std, not whitened
+    (scale_rewards=group); clipped ratio, ε = 0.2 both sides (epsilon=0.2, epsilon_high unset);
+  - β = 0.05 times k3 of the current policy against the reference, in the loss (ppo.kl_in=loss,
+    kl_estimator=k3; TRL beta=0.05), fixed β; a separate frozen reference loaded from policy/;
+  - token-mean loss aggregation (ppo.loss_agg=token_mean; loss_type=dapo), no entropy bonus, the
+    per-token entropy computed in each minibatch by both;
+  - 16 new tokens at temperature 1, top-k 0, top-p 1; reward = the sequence-classification model's raw
+    score (no normalisation, no EOS penalty, no truncation mask); no value model;
+  - AdamW at a constant lr 1e-5, betas (0.9, 0.999), no weight decay, no gradient clipping; the same
+    models and precision (fp32, or bf16 autocast with eager attention), dropout off.
+Not matched (and why):
+  - rollout log-probs: TRL runs one no-grad forward of the policy over the 64 episodes for its
+    old_per_token_logps (it does whenever gradient_accumulation_steps is not a multiple of
+    steps_per_generation x num_iterations); ours in fp32 keeps the same numbers from the sampling
+    pass (rollout.logprobs_from_generation: auto) and in bf16 runs that forward too;
+  - EOS: TRL's min_new_tokens=16 forbids EOS, so every completion has 16 tokens; ours has no
+    min_new_tokens and a response may end at EOS (rare from the random policy): the tensors are
+    padded to the longest response, 16, so each forward has the same shape, and tokens/s counts
+    real tokens;
+  - TRL 1.16 weights k3 by the ratio π/π_old (use_bias_correction_kl, DeepSeek-V3.2); ours is plain
+    k3 (Shao et al. 2024): one elementwise product, a slightly different gradient;
+  - TRL's dapo divides a minibatch's token sum by a quarter of the rollout's tokens, ours by the
+    minibatch's own tokens (the same when every response has 16 tokens); TRL reuses one shuffle of
+    the rollout in both passes, ours reshuffles each pass; TRL re-tokenises the decoded text for
+    the reward model, ours scores the token ids.
+`ours_grpo_gae` is the same work with `gae` and a separate value model (initialised from reward/,
+whitened advantages, the value loss): the JSON's `critic_cost` compares it with `ours_grpo`.
+
 Peers:
 - TRL's last PPO, `trl.experimental.ppo.PPOTrainer` from trl==1.12.0, in a virtual environment
   the benchmark creates on first use (.bench/venv-trl112: the project's packages, with trl 1.12
@@ -30,7 +68,9 @@ Peers:
 - TRL 1.16's GRPOTrainer from this environment, the same rollout size (16 prompts x 4
   completions = 64), 4 minibatches, 2 iterations per rollout, β = 0.05.
 
-The last line printed is one JSON object with the figures and the ratios.
+The last line printed is one JSON object with the figures (medians; `seconds_per_update` too) and the
+ratios; with `trl_grpo` and `ours_grpo`: `ratio_grpo_vs_trl_grpo` (TRL's time per update / ours)
+and both peak RSS; with `ours_grpo` and `ours_grpo_gae`: `critic_cost`.
 """
 
 from __future__ import annotations
@@ -51,9 +91,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rlhf.config import PPOStageConfig, load_config  # noqa: E402  (after the path insert)
+
 BENCH_DIR = ROOT / ".bench"
 PEERS = ROOT / "launch" / "bench_peers"
-TRAINERS = ["ours", "ours_shared", "trl_ppo", "trl_ppo_nogc", "trl_grpo"]
+TRAINERS = ["ours", "ours_shared", "trl_ppo", "trl_ppo_nogc", "trl_grpo", "ours_grpo", "ours_grpo_gae"]
 SETUP = {
     "prompts_per_update": 64,
     "new_tokens": 16,
@@ -64,6 +106,7 @@ SETUP = {
     "layers": 4,
     "heads": 4,
     "ffn": 512,
+    "grpo_generations": 4,  # the GRPO work: completions per prompt (prompts_per_update / 4 prompts)
 }
 
 
@@ -106,61 +149,87 @@ def build_setup(directory: Path) -> None:
     (directory / "setup.json").write_text(json.dumps(SETUP))
 
 
-def run_ours(workdir: Path, updates: int, precision: str = "fp32", shared: bool = False) -> dict:
-    """Our PPO stage, in this process, on the shared set-up; `shared`: the value head on the
-    policy's trunk (share_policy_trunk) instead of a second model."""
-    from rlhf.config import PPOStageConfig, load_config
+def ours_config(trainer: str, workdir: Path, updates: int, precision: str = "fp32") -> PPOStageConfig:
+    """The stage-3 config of one of our trainers on the set-up saved in `workdir`: `ours` (a
+    separate value model), `ours_shared` (the value head on the policy's trunk), `ours_grpo` (TRL
+    GRPO's work with `ppo.advantage_estimator=grpo`) or `ours_grpo_gae` (the same work with gae and
+    a value model: what the critic costs)."""
+    policy, reward, prompts = workdir / "policy", workdir / "reward", workdir / "prompts.jsonl"
+    overrides = [
+        f"policy={policy}",
+        f"reward_model={reward}",
+        f"share_policy_trunk={str(trainer == 'ours_shared').lower()}",
+        f"output_dir={workdir / trainer}",
+        f"data.train={prompts}",
+        "data.eval=null",
+        "task.name=null",
+        "reward.model_weight=1.0",
+        "reward.rules={}",
+        "reward.missing_eos_penalty=null",
+        f"rollout.prompts_per_step={SETUP['prompts_per_update']}",
+        f"rollout.generation.max_new_tokens={SETUP['new_tokens']}",
+        "rollout.generation.temperature=1.0",
+        f"ppo.epochs={SETUP['epochs']}",
+        f"ppo.minibatches={SETUP['minibatches']}",
+        "ppo.gamma=1.0",
+        "ppo.lam=0.95",
+        "ppo.kl_estimator=k1",
+        f"ppo.kl_coef={SETUP['kl_coef']}",
+        "ppo.kl_target=null",
+        "ppo.value_warmup_steps=0",
+        "optim.max_grad_norm=null",
+        "value_optim.max_grad_norm=null",
+        "optim.lr=1e-5",
+        "value_optim.lr=1e-5",
+        f"train.max_steps={updates + 1}",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.log_every=1",
+        "tracking.report_to=[]",
+        "tracking.progress=false",
+        # fp32 even where the config says auto; bf16 with eager attention, as the peers get it
+        f"model_init.mixed_precision={'bf16' if precision == 'bf16' else 'null'}",
+        f"model_init.attn_implementation={'eager' if precision == 'bf16' else 'null'}",
+    ]
+    if trainer in ("ours_grpo", "ours_grpo_gae"):
+        overrides += grpo_overrides(critic=trainer == "ours_grpo_gae")
+    return load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
+
+
+def grpo_overrides(critic: bool) -> list[str]:
+    """TRL GRPO's work as launch/bench_peers/trl_grpo.py configures it (the module docstring lists
+    each setting). Later overrides win over the ones above."""
+    G = SETUP["grpo_generations"]
+    return [
+        f"rollout.prompts_per_step={SETUP['prompts_per_update'] // G}",  # 16 prompts x 4 completions
+        f"rollout.samples_per_prompt={G}",  # num_generations
+        f"ppo.advantage_estimator={'gae' if critic else 'grpo'}",  # grpo: scale_rewards=group, std + 1e-4
+        "ppo.whiten_advantages=null",  # as the estimator does it: grpo no (TRL: no), gae yes
+        "ppo.kl_in=loss",  # beta * k3 in the loss, not in the reward
+        "ppo.kl_estimator=k3",
+        "ppo.loss_agg=token_mean",  # loss_type=dapo: token sum / the tokens of the minibatch's share
+        "ppo.clip_range=0.2",  # epsilon = epsilon_high = 0.2
+        "ppo.entropy_coef=0.0",
+        "optim.scheduler=constant",  # lr_scheduler_type=constant
+        "optim.betas=[0.9, 0.999]",  # TrainingArguments' AdamW betas
+        "optim.weight_decay=0.0",
+    ]
+
+
+def run_ours(workdir: Path, updates: int, precision: str = "fp32", trainer: str = "ours") -> dict:
+    """One of our trainers (`ours_config`), in this process, on the shared set-up."""
     from stages.ppo.train import train
 
-    policy, reward, prompts = workdir / "policy", workdir / "reward", workdir / "prompts.jsonl"
-    out = workdir / ("ours_shared" if shared else "ours")
-    cfg = load_config(
-        PPOStageConfig,
-        ROOT / "configs/tiny/ppo.yaml",
-        [
-            f"policy={policy}",
-            f"reward_model={reward}",
-            f"share_policy_trunk={str(shared).lower()}",
-            f"output_dir={out}",
-            f"data.train={prompts}",
-            "data.eval=null",
-            "task.name=null",
-            "reward.model_weight=1.0",
-            "reward.rules={}",
-            "reward.missing_eos_penalty=null",
-            f"rollout.prompts_per_step={SETUP['prompts_per_update']}",
-            f"rollout.generation.max_new_tokens={SETUP['new_tokens']}",
-            "rollout.generation.temperature=1.0",
-            f"ppo.epochs={SETUP['epochs']}",
-            f"ppo.minibatches={SETUP['minibatches']}",
-            "ppo.gamma=1.0",
-            "ppo.lam=0.95",
-            "ppo.kl_estimator=k1",
-            f"ppo.kl_coef={SETUP['kl_coef']}",
-            "ppo.kl_target=null",
-            "ppo.value_warmup_steps=0",
-            "optim.max_grad_norm=null",
-            "value_optim.max_grad_norm=null",
-            "optim.lr=1e-5",
-            "value_optim.lr=1e-5",
-            f"train.max_steps={updates + 1}",
-            "train.eval_every=0",
-            "train.save_every=0",
-            "train.log_every=1",
-            "tracking.report_to=[]",
-            "tracking.progress=false",
-            # fp32 even where the config says auto; bf16 with eager attention, as the peers get it
-            f"model_init.mixed_precision={'bf16' if precision == 'bf16' else 'null'}",
-            f"model_init.attn_implementation={'eager' if precision == 'bf16' else 'null'}",
-        ],
-    )
+    cfg = ours_config(trainer, workdir, updates, precision)
+    out = Path(cfg.output_dir)
     train(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/ppo/score" in r]
     seconds = steps[-1]["time"] - steps[0]["time"]  # from the end of the warm-up update to the end of the last
     timed = steps[1:]
-    tokens = sum(r["train/ppo/response_length"] * SETUP["prompts_per_update"] for r in timed)
-    episodes = len(timed) * SETUP["prompts_per_update"]
+    episodes_per_update = cfg.rollout.episodes_per_step
+    tokens = sum(r["train/ppo/response_length"] * episodes_per_update for r in timed)
+    episodes = len(timed) * episodes_per_update
     return {
         "episodes_per_s": episodes / seconds,
         "tokens_per_s": tokens / seconds,
@@ -238,6 +307,32 @@ def one_run(trainer: str, updates: int, setup_dir: Path, precision: str) -> dict
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def ratios(summary: dict[str, dict]) -> dict:
+    """The ratios of the trainers in `summary`: speed (episodes/s; the same episodes per update, so
+    also the inverse ratio of seconds per update) against each peer, and what the critic costs on
+    GRPO's work."""
+    out: dict = {}
+    for ours, prefix in (("ours", "ratio"), ("ours_shared", "ratio_shared")):
+        for peer in ("trl_ppo", "trl_ppo_nogc", "trl_grpo"):
+            if ours in summary and peer in summary:
+                out[f"{prefix}_vs_{peer}"] = round(summary[ours]["episodes_per_s"] / summary[peer]["episodes_per_s"], 2)
+    grpo, trl, gae = (summary.get(t) for t in ("ours_grpo", "trl_grpo", "ours_grpo_gae"))
+    if grpo and trl:
+        # TRL's time per update / ours
+        out["ratio_grpo_vs_trl_grpo"] = round(trl["seconds_per_update"] / grpo["seconds_per_update"], 2)
+        out["peak_rss_mb_ours_grpo"], out["peak_rss_mb_trl_grpo"] = grpo["peak_rss_mb"], trl["peak_rss_mb"]
+    if grpo and gae:
+        out["critic_cost"] = {
+            "seconds_per_update_gae": gae["seconds_per_update"],
+            "seconds_per_update_grpo": grpo["seconds_per_update"],
+            "time_ratio_gae_vs_grpo": round(gae["seconds_per_update"] / grpo["seconds_per_update"], 2),
+            "peak_rss_mb_gae": gae["peak_rss_mb"],
+            "peak_rss_mb_grpo": grpo["peak_rss_mb"],
+            "peak_rss_mb_saved": round(gae["peak_rss_mb"] - grpo["peak_rss_mb"], 1),
+        }
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -251,7 +346,7 @@ def main() -> int:
         from rlhf.cli import setup_cpu_threads
 
         setup_cpu_threads()
-        print(json.dumps(run_ours(Path(args.workdir), args.updates, args.precision, args.worker == "ours_shared")))
+        print(json.dumps(run_ours(Path(args.workdir), args.updates, args.precision, args.worker)))
         return 0
 
     trainers = args.only or TRAINERS
@@ -274,22 +369,25 @@ def main() -> int:
             )
     shutil.rmtree(setup_dir, ignore_errors=True)
     summary = {
-        t: {k: round(statistics.median(r[k] for r in rs), 1) for k in ("episodes_per_s", "tokens_per_s", "peak_rss_mb")}
+        t: {
+            **{
+                k: round(statistics.median(r[k] for r in rs), 1)
+                for k in ("episodes_per_s", "tokens_per_s", "peak_rss_mb")
+            },
+            "seconds_per_update": round(statistics.median(r["seconds"] / r["updates"] for r in rs), 3),
+        }
         for t, rs in results.items()
     }
     print(
-        f"\n{'trainer':<14}{'episodes/s':>12}{'tokens/s':>12}{'peak RSS MB':>14}   (medians of {args.runs} runs "
-        f"of {args.updates} updates, {args.precision})"
+        f"\n{'trainer':<14}{'episodes/s':>12}{'tokens/s':>12}{'peak RSS MB':>14}{'s/update':>10}   (medians of "
+        f"{args.runs} runs of {args.updates} updates, {args.precision})"
     )
     for t, s in summary.items():
-        print(f"{t:<14}{s['episodes_per_s']:>12.1f}{s['tokens_per_s']:>12.0f}{s['peak_rss_mb']:>14.0f}")
-    final = dict(summary)
-    for ours, prefix in (("ours", "ratio"), ("ours_shared", "ratio_shared")):
-        for peer in ("trl_ppo", "trl_ppo_nogc", "trl_grpo"):
-            if ours in summary and peer in summary:
-                final[f"{prefix}_vs_{peer}"] = round(
-                    summary[ours]["episodes_per_s"] / summary[peer]["episodes_per_s"], 2
-                )
+        print(
+            f"{t:<14}{s['episodes_per_s']:>12.1f}{s['tokens_per_s']:>12.0f}{s['peak_rss_mb']:>14.0f}"
+            f"{s['seconds_per_update']:>10.3f}"
+        )
+    final = {**summary, **ratios(summary)}
     final["setup"] = {**SETUP, "precision": args.precision}
     print(json.dumps(final))
     return 0

@@ -19,7 +19,56 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+import trl
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from trl import GRPOConfig, GRPOTrainer
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from rlhf.cli import setup_cpu_threads  # after the path insert
+
+
+def grpo_config(setup: dict, output_dir: str, updates: int, bf16: bool) -> GRPOConfig:
+    """TRL's settings for the bench's GRPO work (`setup`: the set-up's setup.json): `updates` timed
+    generations plus one warm-up. launch/bench_ppo.py's `ours_grpo` matches them (its docstring)."""
+    E, G = setup["prompts_per_update"], setup["grpo_generations"]
+    steps_per_update = setup["minibatches"] * setup["epochs"]
+    return GRPOConfig(
+        output_dir=output_dir,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=bf16,
+        fp16=False,
+        gradient_checkpointing=False,
+        max_grad_norm=0.0,
+        seed=0,
+        learning_rate=1e-5,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        max_steps=steps_per_update * (updates + 1),
+        per_device_train_batch_size=E // setup["minibatches"],
+        gradient_accumulation_steps=1,
+        steps_per_generation=setup["minibatches"],
+        num_generations=G,
+        num_iterations=setup["epochs"],
+        max_completion_length=setup["new_tokens"],
+        generation_kwargs={"min_new_tokens": setup["new_tokens"]},
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=setup["kl_coef"],
+        epsilon=0.2,
+        mask_truncated_completions=False,
+        disable_dropout=True,
+        log_completions=False,
+    )
 
 
 def main() -> None:
@@ -29,18 +78,9 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision, eager attention (as ours)")
     args = p.parse_args()
 
-    import torch
-    import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rlhf.cli import setup_cpu_threads
-
     setup_cpu_threads()
     setup = json.loads(Path(args.workdir, "setup.json").read_text())
-    E, G, n_updates = setup["prompts_per_update"], 4, args.updates + 1
+    E, G, n_updates = setup["prompts_per_update"], setup["grpo_generations"], args.updates + 1
     steps_per_update = setup["minibatches"] * setup["epochs"]
     tok = AutoTokenizer.from_pretrained(Path(args.workdir, "policy"))
     tok.model_input_names = ["input_ids", "attention_mask"]
@@ -52,39 +92,7 @@ def main() -> None:
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in prompts[: E // G * n_updates]]})
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = GRPOConfig(
-            output_dir=tmp,
-            report_to="none",
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            use_cpu=True,
-            bf16=args.bf16,
-            fp16=False,
-            gradient_checkpointing=False,
-            max_grad_norm=0.0,
-            seed=0,
-            learning_rate=1e-5,
-            weight_decay=0.0,
-            lr_scheduler_type="constant",
-            max_steps=steps_per_update * n_updates,
-            per_device_train_batch_size=E // setup["minibatches"],
-            gradient_accumulation_steps=1,
-            steps_per_generation=setup["minibatches"],
-            num_generations=G,
-            num_iterations=setup["epochs"],
-            max_completion_length=setup["new_tokens"],
-            generation_kwargs={"min_new_tokens": setup["new_tokens"]},
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            beta=setup["kl_coef"],
-            epsilon=0.2,
-            mask_truncated_completions=False,
-            disable_dropout=True,
-            log_completions=False,
-        )
+        config = grpo_config(setup, tmp, args.updates, args.bf16)
         assert config.generation_batch_size == E
         stamps: dict[int, float] = {}
 
