@@ -1,5 +1,5 @@
-"""The pieces of launch/smoke_real_shape.py (the run itself is too slow for the suite: about
-ten minutes on a 2-core CPU): its figures from metrics records worked out by hand, and peak
+"""The pieces of launch/smoke_real_shape.py (the run itself is too slow for the suite: well
+over ten minutes per mode on a 2-core CPU): its figures from metrics records worked out by hand, and peak
 memory read from real child processes."""
 
 import importlib.util
