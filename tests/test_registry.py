@@ -158,3 +158,29 @@ def test_cpu_bf16_keeps_attention_in_fp32_and_saves_a_plain_config(tmp_path):
     assert reloaded.config._attn_implementation == "sdpa_fp32"
     if not torch.cuda.is_available():
         assert build_policy(source, INIT, tokenizer, seed=0).config._attn_implementation == "sdpa"
+
+
+def test_qwen2_5_0_5b_shape_preset_has_the_real_architecture():
+    """The random-init stand-in for Qwen2.5-0.5B (launch/smoke_real_shape.py) has the real model's
+    shape. Parameters, worked out by hand from its config.json:
+      embeddings 151,936 x 896 = 136,134,656 (tied: the LM head adds none)
+      per layer: q 896x896 + 896 bias = 803,712; k and v 896x128 + 128 = 114,816 each (2 KV heads
+      x head dim 64); o 896x896 = 802,816; MLP 3 x 896x4864 = 13,074,432; two norms 1,792
+      -> 14,912,384, x 24 layers = 357,897,216; final norm 896
+      total 494,032,768 (the published count)."""
+    source = resolve("qwen2.5-0.5b-shape")
+    assert source.path is None  # built in: nothing to download
+    config = source.preset.make_config()
+    assert (config.vocab_size, config.hidden_size, config.intermediate_size) == (151_936, 896, 4864)
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (24, 14, 2)
+    assert config.tie_word_embeddings and config.rope_parameters["rope_theta"] == 1_000_000.0
+    with torch.device("meta"):  # shapes only, no 2 GB of weights
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 494_032_768
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.shape == (128, 896) and attn.q_proj.weight.shape == (896, 896)
+    # our tokenizer's ids all fall inside the real vocabulary: no resize, pad and EOS as the tiny models'
+    tokenizer = load_tokenizer(source, INIT)
+    assert len(tokenizer) < config.vocab_size
+    assert (config.pad_token_id, config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)

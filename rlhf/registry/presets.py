@@ -91,6 +91,32 @@ def tiny_gpt2_config() -> GPT2Config:
     )
 
 
+def qwen2_5_0_5b_config() -> Qwen2Config:
+    """Qwen2.5-0.5B-Instruct's own architecture (its config.json on the hub), with our tokenizer's
+    special ids: 494,032,768 parameters, 151,936 embedding rows tied to the LM head, 24 layers,
+    14 query heads sharing 2 key/value heads (GQA, head dim 64). For launch/smoke_real_shape.py:
+    real shapes (memory, step time) without a download; the weights are random."""
+    return Qwen2Config(
+        vocab_size=151_936,  # our tokenizer uses the first few hundred rows
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
+        attention_dropout=0.0,
+        use_sliding_window=False,
+        sliding_window=32768,
+        max_window_layers=21,
+        tie_word_embeddings=True,
+        **_special_ids(),
+    )
+
+
 PRESETS: dict[str, Preset] = {
     # The built-in default: 1.1M parameters, 4 layers; learns 2- to 5-digit subtraction on a
     # 2-core CPU in minutes (docs/tiny-default.md).
@@ -100,6 +126,10 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen2": Preset(None, LLAMA_LIKE_TARGETS, tiny_qwen2_config, "test-sized Qwen2"),
     "tiny-mistral": Preset(None, LLAMA_LIKE_TARGETS, tiny_mistral_config, "test-sized Mistral"),
     "tiny-gpt2": Preset(None, GPT2_TARGETS, tiny_gpt2_config, "test-sized GPT-2"),
+    # Qwen2.5-0.5B's real shape, random weights: sizing runs without the hub (launch/smoke_real_shape.py).
+    "qwen2.5-0.5b-shape": Preset(
+        None, LLAMA_LIKE_TARGETS, qwen2_5_0_5b_config, "Qwen2.5-0.5B's architecture, random init, our tokenizer"
+    ),
     # Popular families by hub id (need the hub or a local copy in the HF cache).
     "qwen2.5-0.5b-instruct": Preset("Qwen/Qwen2.5-0.5B-Instruct", LLAMA_LIKE_TARGETS),
     "qwen2.5-1.5b-instruct": Preset("Qwen/Qwen2.5-1.5B-Instruct", LLAMA_LIKE_TARGETS),

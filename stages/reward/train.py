@@ -81,6 +81,9 @@ class PairwiseRewardTrainer(RewardTrainer):
             loss = loss + self.lm_coef * lm_loss
         with torch.no_grad():
             gather = self.accelerator.gather_for_metrics
+            if mode == "train":  # real tokens trained on, every process's (TRL's own compute_loss counts them)
+                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             if with_lm:
                 self._metrics[mode]["lm_loss"].append(gather(lm_loss.detach()).mean().item())
             self._metrics[mode]["accuracy"].append(gather(pair_accuracy(chosen, rejected)).mean().item())
