@@ -83,6 +83,7 @@ def test_policy_changes_reference_does_not(sft_dir, tmp_path):
         "explained_variance",
         "response_length",
         "eos_rate",
+        "gold",
         "lr_policy",
         "lr_value",
         "time_generate_s",

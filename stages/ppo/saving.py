@@ -119,7 +119,10 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
         report = {"before": state["before"], "after": after, **metrics, "eval_source": data.eval_source}
         if state["before"] and "accuracy" in after:
             report["accuracy_gain"] = round(after["accuracy"] - state["before"]["accuracy"], 4)
-        tracking.log(flatten_metrics(after, "eval/ppo"), step=state["step"])
+        final = flatten_metrics(after, "eval/ppo")
+        if "accuracy" in after:
+            final["eval/ppo/gold_accuracy"] = after["accuracy"]
+        tracking.log(final, step=state["step"])
         metrics.update({"before": summary(state["before"]), "after": summary(after)})
         log.info("after PPO: %s (before: %s)", summary(after), summary(state["before"]))
     finish_stage(

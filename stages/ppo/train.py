@@ -320,6 +320,10 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         metrics[f"train/ppo/fn_{spec.replace(':', '.')}"] = gather_mean(values)
     if scored.remote_scores is not None:
         metrics["train/ppo/remote_score"] = gather_mean(scored.remote_scores)
+    if scored.gold_scores is not None:
+        gold = accelerator.gather(scored.gold_scores)
+        if not gold.isnan().all():  # the share right among the sampled responses whose prompt has an answer
+            metrics["train/ppo/gold"] = gold.nanmean().item()
     return metrics
 
 
