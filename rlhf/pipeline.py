@@ -32,6 +32,7 @@ from rlhf.checkpoint import ManifestError, read_manifest
 from rlhf.config import ConfigError, config_hash, load_config
 from rlhf.config.schema import format_override, from_dict, parse_override, set_dotted
 from rlhf.config.stages import NOT_HASHED, DPOStageConfig, PPOStageConfig, RMStageConfig, SFTStageConfig
+from rlhf.proxy_gold import best_gold, divergence, run_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,6 +286,7 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"))
         rows.append(("ppo", "accuracy after", _acc(ppo.get("after") or {})))
         kl, target = ppo.get("final_kl"), ppo.get("kl_target")
         rows.append(("ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
+        rows += proxy_gold_rows(run_dir / "ppo", ppo, "ppo")
     if dpo:
         rows.append(("dpo", "accuracy before", _acc(dpo.get("before") or {})))
         rows.append(("dpo", "accuracy after", _acc(dpo.get("after") or {})))
@@ -301,6 +303,23 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"))
         "",
     ]
     return "\n".join(lines)
+
+
+def proxy_gold_rows(ppo_dir: Path, report: dict, label: str) -> list[tuple[str, str, str]]:
+    """The summary's proxy-vs-gold lines for one PPO stage: where gold peaked, which policy was
+    kept (train.keep_best), and the over-optimisation warning when the proxy rose as gold fell."""
+    points = run_points(ppo_dir)
+    rows = []
+    best = best_gold(points)
+    if best is not None:
+        rows.append((label, "best gold (step, KL)", f"{best.gold:.3f} (step {best.step}, KL {best.kl:.2f})"))
+    if report.get("kept"):
+        kept = report["kept"]
+        rows.append((label, f"kept by {kept['by']}", f"step {kept['step']} ({kept['value']:.3f})"))
+    warning = divergence(points)
+    if warning:
+        rows.append((label, "WARNING", warning))
+    return rows
 
 
 def _acc(report: dict) -> str:

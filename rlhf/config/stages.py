@@ -328,6 +328,16 @@ class PPORewardConfig:
 
 
 @dataclass(frozen=True)
+class PPOTrainConfig(TrainConfig):
+    """The loop, and which policy the stage writes out."""
+
+    # null: the last step's policy. gold / proxy: the policy of the held-out evaluation (every
+    # train.eval_every steps, and the last step) with the best task accuracy (the checker) or the best
+    # reward-model score (the proxy PPO optimises; Gao et al. 2022 show it can rise while gold falls)
+    keep_best: Literal["gold", "proxy"] | None = None
+
+
+@dataclass(frozen=True)
 class PPOStageConfig:
     """Stage 3: PPO on the policy with a KL penalty to the frozen reference."""
 
@@ -349,11 +359,13 @@ class PPOStageConfig:
     reward: PPORewardConfig = field(default_factory=PPORewardConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # the policy
     value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # the value model
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
+        if self.train.keep_best == "proxy" and self.reward_model is None:
+            raise ConfigError("train.keep_best", "proxy reads the reward model's score; reward_model is null")
         if self.reward_model is None and self.reward.model_weight != 0:
             raise ConfigError("reward_model", "is null but reward.model_weight is not 0; set one or the other")
         if self.reward_model is None and not (self.reward.rules or self.reward.functions or self.reward.remote.url):

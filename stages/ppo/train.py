@@ -52,7 +52,14 @@ from stages.ppo.models import Models, build_models, fingerprint, reference_logit
 from stages.ppo.optim import clip_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored
 from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
-from stages.ppo.saving import finish_run, mean_or_nan, resume_or_start, save_checkpoint, save_models
+from stages.ppo.saving import (
+    finish_run,
+    keep_if_best,
+    mean_or_nan,
+    resume_or_start,
+    save_checkpoint,
+    save_models,
+)
 from stages.ppo.scores import RunningMoments, normalize_scores, score_episodes
 
 log = logging.getLogger("rlhf.ppo")
@@ -348,6 +355,8 @@ def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, ru
             cfg.generation,
         )
         tracking.log(evaluation, step=step)
+        if cfg.train.keep_best:
+            keep_if_best(accelerator, cfg, state, evaluation, models, out)
     if cfg.train.save_every and step % cfg.train.save_every == 0:
         _stop_if_not_finite(accelerator, step, weights=_finite_flag(models.model.parameters()))
         save_checkpoint(accelerator, out / "checkpoints", state, kl_ctl, running, cfg.train.keep_checkpoints)
