@@ -149,6 +149,7 @@ def curves_for(stages: dict) -> list[tuple[str, str, list[tuple[str, str]], str]
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     stages = {s: load_stage(run_dir / s) for s in STAGES}
+    stages.update({f"{d.parent.name}/ppo": load_stage(d) for _, d in ppo_dirs(run_dir)[1:]})  # later rounds
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     data: dict[str, dict] = {}
@@ -271,6 +272,9 @@ def accuracy_rows(stages: dict) -> list[tuple[str, dict]]:
         rows.append(("before DPO", dpo["before"]))
     if dpo.get("after"):
         rows.append(("DPO", dpo["after"]))
+    for name, stage in stages.items():  # each later RLHF round's policy
+        if name.startswith("round-") and stage["eval"].get("after"):
+            rows.append((f"PPO {name.removesuffix('/ppo')}", stage["eval"]["after"]))
     return rows
 
 

@@ -88,7 +88,9 @@ def train(cfg: PPOStageConfig) -> dict:
     reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
     ref_fingerprint = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
     # Everything loaded: only now take the output directory (a bad input leaves it as it was).
-    digest = checkpoint_digest(cfg, (cfg.policy, cfg.reward_model, cfg.value_model))  # reads the inputs' manifests
+    digest = checkpoint_digest(
+        cfg, (cfg.policy, cfg.reward_model, cfg.value_model, cfg.reference)
+    )  # reads the inputs' manifests
     out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
     state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out, digest)
 

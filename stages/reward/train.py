@@ -33,6 +33,7 @@ from rlhf.registry import (
     build_scalar_model,
     cast_trainable,
     config_of,
+    fingerprint,
     load_tokenizer,
     resolve,
 )
@@ -122,6 +123,8 @@ def train(cfg: RMStageConfig) -> dict:
     # 3. Tokens: chat-rendered prompt + response + EOS, exactly the sequence PPO will score.
     # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
     trainer, eval_rows, over = _reward_trainer(cfg, source, tokenizer, precision, out, train_pairs, eval_pairs)
+    # the weights it starts from (an RLHF round continues the last round's RM: the manifest proves it)
+    init_fingerprint = None if is_zero3(trainer.accelerator) else fingerprint(trainer.model)
 
     # 5. Everything loaded: take the output directory, then train, resuming from the newest
     #    complete checkpoint of this config and input if there is one.
@@ -141,7 +144,12 @@ def train(cfg: RMStageConfig) -> dict:
 
     # 7. Evaluate the saved directory on held-out pairs: accuracy (per kind of wrong answer),
     #    margin and the score distributions of chosen and rejected.
-    metrics: dict = {"train_loss": result.training_loss, "overlong": over, "dropped": dict(train_dropped)}
+    metrics: dict = {
+        "train_loss": result.training_loss,
+        "overlong": over,
+        "dropped": dict(train_dropped),
+        "init_fingerprint": init_fingerprint,
+    }
     if state.is_main_process:
         eval_report = None
         if eval_pairs:
