@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from rlhf.config import ConfigError, SFTStageConfig, config_hash, dump_yaml, load_config
-from rlhf.config.stages import NOT_HASHED, DPOStageConfig, PPOStageConfig, RMStageConfig
+from rlhf.config.stages import NOT_HASHED, DPOStageConfig, LabelStageConfig, PPOStageConfig, RMStageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CLASSES = {
@@ -16,6 +16,7 @@ STAGE_CLASSES = {
     "rm.yaml": RMStageConfig,
     "ppo.yaml": PPOStageConfig,
     "dpo.yaml": DPOStageConfig,
+    "label.yaml": LabelStageConfig,
 }
 STAGE_CLASSES |= {"grpo.yaml": PPOStageConfig, "rloo.yaml": PPOStageConfig}  # stage 3 with other estimators
 
