@@ -147,7 +147,7 @@ def _float_keys(cls, prefix=""):
 def test_no_float_field_takes_nan_or_inf(cls, path, bad):
     # A NaN passes every range check (all comparisons are false) and trains without an error.
     keys = list(_float_keys(cls))
-    assert "optim.lr" in keys and len(keys) > 5
+    assert "generation.temperature" in keys if cls is LabelStageConfig else "optim.lr" in keys and len(keys) > 5
     for key in keys:
         with pytest.raises(ConfigError) as err:
             load_config(cls, path, [f"{key}={bad}"])

@@ -36,6 +36,7 @@ from rlhf.config import ConfigError, PPOStageConfig
 from rlhf.distributed import is_zero3, process_state
 from rlhf.evaluation import evaluate_in_loop
 from rlhf.precision import Precision, resolve_precision
+from rlhf.registry import fingerprint
 from stages.ppo.advantages import (
     ESTIMATORS,
     check_estimator,
@@ -48,7 +49,7 @@ from stages.ppo.engines import ENGINES, RolloutEngine, build_engine
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from stages.ppo.masked import masked_mean, masked_sums, moments
-from stages.ppo.models import Models, build_models, fingerprint, reference_logits
+from stages.ppo.models import Models, build_models, reference_logits
 from stages.ppo.optim import clip_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored
 from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
