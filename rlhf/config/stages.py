@@ -373,6 +373,8 @@ class PPOStageConfig:
     def check(self) -> None:
         if self.reference is not None and self.lora.enabled:
             raise ConfigError("reference", "must be null with LoRA: the reference is the policy with its adapter off")
+        if self.train.keep_best and not self.train.eval_every:
+            raise ConfigError("train.keep_best", "chooses among held-out evaluations: set train.eval_every > 0")
         if self.train.keep_best == "proxy" and self.reward_model is None:
             raise ConfigError("train.keep_best", "proxy reads the reward model's score; reward_model is null")
         if self.reward_model is None and self.reward.model_weight != 0:
