@@ -4,10 +4,11 @@ whose report carries the proxy-vs-gold plot."""
 
 import json
 
+import pytest
 from test_ppo_stage import FAST
 
 from conftest import ROOT, run_entry
-from rlhf.config import ModelInit, PPOStageConfig, load_config
+from rlhf.config import ConfigError, ModelInit, PPOStageConfig, load_config
 from rlhf.pipeline import summary_table
 from rlhf.proxy_gold import Point, best_gold, divergence, points_from_records
 from rlhf.registry import build_policy, load_tokenizer, resolve
@@ -79,6 +80,14 @@ def test_keep_best_replaces_the_last_policy_when_an_earlier_one_was_better(tmp_p
     state = {"step": 1000, "best": {"by": "proxy", "step": 200, "value": 2.0}}
     assert restore_best(proxy, state, {"accuracy": 0.1, "rm_score": 2.5}, out) is None
     assert (out / "model.safetensors").read_text() == "last step"
+
+
+def test_keep_best_is_refused_without_evaluations_or_without_a_proxy():
+    tiny = ROOT / "configs/tiny/ppo.yaml"
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        load_config(PPOStageConfig, tiny, ["train.keep_best=gold", "train.eval_every=0"])
+    with pytest.raises(ConfigError, match="reward_model is null"):
+        load_config(PPOStageConfig, tiny, ["train.keep_best=proxy", "reward_model=null", "reward.model_weight=0"])
 
 
 def test_ppo_run_logs_gold_keeps_best_and_reports_proxy_vs_gold(tmp_path):
