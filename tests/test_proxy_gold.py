@@ -84,7 +84,7 @@ def test_keep_best_replaces_the_last_policy_when_an_earlier_one_was_better(tmp_p
 
 def test_keep_best_is_refused_without_evaluations_or_without_a_proxy():
     tiny = ROOT / "configs/tiny/ppo.yaml"
-    with pytest.raises(ConfigError, match="train.eval_every"):
+    with pytest.raises(ConfigError, match=r"train\.eval_every"):
         load_config(PPOStageConfig, tiny, ["train.keep_best=gold", "train.eval_every=0"])
     with pytest.raises(ConfigError, match="reward_model is null"):
         load_config(PPOStageConfig, tiny, ["train.keep_best=proxy", "reward_model=null", "reward.model_weight=0"])
