@@ -164,7 +164,7 @@ def finish_stage(
         init_from=model if from_stage else None,
         config_hash=config_hash(cfg, ignore=NOT_HASHED),
         metrics=metrics,
-        lora=cfg.lora.enabled,
+        lora=cfg.lora.enabled if hasattr(cfg, "lora") else False,  # a labelling stage trains nothing
         inputs=input_hashes(*inputs),
         extra=extra,
     )

@@ -229,6 +229,8 @@ def evaluate_in_loop(
         [r for _, r, _ in rows],
     )
     out = flatten_metrics(metrics, "eval/ppo")
+    if "accuracy" in metrics:  # the task's checker: the gold measure beside the proxy's rm_score
+        out["eval/ppo/gold_accuracy"] = metrics["accuracy"]
     if reward_model is not None:
         out["eval/ppo/rm_score"] = sum(s for _, _, s in rows) / max(len(rows), 1)
     return out

@@ -27,11 +27,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from rlhf.checkpoint import ManifestError, read_manifest
 from rlhf.config import ConfigError, config_hash, load_config
 from rlhf.config.schema import format_override, from_dict, parse_override, set_dotted
-from rlhf.config.stages import NOT_HASHED, DPOStageConfig, PPOStageConfig, RMStageConfig, SFTStageConfig
+from rlhf.config.stages import (
+    NOT_HASHED,
+    DPOStageConfig,
+    LabelStageConfig,
+    PPOStageConfig,
+    RMStageConfig,
+    SFTStageConfig,
+)
+from rlhf.proxy_gold import best_gold, divergence, run_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,14 +67,29 @@ KINDS: dict[str, StageKind] = {
         ("sft", "rm"),
     ),
     "dpo": StageKind("launch/stage3_dpo.py", DPOStageConfig, lambda cfg, run: {"policy": str(run / "sft")}, ("sft",)),
+    # an RLHF round's comparisons (rounds > 1 only; wired by round_wiring below)
+    "label": StageKind("launch/stage2_label.py", LabelStageConfig, lambda cfg, run: {}, ("ppo",)),
 }
-STAGES = tuple(KINDS)  # every kind, in pipeline order
+STAGES = ("sft", "rm", "ppo", "dpo")  # the kinds a pipeline's `stages` may list, in pipeline order
+ROUND_STAGES = ("label", "rm", "ppo")  # what each round after the first runs, in runs/<name>/round-K/
+SPECS = (*STAGES, "label")  # the stage configs a pipeline holds (`<stage>.<key>=value` overrides go to them)
 
 
 @dataclass(frozen=True)
 class StageSpec:
     config: str  # the stage's YAML
     overrides: tuple[str, ...] = ()  # key.sub=value applied on top of it
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """Rounds after the first (seed 002): label the last policy's samples, continue the reward model
+    from its last weights on its pairs plus every round's comparisons so far, run PPO again from the
+    last policy. Each round's stages read the rm / ppo / label configs with these overrides on top."""
+
+    reference: Literal["sft", "previous"] = "sft"  # PPO's frozen reference: the SFT model or the last policy
+    rm_overrides: tuple[str, ...] = ()  # e.g. train.max_steps=1500 (a continuation, not a fresh RM)
+    ppo_overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,11 +109,18 @@ class PipelineConfig:
     rm: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/rm.yaml"))
     ppo: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/ppo.yaml"))
     dpo: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/dpo.yaml"))
+    rounds: int = 1  # RLHF rounds; each one after the first runs label -> rm -> ppo in runs/<name>/round-K/
+    label: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/label.yaml"))
+    round: RoundSpec = field(default_factory=RoundSpec)
 
     def check(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError("rounds", f"must be >= 1, got {self.rounds}")
+        if self.rounds > 1 and not {"rm", "ppo"} <= set(self.stages):
+            raise ConfigError("rounds", "rounds after the first continue the RM and PPO: stages must hold rm and ppo")
         for i, stage in enumerate(self.stages):
-            if stage not in KINDS:
-                raise ConfigError("stages", f"unknown stage {stage!r}; known: {list(KINDS)}")
+            if stage not in STAGES:
+                raise ConfigError("stages", f"unknown stage {stage!r}; known: {list(STAGES)}")
             missing = [n for n in KINDS[stage].needs if n not in self.stages[:i]]
             if missing:
                 raise ConfigError("stages", f"{stage} reads the output of {missing[0]}, which must come before it")
@@ -111,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Run SFT -> RM -> PPO", formatter_class=argparse.RawTextHelpFormatter, epilog=__doc__
     )
     parser.add_argument("--config", default=str(ROOT / "configs/tiny/pipeline.yaml"), help="pipeline YAML")
-    parser.add_argument("--from-stage", choices=STAGES, help="re-run this stage and the ones after it")
-    parser.add_argument("--only", choices=STAGES, help="run just this stage (its inputs must exist)")
+    parser.add_argument("--from-stage", help="re-run this stage (sft, rm, ppo, round-2/rm, …) and the ones after it")
+    parser.add_argument("--only", help="run just this stage (its inputs must exist)")
     parser.add_argument("--accelerate-config", help="accelerate config file for every stage")
     parser.add_argument("--num-processes", type=int, help="processes per stage (e.g. GPUs per node)")
     parser.add_argument("--dry-run", action="store_true", help="print the stage commands and exit")
@@ -138,17 +169,17 @@ def load_pipeline(
     import yaml
 
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
-    extra: dict[str, list[str]] = {s: [] for s in STAGES}
+    extra: dict[str, list[str]] = {s: [] for s in SPECS}
     for item in overrides:
         key, value = parse_override(item)
         head, _, rest = key.partition(".")
-        if head in STAGES and rest and rest.split(".")[0] not in ("config", "overrides"):
+        if head in SPECS and rest and rest.split(".")[0] not in ("config", "overrides"):
             extra[head].append(f"{rest}={item.split('=', 1)[1]}")
         else:
             set_dotted(raw, key, value)
     cfg = from_dict(PipelineConfig, raw or {}, source=path)
     changes = {
-        s: dataclasses.replace(getattr(cfg, s), overrides=getattr(cfg, s).overrides + tuple(extra[s])) for s in STAGES
+        s: dataclasses.replace(getattr(cfg, s), overrides=getattr(cfg, s).overrides + tuple(extra[s])) for s in SPECS
     }
     if accelerate_config:
         changes["accelerate_config"] = accelerate_config
@@ -157,26 +188,82 @@ def load_pipeline(
     return dataclasses.replace(cfg, **changes)
 
 
-def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
+@dataclass(frozen=True)
+class Job:
+    """One stage to run: its kind (a KINDS key), its name (its directory under runs/<name>/ and its
+    log's name: `rm`, or `round-2/rm` in a later round) and its wiring (typed overrides)."""
+
+    kind: str
+    name: str
+    wiring: dict
+    overrides: tuple[str, ...] = ()  # the round's own overrides, on top of the stage config's
+
+
+def jobs(cfg: PipelineConfig) -> list[Job]:
+    """Every stage of the run in order: the first round's `stages`, then label -> rm -> ppo for each
+    further round."""
+    run = Path(cfg.runs_dir) / cfg.name
+    out = [Job(stage, stage, KINDS[stage].wiring(cfg, run)) for stage in cfg.stages]
+    for k in range(2, cfg.rounds + 1):
+        out += [Job(kind, f"round-{k}/{kind}", *round_wiring(cfg, run, k, kind)) for kind in ROUND_STAGES]
+    return out
+
+
+def round_wiring(cfg: PipelineConfig, run: Path, k: int, kind: str) -> tuple[dict, tuple[str, ...]]:
+    """(wiring, overrides) of round k's `kind`: the label stage samples the last round's policy;
+    the RM continues from the last round's RM on its pairs plus every round's comparisons so far
+    (no on-policy mining: the comparisons are the policy's own samples; mining would sample the
+    RM's trunk); PPO starts from the last round's policy, scored by this round's RM."""
+    last = run if k == 2 else run / f"round-{k - 1}"
+    here = run / f"round-{k}"
+    if kind == "label":
+        return {"policy": str(last / "ppo"), "reward_model": str(last / "rm"), "round": k}, ()
+    if kind == "rm":
+        extra = [str(run / f"round-{j}" / "label" / "pairs.jsonl") for j in range(2, k + 1)]
+        wiring = {
+            "model": str(last / "rm"),
+            "pairs.extra_train": extra,
+            "pairs.extra_eval": [str(here / "label" / "eval_pairs.jsonl")],
+            "pairs.onpolicy_fraction": 0.0,
+        }
+        return wiring, cfg.round.rm_overrides
+    reference = str(run / "sft") if cfg.round.reference == "sft" else None  # None: the policy it starts from
+    wiring = {"policy": str(last / "ppo"), "reward_model": str(here / "rm"), "reference": reference}
+    return wiring, cfg.round.ppo_overrides
+
+
+def stage_overrides(cfg: PipelineConfig, job: Job | str) -> list[str]:
     """What the pipeline sets for a stage: where it writes, what it starts from, run names."""
+    job = job if isinstance(job, Job) else Job(job, job, KINDS[job].wiring(cfg, Path(cfg.runs_dir) / cfg.name))
     run = Path(cfg.runs_dir) / cfg.name
     typed = {
-        "output_dir": str(run / stage),
-        **KINDS[stage].wiring(cfg, run),
+        "output_dir": str(run / job.name),
+        **job.wiring,
         "tracking.group": cfg.name,
-        "tracking.run_name": f"{cfg.name}-{stage}",
+        "tracking.run_name": f"{cfg.name}-{job.name.replace('/', '-')}",
     }
     # Quoted, so that the stage reads back each path and name exactly: unquoted, `runs/exp #2/rm`
     # was re-read as YAML and became `runs/exp` (a comment) for every stage.
-    return [*(format_override(k, v) for k, v in typed.items()), *getattr(cfg, stage).overrides]
+    return [*(_override(k, v) for k, v in typed.items()), *getattr(cfg, job.kind).overrides, *job.overrides]
 
 
-def resolved_stage_config(cfg: PipelineConfig, stage: str):
-    spec = getattr(cfg, stage)
-    return load_config(KINDS[stage].config_class, _path(spec.config), stage_overrides(cfg, stage))
+def _override(key: str, value) -> str:
+    """key=value for a path or name (quoted: rlhf.config.schema.format_override), a list of paths
+    (a flow list of quoted paths), a number or null."""
+    if isinstance(value, str):
+        return format_override(key, value)
+    if isinstance(value, (list, tuple)):
+        return f"{key}=[{', '.join(format_override('', v)[1:] for v in value)}]"
+    return f"{key}={'null' if value is None else value}"
 
 
-def launch_command(cfg: PipelineConfig, stage: str) -> list[str]:
+def resolved_stage_config(cfg: PipelineConfig, job: Job | str):
+    kind = job.kind if isinstance(job, Job) else job
+    return load_config(KINDS[kind].config_class, _path(getattr(cfg, kind).config), stage_overrides(cfg, job))
+
+
+def launch_command(cfg: PipelineConfig, job: Job | str) -> list[str]:
+    kind = job.kind if isinstance(job, Job) else job
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if cfg.accelerate_config:
         cmd += ["--config_file", str(_path(cfg.accelerate_config))]
@@ -184,49 +271,52 @@ def launch_command(cfg: PipelineConfig, stage: str) -> list[str]:
         cmd += ["--num_processes", str(cfg.num_processes)]
     if cfg.main_process_port:
         cmd += ["--main_process_port", str(cfg.main_process_port)]
-    spec = getattr(cfg, stage)
-    return [*cmd, str(ROOT / KINDS[stage].script), "--config", str(_path(spec.config)), *stage_overrides(cfg, stage)]
+    spec = getattr(cfg, kind)
+    return [*cmd, str(ROOT / KINDS[kind].script), "--config", str(_path(spec.config)), *stage_overrides(cfg, job)]
 
 
 def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None, dry_run: bool = False) -> int:
     run_dir = Path(cfg.runs_dir) / cfg.name
     logs = run_dir / "logs"
-    stages = cfg.stages
+    names = [j.name for j in jobs(cfg)]
     for flag, stage in (("--from-stage", from_stage), ("--only", only)):
-        if stage is not None and stage not in stages:
-            raise ConfigError(flag, f"{stage} is not one of this pipeline's stages {list(stages)}")
+        if stage is not None and stage not in names:
+            raise ConfigError(flag, f"{stage} is not one of this pipeline's stages {names}")
     check_held_out_agree(cfg)
-    selected = [only] if only else list(stages[stages.index(from_stage) :] if from_stage else stages)
+    selected = [only] if only else list(names[names.index(from_stage) :] if from_stage else names)
     forced = set(selected) if (only or from_stage) else set()
     upstream_ran = False
-    for stage in stages:
-        if stage not in selected:
+    for job in jobs(cfg):
+        if job.name not in selected:
             continue
-        stage_cfg = resolved_stage_config(cfg, stage)
+        stage_cfg = resolved_stage_config(cfg, job)
         out = Path(stage_cfg.output_dir)
         digest = config_hash(stage_cfg, ignore=NOT_HASHED)
-        if stage not in forced and not upstream_ran and _finished_and_current(out, digest):
-            print(f"[pipeline] {stage}: finished output in {out} matches its config; skipped", flush=True)
+        if job.name not in forced and not upstream_ran and _finished_and_current(out, digest):
+            print(f"[pipeline] {job.name}: finished output in {out} matches its config; skipped", flush=True)
             continue
-        if stage in forced and not dry_run:
+        if job.name in forced and not dry_run:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a forced re-run starts afresh
-        cmd = launch_command(cfg, stage)
-        print(f"[pipeline] {stage}: {shlex.join(cmd)}", flush=True)  # as a shell would take it back
+        cmd = launch_command(cfg, job)
+        print(f"[pipeline] {job.name}: {shlex.join(cmd)}", flush=True)  # as a shell would take it back
         if dry_run:
             continue
+        log_name = job.name.replace("/", "-")
         logs.mkdir(parents=True, exist_ok=True)
-        status = logs / f"{stage}.exit_code"
+        status = logs / f"{log_name}.exit_code"
         status.unlink(missing_ok=True)
-        code = _run_logged(cmd, logs / f"{stage}.log", {"RLHF_EXIT_STATUS_FILE": str(status.resolve())})
+        code = _run_logged(cmd, logs / f"{log_name}.log", {"RLHF_EXIT_STATUS_FILE": str(status.resolve())})
         if code != 0:
             if status.is_file():  # the stage's own code (accelerate launch turns every failure into 1)
                 code = int(status.read_text().strip() or code)
-            print(f"[pipeline] {stage} failed with exit code {code}; log: {logs / f'{stage}.log'}", file=sys.stderr)
+            print(
+                f"[pipeline] {job.name} failed with exit code {code}; log: {logs / f'{log_name}.log'}", file=sys.stderr
+            )
             return code
         upstream_ran = True
     if dry_run:
         return 0
-    print(summary_table(run_dir, cfg.stages), flush=True)
+    print(summary_table(run_dir, cfg.stages, cfg.rounds), flush=True)
     if cfg.report:
         try:
             from rlhf.report import write_report
@@ -298,8 +388,9 @@ def _run_logged(cmd: list[str], log_path: Path, extra_env: dict[str, str]) -> in
         return proc.wait()
 
 
-def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo")) -> str:
-    """The key figures of each of `stages`, from their manifests and eval.json files."""
+def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"), rounds: int = 1) -> str:
+    """The key figures of each of `stages` (and of each round after the first), from their
+    manifests and eval.json files."""
     lines = ["", f"Pipeline summary: {run_dir}", ""]
     rows = []
 
@@ -324,12 +415,15 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"))
         rows += _accuracy_rows("ppo", " before", ppo.get("before")) + _accuracy_rows("ppo", " after", ppo.get("after"))
         kl, target = ppo.get("final_kl"), ppo.get("kl_target")
         rows.append(("ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
+        rows += proxy_gold_rows(run_dir / "ppo", ppo, "ppo")
     if dpo:
         rows += _accuracy_rows("dpo", " before", dpo.get("before")) + _accuracy_rows("dpo", " after", dpo.get("after"))
         if (dpo.get("pairs") or {}).get("accuracy") is not None:
             rows.append(("dpo", "held-out pair accuracy", f"{dpo['pairs']['accuracy']:.3f}"))
-    width = max(len(r[1]) for r in rows)
-    lines += [f"  {s:<4} {k:<{width}}  {v}" for s, k, v in rows]
+    for k in range(2, rounds + 1):
+        rows += round_rows(run_dir / f"round-{k}", f"round-{k}")
+    width, stage_width = max(len(r[1]) for r in rows), max(4, *(len(r[0]) for r in rows))
+    lines += [f"  {s:<{stage_width}} {k:<{width}}  {v}" for s, k, v in rows]
     if any("validation accuracy" in r[1] for r in rows):
         lines += [
             "",
@@ -356,6 +450,56 @@ def _accuracy_rows(stage: str, when: str, evaluation: dict | None) -> list[tuple
     rows = [(stage, f"{split} accuracy{when}", _acc(evaluation))]
     if evaluation.get("validation"):
         rows.append((stage, f"  validation accuracy{when}", _acc(evaluation["validation"])))
+    return rows
+
+
+def round_rows(round_dir: Path, name: str) -> list[tuple[str, str, str]]:
+    """A later round's lines: its comparisons, the RM's accuracy on this policy's samples before and
+    after the refresh, and PPO's result."""
+
+    def load(stage: str, file: str) -> dict:
+        path = round_dir / stage / file
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    label, rm, ppo = load("label", "eval.json"), load("rm", "eval.json"), load("ppo", "eval.json")
+    rows = []
+    for stage in ROUND_STAGES:
+        wall = load(stage, "manifest.json").get("metrics", {}).get("wall_time_s")
+        rows.append((f"{name}/{stage}", "wall time", f"{wall:.0f} s" if wall else "-"))
+    if label:
+        train = label.get("train", {})
+        agreement = train.get("gold_agreement")
+        rows.append((f"{name}/label", f"pairs ({label.get('labeller')})", str(train.get("pairs", "-"))))
+        rows.append(
+            (f"{name}/label", "labeller agrees with gold", f"{agreement:.3f}" if agreement is not None else "-")
+        )
+    before, after = label.get("rm_accuracy_before"), (rm.get("accuracy_by_kind") or {}).get(name)
+    if before is not None or after is not None:
+        text = " -> ".join(f"{x:.3f}" if x is not None else "-" for x in (before, after))
+        rows.append((f"{name}/rm", "accuracy on the policy's samples", f"{text} (before -> after)"))
+    if ppo:
+        rows.append((f"{name}/ppo", "accuracy before", _acc(ppo.get("before") or {})))
+        rows.append((f"{name}/ppo", "accuracy after", _acc(ppo.get("after") or {})))
+        kl, target = ppo.get("final_kl"), ppo.get("kl_target")
+        rows.append((f"{name}/ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
+        rows += proxy_gold_rows(round_dir / "ppo", ppo, f"{name}/ppo")
+    return rows
+
+
+def proxy_gold_rows(ppo_dir: Path, report: dict, label: str) -> list[tuple[str, str, str]]:
+    """The summary's proxy-vs-gold lines for one PPO stage: where gold peaked, which policy was
+    kept (train.keep_best), and the over-optimisation warning when the proxy rose as gold fell."""
+    points = run_points(ppo_dir)
+    rows = []
+    best = best_gold(points)
+    if best is not None:
+        rows.append((label, "best gold (step, KL)", f"{best.gold:.3f} (step {best.step}, KL {best.kl:.2f})"))
+    if report.get("kept"):
+        kept = report["kept"]
+        rows.append((label, f"kept by {kept['by']}", f"step {kept['step']} ({kept['value']:.3f})"))
+    warning = divergence(points)
+    if warning:
+        rows.append((label, "WARNING", warning))
     return rows
 
 

@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt
 from matplotlib import font_manager
 
 from rlhf.checkpoint import atomic_write_json, atomic_write_text
+from rlhf.proxy_gold import best_gold, divergence, run_points
 from rlhf.tasks import TASKS
 
 STAGES = ("sft", "rm", "ppo", "dpo")
@@ -171,10 +172,12 @@ def curves_for(stages: dict) -> list[tuple[str, str, list[tuple[str, str]], str]
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     stages = {s: load_stage(run_dir / s) for s in STAGES}
+    stages.update({f"{d.parent.name}/ppo": load_stage(d) for _, d in ppo_dirs(run_dir)[1:]})  # later rounds
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     with plt.rc_context({"font.family": ["DejaVu Sans", *cjk_fonts()]}):  # per-glyph fallback for Chinese
         images, data = _plots(stages, plot_dir)
+        images += proxy_gold_plots(run_dir, plot_dir, data)
     atomic_write_json(plot_dir / "data.json", data)
     page = _page(run_dir, stages, images, data)
     atomic_write_text(run_dir / "report.html", page)
@@ -255,6 +258,53 @@ def cjk_fonts() -> tuple[str, ...]:
     return known()
 
 
+def ppo_dirs(run_dir: Path) -> list[tuple[str, Path]]:
+    """(label, directory) of every PPO stage of the run: ppo/, then round-2/ppo, round-3/ppo, …"""
+    rounds = sorted(run_dir.glob("round-*/ppo"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return [("PPO", run_dir / "ppo"), *((f"PPO {p.parent.name}", p) for p in rounds)]
+
+
+def proxy_gold_plots(run_dir: Path, plot_dir: Path, data: dict) -> list[tuple[str, str, str]]:
+    """Gao et al. 2022's picture for each PPO stage: the reward model's score (the proxy, left axis)
+    and the task checker's accuracy (gold, right axis) at each held-out evaluation, against the KL
+    to the reference; the best-gold evaluation marked, and the divergence warning in the title."""
+    images = []
+    for label, ppo_dir in ppo_dirs(run_dir):
+        points = run_points(ppo_dir)
+        if len(points) < 2:
+            continue
+        name = "ppo_proxy_gold" if ppo_dir == run_dir / "ppo" else f"ppo_proxy_gold_{ppo_dir.parent.name}"
+        kl, best, warning = [p.kl for p in points], best_gold(points), divergence(points)
+        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+        gold_ax = ax.twinx()
+        if all(p.proxy is not None for p in points):
+            ax.plot(kl, [p.proxy for p in points], marker="o", markersize=3, color="#c60", label="RM score (proxy)")
+        gold_ax.plot(kl, [p.gold for p in points], marker="s", markersize=3, color="#27a", label="gold accuracy")
+        gold_ax.scatter([best.kl], [best.gold], s=90, facecolors="none", edgecolors="#27a", zorder=3)
+        gold_ax.annotate(
+            f"best gold, step {best.step}",
+            (best.kl, best.gold),
+            fontsize=8,
+            xytext=(4, -12),
+            textcoords="offset points",
+        )
+        gold_ax.set_ylabel("gold accuracy (checker)")
+        title = f"{label}: proxy vs gold" + (" — proxy up, gold down" if warning else "")
+        _style(ax, title, "KL(policy ‖ reference), nats per response", "RM score (proxy)", legend=False)
+        handles = ax.get_legend_handles_labels()[0] + gold_ax.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower right")
+        images.append((name, title, _save(fig, plot_dir / f"{name}.png")))
+        data[name] = {
+            "kl": kl,
+            "step": [p.step for p in points],
+            "proxy": [p.proxy for p in points],
+            "gold": [p.gold for p in points],
+            "best_gold_step": best.step,
+            "warning": warning,
+        }
+    return images
+
+
 def _style(ax, title: str, xlabel: str, ylabel: str, legend: bool) -> None:
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
@@ -293,6 +343,9 @@ def accuracy_rows(stages: dict) -> list[tuple[str, dict]]:
         rows.append(("before DPO", dpo["before"]))
     if dpo.get("after"):
         rows.append(("DPO", dpo["after"]))
+    for name, stage in stages.items():  # each later RLHF round's policy
+        if name.startswith("round-") and stage["eval"].get("after"):
+            rows.append((f"PPO {name.removesuffix('/ppo')}", stage["eval"]["after"]))
     return rows
 
 
@@ -301,6 +354,11 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
     parts = [f"<h1>RLHF run <code>{e(run_dir.name)}</code></h1>", f"<p class=dim>{e(str(run_dir.resolve()))}</p>"]
 
     parts += _accuracy_tables(stages)
+
+    for name, plot in data.items():  # the over-optimisation warnings (rlhf/proxy_gold.py), one per PPO stage
+        if name.startswith("ppo_proxy_gold") and plot.get("warning"):
+            where = name.removeprefix("ppo_proxy_gold").lstrip("_") or "ppo"
+            parts.append(f"<p><b>Warning ({e(where)}):</b> {e(plot['warning'])}</p>")
 
     rm = stages["rm"]["eval"]
     if rm.get("accuracy_by_kind"):

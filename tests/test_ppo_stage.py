@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_entry
 from rlhf.config import ModelInit
-from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve, score_head
+from rlhf.registry import build_policy, build_scalar_model, fingerprint, load_tokenizer, resolve, score_head
 from rlhf.tracking import read_metrics
-from stages.ppo.models import fingerprint
 
 FAST = [
     "task.train_size=256",
@@ -84,6 +83,7 @@ def test_policy_changes_reference_does_not(sft_dir, tmp_path):
         "explained_variance",
         "response_length",
         "eos_rate",
+        "gold",
         "lr_policy",
         "lr_value",
         "time_generate_s",

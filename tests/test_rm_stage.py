@@ -114,6 +114,8 @@ def test_onpolicy_mining_never_mines_a_cut_off_answer(caplog):
     answers_minus_one = bigram_policy(tokenizer, {"<|assistant|>": "-", "-": "1", "1": "<|end|>"})
     mined = mine_pairs(answers_minus_one, tokenizer, [_pair(1, 2), _pair(2, 7)], 4, cfg, precision)
     assert [(p["prompt"][0]["content"], p["rejected"][0]["content"]) for p in mined] == [(PROMPT % (2, 7), "-1")]
+
+
 def test_rm_logs_the_tokens_it_trained_on(tmp_path):
     """train/rm/num_tokens counts the real (unpadded) tokens of every chosen and rejected sequence
     trained on, as SFT's train/sft/num_tokens does: the throughput figure of launch/smoke_real_shape.py.
@@ -141,7 +143,11 @@ def test_rm_logs_the_tokens_it_trained_on(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
     pairs = [json.loads(line) for line in path.read_text().splitlines()]
     expected = sum(
-        len(tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}]))
+        len(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}]
+            )
+        )
         for p in pairs
         for a in (p["chosen"], p["rejected"])
     )  # <|user|> prompt <|assistant|> answer <|end|>, chosen and rejected rows alike

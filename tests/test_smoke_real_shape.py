@@ -49,7 +49,9 @@ def test_peak_watcher_reads_each_process_peak_and_leaves_out_the_launcher(tmp_pa
     watcher = smoke.PeakWatcher(interval=0.1)
     watcher.start()
     worker = subprocess.Popen([sys.executable, str(script)])
-    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)", "accelerate.commands.launch", str(script)])
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(1.5)", "accelerate.commands.launch", str(script)]
+    )
     worker.wait(), launcher.wait()
     time.sleep(0.05)
     watcher.stop()

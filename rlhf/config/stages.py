@@ -74,6 +74,10 @@ class PairsConfig:
     onpolicy_fraction: float = 0.0  # share of train pairs whose rejected answer is the init model's own wrong sample
     onpolicy_samples: int = 4  # samples per prompt when mining on-policy mistakes
     onpolicy_temperature: float = 1.0
+    # pair files (any preference format) added to the training / held-out pairs above: e.g. an RLHF
+    # round's comparisons of the policy's samples (runs/<name>/round-2/label/pairs.jsonl)
+    extra_train: tuple[str, ...] = ()
+    extra_eval: tuple[str, ...] = ()
 
     def check(self) -> None:
         if not 0.0 <= self.onpolicy_fraction <= 1.0:
@@ -328,10 +332,23 @@ class PPORewardConfig:
 
 
 @dataclass(frozen=True)
+class PPOTrainConfig(TrainConfig):
+    """The loop, and which policy the stage writes out."""
+
+    # null: the last step's policy. gold / proxy: the policy of the held-out evaluation (every
+    # train.eval_every steps, and the last step) with the best task accuracy (the checker) or the best
+    # reward-model score (the proxy PPO optimises; Gao et al. 2022 show it can rise while gold falls)
+    keep_best: Literal["gold", "proxy"] | None = None
+
+
+@dataclass(frozen=True)
 class PPOStageConfig:
     """Stage 3: PPO on the policy with a KL penalty to the frozen reference."""
 
-    policy: str = "tiny"  # the SFT output; also the frozen reference
+    policy: str = "tiny"  # the SFT output; also the frozen reference unless `reference` names another
+    # null: the policy above. An RLHF round starting from the last round's policy may keep the SFT
+    # model as its reference instead (the pipeline's round.reference); must share the tokenizer.
+    reference: str | None = None
     reward_model: str | None = None  # the RM output; null with reward.model_weight = 0 for rule rewards only
     value_model: str | None = None  # null: initialise from the reward model (or the policy if there is none)
     # true: the value model is a linear head on the policy's own last hidden state instead of a second
@@ -349,11 +366,17 @@ class PPOStageConfig:
     reward: PPORewardConfig = field(default_factory=PPORewardConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # the policy
     value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))  # the value model
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
+        if self.reference is not None and self.lora.enabled:
+            raise ConfigError("reference", "must be null with LoRA: the reference is the policy with its adapter off")
+        if self.train.keep_best and not self.train.eval_every:
+            raise ConfigError("train.keep_best", "chooses among held-out evaluations: set train.eval_every > 0")
+        if self.train.keep_best == "proxy" and self.reward_model is None:
+            raise ConfigError("train.keep_best", "proxy reads the reward model's score; reward_model is null")
         if self.reward_model is None and self.reward.model_weight != 0:
             raise ConfigError("reward_model", "is null but reward.model_weight is not 0; set one or the other")
         if self.reward_model is None and not (self.reward.rules or self.reward.functions or self.reward.remote.url):
@@ -459,3 +482,49 @@ class DPOStageConfig:
 
     def check(self) -> None:
         _check_pair_kinds(self.task, self.pairs)
+
+
+@dataclass(frozen=True)
+class LabellerConfig:
+    """Who compares the sampled responses (stages/reward/labellers.py)."""
+
+    name: Literal["rule", "function", "judge"] = "rule"  # rule: the task's checker, standing in for raters
+    function: str = ""  # for `function`: "package.module:function(prompt, a, b) -> 0 | 1 | None"
+    judge: str = ""  # for `judge`: a causal LM (preset, directory or hub id) that picks A or B
+    principle: str = "The better response answers the question correctly and says nothing else."
+
+    def check(self) -> None:
+        if self.name == "function" and ":" not in self.function:
+            raise ConfigError("function", f"labeller 'function' needs 'package.module:function', got {self.function!r}")
+        if self.name == "judge" and not self.judge:
+            raise ConfigError("judge", "labeller 'judge' needs a model (preset, directory or hub id)")
+
+
+@dataclass(frozen=True)
+class LabelStageConfig:
+    """An RLHF round's comparisons: the policy's samples on fresh prompts, labelled, as stage-2 pairs."""
+
+    policy: str = "runs/tiny/ppo"  # the policy whose samples are compared (the last round's PPO output)
+    reward_model: str | None = None  # the reward model before the refresh: its accuracy on the new pairs
+    output_dir: str = "runs/tiny/round-2/label"
+    seed: int = 0
+    round: int = 2  # fresh prompts per round: the task's training items drawn with seed offset 100 · round
+    model_init: ModelInit = field(default_factory=ModelInit)
+    data: DataConfig = field(default_factory=DataConfig)  # prompts (any SFT format); null: the task's
+    task: TaskConfig = field(default_factory=TaskConfig)
+    prompts: int = 512  # prompts whose samples become training pairs
+    eval_prompts: int = 128  # further prompts whose pairs are held out (the RM's accuracy before and after)
+    samples_per_prompt: int = 4  # K: a ranked list of K gives up to C(K, 2) pairs
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.0)
+    )
+    labeller: LabellerConfig = field(default_factory=LabellerConfig)
+    tracking: TrackingConfig = field(
+        default_factory=TrackingConfig
+    )  # names set by the pipeline; nothing is logged per step
+
+    def check(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ConfigError("samples_per_prompt", f"must be >= 2 to compare, got {self.samples_per_prompt}")
+        if self.prompts <= 0 or self.eval_prompts < 0:
+            raise ConfigError("prompts", "must be positive (eval_prompts >= 0)")

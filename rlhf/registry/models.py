@@ -394,3 +394,16 @@ def config_of(source: ModelSource, init: ModelInit):
         return source.preset.make_config()
     with _load_errors(source):
         return AutoConfig.from_pretrained(source.path, revision=init.revision, trust_remote_code=init.trust_remote_code)
+
+
+def fingerprint(module: torch.nn.Module, frozen_only: bool = False) -> str:
+    """A checksum of a module's weights (frozen ones only, if asked: with LoRA the reference is
+    the policy's non-adapter weights), to prove the reference never moved, or which weights a
+    stage started from."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for _name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        if frozen_only and p.requires_grad:
+            continue
+        data = p.detach().double().cpu()
+        total += torch.stack([data.abs().sum(), (data * data).sum()])
+    return f"{total[0].item():.10e}/{total[1].item():.10e}"

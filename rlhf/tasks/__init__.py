@@ -7,7 +7,7 @@ A new task is a new module that builds a `Task`, plus its line in `TASKS` below.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rlhf.tasks import addition_reversed, subtraction
 from rlhf.tasks.base import Rule, Task, TaskSpec, exact_match
@@ -19,6 +19,7 @@ __all__ = [
     "Task",
     "TaskSpec",
     "get_task",
+    "gold_checker",
     "score_generations",
     "task_preference_records",
     "task_records",
@@ -49,6 +50,11 @@ def get_task(name: str | None) -> Task:
     if name not in TASKS:
         raise ValueError(f"no built-in task {name!r}; known: {sorted(TASKS)} (or set data.train / data.eval)")
     return TASKS[name]
+
+
+def gold_checker(task_name: str | None) -> Callable[[str, str], bool]:
+    """(response, reference answer) -> right?: the task's checker, or plain exact match without a task."""
+    return get_task(task_name).is_correct if task_name is not None else exact_match
 
 
 def task_records(task: TaskSpec, split: str, seed_offset: int = 0) -> list[dict]:

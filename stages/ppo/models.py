@@ -177,18 +177,6 @@ def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
 
 
 @torch.no_grad()
-def fingerprint(module: nn.Module, frozen_only: bool = False) -> str:
-    """A checksum of a module's weights (frozen ones only, if asked: with LoRA the reference is
-    the policy's non-adapter weights), to prove the reference never moved."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for _name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-        if frozen_only and p.requires_grad:
-            continue
-        data = p.detach().double().cpu()
-        total += torch.stack([data.abs().sum(), (data * data).sum()])
-    return f"{total[0].item():.10e}/{total[1].item():.10e}"
-
-
 @dataclass(kw_only=True)
 class Models:
     """PPO's four models (seed 002), placed by accelerate."""
@@ -214,11 +202,14 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
     ref_policy = None
     if not cfg.lora.enabled:
         # the same seed as the policy: a preset policy is a random init, and the reference must be that model
-        ref_policy = freeze(build_policy(policy_source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision))
+        ref_source = resolve(cfg.reference) if cfg.reference else policy_source
+        if cfg.reference:
+            _check_same_tokenizer(tokenizer, load_tokenizer(ref_source, cfg.model_init), cfg.reference, "reference")
+        ref_policy = freeze(build_policy(ref_source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision))
     reward_model = None
     if cfg.reward_model:
         rm_source = resolve(cfg.reward_model)
-        _check_same_tokenizer(tokenizer, load_tokenizer(rm_source, cfg.model_init), cfg.reward_model)
+        _check_same_tokenizer(tokenizer, load_tokenizer(rm_source, cfg.model_init), cfg.reward_model, "reward_model")
         reward_model = freeze(build_scalar_model(rm_source, cfg.model_init, tokenizer, precision=precision))
     value_model = None
     if estimator.needs_critic and cfg.share_policy_trunk:
@@ -251,10 +242,10 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
     )
 
 
-def _check_same_tokenizer(policy_tok, rm_tok, rm_name: str) -> None:
-    if policy_tok.get_vocab() != rm_tok.get_vocab():
+def _check_same_tokenizer(policy_tok, other_tok, name: str, key: str) -> None:
+    if policy_tok.get_vocab() != other_tok.get_vocab():
         raise ConfigError(
-            "reward_model",
-            f"{rm_name} uses a different tokenizer than the policy; PPO scores the "
+            key,
+            f"{name} uses a different tokenizer than the policy; PPO scores the "
             "policy's tokens directly, so both must come from the same base model",
         )

@@ -48,6 +48,7 @@ class Scored:
     rule_scores: dict[str, torch.Tensor]  # rule name -> (B,)
     function_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # "module:function" -> (B,)
     remote_scores: torch.Tensor | None = None  # (B,) the remote reward model's score; None without one
+    gold_scores: torch.Tensor | None = None  # (B,) the task's checker (1/0, NaN without an answer); never in the score
     has_eos: torch.Tensor  # (B,) bool, whether the response emitted EOS
     questions: list[str]  # the prompts' last user message
     texts: list[str]  # the decoded responses

@@ -80,6 +80,50 @@ def save_models(
         tokenizer.save_pretrained(str(out / "value_model"))
 
 
+# train.keep_best: the held-out figure each choice reads, in-loop key and eval.json key
+BEST_BY = {"gold": ("eval/ppo/gold_accuracy", "accuracy"), "proxy": ("eval/ppo/rm_score", "rm_score")}
+
+
+def keep_if_best(accelerator, cfg: PPOStageConfig, state: dict, evaluation: dict, models: Models, out: Path) -> None:
+    """`train.keep_best`: after an in-loop evaluation, save the policy (and value model) to out/best
+    when its figure beats every earlier one. Written as best.tmp and renamed, so out/best is
+    always one whole model; state["best"] (checkpointed with the step) says which."""
+    value = evaluation.get(BEST_BY[cfg.train.keep_best][0])
+    best = state.get("best")
+    if value is None or (best is not None and value <= best["value"]):
+        return
+    tmp = out / "best.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    save_models(accelerator, models.model, models.tokenizer, models.policy_source, tmp, cfg, models.precision)
+    if accelerator.is_main_process:
+        shutil.rmtree(out / "best", ignore_errors=True)
+        tmp.rename(out / "best")
+    accelerator.wait_for_everyone()
+    state["best"] = {"by": cfg.train.keep_best, "step": state["step"], "value": value}
+
+
+def restore_best(cfg: PPOStageConfig, state: dict, after: dict, out: Path) -> dict | None:
+    """At the end (main process): if the kept evaluation beat the last step's (`after`), its
+    model files replace the last step's in `out`. Returns what was kept, or None."""
+    best, best_dir = state.get("best"), out / "best"
+    final = after.get(BEST_BY[cfg.train.keep_best][1]) if cfg.train.keep_best else None
+    kept = None
+    if best is not None and final is not None and best["value"] > final and best_dir.is_dir():
+        shutil.copytree(best_dir, out, dirs_exist_ok=True)
+        kept = {**best, "last_step": state["step"], "last_step_value": final}
+        log.info(
+            "keep_best=%s: the policy of step %d (%.4f) replaces the last step's (%.4f)",
+            best["by"],
+            best["step"],
+            best["value"],
+            final,
+        )
+    shutil.rmtree(best_dir, ignore_errors=True)
+    return kept
+
+
 def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, running, out: Path, digest: str):
     """(state, tracking): the state of the newest complete checkpoint written under this config
     and these inputs (`digest`: rlhf/checkpoint.py `checkpoint_digest`), or a fresh one with the
@@ -117,6 +161,11 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
     report = None
     if data.eval_examples or data.test_examples:
         before, after = state["before"], evaluate_saved(str(out), cfg, data, models.precision)
+        tracking.log(_last_point(after), step=state["step"])
+        kept = restore_best(cfg, state, _validation(after), out)
+        if kept:  # the output is now an earlier evaluation's policy: eval.json describes that one
+            after = evaluate_saved(str(out), cfg, data, models.precision)
+            metrics["kept"] = kept
         report = {
             "split": after.get("split"),
             "before": for_eval_json(before),
@@ -128,7 +177,6 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
         }
         if before and "accuracy" in after:
             report["accuracy_gain"] = round(after["accuracy"] - before["accuracy"], 4)
-        tracking.log(tracked_metrics(after, "ppo"), step=state["step"])
         metrics.update({"before": summary(before), "after": summary(after)})
         log.info("after PPO: %s (before: %s)", summary(after), summary(state["before"]))
     finish_stage(
@@ -137,7 +185,7 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
         stage="ppo",
         model=cfg.policy,
         base_model=models.policy_source.root,
-        inputs=(cfg.policy, cfg.reward_model, cfg.value_model),
+        inputs=(cfg.policy, cfg.reward_model, cfg.value_model, cfg.reference),
         metrics=metrics,
         started=started,
         eval_report=report,
@@ -147,6 +195,20 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
         },
     )
     return metrics
+
+
+def _validation(evaluation: dict) -> dict:
+    """The validation split's figures of an evaluation (the test split's sit at the top level)."""
+    return evaluation.get("validation", {}) if evaluation.get("split") == "test" else evaluation
+
+
+def _last_point(after: dict) -> dict:
+    """The last step's policy as tracked numbers: the in-loop curves' last point (validation, with
+    its gold accuracy, train.keep_best's figure) and the test split under test/ppo/."""
+    last = tracked_metrics(after, "ppo")
+    if "accuracy" in _validation(after):
+        last["eval/ppo/gold_accuracy"] = _validation(after)["accuracy"]
+    return last
 
 
 def evaluate_saved(policy_dir: str, cfg: PPOStageConfig, data: Prompts, precision: Precision) -> dict:

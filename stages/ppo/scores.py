@@ -13,7 +13,7 @@ from rlhf.generation import response_texts
 from rlhf.registry import sequence_scores
 from rlhf.reward_client import RemoteRewardError, remote_scores
 from rlhf.reward_functions import call_reward_function, row_fields
-from rlhf.tasks import RULES
+from rlhf.tasks import RULES, gold_checker
 from stages.ppo.rollout import Scored
 
 
@@ -109,6 +109,15 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, cfg: PPORewardC
     return -cfg.overlong_penalty * (excess / cfg.overlong_buffer).clamp(max=1.0)
 
 
+def gold_scores(task_name: str | None, answers: Sequence[str | None], texts: Sequence[str], device) -> torch.Tensor:
+    """The task's checker on each response against its prompt's reference answer: 1.0 right, 0.0
+    wrong, NaN where the prompt carries no answer. (B,) fp32. This is the *gold* measure a learned
+    reward is a proxy for (Gao et al. 2022): logged as train/ppo/gold, never part of the score."""
+    check = gold_checker(task_name)
+    gold = [float("nan") if a is None else float(check(t, a)) for t, a in zip(texts, answers, strict=True)]
+    return torch.tensor(gold, device=device, dtype=torch.float32)
+
+
 def score_episodes(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator) -> Scored:
     """Step 3: one score per response from the reward model, the rule rewards, the reward
     functions and the remote reward model (+ the missing-EOS penalty), before normalisation."""
@@ -129,6 +138,8 @@ def score_episodes(models, data, batch, input_ids, attention_mask, response, has
     }
     remote = remote_model_scores(cfg.reward.remote, prompts, texts, accelerator) if cfg.reward.remote.url else None
     raw = combine_scores(model_scores, rules, has_eos, cfg.reward, functions, remote)  # (B,)
+    # the gold measure: logged, never added to `raw` (a rule in reward.rules is how to optimise it)
+    gold = gold_scores(cfg.task.name, [row.get("answer") for row in rows], texts, device)
     if cfg.reward.overlong_buffer is not None:  # DAPO's soft overlong punishment, logged as a rule
         lengths = attention_mask[:, -response.shape[1] :].sum(1)
         rules["overlong"] = overlong_penalty(lengths, cfg.rollout.generation.max_new_tokens, cfg.reward)
@@ -139,6 +150,7 @@ def score_episodes(models, data, batch, input_ids, attention_mask, response, has
         rule_scores=rules,
         function_scores=functions,
         remote_scores=remote,
+        gold_scores=gold,
         has_eos=has_eos,
         questions=questions,
         texts=texts,

@@ -36,6 +36,7 @@ from rlhf.config import ConfigError, PPOStageConfig
 from rlhf.distributed import is_zero3, process_state
 from rlhf.evaluation import evaluate_in_loop
 from rlhf.precision import Precision, resolve_precision
+from rlhf.registry import fingerprint
 from stages.ppo.advantages import (
     ESTIMATORS,
     check_estimator,
@@ -48,11 +49,18 @@ from stages.ppo.engines import ENGINES, RolloutEngine, build_engine
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from stages.ppo.masked import masked_mean, masked_sums, moments
-from stages.ppo.models import Models, build_models, fingerprint, reference_logits
+from stages.ppo.models import Models, build_models, reference_logits
 from stages.ppo.optim import clip_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored
 from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
-from stages.ppo.saving import finish_run, mean_or_nan, resume_or_start, save_checkpoint, save_models
+from stages.ppo.saving import (
+    finish_run,
+    keep_if_best,
+    mean_or_nan,
+    resume_or_start,
+    save_checkpoint,
+    save_models,
+)
 from stages.ppo.scores import RunningMoments, normalize_scores, score_episodes
 
 log = logging.getLogger("rlhf.ppo")
@@ -81,7 +89,9 @@ def train(cfg: PPOStageConfig) -> dict:
     reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
     ref_fingerprint = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
     # Everything loaded: only now take the output directory (a bad input leaves it as it was).
-    digest = checkpoint_digest(cfg, (cfg.policy, cfg.reward_model, cfg.value_model))  # reads the inputs' manifests
+    digest = checkpoint_digest(
+        cfg, (cfg.policy, cfg.reward_model, cfg.value_model, cfg.reference)
+    )  # reads the inputs' manifests
     out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
     state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out, digest)
 
@@ -320,6 +330,10 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         metrics[f"train/ppo/fn_{spec.replace(':', '.')}"] = gather_mean(values)
     if scored.remote_scores is not None:
         metrics["train/ppo/remote_score"] = gather_mean(scored.remote_scores)
+    if scored.gold_scores is not None:
+        gold = accelerator.gather(scored.gold_scores)
+        if not gold.isnan().all():  # the share right among the sampled responses whose prompt has an answer
+            metrics["train/ppo/gold"] = gold.nanmean().item()
     return metrics
 
 
@@ -344,6 +358,8 @@ def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, ru
             cfg.generation,
         )
         tracking.log(evaluation, step=step)
+        if cfg.train.keep_best:
+            keep_if_best(accelerator, cfg, state, evaluation, models, out)
     if cfg.train.save_every and step % cfg.train.save_every == 0:
         _stop_if_not_finite(accelerator, step, weights=_finite_flag(models.model.parameters()))
         save_checkpoint(accelerator, out / "checkpoints", state, kl_ctl, running, cfg.train.keep_checkpoints)

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from rlhf.config import DPOStageConfig, RMStageConfig, TaskConfig
-from rlhf.data import load_records, normalize_preferences
+from rlhf.data import load_records, normalize_preferences, read_records
 from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy
 from rlhf.tasks import TASKS, task_preference_records
@@ -48,6 +48,16 @@ def preference_pairs(
             )
         del policy
         log.info("on-policy pairs: %d train, %d eval", len(mined), sum(p.get("kind") == "onpolicy" for p in eval_pairs))
+    # an RLHF round's comparisons (pairs.extra_*), added after mining: they are on-policy already
+    for path in cfg.pairs.extra_train:
+        extra, dropped = extra_pairs(path)
+        train_pairs, train_dropped, train_source = (
+            train_pairs + extra,
+            train_dropped + dropped,
+            f"{train_source} + {path}",
+        )
+    for path in cfg.pairs.extra_eval:
+        eval_pairs, eval_source = eval_pairs + extra_pairs(path)[0], f"{eval_source} + {path}"
     if train_dropped:
         log.warning("dropped training pairs: %s", dict(train_dropped))
     log.info(
@@ -89,6 +99,18 @@ def mining_max_new_tokens(task: TaskConfig) -> int:
     """Tokens sampled per on-policy answer: the task's longest right answer for this config, the
     slack, and the end of turn."""
     return TASKS[task.name].answer_tokens(task) + ANSWER_SLACK + 1
+
+
+def extra_pairs(path: str) -> tuple[list[dict], Counter]:
+    """The pairs of one `pairs.extra_train` / `extra_eval` file (any preference format), and the
+    records dropped by the format rules."""
+    records = read_records(path)
+    if not records:  # a round whose samples all tied gives an empty file: nothing to add
+        log.warning("no pairs in %s", path)
+        return [], Counter()
+    pairs, _fmt, dropped = normalize_preferences(records)
+    log.info("%d pairs from %s", len(pairs), path)
+    return pairs, dropped
 
 
 def mine_pairs(

@@ -34,6 +34,7 @@ from rlhf.registry import (
     cast_trainable,
     config_of,
     end_of_turn_id,
+    fingerprint,
     load_tokenizer,
     resolve,
 )
@@ -126,6 +127,8 @@ def train(cfg: RMStageConfig) -> dict:
     # 3. Tokens: chat-rendered prompt + response + EOS, exactly the sequence PPO will score.
     # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
     trainer, eval_rows, over = _reward_trainer(cfg, source, tokenizer, precision, out, train_pairs, eval_pairs)
+    # the weights it starts from (an RLHF round continues the last round's RM: the manifest proves it)
+    init_fingerprint = None if is_zero3(trainer.accelerator) else fingerprint(trainer.model)
 
     # 5. Everything loaded: take the output directory, then train, resuming from the newest
     #    complete checkpoint of this config and input if there is one.
@@ -145,7 +148,12 @@ def train(cfg: RMStageConfig) -> dict:
 
     # 7. Evaluate the saved directory on held-out pairs: accuracy (per kind of wrong answer),
     #    margin and the score distributions of chosen and rejected.
-    metrics: dict = {"train_loss": train_loss, "overlong": over, "dropped": dict(train_dropped)}
+    metrics: dict = {
+        "train_loss": train_loss,
+        "overlong": over,
+        "dropped": dict(train_dropped),
+        "init_fingerprint": init_fingerprint,
+    }
     if state.is_main_process:
         eval_report = None
         if eval_pairs:

@@ -1,0 +1,52 @@
+"""The gold measure (issue 16): the task's checker is logged beside the learned reward on every
+PPO step (`train/ppo/gold`) and at every evaluation (`eval/ppo/gold_accuracy`), and it enters the
+score only when a rule in `reward.rules` puts it there."""
+
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+
+from conftest import ROOT
+from rlhf.config import ModelInit, PPOStageConfig, load_config
+from rlhf.registry import load_tokenizer, resolve
+from stages.ppo.scores import gold_scores, score_episodes
+
+# three prompts: 52 - 17 = 35 (answered right), 90 - 8 = 82 (answered 81), one without an answer
+ROWS = [
+    {"prompt": [{"role": "user", "content": "请计算：52 - 17 = ，直接返回计算结果"}], "answer": "35"},
+    {"prompt": [{"role": "user", "content": "请计算：90 - 8 = ，直接返回计算结果"}], "answer": "82"},
+    {"prompt": [{"role": "user", "content": "请计算：7 - 9 = ，直接返回计算结果"}], "answer": None},
+]
+RESPONSES = ["35", "81", "-2"]
+
+
+def _score(*overrides):
+    cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["reward_model=null", *overrides])
+    tokenizer = load_tokenizer(resolve("tiny"), ModelInit())
+    response = tokenizer(RESPONSES, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
+    models = SimpleNamespace(tokenizer=tokenizer, reward_model=None)  # no reward model: the score is the rules'
+    data = SimpleNamespace(prompts=ROWS)
+    mask = torch.ones(3, 4 + response.shape[1], dtype=torch.long)
+    has_eos = torch.ones(3, dtype=torch.bool)
+    return score_episodes(models, data, [0, 1, 2], None, mask, response, has_eos, cfg, Accelerator(cpu=True))
+
+
+def test_gold_checks_each_answer_and_is_nan_without_one():
+    gold = gold_scores("subtraction", ["35", "82", None], RESPONSES, "cpu")
+    assert gold[:2].tolist() == [1.0, 0.0] and gold[2].isnan()
+    # without a task: plain exact match, surrounding white space ignored
+    assert gold_scores(None, ["a", "b"], [" a ", "c"], "cpu").tolist() == [1.0, 0.0]
+
+
+def test_gold_is_logged_but_not_in_the_score_unless_a_rule_puts_it_there():
+    # the score: partial credit per digit (a reward function); 81 for 82 has one of two digits right
+    digits = '{"rlhf.tasks.subtraction:digits_reward": 1.0}'
+    scored = _score("reward.rules={}", f"reward.functions={digits}", "reward.model_weight=0")
+    assert scored.gold_scores[:2].tolist() == [1.0, 0.0]
+    assert scored.raw_scores.tolist() == [1.0, 0.5, 1.0]  # the digits alone: gold added nothing
+    # configured: the subtraction rule (the same checker, reading the question) is the score;
+    # 7 - 9 = -2 is right by the rule although the row carries no answer to check it against
+    ruled = _score("reward.rules={subtraction: 2.0}", "reward.model_weight=0")
+    assert ruled.raw_scores.tolist() == [2.0, 0.0, 2.0]
+    assert ruled.gold_scores[:2].tolist() == [1.0, 0.0]
