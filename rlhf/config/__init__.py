@@ -17,6 +17,7 @@ from rlhf.config.stages import (
     DPOStageConfig,
     PPOStageConfig,
     RMStageConfig,
+    RolloutConfig,
     SFTStageConfig,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "OptimConfig",
     "PPOStageConfig",
     "RMStageConfig",
+    "RolloutConfig",
     "SFTStageConfig",
     "TaskConfig",
     "TrackingConfig",
