@@ -183,11 +183,16 @@ def policy_weights(policy: torch.nn.Module, accelerator) -> Iterator[tuple[str, 
 
 
 def _layer_groups(base: torch.nn.Module) -> list[list[tuple[str, torch.nn.Module]]]:
-    """The modules that hold parameters, in order, grouped by decoder layer (`…layers.N…`)."""
+    """The modules that hold parameters, in order, grouped by decoder layer (`…layers.N…`). A
+    module whose parameters another already holds (a head tied to the embeddings) is left out, as
+    `named_parameters` leaves it out."""
     groups: dict[str, list[tuple[str, torch.nn.Module]]] = {}
+    seen: set[int] = set()
     for module_name, module in base.named_modules():
-        if next(module.parameters(recurse=False), None) is None:
+        own = list(module.parameters(recurse=False))
+        if not own or all(id(p) in seen for p in own):
             continue
+        seen.update(id(p) for p in own)
         parts = module_name.split(".")
         key = ".".join(parts[: parts.index("layers") + 2]) if "layers" in parts[:-1] else module_name
         groups.setdefault(key, []).append((module_name, module))
