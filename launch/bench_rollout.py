@@ -8,9 +8,9 @@ random weights at the same precision, and one full PPO step's time split with ea
 Needs vLLM (`make vllm`). The set-up: random-weight decoders built from a config (~1M: a Llama of
 hidden 128 and a 2,048-token vocabulary; ~30M: a Qwen2 shape, hidden 512, 6 layers, GQA 8/2,
 32k vocabulary; ~120M: a Llama shape, hidden 768, 12 layers, 32k vocabulary; tied embeddings),
-64 prompts of 16 random tokens, 256 new tokens sampled at temperature 1 from the full softmax
-(EOS is the vocabulary's last id, which random weights almost never draw: every response runs
-to its length), with each sampled token's log-prob, as PPO asks for them. Both engines hold bf16
+64 prompts of 16 random tokens, 256 new tokens sampled at temperature 1 from the full softmax,
+with each sampled token's log-prob, as PPO asks for them; the tiny tokenizer's stop tokens end a
+response (random weights rarely draw one) and tokens are counted up to each response's stop. Both engines hold bf16
 weights (`--precision fp32` for fp32). Each engine samples once untimed (warm-up), then `--runs`
 timed batches; tokens/s = generated tokens / wall time of the batch, median over runs.
 
@@ -43,7 +43,9 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 
 from rlhf.config import GenerationConfig, ModelInit, PPOStageConfig, load_config  # noqa: E402
+from rlhf.generation import ended_at  # noqa: E402
 from rlhf.precision import resolve_precision  # noqa: E402
+from rlhf.registry import stop_token_ids  # noqa: E402
 from rlhf.registry.tiny import build_tiny_tokenizer  # noqa: E402
 from rlhf.tracking import read_metrics  # noqa: E402
 from stages.ppo import train as ppo_train  # noqa: E402
@@ -71,8 +73,7 @@ SHAPES = {
 
 
 def build_model(size: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A random decoder of `size` whose pad/EOS ids are the tiny tokenizer's (EOS moved to the
-    vocabulary's last id for the rollout timing, so responses run their full length)."""
+    """A random decoder of `size` whose pad/EOS ids are the tiny tokenizer's."""
     tokenizer = build_tiny_tokenizer()
     config = SHAPES[size]()
     config.update(
@@ -88,14 +89,7 @@ def build_model(size: str, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
-class NeverStops:
-    """The two ids the engines read from a tokenizer: pad, and EOS as the vocabulary's last id."""
-
-    def __init__(self, vocab_size: int, pad_token_id: int):
-        self.eos_token_id, self.pad_token_id = vocab_size - 1, pad_token_id
-
-
-def tokens_per_s(engine, prompts: list[list[int]], runs: int) -> tuple[float, list[float]]:
+def tokens_per_s(engine, prompts: list[list[int]], stops: tuple[int, ...], runs: int) -> tuple[float, list[float]]:
     gen = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0)
     engine.generate(prompts[:4], GenerationConfig(max_new_tokens=8, do_sample=True), True)  # warm-up
     rates = []
@@ -103,7 +97,7 @@ def tokens_per_s(engine, prompts: list[list[int]], runs: int) -> tuple[float, li
         start = time.perf_counter()
         out = engine.generate(prompts, gen, True)
         seconds = time.perf_counter() - start
-        rates.append(out.response_ids.numel() / seconds)  # every row runs to NEW_TOKENS (no EOS drawn)
+        rates.append(ended_at(out.response_ids, stops)[1].sum().item() / seconds)  # tokens up to each stop
     return statistics.median(rates), rates
 
 
@@ -112,16 +106,16 @@ def bench_size(size: str, precision_name: str, runs: int) -> dict:
     precision = resolve_precision(init)
     policy = build_model(size, precision.dtype)
     params = sum(p.numel() for p in policy.parameters())
-    tokenizer = NeverStops(policy.config.vocab_size, policy.config.pad_token_id)
+    tokenizer = build_tiny_tokenizer()
+    stops = stop_token_ids(tokenizer, policy.generation_config)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = PolicyAndValue(policy.to(accelerator.device), None)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, policy.config.vocab_size - 1, (PROMPTS, PROMPT_LEN), generator=g).tolist()
     row = {"params": params}
-    for name, engine in (("hf", HFEngine(model, tokenizer, accelerator)),):
-        row[name], row[f"{name}_runs"] = tokens_per_s(engine, prompts, runs)
+    row["hf"], row["hf_runs"] = tokens_per_s(HFEngine(model, tokenizer, accelerator), prompts, stops, runs)
     vllm = VLLMEngine(model, tokenizer, accelerator, precision)
-    row["vllm"], row["vllm_runs"] = tokens_per_s(vllm, prompts, runs)
+    row["vllm"], row["vllm_runs"] = tokens_per_s(vllm, prompts, stops, runs)
     row["ratio_vllm_vs_hf"] = row["vllm"] / row["hf"]
     print(f"{size}: {params / 1e6:.1f}M params, hf {row['hf']:.0f} tok/s, vllm {row['vllm']:.0f} tok/s", flush=True)
     del vllm
@@ -150,7 +144,7 @@ def ppo_step(size: str, engine: str, workdir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Rollout tokens/s of the hf and vllm engines, and a PPO step split.")
     parser.add_argument("--sizes", default="1m,30m,120m", help="comma-separated, of " + ",".join(SHAPES))
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--runs", type=int, default=1, help="timed batches per engine and size")
