@@ -107,6 +107,20 @@ def test_policy_loss_by_hand():
     assert new.grad[0].tolist() == pytest.approx([0.0, -0.5 / 3, 0.0])
 
 
+def test_policy_loss_with_truncated_importance_weights_by_hand():
+    # the tokens of test_policy_loss_by_hand, per-token terms -1.2, -0.5, 0.8; TIS weights
+    # min(π_trainer / π_engine, C = 2) for engine log-probs log(.5), log(2), log(.1) below a trainer's 0:
+    # 2, .5, min(10, 2) = 2  ->  (-2.4 - 0.25 + 1.6) / 3 = -0.35
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 0.5]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    engine = torch.log(torch.tensor([[0.5, 2.0, 0.1]]))
+    weights = torch.exp(old - engine).clamp(max=2.0)
+    loss, _ = policy_loss(new, old, adv, torch.ones(1, 3), 0.2, weights=weights)
+    assert weights[0].tolist() == pytest.approx([2.0, 0.5, 2.0])
+    assert loss.item() == pytest.approx(-0.35)
+
+
 def test_value_loss_by_hand():
     # c = .2: t0: (1-2)^2 = 1 vs clipped V .7: (.7-2)^2 = 1.69 -> 1.69
     #         t1: (0-0)^2 = 0 vs clipped V .3: .09 -> .09;  loss = .5 * (1.69 + .09) / 2 = .445

@@ -2,16 +2,21 @@
 config, an estimator without a critic means no value model anywhere, and a Rollout cannot be
 built from positional tensors."""
 
+import copy
+
 import pytest
 import torch
+from accelerate import Accelerator
 from test_ppo_stage import FAST, sft_dir  # noqa: F401  (the module-scoped policy fixture)
 
 from conftest import ROOT
-from rlhf.config import ConfigError, PPOStageConfig, load_config
+from rlhf.config import ConfigError, LoraConfig, ModelInit, PPOStageConfig, load_config
+from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import read_metrics
 from stages.ppo import advantages, engines
 from stages.ppo import train as ppo_train
 from stages.ppo.rollout import Rollout
+from stages.ppo.vllm_engine import policy_weights
 
 
 def reward_to_go(rewards, values, mask, *, gamma, lam, group_size):
@@ -45,8 +50,8 @@ def test_rollout_is_built_by_keyword_only():
 
 def test_unknown_engine_or_estimator_is_refused_before_any_model_loads(tmp_path):
     for key in ("rollout.engine=nope", "ppo.advantage_estimator=nope"):
-        cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [key, f"output_dir={tmp_path / 'x'}"])
-        with pytest.raises(ConfigError, match=key.split("=")[0]):
+        with pytest.raises(ConfigError, match=key.split("=")[0]):  # the engine's names are typed: refused on load
+            cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [key, f"output_dir={tmp_path / 'x'}"])
             ppo_train.train(cfg)
         assert not (tmp_path / "x").exists()
 
@@ -79,5 +84,36 @@ def test_an_estimator_without_a_critic_builds_no_value_model(sft_dir, tmp_path, 
     assert len(rows) == 2 and all("train/ppo/value_loss" not in r for r in rows)
 
 
-def test_engines_registry_holds_the_hf_sampler():
+def test_engines_registry_holds_the_hf_sampler_and_vllm():
     assert engines.ENGINES["hf"] is engines.HFEngine
+    assert set(engines.ENGINES) == {"hf", "vllm"}  # `auto` is not an engine: resolve_engine picks one of these
+
+
+def test_weights_an_engine_receives_are_the_policys_with_the_adapter_merged():
+    """What `update_weights` sends a vLLM engine (no vLLM needed to check): every parameter under
+    its plain Hugging Face name (a tied head once), and with LoRA W + B·A·scale of the current
+    adapter, equal to PEFT's own merge, the base weights untouched."""
+    init = ModelInit(mixed_precision=None, dtype="float32")
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, init)
+    accelerator = Accelerator(cpu=True)
+    plain = build_policy(source, init, tokenizer, seed=0)
+    sent = dict(policy_weights(plain, accelerator))
+    assert sorted(sent) == sorted(n for n, _ in plain.named_parameters())
+    assert all(torch.equal(sent[n], p) for n, p in plain.named_parameters())
+
+    lora = build_policy(source, init, tokenizer, LoraConfig(enabled=True, r=4), seed=0, trained=True)
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # B starts at zero: make the adapter change something
+    sent = dict(policy_weights(lora, accelerator))
+    merged = dict(copy.deepcopy(lora).merge_and_unload().named_parameters())
+    assert sorted(sent) == sorted(merged)
+    assert all(torch.allclose(sent[n], merged[n], atol=1e-6) for n in sent)
+    base = dict(plain.named_parameters())
+    # 2 layers × the 7 LoRA targets of a Llama changed, nothing else; the adapter's own base weights untouched
+    assert sum(not torch.equal(sent[n], base[n]) for n in sent) == 2 * 7
+    assert torch.equal(
+        lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight,
+        base["model.layers.0.self_attn.q_proj.weight"],
+    )

@@ -18,6 +18,7 @@ from rlhf.config.stages import (
     LabelStageConfig,
     PPOStageConfig,
     RMStageConfig,
+    RolloutConfig,
     SFTStageConfig,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "OptimConfig",
     "PPOStageConfig",
     "RMStageConfig",
+    "RolloutConfig",
     "SFTStageConfig",
     "TaskConfig",
     "TrackingConfig",

@@ -158,7 +158,17 @@ class RolloutConfig:
     # policy computes in fp32; in bf16 the KV-cached pass rounds differently from the training
     # forward, so the first PPO ratio would not be 1.
     logprobs_from_generation: bool | None = None
-    engine: str = "hf"  # the rollout engine (stages/ppo/engines.py): hf = transformers' KV-cached generate
+    # the rollout engine (stages/ppo/engines.py): hf = transformers' KV-cached generate on the trained module;
+    # vllm = vLLM colocated in each process with its own weights, synced after every optimizer phase (the
+    # `vllm` extra); auto = vllm when installed and on a GPU, else hf
+    engine: Literal["hf", "vllm", "auto"] = "hf"
+    vllm_gpu_memory: float = 0.3  # fraction of the GPU vLLM takes (weights + KV cache); GPU only
+    # The engine's sampling pass and the trainer's forward differ a little (other kernels, bf16 rounding), so
+    # the tokens are slightly off-policy. tis: truncated importance sampling (Yao et al. 2025, as veRL and TRL):
+    # each token's policy loss is weighted by min(π_trainer / π_engine, tis_cap), both of the sampled token.
+    # Needs the engine's log-probs (asked for whenever this is on). none: no correction.
+    importance_correction: Literal["none", "tis"] = "none"
+    tis_cap: float = 2.0
     # DAPO's dynamic sampling (Yu et al. 2025, §3.2): drop the groups whose scores are all equal (they give every
     # response a zero advantage) and sample more prompts until the batch is full, at most max_sampling_tries
     # rounds; a batch still short then is filled up with dropped groups. Needs samples_per_prompt > 1.
@@ -175,6 +185,10 @@ class RolloutConfig:
             raise ConfigError("samples_per_prompt", "prompts_per_step and samples_per_prompt must be positive")
         if self.dynamic_sampling and self.samples_per_prompt < 2:
             raise ConfigError("dynamic_sampling", "drops groups of equal scores: needs samples_per_prompt > 1")
+        if not 0.0 < self.vllm_gpu_memory <= 1.0:
+            raise ConfigError("vllm_gpu_memory", f"must be in (0, 1], got {self.vllm_gpu_memory}")
+        if self.tis_cap < 1.0:
+            raise ConfigError("tis_cap", f"must be >= 1 (it caps π_trainer / π_engine), got {self.tis_cap}")
         if self.max_sampling_tries < 1:
             raise ConfigError("max_sampling_tries", f"must be >= 1, got {self.max_sampling_tries}")
         # PPO's ratio and the KL penalty need the log-prob of each token under the distribution it

@@ -5,37 +5,43 @@ left-padded, the responses right-padded, and (when asked) each sampled token's l
 softmax(logits / temperature). After every optimizer phase the recipe calls
 `update_weights(model)` so that the engine samples from the policy it is training; an engine
 that shares the trainer's weights has nothing to do there, one that holds its own copy (vLLM)
-copies them in. Engines register in `ENGINES` by name and are chosen by `rollout.engine`.
+copies them in. Before the optimizer phase it calls `sleep()`: an engine holding GPU memory of its
+own gives it back to the trainer meanwhile. Engines register in `ENGINES` by name and are chosen by
+`rollout.engine` (`auto`: `resolve_engine`).
+
+Both engines stop a response at the same token ids: `rlhf.registry.stop_token_ids`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.config import GenerationConfig
+from rlhf.config import GenerationConfig, RolloutConfig
 from rlhf.generation import gathered_for_generation, generate_ids
+from rlhf.precision import Precision
+from stages.ppo.rollout import Generated
+from stages.ppo.vllm_engine import VLLMEngine, vllm_available
 
-
-@dataclass
-class Generated:
-    """One batch of sampled responses. B prompts, P prompt tokens, R response tokens."""
-
-    prompt_ids: torch.Tensor  # (B, P) left-padded with the pad id
-    response_ids: torch.Tensor  # (B, R) right-padded with the pad id after EOS
-    logprobs: torch.Tensor | None  # (B, R) fp32 log-probs of the sampled tokens, or None if not asked
+log = logging.getLogger("rlhf.ppo")
 
 
 class RolloutEngine(Protocol):
+    # whether the engine samples from a copy of the weights of its own (with its own kernels): its
+    # log-probs then differ a little from the trainer's forward, which is run for the rollout's
+    own_weights: bool
+
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], gen: GenerationConfig, with_logprobs: bool
     ) -> Generated: ...
 
     def update_weights(self, model: torch.nn.Module) -> None: ...
+
+    def sleep(self) -> None: ...
 
 
 class HFEngine:
@@ -43,7 +49,10 @@ class HFEngine:
     the weights: `update_weights` has nothing to do). Under DeepSpeed ZeRO-3 the sharded weights
     are gathered once for the whole batch, not once per token (rlhf/generation.py)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator):
+    own_weights = False
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator, *_settings):
+        # *_settings: the precision and rollout config every builder is handed; generate needs neither
         self.model, self.tokenizer, self.accelerator = model, tokenizer, accelerator
 
     @torch.no_grad()
@@ -61,12 +70,38 @@ class HFEngine:
     def update_weights(self, model: torch.nn.Module) -> None:
         pass  # samples from the trained module itself
 
+    def sleep(self) -> None:
+        pass  # holds nothing of its own
 
-# name -> builder(model, tokenizer, accelerator); `rollout.engine` picks one.
-ENGINES: dict[str, Callable[..., RolloutEngine]] = {"hf": HFEngine}
+
+def _vllm(model, tokenizer, accelerator, precision: Precision, rollout: RolloutConfig) -> VLLMEngine:
+    return VLLMEngine(model, tokenizer, accelerator, precision, gpu_memory=rollout.vllm_gpu_memory)
 
 
-def build_engine(name: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator) -> RolloutEngine:
+# name -> builder(model, tokenizer, accelerator, precision, rollout config); `rollout.engine` picks one.
+ENGINES: dict[str, Callable[..., RolloutEngine]] = {"hf": HFEngine, "vllm": _vllm}
+
+
+def resolve_engine(name: str, precision: Precision) -> str:
+    """`rollout.engine`, with `auto` decided: vLLM when it is installed and the models run on a
+    GPU; else transformers' generate (on a CPU vLLM's fixed cost per decoding step outweighs its
+    paged attention at the tiny default's size: docs/benchmarks.md)."""
+    if name != "auto":
+        return name
+    picked = "vllm" if precision.cuda and vllm_available() else "hf"
+    installed = "installed" if vllm_available() else "not installed"
+    log.info("rollout.engine auto -> %s (%s, vllm %s)", picked, "GPU" if precision.cuda else "CPU", installed)
+    return picked
+
+
+def build_engine(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    accelerator,
+    precision: Precision,
+    rollout: RolloutConfig,
+) -> RolloutEngine:
     if name not in ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; known: {sorted(ENGINES)}")
-    return ENGINES[name](model, tokenizer, accelerator)
+    return ENGINES[name](model, tokenizer, accelerator, precision, rollout)

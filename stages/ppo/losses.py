@@ -60,12 +60,14 @@ def policy_loss(
     clip_range_high: float | None = None,
     agg: str = "token_mean",
     max_len: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7; seed 003), as a loss to minimise:
       L = −agg_t min(ρ_t·A_t, clip(ρ_t, 1−ε_low, 1+ε_high)·A_t),  ρ_t = exp(log π(a_t) − log π_old(a_t)),
     ε_low = clip_range, ε_high = clip_range_high (default: the same; DAPO's "clip-higher" raises it, Yu et al.
-    2025 §3.1) and agg from `aggregate_loss` (default: the token mean). Returns the loss and stats: clip fraction
-    and approximate KL(old ‖ new) (k3).
+    2025 §3.1) and agg from `aggregate_loss` (default: the token mean). `weights` (B, T), if given, multiply each
+    token's term before the aggregation: truncated importance sampling's min(π_old / π_sampler, C) (Yao et al.
+    2025). Returns the loss and stats: clip fraction and approximate KL(old ‖ new) (k3).
 
     The tokens were sampled from the old policy, so KL(old ‖ new) = E_old[−r] with r = log π − log π_old,
     and its k3 estimator (Schulman 2020, with the log-ratio log π_old − log π = −r) is
@@ -75,7 +77,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, agg, max_len)
+    per_token = torch.maximum(unclipped, clipped)  # (B, T)
+    if weights is not None:  # per-token importance weights (rollout.importance_correction: tis), no gradient
+        per_token = per_token * weights
+    loss = aggregate_loss(per_token, mask, agg, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),

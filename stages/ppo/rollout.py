@@ -15,6 +15,16 @@ import torch
 from rlhf.generation import ended_at
 
 
+@dataclass
+class Generated:
+    """One batch of sampled responses, as a rollout engine returns it (stages/ppo/engines.py).
+    B prompts, P prompt tokens, R response tokens."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded with the pad id
+    response_ids: torch.Tensor  # (B, R) right-padded with the pad id after EOS
+    logprobs: torch.Tensor | None  # (B, R) fp32 log-probs of the sampled tokens, or None if not asked
+
+
 @dataclass(kw_only=True)
 class Rollout:
     """Built by keyword only: `Rollout(logprobs=…, ref_logprobs=…)`, so a swap cannot be written
@@ -27,6 +37,8 @@ class Rollout:
     loss_mask: torch.Tensor  # (B, R) the tokens the losses see: response_mask, less cut-off ones (ppo.mask_truncated)
     logprobs: torch.Tensor  # (B, R) fp32, the policy that sampled the response
     ref_logprobs: torch.Tensor  # (B, R) fp32, the frozen reference
+    # (B, R) fp32, the rollout engine's own (for TIS and rollout/logprob_diff_*); None if not asked for
+    engine_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None  # (B, R) fp32, V(s_t) before each response token; None without a critic
     kl: torch.Tensor  # (B, R) fp32, the per-token KL estimate (in the reward unless ppo.kl_in: loss; 0 on padding)
     scores: torch.Tensor  # (B,) sequence scores after normalisation

@@ -15,8 +15,7 @@ from rlhf.data import HeldOut, load_held_out, load_records
 from rlhf.data.prompts import normalize_prompts
 from rlhf.generation import render_prompts
 from rlhf.tasks import task_records
-from stages.ppo.engines import Generated
-from stages.ppo.rollout import response_mask
+from stages.ppo.rollout import Generated, response_mask
 from stages.ppo.scores import score_episodes
 
 log = logging.getLogger("rlhf.ppo")

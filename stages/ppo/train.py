@@ -45,7 +45,7 @@ from stages.ppo.advantages import (
     whiten_advantages,
     whitens,
 )
-from stages.ppo.engines import ENGINES, RolloutEngine, build_engine
+from stages.ppo.engines import ENGINES, RolloutEngine, build_engine, resolve_engine
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from stages.ppo.masked import masked_mean, masked_sums, moments
@@ -77,13 +77,14 @@ def train(cfg: PPOStageConfig) -> dict:
     started = time.time()
     estimator = _registered(ESTIMATORS, cfg.ppo.advantage_estimator, "ppo.advantage_estimator")
     check_estimator(estimator, cfg)
-    _registered(ENGINES, cfg.rollout.engine, "rollout.engine")
+    engine_name = resolve_engine(cfg.rollout.engine, precision)  # `auto` decided (and logged) once, here
+    _registered(ENGINES, engine_name, "rollout.engine")
     models = build_models(cfg, accelerator, estimator, precision)
     data = load_prompts(cfg, models.tokenizer)
-    engine = build_engine(cfg.rollout.engine, models.model, models.tokenizer, accelerator)
+    engine = build_engine(engine_name, models.model, models.tokenizer, accelerator, precision, cfg.rollout)
     kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
     running = RunningMoments()
-    reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator)
+    reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, engine)
     log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
     # A checksum of the reference, checked again at the end (ZeRO-3 shards weights: not checked there).
     reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
@@ -94,6 +95,7 @@ def train(cfg: PPOStageConfig) -> dict:
     )  # reads the inputs' manifests
     out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
     state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out, digest)
+    engine.update_weights(models.model)  # a resumed policy's weights (the engine was built before they loaded)
 
     bar = tqdm(
         total=cfg.train.max_steps,
@@ -111,16 +113,19 @@ def train(cfg: PPOStageConfig) -> dict:
             models, engine, data, batch, cfg, kl_ctl, running, accelerator, step
         )
         t_score = time.time()
+        engine.sleep()  # an engine's own GPU memory goes back to the trainer meanwhile
         stats = ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step, kl_coef=kl_ctl.value)
         stats.update(sampling)
-        engine.update_weights(models.model)
         t_train = time.time()
+        engine.update_weights(models.model)  # the next rollout samples from the updated policy
+        t_sync = time.time()
 
         seq_kl = accelerator.gather(rollout.kl.sum(1)).mean().item()
         kl_ctl.update(seq_kl, rollout.scores.shape[0] * accelerator.num_processes)
         state["kl_history"] = (state["kl_history"] + [seq_kl])[-10:]
         state["step"] = step + 1
         timings = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
+        timings["sync"] = t_sync - t_train
         metrics = step_metrics(rollout, scored, stats, kl_ctl, models.optimizer, accelerator, timings)
         _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, running, accelerator, tracking, out)
         bar.set_postfix(score=f"{metrics['train/ppo/score']:.3f}", kl=f"{seq_kl:.3f}", beta=f"{kl_ctl.value:.3f}")
@@ -155,9 +160,10 @@ def make_rollout(
     prompt, adjacent."""
     gen, tokenizer, model = cfg.rollout.generation, models.tokenizer, models.model
     # 1. generate n responses per prompt, keeping the sampled tokens' log-probs when they equal what
-    #    a forward of the policy would give
-    reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator)
-    batch, sampled, sampling = sample_groups(models, engine, data, batch, cfg, accelerator, step, reuse_logprobs)
+    #    a forward of the policy would give, or when they are compared to it (an engine of its own, TIS)
+    reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, engine)
+    with_logprobs = reuse_logprobs or engine.own_weights or cfg.rollout.importance_correction == "tis"
+    batch, sampled, sampling = sample_groups(models, engine, data, batch, cfg, accelerator, step, with_logprobs)
     response = sampled.response_ids
     R = response.shape[1]
     input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer, models.stop_ids)
@@ -171,6 +177,7 @@ def make_rollout(
             logprobs = sampled.logprobs.masked_fill(resp_mask == 0, 0.0)  # (B, R)
         else:
             logprobs = logprobs_from_logits(logits.float() / gen.temperature, response)  # (B, R)
+        engine_logprobs = None if sampled.logprobs is None else sampled.logprobs.masked_fill(resp_mask == 0, 0.0)
         ref = reference_logits(accelerator.unwrap_model(model), models.ref_policy, input_ids, attention_mask, R)
         ref_logprobs = logprobs_from_logits(ref.float() / gen.temperature, response)  # (B, R)
         del logits, ref
@@ -199,6 +206,7 @@ def make_rollout(
         loss_mask=resp_mask * has_eos[:, None] if cfg.ppo.mask_truncated else resp_mask,
         logprobs=logprobs,
         ref_logprobs=ref_logprobs,
+        engine_logprobs=engine_logprobs,
         values=values,
         kl=kl,
         scores=scores,
@@ -260,6 +268,10 @@ def minibatch_loss(
     logits, values = model(mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
     logits = logits.float() / cfg.rollout.generation.temperature
     new_logprobs = logprobs_from_logits(logits, mb.response_ids)
+    tis = None
+    if cfg.rollout.importance_correction == "tis":
+        # truncated importance weight of the sampler's mismatch, per token, a constant (Yao et al. 2025)
+        tis = torch.exp(mb.logprobs - mb.engine_logprobs).clamp(max=cfg.rollout.tis_cap).detach()  # (B, R)
     clip_low = ppo.clip_range if ppo.clip_range_low is None else ppo.clip_range_low
     clip_high = ppo.clip_range if ppo.clip_range_high is None else ppo.clip_range_high
     pg_loss, pg = policy_loss(
@@ -271,6 +283,7 @@ def minibatch_loss(
         clip_range_high=clip_high,
         agg=ppo.loss_agg,
         max_len=max_len,
+        weights=tis,
     )
     entropy = masked_mean(entropy_from_logits(logits), mb.loss_mask)
     loss = pg_loss - cfg.ppo.entropy_coef * entropy
@@ -311,6 +324,7 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         "train/ppo/time_generate_s": timings["generate"],
         "train/ppo/time_score_s": timings["score"],
         "train/ppo/time_train_s": timings["train"],
+        "train/ppo/time_sync_s": timings["sync"],
         "train/ppo/tokens_per_s": n_tokens / elapsed,
         "train/ppo/episodes_per_s": n_episodes / elapsed,
         **{f"train/ppo/{k}": v for k, v in stats.items()},
@@ -322,6 +336,8 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         value_mean, _ = moments(accelerator.reduce(masked_sums(rollout.values, mask), "sum"))
         metrics["train/ppo/value_mean"] = value_mean.item()
         metrics["train/ppo/lr_value"] = optimizer.param_groups[1]["lr"]
+    if rollout.engine_logprobs is not None:
+        metrics.update(logprob_diff(rollout, accelerator))
     if scored.model_scores is not None:
         metrics["train/ppo/rm_score"] = gather_mean(scored.model_scores)
     for name, values in scored.rule_scores.items():
@@ -335,6 +351,17 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         if not gold.isnan().all():  # the share right among the sampled responses whose prompt has an answer
             metrics["train/ppo/gold"] = gold.nanmean().item()
     return metrics
+
+
+def logprob_diff(rollout: Rollout, accelerator) -> dict:
+    """How far the engine's log-probs of the sampled tokens are from the trainer's (the rollout's
+    `logprobs`), |Δ| over every process's response tokens: 0 up to rounding when the trainer's
+    own module sampled in fp32; the size of the off-policy gap an engine of its own leaves."""
+    diff = (rollout.logprobs - rollout.engine_logprobs).abs() * rollout.response_mask  # (B, R)
+    total = accelerator.reduce(torch.stack([diff.sum(), rollout.response_mask.sum().float()]), "sum")
+    biggest = accelerator.gather(diff.max()[None]).max()  # reduce has no "max"
+    mean = (total[0] / total[1].clamp(min=1)).item()
+    return {"rollout/logprob_diff_mean": mean, "rollout/logprob_diff_max": biggest.item()}
 
 
 def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, running, accelerator, tracking, out):
@@ -365,13 +392,14 @@ def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, ru
         save_checkpoint(accelerator, out / "checkpoints", state, kl_ctl, running, cfg.train.keep_checkpoints)
 
 
-def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, accelerator) -> bool:
+def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, accelerator, engine: RolloutEngine) -> bool:
     """Whether the rollout's log-probs come from the sampling pass (`rollout.logprobs_from_generation`;
-    null: when they equal the training forward's up to fp32 rounding: fp32 weights and no mixed
-    precision, which accelerate applies to the training forward, not to generate)."""
+    null: when they equal the training forward's up to fp32 rounding: the trained module sampled
+    them (not an engine's own copy with its own kernels), with fp32 weights and no mixed precision,
+    which accelerate applies to the training forward, not to generate)."""
     if cfg.rollout.logprobs_from_generation is not None:
         return cfg.rollout.logprobs_from_generation
-    return precision.dtype == torch.float32 and accelerator.mixed_precision == "no"
+    return not engine.own_weights and precision.dtype == torch.float32 and accelerator.mixed_precision == "no"
 
 
 def _stop_if_not_finite(accelerator, step: int, **tensors) -> None:

