@@ -175,7 +175,6 @@ def prepare_frozen(model: nn.Module, accelerator) -> nn.Module:
     return engine
 
 
-@torch.no_grad()
 @dataclass(kw_only=True)
 class Models:
     """PPO's four models (seed 002), placed by accelerate."""
