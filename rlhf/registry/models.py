@@ -396,6 +396,7 @@ def config_of(source: ModelSource, init: ModelInit):
         return AutoConfig.from_pretrained(source.path, revision=init.revision, trust_remote_code=init.trust_remote_code)
 
 
+@torch.no_grad()
 def fingerprint(module: torch.nn.Module, frozen_only: bool = False) -> str:
     """A checksum of a module's weights (frozen ones only, if asked: with LoRA the reference is
     the policy's non-adapter weights), to prove the reference never moved, or which weights a

@@ -89,8 +89,11 @@ def keep_if_best(accelerator, cfg: PPOStageConfig, state: dict, evaluation: dict
     when its figure beats every earlier one. Written as best.tmp and renamed, so out/best is
     always one whole model; state["best"] (checkpointed with the step) says which."""
     value = evaluation.get(BEST_BY[cfg.train.keep_best][0])
-    best = state.get("best")
-    if value is None or (best is not None and value <= best["value"]):
+    if value is None:
+        return
+    # to eval.json's 4 places, so that the last step's figure (rounded there) is compared like for like
+    value, best = round(value, 4), state.get("best")
+    if best is not None and value <= best["value"]:
         return
     tmp = out / "best.tmp"
     if accelerator.is_main_process:
