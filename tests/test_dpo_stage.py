@@ -33,6 +33,7 @@ FAST = [
     "pairs.train_size=256",
     "pairs.eval_size=32",
     "pairs.onpolicy_fraction=0.25",
+    "loss.sft_coef=0",  # plain DPO, whose first loss is log 2 (configs/tiny/dpo.yaml adds RPO's NLL term)
     "train.batch_size=8",
     "train.log_every=1",
     "optim.lr=1e-3",
@@ -250,6 +251,7 @@ def test_with_lora_the_reference_is_the_policy_with_its_adapter_off(tmp_path):
             f"output_dir={tmp_path}",
             "lora.enabled=true",
             "lora.r=4",
+            "loss.sft_coef=0",  # the sigmoid loss alone, as computed by hand below
             "model_init.mixed_precision=null",
         ],
     )
