@@ -145,8 +145,8 @@ def test_rm_logs_the_tokens_it_trained_on(tmp_path):
     expected = sum(
         len(
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}]
-            )
+                [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}], return_dict=True
+            )["input_ids"]
         )
         for p in pairs
         for a in (p["chosen"], p["rejected"])
