@@ -55,7 +55,6 @@ STAGES = ("sft", "rm", "ppo")
 SMALL = {
     "sft": [
         "task.train_size=64",
-        "task.eval_size=4",
         "train.batch_size=2",
         "train.grad_accum=1",
         "generation.max_new_tokens=8",
@@ -67,7 +66,6 @@ SMALL = {
     ],
     "ppo": [
         "task.train_size=32",
-        "task.eval_size=4",
         "rollout.prompts_per_step=4",
         "ppo.minibatches=2",
         "train.grad_accum=2",
@@ -76,6 +74,10 @@ SMALL = {
     ],
 }
 EVERY_STAGE = [
+    # Every stage draws the same held-out splits (rlhf/pipeline.py refuses stages that disagree):
+    # a few validation and test items, so the end-of-stage evaluation stays short at this size.
+    "task.eval_size=4",
+    "task.test_per_bucket=2",
     "train.log_every=1",
     "train.eval_every=0",
     "train.save_every=0",
@@ -109,23 +111,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_mode(mode: str, steps: int, runs_dir: Path, fresh: bool) -> tuple[int, dict]:
-    """The pipeline in `mode`, one stage at a time with its processes watched; (exit code, figures).
-    A stage that finished in an earlier invocation of the same command keeps the figures recorded
-    then (<run>/smoke_figures.json), so a long run can be finished in several invocations."""
+def pipeline_config(mode: str, steps: int, runs_dir: Path):
+    """The shipped qwen2.5-0.5b pipeline at the real shape, cut to `steps` steps of SMALL work,
+    validated as `python launch/pipeline.py` would (every stage's held-out splits agree)."""
     accelerate_config, processes = MODES[mode]
-    run_dir = runs_dir / f"smoke-{mode}"
-    if fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
-        f"name={run_dir.name}",
+        f"name=smoke-{mode}",
         f"runs_dir={runs_dir}",
         "model=qwen2.5-0.5b-shape",
         "report=false",
         f"main_process_port={_free_port()}",
         *(f"{stage}.{o}" for stage in STAGES for o in [*SMALL[stage], *EVERY_STAGE, f"train.max_steps={steps}"]),
     ]
-    cfg = load_pipeline(str(PIPELINE), overrides, str(ROOT / accelerate_config), processes)
+    return load_pipeline(str(PIPELINE), overrides, str(ROOT / accelerate_config), processes)
+
+
+def run_mode(mode: str, steps: int, runs_dir: Path, fresh: bool) -> tuple[int, dict]:
+    """The pipeline in `mode`, one stage at a time with its processes watched; (exit code, figures).
+    A stage that finished in an earlier invocation of the same command keeps the figures recorded
+    then (<run>/smoke_figures.json), so a long run can be finished in several invocations."""
+    run_dir = runs_dir / f"smoke-{mode}"
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = pipeline_config(mode, steps, runs_dir)
     saved = run_dir / "smoke_figures.json"
     figures = json.loads(saved.read_text()) if saved.is_file() else {}
     for stage in STAGES:

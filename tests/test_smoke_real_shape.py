@@ -8,6 +8,7 @@ import sys
 import time
 
 from conftest import ROOT
+from rlhf.pipeline import resolved_stage_config
 
 spec = importlib.util.spec_from_file_location("smoke_real_shape", ROOT / "launch" / "smoke_real_shape.py")
 smoke = importlib.util.module_from_spec(spec)
@@ -57,3 +58,17 @@ def test_peak_watcher_reads_each_process_peak_and_leaves_out_the_launcher(tmp_pa
     watcher.stop()
     (peak,) = watcher.peaks("stage9_fake.py")  # one process: the launcher-like one is left out
     assert 300 <= peak < 300 + 200  # 300 MiB written, plus the interpreter
+
+
+def test_both_modes_load_as_the_pipeline_command_would(tmp_path):
+    """The cut-down overrides pass the pipeline's own checks (every stage draws the same held-out
+    splits), keep the real shape and LoRA, and cut the end-of-stage evaluation to a few items:
+    the run itself is too slow for the suite, so a config it would refuse must fail here."""
+    for mode, processes in (("single", 1), ("zero3", 2)):
+        cfg = smoke.pipeline_config(mode, 3, tmp_path)
+        assert (cfg.model, cfg.num_processes or 1) == ("qwen2.5-0.5b-shape", processes)
+        for stage in smoke.STAGES:
+            stage_cfg = resolved_stage_config(cfg, stage)
+            assert stage_cfg.lora.enabled and stage_cfg.lora.r == 16
+            assert stage_cfg.train.max_steps == 3
+            assert (stage_cfg.task.eval_size, stage_cfg.task.test_per_bucket) == (4, 2)
