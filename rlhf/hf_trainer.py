@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from rlhf.checkpoint import agreed_checkpoint, mark_complete
@@ -195,12 +196,16 @@ def save_output(
         model.generation_config.save_pretrained(str(output_dir))
     if not lora.enabled:
         return
-    build = build_scalar_model if scalar_head else build_policy
-    if source.path is None:
+    if source.path is None or lora.merge_on_save:
+        build = build_scalar_model if scalar_head else build_policy
         with whole_models():
             base = build(source, init, tokenizer, lora=None, seed=seed, precision=precision)
-            base.save_pretrained(str(output_dir / "base_model"))
+    if source.path is None:
+        base.save_pretrained(str(output_dir / "base_model"))
     if lora.merge_on_save:
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        # From the adapter just saved, not the model in memory: under ZeRO-3 that one's weights are
+        # partitioned across processes (merging it fails on empty shards), and merging it in place
+        # would also strip the adapter from the trainer's model.
+        merged = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
         merged.save_pretrained(str(output_dir / "merged"))
         tokenizer.save_pretrained(str(output_dir / "merged"))

@@ -321,3 +321,25 @@ def test_in_loop_evaluation_on_four_processes_counts_every_item_once(tmp_path):
     assert in_loop["eval/ppo/n"] == expected["eval/ppo/n"] == 9
     assert in_loop["eval/ppo/accuracy"] == expected["eval/ppo/accuracy"] == 0.3333  # 3/9
     assert in_loop["eval/ppo/rm_score"] == pytest.approx(expected["eval/ppo/rm_score"], abs=1e-5)
+
+
+def test_lora_stages_under_zero3_save_the_adapter_and_its_merged_weights(tmp_path):
+    """With LoRA and merge_on_save under ZeRO-3, SFT and then the RM on its output save the adapter
+    and merged weights equal to base + (alpha / r) * B @ A by hand (the model in memory is
+    partitioned across the processes; merging it crashed on its empty shards)."""
+    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.merge_on_save=true"]
+    launch("zero3", "sft", tmp_path, *lora)
+    sft = tmp_path / "sft"
+    adapter = load_file(sft / "adapter_model.safetensors")
+    base = load_file(sft / "base_model" / "model.safetensors")
+    merged = load_file(sft / "merged" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    a, b = (adapter[f"base_model.model.{name}.lora_{x}.weight"] for x in "AB")
+    assert b.abs().sum() > 0, "the adapter never trained"
+    torch.testing.assert_close(merged[f"{name}.weight"], base[f"{name}.weight"] + 2.0 * b @ a)
+
+    launch("zero3", "rm", tmp_path, f"model={sft}", "loss.lm_coef=0", *lora)
+    rm_adapter = load_file(tmp_path / "rm" / "adapter_model.safetensors")
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "merged")
+    head = next(v for k, v in rm_adapter.items() if k.endswith("score.weight"))
+    torch.testing.assert_close(rm.score.weight, head)
