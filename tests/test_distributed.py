@@ -325,8 +325,8 @@ def test_in_loop_evaluation_on_four_processes_counts_every_item_once(tmp_path):
 
 def test_lora_stages_under_zero3_save_the_adapter_and_its_merged_weights(tmp_path):
     """With LoRA and merge_on_save under ZeRO-3, SFT and then the RM on its output save the adapter
-    and merged weights equal to base + (alpha / r) * B @ A by hand (the model in memory is
-    partitioned across the processes; merging it crashed on its empty shards)."""
+    and merged weights equal to base + (alpha / r) * B @ A by hand, and PPO starts from both (the
+    models are partitioned across the processes; merging them crashed on their empty shards)."""
     lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.merge_on_save=true"]
     launch("zero3", "sft", tmp_path, *lora)
     sft = tmp_path / "sft"
@@ -343,3 +343,9 @@ def test_lora_stages_under_zero3_save_the_adapter_and_its_merged_weights(tmp_pat
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "merged")
     head = next(v for k, v in rm_adapter.items() if k.endswith("score.weight"))
     torch.testing.assert_close(rm.score.weight, head)
+
+    # PPO builds its policy, reference and value model from those adapters (merged whole, then
+    # partitioned by DeepSpeed) and trains a LoRA of its own
+    launch("zero3", "ppo", tmp_path, f"policy={sft}", f"reward_model={tmp_path / 'rm'}", *lora)
+    ppo = load_file(tmp_path / "ppo" / "model.safetensors")
+    assert not torch.equal(ppo[f"{name}.weight"], merged[f"{name}.weight"]), "PPO changed nothing"

@@ -36,6 +36,7 @@ from transformers import (
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import LoraConfig, ModelInit
+from rlhf.distributed import whole_models
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry.presets import PRESETS, Preset
 from rlhf.registry.tiny import build_tiny_tokenizer
@@ -158,9 +159,10 @@ def build_policy(
     `trained`: the stage trains this model (its trainable parameters get `precision.trained_dtype`)."""
     precision = precision or resolve_precision(init)
     dtype = _load_dtype(precision, lora, trained)
-    model = _load(AutoModelForCausalLM, source, init, precision, seed, dtype)
-    if source.adapter:
-        model = _merge_adapter(model, source.adapter)
+    with _whole_to_merge(source):
+        model = _load(AutoModelForCausalLM, source, init, precision, seed, dtype)
+        if source.adapter:
+            model = _merge_adapter(model, source.adapter)
     _fit_vocab(model, tokenizer)
     return _finish(model, init, lora, source, "CAUSAL_LM", precision.trained_dtype if trained else None)
 
@@ -180,16 +182,17 @@ def build_scalar_model(
     `trained`: the stage trains this model (its trainable parameters get `precision.trained_dtype`)."""
     precision = precision or resolve_precision(init)
     dtype = _load_dtype(precision, lora, trained)
-    if source.adapter and source.adapter_task != "SEQ_CLS":
-        # LoRA SFT output: merge the adapter into the causal LM, then move its body under a head.
-        lm = _merge_adapter(_load(AutoModelForCausalLM, source, init, precision, seed, dtype), source.adapter)
-        model = _load(AutoModelForSequenceClassification, source, init, precision, seed, dtype, num_labels=1)
-        _backbone(model).load_state_dict(_backbone(lm).state_dict())
-        del lm
-    else:
-        model = _load(AutoModelForSequenceClassification, source, init, precision, seed, dtype, num_labels=1)
-        if source.adapter:
-            model = _merge_adapter(model, source.adapter)
+    with _whole_to_merge(source):
+        if source.adapter and source.adapter_task != "SEQ_CLS":
+            # LoRA SFT output: merge the adapter into the causal LM, then move its body under a head.
+            lm = _merge_adapter(_load(AutoModelForCausalLM, source, init, precision, seed, dtype), source.adapter)
+            model = _load(AutoModelForSequenceClassification, source, init, precision, seed, dtype, num_labels=1)
+            _backbone(model).load_state_dict(_backbone(lm).state_dict())
+            del lm
+        else:
+            model = _load(AutoModelForSequenceClassification, source, init, precision, seed, dtype, num_labels=1)
+            if source.adapter:
+                model = _merge_adapter(model, source.adapter)
     model.config.pad_token_id = tokenizer.pad_token_id
     _fit_vocab(model, tokenizer)
     return _finish(model, init, lora, source, "SEQ_CLS", precision.trained_dtype if trained else None)
@@ -276,6 +279,13 @@ def _load(
         options["quantization_config"] = _four_bit_config()
     with _load_errors(source), _quiet_head_warnings():
         return auto_cls.from_pretrained(source.path, **options)
+
+
+def _whole_to_merge(source: ModelSource):
+    """Where an earlier stage's adapter is merged in, the model is built whole on this process:
+    under ZeRO-3 transformers would otherwise build it partitioned across processes, and the merge
+    would meet empty shards. DeepSpeed partitions the merged model when the stage prepares it."""
+    return whole_models() if source.adapter else contextlib.nullcontext()
 
 
 def _merge_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
