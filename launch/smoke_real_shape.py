@@ -157,7 +157,8 @@ def run_mode(mode: str, steps: int, runs_dir: Path, fresh: bool) -> tuple[int, d
 
 
 class PeakWatcher:
-    """Peak RSS (VmHWM) of every descendant process, by pid, with its command line, polled."""
+    """Peak RSS (VmHWM) of every descendant process, by pid, with its command line and parent,
+    polled."""
 
     def __init__(self, interval: float = 0.5):
         self.interval, self.seen, self._stop = interval, {}, threading.Event()
@@ -171,24 +172,28 @@ class PeakWatcher:
         self._thread.join()
 
     def peaks(self, script: str) -> list[int]:
-        """Peak RSS in MB of each process running `script` (the launcher, whose command line
-        also names it, is left out), in order of start."""
-        return [
-            round(kb / 1024)
-            for cmd, kb in self.seen.values()
+        """Peak RSS in MB of each process running `script`, in order of start. Left out: the
+        launcher, whose command line also names it, and processes a worker forked (data loading,
+        tokenising), which carry its command line and share its pages."""
+        running = {
+            pid
+            for pid, (cmd, _, _) in self.seen.items()
             if any(a.endswith(script) for a in cmd) and "accelerate.commands.launch" not in cmd
-        ]
+        }
+        return [round(kb / 1024) for pid, (_, kb, ppid) in self.seen.items() if pid in running and ppid not in running]
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             for pid in _descendants(os.getpid()):
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except OSError:  # ended between listing and reading
+                    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+                except (OSError, ValueError):  # ended between listing and reading
                     continue
-                kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-                self.seen[pid] = (cmd, max(kb, self.seen.get(pid, (cmd, 0))[1]))
+                kb = int(status.get("VmHWM", "0 kB").split()[0])
+                # an exiting process reads as an empty command line: keep the one it ran with
+                old_cmd, old_kb, _ = self.seen.get(pid, (cmd, 0, 0))
+                self.seen[pid] = (cmd if any(cmd) else old_cmd, max(kb, old_kb), int(status["PPid"]))
 
 
 def _descendants(pid: int) -> list[int]:

@@ -45,8 +45,14 @@ def test_ppo_rates_from_its_own_step_timings():
 
 def test_peak_watcher_reads_each_process_peak_and_leaves_out_the_launcher(tmp_path):
     script = tmp_path / "stage9_fake.py"
-    # writes 300 MiB (so the pages are resident), frees them, then idles: only a peak can show it
-    script.write_text("import time\nx = b'\\x01' * (300 * 2**20)\ndel x\ntime.sleep(1.5)\n")
+    # writes 300 MiB (so the pages are resident), frees them, then idles: only a peak can show it.
+    # It forks a helper first (as data loading does), which carries its command line and outlives
+    # it: left out. The worker is seen exiting, when its command line reads empty: still counted.
+    script.write_text(
+        "import os, time\n"
+        "if os.fork() == 0:\n    time.sleep(2.5)\n    os._exit(0)\n"
+        "x = b'\\x01' * (300 * 2**20)\ndel x\ntime.sleep(1.5)\n"
+    )
     watcher = smoke.PeakWatcher(interval=0.1)
     watcher.start()
     worker = subprocess.Popen([sys.executable, str(script)])
@@ -56,7 +62,7 @@ def test_peak_watcher_reads_each_process_peak_and_leaves_out_the_launcher(tmp_pa
     worker.wait(), launcher.wait()
     time.sleep(0.05)
     watcher.stop()
-    (peak,) = watcher.peaks("stage9_fake.py")  # one process: the launcher-like one is left out
+    (peak,) = watcher.peaks("stage9_fake.py")  # one process: the launcher-like one and the fork left out
     assert 300 <= peak < 300 + 200  # 300 MiB written, plus the interpreter
 
 
