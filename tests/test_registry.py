@@ -90,6 +90,14 @@ def test_lora_adapter_directory_resolves_to_its_base(tmp_path):
     merged = build_policy(loaded_source, INIT, load_tokenizer(loaded_source, INIT))
     assert torch.allclose(merged(**inputs).logits, expected, atol=1e-4)
 
+    # with the merged weights saved beside the adapter (lora.merge_on_save), those are loaded
+    merged.save_pretrained(tmp_path / "sft" / "merged")
+    tokenizer.save_pretrained(tmp_path / "sft" / "merged")
+    from_merged = resolve(str(tmp_path / "sft"))
+    assert (from_merged.path, from_merged.adapter) == (str(tmp_path / "sft" / "merged"), None)
+    reloaded = build_policy(from_merged, INIT, load_tokenizer(from_merged, INIT))
+    assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-4)
+
 
 def test_pad_token_is_never_eos():
     tok = AutoTokenizer.from_pretrained(str(_saved_tokenizer_without_pad()))

@@ -95,6 +95,10 @@ def resolve(name: str) -> ModelSource:
         manifest = read_manifest(path)
         preset = PRESETS.get((manifest or {}).get("base_model", ""))
         adapter_cfg = path / "adapter_config.json"
+        if adapter_cfg.is_file() and (path / "merged" / "config.json").is_file():
+            # the stage also saved its adapter merged (lora.merge_on_save): a plain model directory,
+            # which loads as any other (under ZeRO-3 straight into shards; no merge on each process)
+            return ModelSource(name, str(path / "merged"), preset, manifest=manifest)
         if adapter_cfg.is_file():
             info = json.loads(adapter_cfg.read_text())
             base_dir = path / "base_model"  # written when the base was a built-in preset (random init)
