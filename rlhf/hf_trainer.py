@@ -196,6 +196,8 @@ def save_output(
         model.generation_config.save_pretrained(str(output_dir))
     if not lora.enabled:
         return
+    if lora.merge_on_save:  # before building the base, which can add tokens to `tokenizer`
+        tokenizer.save_pretrained(str(output_dir / "merged"))
     if source.path is None or lora.merge_on_save:
         build = build_scalar_model if scalar_head else build_policy
         with whole_models():
@@ -208,4 +210,3 @@ def save_output(
         # would also strip the adapter from the trainer's model.
         merged = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
         merged.save_pretrained(str(output_dir / "merged"))
-        tokenizer.save_pretrained(str(output_dir / "merged"))
