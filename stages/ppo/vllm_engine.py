@@ -150,6 +150,7 @@ class VLLMEngine:
         self._wake()
         weights = policy_weights(self.accelerator.unwrap_model(model).policy, self.accelerator)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.apply_model(prepare_tied_layers)
 
     def sleep(self) -> None:
         """Release the KV cache and weights' GPU memory while the trainer trains (GPU only;
@@ -180,6 +181,26 @@ def policy_weights(policy: torch.nn.Module, accelerator) -> Iterator[tuple[str, 
                 for pname, p in module.named_parameters(recurse=False):
                     merged = lora is not None and pname == "weight"
                     yield _hf_name(f"{module_name}.{pname}"), _merged_weight(lora, p) if merged else p.detach()
+
+
+def prepare_tied_layers(model: torch.nn.Module) -> int:
+    """Redo the kernel preparation of each vLLM layer whose weight is another layer's (an LM head
+    tied to the embeddings), from that shared weight as it is now; returns how many were redone.
+    vLLM's in-place reload prepares a layer once its own weights are in, but a tied head loads
+    nothing of its own (vLLM's reload docs, limitation 2: tied parameters reflect the processing of
+    one parent only), so it kept the kernel it was given at start-up: on the CPU a packed copy of
+    the dummy weights the engine was built with, and every logit came from those (docs/ppo.md)."""
+    owner: set[int] = set()
+    redone = 0
+    for module in model.modules():
+        weight, method = module._parameters.get("weight"), getattr(module, "quant_method", None)
+        if weight is None or method is None:
+            continue
+        if id(weight) in owner:
+            method.process_weights_after_loading(module)
+            redone += 1
+        owner.add(id(weight))
+    return redone
 
 
 def _layer_groups(base: torch.nn.Module) -> list[list[tuple[str, torch.nn.Module]]]:
