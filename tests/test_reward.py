@@ -223,7 +223,8 @@ def test_a_rounds_pairs_enter_training_extra_train_repeat_times(tmp_path):
     round_rows = [{"prompt": "q1", "chosen": "1", "rejected": "2"}, {"prompt": "q2", "chosen": "3", "rejected": "4"}]
     (tmp_path / "eval").mkdir()
     args = ["pairs.train_size=8", "pairs.eval_size=4", "pairs.onpolicy_fraction=0"]
-    args += [f"pairs.extra_train=[{write(tmp_path, round_rows)}]", f"pairs.extra_eval=[{write(tmp_path / 'eval', [GOOD_PAIR])}]"]
+    args += [f"pairs.extra_train=[{write(tmp_path, round_rows)}]"]
+    args += [f"pairs.extra_eval=[{write(tmp_path / 'eval', [GOOD_PAIR])}]"]
     cfg = load_config(RMStageConfig, ROOT / "configs/tiny/rm.yaml", [*args, "pairs.extra_train_repeat=3"])
     pairs = preference_pairs(cfg, None, None, None)  # no on-policy mining: no model needed
     prompts = [p["prompt"][-1]["content"] for p in pairs.train]
