@@ -15,6 +15,7 @@ from rlhf.config import ConfigError, ModelInit, RMStageConfig, load_config
 from rlhf.data import DataError, normalize_preferences, read_records
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
 from stages.reward.loss import pair_accuracy, pairwise_loss, response_lm_loss
+from stages.reward.pairs import preference_pairs
 from stages.reward.train import PairwiseRewardTrainer, encode_pairs, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +216,25 @@ def test_margin_is_kept_and_bad_pairs_are_dropped_and_counted(tmp_path):
     pairs, _, dropped = normalize_preferences(read_records(write(tmp_path, rows)))
     assert len(pairs) == 1 and pairs[0]["margin"] == 2.0
     assert dropped == {"chosen equals rejected": 1, "empty text": 1}
+
+
+def test_a_rounds_pairs_enter_training_extra_train_repeat_times(tmp_path):
+    # 8 generated pairs + 2 round pairs x 3 = 14 training pairs; the held-out round pair once
+    round_rows = [{"prompt": "q1", "chosen": "1", "rejected": "2"}, {"prompt": "q2", "chosen": "3", "rejected": "4"}]
+    (tmp_path / "eval").mkdir()
+    args = ["pairs.train_size=8", "pairs.eval_size=4", "pairs.onpolicy_fraction=0"]
+    args += [f"pairs.extra_train=[{write(tmp_path, round_rows)}]"]
+    args += [f"pairs.extra_eval=[{write(tmp_path / 'eval', [GOOD_PAIR])}]"]
+    cfg = load_config(RMStageConfig, ROOT / "configs/tiny/rm.yaml", [*args, "pairs.extra_train_repeat=3"])
+    pairs = preference_pairs(cfg, None, None, None)  # no on-policy mining: no model needed
+    prompts = [p["prompt"][-1]["content"] for p in pairs.train]
+    assert len(pairs.train) == 14 and prompts.count("q1") == 3 and prompts.count("q2") == 3
+    assert [p["prompt"][-1]["content"] for p in pairs.eval].count("q") == 1 and len(pairs.eval) == 5
+    assert pairs.train_source.endswith("pairs.jsonl x3")
+    once = preference_pairs(load_config(RMStageConfig, ROOT / "configs/tiny/rm.yaml", args), None, None, None)
+    assert len(once.train) == 10  # the default: each round pair once
+    with pytest.raises(ConfigError, match="extra_train_repeat"):
+        load_config(RMStageConfig, ROOT / "configs/tiny/rm.yaml", [*args, "pairs.extra_train_repeat=0"])
 
 
 GOOD_PAIR = {"prompt": "q", "chosen": "a", "rejected": "b"}

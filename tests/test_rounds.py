@@ -111,6 +111,8 @@ def test_round_stages_are_wired_to_the_round_before(tmp_path):
     # the RM's data grows: every round's comparisons so far; its held-out pairs are this round's
     assert configs["round-3/rm"].pairs.extra_train == (str(r2 / "label/pairs.jsonl"), str(r3 / "label/pairs.jsonl"))
     assert configs["round-3/rm"].pairs.extra_eval == (str(r3 / "label/eval_pairs.jsonl"),)
+    # configs/tiny/pipeline.yaml's round.rm_overrides: a continuation, each comparison 13 times
+    assert configs["round-3/rm"].train.max_steps == 1500 and configs["round-3/rm"].pairs.extra_train_repeat == 13
     ppo3 = configs["round-3/ppo"]
     assert (ppo3.policy, ppo3.reward_model, ppo3.reference) == (str(r2 / "ppo"), str(r3 / "rm"), str(run / "sft"))
     assert ppo3.output_dir == str(r3 / "ppo") and ppo3.tracking.run_name == "w-round-3-ppo"

@@ -78,10 +78,15 @@ class PairsConfig:
     # round's comparisons of the policy's samples (runs/<name>/round-2/label/pairs.jsonl)
     extra_train: tuple[str, ...] = ()
     extra_eval: tuple[str, ...] = ()
+    # times each extra_train pair enters the training pairs: a round's few hundred comparisons
+    # among ~40,000 generated pairs are ~1.5 % of them, too few to move a continued RM (docs/rounds.md)
+    extra_train_repeat: int = 1
 
     def check(self) -> None:
         if not 0.0 <= self.onpolicy_fraction <= 1.0:
             raise ConfigError("onpolicy_fraction", f"must be in [0, 1], got {self.onpolicy_fraction}")
+        if self.extra_train_repeat < 1:
+            raise ConfigError("extra_train_repeat", f"must be >= 1, got {self.extra_train_repeat}")
         for k, w in self.train_kind_weights.items():
             if not w > 0:
                 raise ConfigError("train_kind_weights", f"weight of {k!r} must be > 0, got {w}")

@@ -48,13 +48,15 @@ def preference_pairs(
             )
         del policy
         log.info("on-policy pairs: %d train, %d eval", len(mined), sum(p.get("kind") == "onpolicy" for p in eval_pairs))
-    # an RLHF round's comparisons (pairs.extra_*), added after mining: they are on-policy already
+    # an RLHF round's comparisons (pairs.extra_*), added after mining: they are on-policy already;
+    # each pairs.extra_train_repeat times, so that a round's few hundred count beside ~40,000
+    repeat = cfg.pairs.extra_train_repeat
     for path in cfg.pairs.extra_train:
         extra, dropped = extra_pairs(path)
         train_pairs, train_dropped, train_source = (
-            train_pairs + extra,
+            train_pairs + extra * repeat,
             train_dropped + dropped,
-            f"{train_source} + {path}",
+            f"{train_source} + {path}" + (f" x{repeat}" if repeat > 1 else ""),
         )
     for path in cfg.pairs.extra_eval:
         eval_pairs, eval_source = eval_pairs + extra_pairs(path)[0], f"{eval_source} + {path}"
