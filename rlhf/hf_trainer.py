@@ -198,10 +198,11 @@ def save_output(
         return
     if lora.merge_on_save:  # before building the base, which can add tokens to `tokenizer`
         tokenizer.save_pretrained(str(output_dir / "merged"))
-    if source.path is None or lora.merge_on_save:
-        build = build_scalar_model if scalar_head else build_policy
-        with whole_models():
-            base = build(source, init, tokenizer, lora=None, seed=seed, precision=precision)
+    elif source.path is not None:
+        return  # the base is on disk already and nothing is merged
+    build = build_scalar_model if scalar_head else build_policy
+    with whole_models():
+        base = build(source, init, tokenizer, lora=None, seed=seed, precision=precision)
     if source.path is None:
         base.save_pretrained(str(output_dir / "base_model"))
     if lora.merge_on_save:

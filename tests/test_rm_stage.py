@@ -54,7 +54,14 @@ def test_reward_model_learns_and_reloads_with_auto_class(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "data" / "examples").glob("pairs_*.jsonl")), ids=lambda p: p.stem)
 def test_every_preference_format_trains_as_is(path, tmp_path):
-    cfg = load_config(
+    metrics = train(_rm_on_file(path, tmp_path, "train.max_steps=2", "train.batch_size=4"))
+    manifest = json.loads(Path(tmp_path / "rm" / "manifest.json").read_text())
+    assert manifest["finished"] and metrics["n"] > 0
+
+
+def _rm_on_file(path, tmp_path, *overrides: str) -> RMStageConfig:
+    """The tiny RM config trained and evaluated on one pairs file, no checkpoints, no tracking."""
+    return load_config(
         RMStageConfig,
         ROOT / "configs/tiny/rm.yaml",
         [
@@ -62,17 +69,13 @@ def test_every_preference_format_trains_as_is(path, tmp_path):
             f"data.train={path}",
             f"data.eval={path}",
             f"output_dir={tmp_path / 'rm'}",
-            "train.max_steps=2",
-            "train.batch_size=4",
             "train.save_every=0",
             "tracking.report_to=[]",
             "tracking.progress=false",
             "pairs.onpolicy_fraction=0",
+            *overrides,
         ],
     )
-    metrics = train(cfg)
-    manifest = json.loads(Path(tmp_path / "rm" / "manifest.json").read_text())
-    assert manifest["finished"] and metrics["n"] > 0
 
 
 def _pair(x: int, y: int) -> dict:
@@ -121,25 +124,11 @@ def test_rm_logs_the_tokens_it_trained_on(tmp_path):
     trained on, as SFT's train/sft/num_tokens does: the throughput figure of launch/smoke_real_shape.py.
     One step over all 7 example pairs sees each sequence once."""
     path = ROOT / "data" / "examples" / "pairs_prompt.jsonl"
-    cfg = load_config(
-        RMStageConfig,
-        ROOT / "configs/tiny/rm.yaml",
-        [
-            "model=tiny-llama",
-            f"data.train={path}",
-            f"data.eval={path}",
-            f"output_dir={tmp_path / 'rm'}",
-            "train.max_steps=1",
-            "train.batch_size=7",
-            "train.log_every=1",
-            "train.save_every=0",
-            "train.eval_every=0",
-            "tracking.report_to=[]",
-            "tracking.progress=false",
-            "pairs.onpolicy_fraction=0",
-        ],
+    train(
+        _rm_on_file(
+            path, tmp_path, "train.max_steps=1", "train.batch_size=7", "train.log_every=1", "train.eval_every=0"
+        )
     )
-    train(cfg)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
     pairs = [json.loads(line) for line in path.read_text().splitlines()]
     expected = sum(
