@@ -213,7 +213,7 @@ def evaluate_in_loop(
     indices = list(range(len(examples)))
     with accelerator.split_between_processes(indices, apply_padding=True) as shard:
         prompts = [examples[i]["prompt"] for i in shard]
-        with torch.no_grad(), gathered_for_generation(model, accelerator) as unwrapped:
+        with torch.no_grad(), gathered_for_generation(model, accelerator, "policy") as unwrapped:
             responses = generate_text(unwrapped.policy, tokenizer, prompts, gen)
         scores = score_responses(reward_model, tokenizer, prompts, responses).tolist() if reward_model else None
     answered = {}

@@ -207,15 +207,26 @@ def generate_text(
 
 
 @contextlib.contextmanager
-def gathered_for_generation(model: torch.nn.Module, accelerator):
+def gathered_for_generation(model: torch.nn.Module, accelerator, part: str | None = None):
     """Under DeepSpeed ZeRO-3, gather the sharded parameters once for a whole rollout and lift
-    the per-module gather hooks meanwhile (DeepSpeed's own helper), instead of gathering every
-    layer at every generated token. Elsewhere, just yield the unwrapped model."""
+    the per-module gather hooks meanwhile (as DeepSpeed's `unwrap_model_for_generation` does),
+    instead of gathering every layer at every generated token. `part`: the attribute of the
+    unwrapped model that generates (PPO's `policy`): only its parameters are gathered, not the value
+    model's beside it (at Qwen2.5-0.5B's shape in fp32, 1 GB less a process with two processes).
+    Elsewhere, just yield the unwrapped model."""
     unwrapped = accelerator.unwrap_model(model)
     if not is_zero3(accelerator):
         yield unwrapped
         return
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+    import deepspeed  # optional: only a ZeRO-3 run gets here
 
-    with unwrap_model_for_generation(model):  # `model` is the DeepSpeedEngine
-        yield unwrapped
+    offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # `model`: the DeepSpeedEngine
+    params = list((getattr(unwrapped, part) if part else unwrapped).parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield unwrapped
+        finally:
+            offload._register_deepspeed_module(offload.module)

@@ -347,3 +347,17 @@ def test_lora_stages_under_zero3_save_the_adapter_and_its_merged_weights(tmp_pat
     launch("zero3", "ppo", tmp_path, f"policy={sft}", f"reward_model={tmp_path / 'rm'}", *lora)
     ppo = load_file(tmp_path / "ppo" / "model.safetensors")
     assert not torch.equal(ppo[f"{name}.weight"], merged[f"{name}.weight"]), "PPO changed nothing"
+
+    # the RM with merged weights (configs/qwen2.5-0.5b/rm.yaml): base + (alpha / r) * B @ A and its
+    # trained head; PPO then loads its reward and value models from them, straight into shards
+    rm_merged = tmp_path / "rm-merged"
+    launch("zero3", "rm", tmp_path, f"model={sft}", "loss.lm_coef=0", *lora, f"output_dir={rm_merged}")
+    adapter = load_file(rm_merged / "adapter_model.safetensors")
+    rm_weights = load_file(rm_merged / "merged" / "model.safetensors")
+    a, b = (adapter[f"base_model.model.{name}.lora_{x}.weight"] for x in "AB")
+    torch.testing.assert_close(rm_weights[f"{name}.weight"], merged[f"{name}.weight"] + 2.0 * b @ a)
+    assert "score.weight" in rm_weights
+    launch(
+        "zero3", "ppo", tmp_path, f"policy={sft}", f"reward_model={rm_merged}", *lora, f"output_dir={tmp_path / 'ppo2'}"
+    )
+    assert (tmp_path / "ppo2" / "model.safetensors").is_file()

@@ -57,7 +57,7 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], gen: GenerationConfig, with_logprobs: bool) -> Generated:
-        with gathered_for_generation(self.model, self.accelerator) as unwrapped, self.accelerator.autocast():
+        with gathered_for_generation(self.model, self.accelerator, "policy") as unwrapped, self.accelerator.autocast():
             unwrapped.eval()
             try:
                 query, response, logprobs = generate_ids(
