@@ -34,13 +34,15 @@ class Point:
 def points_from_records(records: list[dict], before: dict | None = None) -> list[Point]:
     """One Point per evaluation in a PPO metrics.jsonl's records (the last record of a step wins,
     so a resumed run reads right), preceded by the starting policy at KL 0 when `before` (eval.json's
-    "before") is given."""
+    "before") is given. Every point is on the split the in-loop evaluations use: where eval.json
+    quotes the test split, the starting point is its "validation" block, not the test figure."""
     by_step: dict[int, dict] = {}
     for record in records:
         if record.get("step") is not None:
             by_step.setdefault(int(record["step"]), {}).update(record)
     kls = sorted((s, r["train/ppo/kl"]) for s, r in by_step.items() if "train/ppo/kl" in r)
     points = []
+    before = (before or {}).get("validation", before)  # absent where the test split is off
     if before and "accuracy" in before:
         points.append(Point(step=0, kl=0.0, proxy=before.get("rm_score"), gold=before["accuracy"]))
     for step in sorted(by_step):

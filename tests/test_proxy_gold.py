@@ -38,6 +38,10 @@ def test_points_read_evaluations_with_the_mean_kl_of_the_steps_before():
     points = points_from_records(records, before={"accuracy": 0.70, "rm_score": 0.5})
     # step 4: mean KL of steps 1-4 = 2.5; step 12: of the last ten, steps 3-12 = 7.5
     assert points == _points((0, 0.0, 0.5, 0.70), (4, 2.5, 1.0, 0.80), (12, 7.5, 2.0, 0.90))
+    # eval.json quoting the test split: the starting point is its validation block, the split the
+    # in-loop evaluations use (the test figure would put one point on another set of items)
+    before = {"split": "test", "accuracy": 0.78, "rm_score": 3.0, "validation": {"accuracy": 0.70, "rm_score": 0.5}}
+    assert points_from_records(records, before=before)[0] == _points((0, 0.0, 0.5, 0.70))[0]
 
 
 def test_warning_when_proxy_rises_after_gold_peaked_and_fell():
