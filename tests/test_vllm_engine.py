@@ -58,7 +58,9 @@ def engines(tiny):
     accelerator = Accelerator(cpu=True)
     model = PolicyAndValue(policy, None)
     precision = resolve_precision(FP32)
-    return HFEngine(model, tokenizer, accelerator), VLLMEngine(model, tokenizer, accelerator, precision), model
+    engine = VLLMEngine(model, tokenizer, accelerator, precision)
+    yield HFEngine(model, tokenizer, accelerator), engine, model
+    engine.close()
 
 
 def test_greedy_responses_equal_the_hf_engines(tiny, engines):
@@ -137,3 +139,4 @@ def test_after_a_ppo_update_greedy_responses_and_logprobs_are_the_updated_policy
     expected, probe_mask = forward_logprobs(policy, probe.prompt_ids, probe.response_ids, pad, 1.0)
     assert (probe.logprobs - expected).abs()[probe_mask].max() < LOGPROB_TOL
     assert (now - before.logprobs).abs()[mask].max() > 100 * LOGPROB_TOL  # the update moved the policy
+    engine.close()

@@ -141,6 +141,7 @@ def train(cfg: PPOStageConfig) -> dict:
     tracking.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    engine.close()  # vLLM's own teardown, before the trainer's destroys the process group
     return result
 
 
