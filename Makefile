@@ -1,6 +1,7 @@
 # Two commands do all the set-up (see the README):
 #   make pipeline   set up, then run SFT -> RM -> PPO on the built-in tiny default
-#   make test       set up, then run the tests
+#   make test       set up (both environments below), then run the tests: the suite in .venv, the
+#                   vLLM engine's tests in .venv-vllm
 # Set-up makes a virtual environment in .venv (VENV=... to change it) and installs the project.
 # torch is pinned to 2.13.0 first: an unpinned torch would pull the newest CUDA build.
 #
@@ -43,10 +44,15 @@ $(VLLM_VENV)/.installed: pyproject.toml
 pipeline: setup
 	$(PY) launch/pipeline.py
 
-# the whole suite without vLLM (its tests skip there); `make test-vllm` runs the vLLM engine's
-# tests in .venv-vllm (not yet part of `make test`: they have not yet passed on a clean machine)
-test: setup
+# the whole suite in .venv (the vLLM tests skip there), then the vLLM engine's tests (`-m vllm`)
+# in .venv-vllm, one file per process: vLLM keeps process-wide state (its distributed groups) that
+# a later engine in the same process trips over, and the trainer builds one engine per process.
+# `make test-vllm` runs only the latter.
+VLLM_TEST_FILES = $(shell grep -l 'pytest.mark.vllm' tests/test_*.py)
+
+test: setup vllm
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-vllm
 
 test-vllm: vllm
-	$(VLLM_PY) -m pytest -q -m vllm
+	@for f in $(VLLM_TEST_FILES); do echo "== $$f (-m vllm, .venv-vllm)"; $(VLLM_PY) -m pytest -q -m vllm $$f || exit 1; done

@@ -1,7 +1,7 @@
 """Rollout speed of the two engines, transformers' generate (`hf`) and vLLM (`vllm`), on the same
 random weights at the same precision, and one full PPO step's time split with each.
 
-    .venv-vllm/bin/python launch/bench_rollout.py                    # every size, then the PPO step
+    .venv-vllm/bin/python launch/bench_rollout.py --ppo-step         # every size, then the PPO step
     .venv-vllm/bin/python launch/bench_rollout.py --sizes 1m,30m     # some sizes only
     .venv-vllm/bin/python launch/bench_rollout.py --sizes 120m --ppo-step   # the largest, and the step
 
@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -149,7 +150,12 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--runs", type=int, default=1, help="timed batches per engine and size")
     parser.add_argument("--ppo-step", action="store_true", help="also one PPO step per engine at the largest size")
+    parser.add_argument("--one-ppo-step", nargs=3, metavar=("SIZE", "ENGINE", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_ppo_step:  # the child process of ppo_step_process
+        size, engine, workdir = args.one_ppo_step
+        print(json.dumps(ppo_step(size, engine, Path(workdir))))
+        return
     sizes = [s for s in SHAPES if s in args.sizes.split(",")]  # small to large
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = {"prompts": PROMPTS, "new_tokens": NEW_TOKENS, "precision": args.precision}
@@ -158,8 +164,17 @@ def main() -> None:
     result["ratio_vllm_vs_hf"] = {size: row["ratio_vllm_vs_hf"] for size, row in result["tokens_per_s"].items()}
     if args.ppo_step:
         with tempfile.TemporaryDirectory(prefix="bench-rollout-") as workdir:
-            result["ppo_step_s"] = {engine: ppo_step(sizes[-1], engine, Path(workdir)) for engine in ("hf", "vllm")}
+            result["ppo_step_s"] = {engine: ppo_step_process(sizes[-1], engine, workdir) for engine in ("hf", "vllm")}
     print(json.dumps(result))
+
+
+def ppo_step_process(size: str, engine: str, workdir: str) -> dict:
+    """`ppo_step` in a process of its own: the recipe builds its own Accelerator (bf16 mixed
+    precision) and vLLM engine, which a process that already holds the rollout benchmark's cannot."""
+    cmd = [sys.executable, __file__, "--one-ppo-step", size, engine, workdir]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    print(done.stdout.strip().splitlines()[-2], flush=True)  # the step's one-line summary
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ from conftest import ROOT
 from rlhf.config import GenerationConfig, ModelInit, PPOStageConfig, load_config
 from rlhf.generation import render_prompts
 from rlhf.precision import resolve_precision
-from rlhf.registry import build_policy, load_tokenizer, resolve
+from rlhf.registry import build_policy, load_tokenizer, resolve, stop_token_ids
 from stages.ppo.engines import HFEngine, resolve_engine
 from stages.ppo.losses import logprobs_from_logits
 from stages.ppo.models import PolicyAndValue, build_models, policy_logits
+from stages.ppo.rollout import response_mask
 from stages.ppo.vllm_engine import VLLMEngine, vllm_available
 
 pytestmark = [
@@ -31,14 +32,17 @@ LOGPROB_TOL = 1e-4
 QUESTIONS = [f"{a} - {b} = ?" for a, b in [(5, 3), (12, 7), (40, 11), (9, 9), (73, 28), (100, 1), (3, 8), (58, 20)]]
 
 
-def forward_logprobs(policy, prompt_ids, response_ids, pad_id, temperature):
+def forward_logprobs(policy, prompt_ids, response_ids, tokenizer, temperature):
     """(B, R) log-probs of the responses under softmax(logits / T) from one trainer forward, and
-    the response mask (1 up to the first pad)."""
+    the response mask (1 up to and including the first stop token), as PPO builds them
+    (stages/ppo/sampling.py `episode_tensors`): a response may hold the pad id as a sampled token,
+    which counts and is attended to like any other (a random policy samples it)."""
+    mask, _ = response_mask(response_ids, stop_token_ids(tokenizer, policy.generation_config))
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    mask = torch.cat([(prompt_ids != pad_id).long(), (response_ids != pad_id).long()], dim=1)
+    attention = torch.cat([(prompt_ids != tokenizer.pad_token_id).long(), mask], dim=1)  # left pads only
     with torch.no_grad():
-        logits = policy_logits(policy, input_ids, mask, response_ids.shape[1])
-    return logprobs_from_logits(logits.float() / temperature, response_ids), (response_ids != pad_id)
+        logits = policy_logits(policy, input_ids, attention, response_ids.shape[1])
+    return logprobs_from_logits(logits.float() / temperature, response_ids), mask.bool()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +62,9 @@ def engines(tiny):
     accelerator = Accelerator(cpu=True)
     model = PolicyAndValue(policy, None)
     precision = resolve_precision(FP32)
-    return HFEngine(model, tokenizer, accelerator), VLLMEngine(model, tokenizer, accelerator, precision), model
+    engine = VLLMEngine(model, tokenizer, accelerator, precision)
+    yield HFEngine(model, tokenizer, accelerator), engine, model
+    engine.close()
 
 
 def test_greedy_responses_equal_the_hf_engines(tiny, engines):
@@ -79,11 +85,11 @@ def test_sampled_logprobs_equal_a_trainer_forward(tiny, engines, temperature):
     _, vllm, _ = engines
     gen = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=temperature)
     out = vllm.generate(prompts * 4, gen, True)
-    expected, mask = forward_logprobs(policy, out.prompt_ids, out.response_ids, tokenizer.pad_token_id, temperature)
+    expected, mask = forward_logprobs(policy, out.prompt_ids, out.response_ids, tokenizer, temperature)
     diff = (out.logprobs - expected).abs()[mask]
     assert mask.sum() > 100 and diff.max() < LOGPROB_TOL, diff.max()
     # the same tokens at another temperature are another distribution: the check can fail
-    other, _ = forward_logprobs(policy, out.prompt_ids, out.response_ids, tokenizer.pad_token_id, temperature + 0.5)
+    other, _ = forward_logprobs(policy, out.prompt_ids, out.response_ids, tokenizer, temperature + 0.5)
     assert (out.logprobs - other).abs()[mask].max() > 100 * LOGPROB_TOL
 
 
@@ -131,9 +137,9 @@ def test_after_a_ppo_update_greedy_responses_and_logprobs_are_the_updated_policy
         engine.generate(probe_prompts, greedy, False).response_ids,
         hf.generate(probe_prompts, greedy, False).response_ids,
     )
-    pad = models.tokenizer.pad_token_id
-    now, mask = forward_logprobs(policy, before.prompt_ids, before.response_ids, pad, 1.0)
+    now, mask = forward_logprobs(policy, before.prompt_ids, before.response_ids, models.tokenizer, 1.0)
     probe = engine.generate(probe_prompts, sampled, True)
-    expected, probe_mask = forward_logprobs(policy, probe.prompt_ids, probe.response_ids, pad, 1.0)
+    expected, probe_mask = forward_logprobs(policy, probe.prompt_ids, probe.response_ids, models.tokenizer, 1.0)
     assert (probe.logprobs - expected).abs()[probe_mask].max() < LOGPROB_TOL
     assert (now - before.logprobs).abs()[mask].max() > 100 * LOGPROB_TOL  # the update moved the policy
+    engine.close()

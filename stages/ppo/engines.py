@@ -6,8 +6,8 @@ softmax(logits / temperature). After every optimizer phase the recipe calls
 `update_weights(model)` so that the engine samples from the policy it is training; an engine
 that shares the trainer's weights has nothing to do there, one that holds its own copy (vLLM)
 copies them in. Before the optimizer phase it calls `sleep()`: an engine holding GPU memory of its
-own gives it back to the trainer meanwhile. Engines register in `ENGINES` by name and are chosen by
-`rollout.engine` (`auto`: `resolve_engine`).
+own gives it back to the trainer meanwhile. At the end of the run it calls `close()`. Engines
+register in `ENGINES` by name and are chosen by `rollout.engine` (`auto`: `resolve_engine`).
 
 Both engines stop a response at the same token ids: `rlhf.registry.stop_token_ids`.
 """
@@ -43,6 +43,8 @@ class RolloutEngine(Protocol):
 
     def sleep(self) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class HFEngine:
     """Sampling with transformers' KV-cached `generate` on the policy being trained (no copy of
@@ -71,6 +73,9 @@ class HFEngine:
         pass  # samples from the trained module itself
 
     def sleep(self) -> None:
+        pass  # holds nothing of its own
+
+    def close(self) -> None:
         pass  # holds nothing of its own
 
 

@@ -140,6 +140,9 @@ def train(cfg: PPOStageConfig) -> dict:
     result = finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
     tracking.finish()
     accelerator.wait_for_everyone()
+    # vLLM's own teardown first: it destroys its process groups and the default one it shares,
+    # which the trainer's teardown then finds gone (and skips) instead of the other way round
+    engine.close()
     accelerator.end_training()
     return result
 

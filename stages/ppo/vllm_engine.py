@@ -159,6 +159,14 @@ class VLLMEngine:
             self.llm.sleep(level=2)  # level 2 drops the weights too: update_weights brings new ones
             self.asleep = True
 
+    def close(self) -> None:
+        """Shut vLLM down in this process: its engine core, and the distributed state it keeps in
+        module globals (its process groups, and the default group it shares). Left to vLLM's exit
+        hook, that teardown runs after the trainer's own has destroyed the default group and
+        prints a traceback; and in a process that builds another engine later (the tests) the new
+        one finds vLLM's stale groups and fails to start. Safe to call twice."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def _wake(self) -> None:
         if self.asleep:
             self.llm.wake_up()
