@@ -89,8 +89,9 @@ ENGINES: dict[str, Callable[..., RolloutEngine]] = {"hf": HFEngine, "vllm": _vll
 
 def resolve_engine(name: str, precision: Precision) -> str:
     """`rollout.engine`, with `auto` decided: vLLM when it is installed and the models run on a
-    GPU; else transformers' generate (on a CPU vLLM's fixed cost per decoding step outweighs its
-    paged attention at the tiny default's size: docs/benchmarks.md)."""
+    GPU; else transformers' generate: on a CPU vLLM samples 2-2.8x faster at 256 new tokens
+    (docs/benchmarks.md), but it is a second environment and a second copy of the weights, and the
+    tiny default's 8-token responses leave it little to win; `rollout.engine: vllm` asks for it."""
     if name != "auto":
         return name
     picked = "vllm" if precision.cuda and vllm_available() else "hf"
