@@ -23,6 +23,7 @@ import torch
 from rlhf.checkpoint import ManifestError, OutputInUseError, check_output_free, release_output_locks
 from rlhf.config import ConfigError, dump_yaml, load_config
 from rlhf.data import DataError
+from rlhf.distributed import zero3_launched
 from rlhf.registry import ModelLoadError
 from rlhf.reward_client import RemoteRewardError
 from rlhf.reward_functions import RewardFunctionError
@@ -48,7 +49,8 @@ def run_stage(cls: type, train: Callable, default_config: str, argv: list[str] |
     library's teardown (`terminate called without an active exception` under ZeRO-3)."""
     setup_logging()
     setup_cpu_threads()
-    return_freed_memory()
+    if zero3_launched():
+        return_freed_memory()
     try:
         code = _run(cls, train, default_config, argv)
     finally:
@@ -112,7 +114,9 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     freed (up to 32 MiB), so the weight-sized buffers that ZeRO-3 gathers and frees over and over
     (3.2 to 17 MB each at Qwen2.5-0.5B's shape) land in the heap and leave holes the process keeps:
     a two-process ZeRO-3 PPO run at that shape grew past 12 GB a process and was killed for memory
-    (docs/benchmarks.md, "Real-shape smoke run"). Smaller allocations are unaffected.
+    (docs/benchmarks.md, "Real-shape smoke run"). Smaller allocations are unaffected. It has a cost
+    (every large block is a fresh mapping, faulted in page by page: a forward and backward of that
+    shape in one process took 30 % longer), so stages set it under ZeRO-3 only.
     Linux with glibc only; a MALLOC_MMAP_THRESHOLD_ set in the environment is left to rule.
     Returns whether the setting was made."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:

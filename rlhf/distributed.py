@@ -8,6 +8,7 @@ they all share it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from datetime import timedelta
 
@@ -33,6 +34,22 @@ def deepspeed_launched() -> bool:
     """Whether `accelerate launch` asked for DeepSpeed: the only way to know before an Accelerator
     exists (precision is resolved then). Read as accelerate itself reads it."""
     return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
+def zero3_launched() -> bool:
+    """Whether `accelerate launch` asked for DeepSpeed ZeRO-3, before any Accelerator exists: the
+    stage in ACCELERATE_DEEPSPEED_ZERO_STAGE, else in the JSON config file accelerate passes on."""
+    if not deepspeed_launched():
+        return False
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    if stage.isdigit():
+        return int(stage) == 3
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    try:
+        with open(config_file) as f:
+            return json.load(f).get("zero_optimization", {}).get("stage") == 3
+    except (OSError, ValueError):
+        return False  # no readable file: DeepSpeed itself will say what is wrong with it
 
 
 def deepspeed_plugin(accelerator):

@@ -1,4 +1,5 @@
-"""Freed host memory goes back to the OS (rlhf/cli.py `return_freed_memory`, called by every stage):
+"""Freed host memory goes back to the OS (rlhf/cli.py `return_freed_memory`, called by every stage
+launched with DeepSpeed ZeRO-3):
 without it, layer-sized buffers gathered and freed over and over under ZeRO-3 leave holes in the
 heap that the process keeps, and a two-process PPO at Qwen2.5-0.5B's shape was killed for memory."""
 
@@ -55,3 +56,18 @@ def test_a_threshold_set_in_the_environment_is_left_alone(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert return_freed_memory() is False
+
+
+def test_only_zero3_launches_set_it(monkeypatch, tmp_path):
+    from rlhf.distributed import zero3_launched
+
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    assert not zero3_launched()  # no DeepSpeed
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "configs/deepspeed/zero3.json"))
+    assert zero3_launched()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "configs/deepspeed/zero2.json"))
+    assert not zero3_launched()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # a stage given on the command line wins
+    assert zero3_launched()
