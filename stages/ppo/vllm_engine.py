@@ -164,7 +164,7 @@ class VLLMEngine:
         module globals (its process groups, and the default group it shares). Left to vLLM's exit
         hook, that teardown runs after the trainer's own has destroyed the default group and
         prints a traceback; and in a process that builds another engine later (the tests) the new
-        one finds vLLM's stale groups and fails to start. Safe to call twice."""
+        one finds vLLM's stale groups and fails to start. Called once, at the end of a run."""
         self.llm.llm_engine.engine_core.shutdown()
 
     def _wake(self) -> None:
