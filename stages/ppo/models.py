@@ -32,7 +32,7 @@ from rlhf.registry import (
     token_scores,
 )
 from stages.ppo.advantages import Estimator
-from stages.ppo.optim import fill_deepspeed_config, param_groups
+from stages.ppo.optim import adamw, fill_deepspeed_config, param_groups
 
 
 class PolicyAndValue(nn.Module):
@@ -222,7 +222,7 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         if m is not None:
             disable_dropout(m)
     model = PolicyAndValue(policy, value_model)
-    optimizer = torch.optim.AdamW(param_groups(policy, value_model, cfg), lr=cfg.optim.lr)
+    optimizer = adamw(param_groups(policy, value_model, cfg), lr=cfg.optim.lr)
     fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_policy = prepare_frozen(ref_policy, accelerator) if ref_policy is not None else None

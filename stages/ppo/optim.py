@@ -20,6 +20,16 @@ def param_groups(policy: torch.nn.Module, value_model: torch.nn.Module | None, c
     return groups
 
 
+def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW over `groups`, with torch's fused kernel where every parameter is a floating-point
+    CPU or CUDA tensor: one kernel for all tensors instead of ~10 per tensor. On the tiny PPO model
+    (39 tensors) an optimizer step took 38.7 ms single-tensor, 8.8 ms foreach and 1.5 ms fused on
+    this CPU: about a seventh of a critic-free update's time (docs/benchmarks.md)."""
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
 def _group(module: torch.nn.Module, optim: OptimConfig) -> dict:
     return {
         "params": [p for p in module.parameters() if p.requires_grad],

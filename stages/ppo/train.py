@@ -29,6 +29,7 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.nn.utils import get_total_norm
 from tqdm.auto import tqdm
 
 from rlhf.checkpoint import checkpoint_digest, start_stage
@@ -417,10 +418,13 @@ def _stop_if_not_finite(accelerator, step: int, **tensors) -> None:
 
 
 def _finite_flag(tensors) -> torch.Tensor:
-    """0 if every tensor is finite, else NaN (for `_stop_if_not_finite`). Under ZeRO-3 a
+    """0 if every tensor is finite, else NaN or inf (for `_stop_if_not_finite`): the largest |x|
+    over all of them, in one foreach pass (a NaN anywhere makes it NaN, an inf inf) and one
+    check, where a check per tensor cost a sixteenth of a small model's update. Under ZeRO-3 a
     parameter's own data is this process's shard (`ds_tensor`)."""
-    finite = all(bool(torch.isfinite(getattr(t, "ds_tensor", t)).all()) for t in tensors)
-    return torch.tensor(0.0 if finite else float("nan"))
+    data = [d for d in (getattr(t, "ds_tensor", t) for t in tensors) if d.numel()]  # a ZeRO-3 shard may be empty
+    largest = get_total_norm(data, norm_type=float("inf"))
+    return largest.cpu() * 0
 
 
 def _registered(table: dict, name: str, key: str):
