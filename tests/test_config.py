@@ -19,7 +19,7 @@ STAGE_CLASSES = {
     "label.yaml": LabelStageConfig,
 }
 STAGE_CLASSES |= {"grpo.yaml": PPOStageConfig, "rloo.yaml": PPOStageConfig}  # stage 3 with other estimators
-STAGE_CLASSES |= {"ppo_rm.yaml": PPOStageConfig}  # stage 3 with the reward model as the reward
+STAGE_CLASSES |= {"ppo_rule.yaml": PPOStageConfig}  # stage 3 with the checker as the reward
 
 
 def stage_class(path: Path):
