@@ -9,6 +9,8 @@ from stages.ppo.advantages import explained_variance, explained_variance_sums, g
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from stages.ppo.masked import last_index, masked_mean, masked_sums, masked_var, masked_whiten, moments
+from stages.ppo.optim import adamw
+from stages.ppo.train import _finite_flag
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 M = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -208,3 +210,42 @@ def test_whitening_and_explained_variance_from_summed_moments():
     assert torch.allclose(together, whole, atol=1e-6)
     ev_sums = sum(explained_variance_sums(b, a, m) for a, m, b in parts)
     assert explained_variance(v[:2], x[:2], mask[:2], ev_sums) == pytest.approx(explained_variance(v, x, mask))
+
+
+def test_ppo_optimizer_steps_as_plain_adamw_per_group():
+    """PPO's AdamW (fused on a CPU) gives each parameter group its own lr, betas and weight decay,
+    as torch's reference single-tensor AdamW does, step for step."""
+    torch.manual_seed(0)
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+
+    def run(make):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [
+            {"params": params[:2], "lr": 1e-2, "betas": (0.9, 0.98), "weight_decay": 0.1},
+            {"params": params[2:], "lr": 3e-2, "betas": (0.8, 0.999), "weight_decay": 0.0},
+        ]
+        opt = make(groups)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        return opt, params
+
+    fused, ours = run(lambda groups: adamw(groups, lr=1e-3))
+    assert fused.defaults["fused"] is True
+    _, reference = run(lambda groups: torch.optim.AdamW(groups, lr=1e-3, foreach=False))
+    for a, b in zip(ours, reference, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    assert not torch.equal(ours[0], start[0])
+
+
+def test_finite_flag_catches_nan_or_inf_in_any_tensor():
+    tensors = [torch.randn(4, 4) for _ in range(50)] + [torch.empty(0)]  # an empty ZeRO-3 shard
+    assert _finite_flag(tensors).item() == 0.0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = [t.clone() for t in tensors]
+        broken[37][2, 1] = bad
+        assert math.isnan(_finite_flag(iter(broken)).item())  # any iterable, e.g. a generator of grads
+    assert _finite_flag([]).item() == 0.0
