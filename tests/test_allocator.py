@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlhf.cli import return_freed_memory
+from rlhf.distributed import zero3_launched
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # 40 weight-sized blocks (17 MB, an MLP matrix of Qwen2.5-0.5B in fp32) with small live blocks
@@ -52,15 +55,11 @@ def test_freed_layer_sized_blocks_go_back_to_the_os():
 
 
 def test_a_threshold_set_in_the_environment_is_left_alone(monkeypatch):
-    from rlhf.cli import return_freed_memory
-
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert return_freed_memory() is False
 
 
-def test_only_zero3_launches_set_it(monkeypatch, tmp_path):
-    from rlhf.distributed import zero3_launched
-
+def test_only_zero3_launches_set_it(monkeypatch):
     for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         monkeypatch.delenv(key, raising=False)
     assert not zero3_launched()  # no DeepSpeed
