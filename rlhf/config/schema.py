@@ -1,18 +1,21 @@
 """Typed configs from YAML and `key.sub=value` overrides, checked against dataclasses.
 
 `load_config(StageConfig, "configs/tiny/sft.yaml", ["train.max_steps=10"])` reads the YAML,
-applies the overrides, and builds the (frozen) dataclass. Unknown keys and wrong types fail with
+applies the overrides, and builds the (frozen) dataclass. A YAML may name `base:` files (relative
+to it) that are deep-merged under it first (`read_yaml`). Unknown keys and wrong types fail with
 a `ConfigError` naming the dotted key; nothing is guessed or silently dropped. A dataclass may
 define `check(self) -> None` and raise `ConfigError("field", "why")` for cross-field rules.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -31,25 +34,104 @@ class ConfigError(ValueError):
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Build `cls` from a YAML file (optional) and `key.sub=value` overrides."""
+    """Build `cls` from a YAML file (optional, with its `base:` files) and `key.sub=value` overrides."""
     raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     source = None
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError("--config", f"{path} must hold a mapping at the top level")
+        raw, origins = read_yaml(path)
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    return from_dict(cls, raw, source=source)
+        _forget(origins, key)  # set on the command line: an error names the config file, as before bases
+    try:
+        return from_dict(cls, raw, source=source)
+    except ConfigError as e:
+        origin = _origin(origins, e.key)
+        if origin is None or origin == source:
+            raise
+        raise ConfigError(e.key, e.message, f"{origin} (a base of {source})") from None
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The mapping in `path` merged over its `base:` files, and for each dotted key the file that
+    set it (so an error names that file). `base:` is a path relative to this file, or a list of
+    them merged in order; mappings merge key by key, anything else (a list too) is replaced; the
+    later base wins, and this file's own keys win over all its bases."""
+    return _read_with_bases(Path(path), ())
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    raw = _read_mapping(path, chain)
+    bases = raw.pop("base", None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError("base", f"must be a path or a list of paths, got {bases!r}", str(path))
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for base in bases:
+        base_path = Path(os.path.normpath(path.parent / base))
+        if base_path.resolve() in {p.resolve() for p in (*chain, path)}:
+            cycle = " -> ".join(str(p) for p in (*chain, path, base_path))
+            raise ConfigError("base", f"configs inherit in a cycle: {cycle}", str(path))
+        if not base_path.is_file():
+            raise ConfigError("base", f"base file {base_path} not found", str(path))
+        base_raw, base_origins = _read_with_bases(base_path, (*chain, path))
+        _merge(merged, base_raw)
+        origins.update(base_origins)
+    _merge(merged, raw)
+    origins.update(_leaves(raw, "", str(path)))
+    return merged, origins
+
+
+def _read_mapping(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    # the file that named this one as its base is the one to blame for a broken base
+    key = "base" if chain else "--config"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}", str(chain[-1]) if chain else None) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"{path} is not valid YAML: {e}", str(chain[-1]) if chain else None) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(key, f"{path} must hold a mapping at the top level", str(chain[-1]) if chain else None)
+    return raw
+
+
+def _merge(into: dict, over: dict) -> None:
+    """Deep merge `over` into `into`, in place: mappings key by key, anything else replaced."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def _leaves(tree: dict, prefix: str, source: str) -> dict[str, str]:
+    """{dotted key: source} for every key in `tree`, sections and values alike."""
+    out = {}
+    for key, value in tree.items():
+        dotted = _join(prefix, str(key))
+        out[dotted] = source
+        if isinstance(value, dict):
+            out.update(_leaves(value, dotted, source))
+    return out
+
+
+def _forget(origins: dict[str, str], key: str) -> None:
+    for k in [k for k in origins if k == key or k.startswith(key + ".")]:
+        del origins[k]
+
+
+def _origin(origins: dict[str, str], key: str) -> str | None:
+    """The file that set `key` (`train.batchsize`, `pairs.kinds[1]`); None: a default or unknown."""
+    return origins.get(key.split("[")[0])
 
 
 def parse_override(item: str) -> tuple[str, Any]:
