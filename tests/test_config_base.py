@@ -151,6 +151,20 @@ def test_the_resolved_config_written_to_a_run_holds_no_base_and_reloads_equal(tm
     assert load_config(SFTStageConfig, write(tmp_path, "resolved.yaml", text)) == cfg
 
 
+def test_every_fragment_is_a_base_and_says_so():
+    """`configs/**/_*.yaml` hold what several configs share (e.g. a pipeline's task); each is named
+    in some config's `base:`, and its header says who uses it."""
+    fragments = sorted((ROOT / "configs").rglob("_*.yaml"))
+    assert fragments
+    named = set()
+    for path in our_yamls():
+        bases = yaml.safe_load(path.read_text(encoding="utf-8")).get("base") or []
+        named |= {(path.parent / b).resolve() for b in ([bases] if isinstance(bases, str) else bases)}
+    for fragment in fragments:
+        assert fragment.resolve() in named, f"{fragment} is no config's base"
+        assert fragment.read_text(encoding="utf-8").startswith("# "), fragment
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
     captured = {str(p.relative_to(ROOT / "configs")): resolved(p) for p in our_yamls()}
     FIXTURE.write_text(json.dumps(captured, indent=1, sort_keys=True) + "\n", encoding="utf-8")
