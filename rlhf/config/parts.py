@@ -1,4 +1,5 @@
-"""The config parts that every stage shares. Each field is documented once, here.
+"""The config parts that every stage shares. Each field is documented once, here; its default is
+a generic value, not the tiny recipe's (rlhf/config/stages.py says where defaults live).
 
 Lists are tuples so that a loaded config is immutable; derived values (world size, global batch,
 total steps) are computed where they are used, never written back into the config.

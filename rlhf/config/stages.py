@@ -1,5 +1,11 @@
-"""One config per stage, composed from the shared parts. Defaults here are the tiny CPU default;
-configs/ holds the YAML that users edit."""
+"""One config per stage, composed from the shared parts.
+
+Where defaults live: a field's default here (and in parts.py) is the generic value it takes when no
+YAML sets it (mostly the common libraries' choices, e.g. AdamW's betas, TRL's DPO lr; the model and
+output paths name the built-in tiny model), not a tuned recipe. A recipe is a YAML under configs/:
+configs/tiny/*.yaml is the tiny CPU default (docs/tiny-default.md) and sets every value it tuned,
+which differs from these defaults in 7 (label) to 24 (PPO) fields; a variant names it in `base:` and
+holds only what it changes."""
 
 from __future__ import annotations
 
