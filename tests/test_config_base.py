@@ -14,6 +14,7 @@ import pytest
 import yaml
 from test_config import ROOT, our_yamls, stage_class
 
+from rlhf.cli import parse
 from rlhf.config import ConfigError, SFTStageConfig, dump_yaml, load_config, to_dict
 from rlhf.pipeline import load_pipeline
 
@@ -67,6 +68,9 @@ def test_command_line_overrides_apply_after_every_base(tmp_path):
     path = write(tmp_path, "child.yaml", "base: base.yaml\ntrain:\n  max_steps: 20\n")
     cfg = load_config(SFTStageConfig, path, ["train.max_steps=7", "seed=5"])
     assert (cfg.seed, cfg.train.max_steps) == (5, 7)
+    # and through a stage's own command line (launch/stage*.py): --config, then the overrides
+    cfg, _ = parse(SFTStageConfig, None, ["--config", str(path), "seed=6"])
+    assert (cfg.seed, cfg.train.max_steps) == (6, 20)
 
 
 def test_a_cycle_is_one_line_naming_the_chain(tmp_path):
