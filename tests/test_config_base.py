@@ -73,6 +73,12 @@ def test_command_line_overrides_apply_after_every_base(tmp_path):
     assert (cfg.seed, cfg.train.max_steps) == (6, 20)
 
 
+def test_base_on_the_command_line_is_refused_not_read_as_an_unknown_key(tmp_path):
+    path = write(tmp_path, "c.yaml", "seed: 1\n")
+    with pytest.raises(ConfigError, match="config key 'base': names a YAML's bases inside the file"):
+        load_config(SFTStageConfig, path, ["base=other.yaml"])
+
+
 def test_a_cycle_is_one_line_naming_the_chain(tmp_path):
     write(tmp_path, "a.yaml", "base: b.yaml\n")
     write(tmp_path, "b.yaml", "base: c.yaml\n")

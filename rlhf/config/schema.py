@@ -43,6 +43,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         raw, origins = read_yaml(path)
     for item in overrides or []:
         key, value = parse_override(item)
+        if key == "base":
+            raise ConfigError("base", "names a YAML's bases inside the file; on the command line pass --config")
         set_dotted(raw, key, value)
         _forget(origins, key)  # set on the command line: an error names the config file, as before bases
     try:
