@@ -333,6 +333,7 @@ HELD_OUT_KEYS = (
     "task.eval_digits",
     "task.data_seed",
     "task.fewshot",
+    "task.prompt_language",
     "task.test_per_bucket",
     "task.test_seed",
     "data.test",
