@@ -49,10 +49,10 @@ def policy_dir(tmp_path_factory):
     return out
 
 
-def start_server(model_dir, port: int = 0, batch_size: int = 8) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir, port: int = 0, batch_size: int = 8, *flags: str) -> tuple[subprocess.Popen, str]:
     """`launch/serve_rm.py` in its own process; (process, base URL) once it says it is serving."""
     cmd = [sys.executable, str(ROOT / "launch/serve_rm.py"), str(model_dir), "--port", str(port)]
-    cmd += ["--batch-size", str(batch_size)]
+    cmd += ["--batch-size", str(batch_size), *flags]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy()
     )
