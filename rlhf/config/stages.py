@@ -26,9 +26,11 @@ from rlhf.config.schema import ConfigError
 from rlhf.reward_functions import RewardFunctionError, load_reward_function
 from rlhf.tasks import RULES, TASKS
 
-# Top-level keys that never change what a stage computes: left out of the config hash that
-# decides whether a finished stage can be reused.
-NOT_HASHED = ("output_dir", "tracking")
+# Keys (dotted) that never change what a stage computes: left out of the config hash that
+# decides whether a finished stage can be reused, and out of a checkpoint's. How patiently the
+# reward client waits is one: raising reward.remote.timeout after a failure must resume the run,
+# not restart it (which model the server scores with is checked by its fingerprint instead).
+NOT_HASHED = ("output_dir", "tracking", "reward.remote.timeout", "reward.remote.retries", "reward.remote.backoff")
 # Keys (dotted) that cannot change the trained weights, also left out of the hash a resumable
 # checkpoint is tied to (rlhf/checkpoint.py `checkpoint_digest`): changing how often a run logs,
 # saves or evaluates, or the held-out evaluation's own settings, resumes it. Evaluation never

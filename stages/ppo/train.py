@@ -96,6 +96,8 @@ def train(cfg: PPOStageConfig) -> dict:
     )  # reads the inputs' manifests
     out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
     state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out, digest)
+    if models.reward_client is not None:  # a resumed run is scored by the model it was scored by
+        state["reward_fingerprint"] = models.reward_client.check(state.get("reward_fingerprint"))
     engine.update_weights(models.model)  # a resumed policy's weights (the engine was built before they loaded)
 
     bar = tqdm(
