@@ -178,3 +178,21 @@ def test_format_override_reads_back_exactly(value):
     from rlhf.config.schema import format_override, parse_override
 
     assert parse_override(format_override("output_dir", value)) == ("output_dir", value)
+
+
+@pytest.mark.parametrize("kl", [["ppo.kl_in=reward"], ["ppo.kl_in=loss", "ppo.kl_estimator=k3"], ["ppo.kl_coef=0"]])
+def test_grpo_refuses_the_kl_in_the_reward(kl):
+    """GRPO divides each group's rewards by their std: with the KL in the reward, a group of equal scores
+    [1, 1, 1, 1] and KL sums [0.5, 1, 1.5, 2] gets advantages ±1.16 and ±0.39 from KL noise alone, whatever β is
+    (DeepSeekMath §4.1 puts the KL in the loss). Refused at load; the loss, or β = 0, is accepted."""
+    from rlhf.config import PPOStageConfig
+
+    overrides = ["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4", "ppo.kl_in=reward", *kl]
+    if kl == ["ppo.kl_in=reward"]:
+        with pytest.raises(ConfigError) as err:
+            load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
+        assert err.value.key == "ppo.kl_in" and "grpo" in str(err.value) and "\n" not in str(err.value)
+    else:
+        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
+    for other in ("dr_grpo", "rloo", "reinforce_pp_baseline"):  # a baseline subtracted: β keeps its meaning
+        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [*overrides, f"ppo.advantage_estimator={other}"])

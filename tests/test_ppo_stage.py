@@ -486,6 +486,7 @@ def test_group_sampling_and_dynamic_sampling(sft_dir, tmp_path, monkeypatch):
     overrides = [f"policy={sft_dir}", "reward_model=null", "reward.model_weight=0", "reward.rules={sevens: 1.0}"]
     overrides += [*FAST, f"output_dir={out}", "train.max_steps=3", "train.save_every=0", "tracking.samples_every=1"]
     overrides += ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "ppo.advantage_estimator=grpo"]
+    overrides += ["ppo.kl_in=loss", "ppo.kl_estimator=k3"]  # grpo with the KL in the reward is refused
     overrides += ["rollout.dynamic_sampling=true", "rollout.max_sampling_tries=10", "reward.missing_eos_penalty=null"]
     ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))
 

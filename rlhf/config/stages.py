@@ -216,6 +216,11 @@ class RolloutConfig:
             )
 
 
+# the advantage estimators (stages/ppo/advantages.py) that divide a group's rewards by their std, so that a KL
+# in the reward sets the scale instead of being weighed by β; the others subtract a baseline and keep β
+GROUP_STD_ESTIMATORS = ("grpo",)
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     """The PPO update (InstructGPT; Ziegler et al. 2019). Losses in stages/ppo/losses.py."""
@@ -279,6 +284,14 @@ class PPOConfig:
             raise ConfigError("kl_coef", f"must be >= 0, got {self.kl_coef}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError("kl_target", f"must be positive, got {self.kl_target}")
+        if self.kl_in == "reward" and self.kl_coef > 0 and self.advantage_estimator in GROUP_STD_ESTIMATORS:
+            # the group's std then holds β·Σ KL: scores [1, 1, 1, 1] with KL sums [0.5, 1, 1.5, 2] give
+            # advantages ±1.16 and ±0.39 from KL noise alone, whatever β is (DeepSeekMath §4.1: KL in the loss)
+            raise ConfigError(
+                "kl_in",
+                f"reward is refused with advantage_estimator {self.advantage_estimator}: it divides each group by "
+                "its std, which cancels β and turns KL noise into advantages; use ppo.kl_in=loss ppo.kl_estimator=k3",
+            )
         if self.kl_in == "reward" and self.kl_estimator != "k1":
             # In the reward the penalty reaches the policy only through the score function
             # ∇log π · KL: its expectation is ∇KL for k1, but k2 = r²/2 and k3 = e^{−r} − 1 + r are
