@@ -117,7 +117,8 @@ def test_group_std_estimators_are_the_scale_free_ones():
     kw = {"gamma": 1.0, "lam": 1.0, "group_size": 4}
     scale_free = set()
     for name, e in ESTIMATORS.items():
-        if e.needs_groups and torch.allclose(e.fn(rewards, None, mask, **kw)[0], e.fn(3 * rewards, None, mask, **kw)[0], rtol=1e-3):
+        scaled = e.fn(3 * rewards, None, mask, **kw)[0]
+        if e.needs_groups and torch.allclose(e.fn(rewards, None, mask, **kw)[0], scaled, rtol=1e-3):
             scale_free.add(name)
     assert scale_free == set(GROUP_STD_ESTIMATORS) == {"grpo"}
     kl_only = (1.0 - 0.05 * torch.tensor([0.5, 1.0, 1.5, 2.0]))[:, None] * torch.tensor([[0.0, 1.0]])
@@ -213,7 +214,9 @@ def test_samples_per_prompt_makes_the_episode_count():
 def test_group_estimators_need_groups_before_anything_loads(tmp_path, name):
     out = tmp_path / "x"
     cfg = load_config(
-        PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [f"ppo.advantage_estimator={name}", f"output_dir={out}", "ppo.kl_coef=0"]
+        PPOStageConfig,
+        ROOT / "configs/tiny/ppo.yaml",
+        [f"ppo.advantage_estimator={name}", f"output_dir={out}", "ppo.kl_coef=0"],
     )
     with pytest.raises(ConfigError, match=r"rollout\.samples_per_prompt"):
         ppo_train.train(cfg)
