@@ -116,9 +116,9 @@ def test_group_std_estimators_are_the_scale_free_ones():
     rewards, mask = torch.tensor([[0.3, -1.2], [2.0, 0.5], [0.7, 0.0], [1.0, 1.5]]), torch.ones(4, 2)
     kw = {"gamma": 1.0, "lam": 1.0, "group_size": 4}
     scale_free = set()
-    for name, e in ESTIMATORS.items():
+    for name, e in ((n, e) for n, e in ESTIMATORS.items() if e.needs_groups):
         scaled = e.fn(3 * rewards, None, mask, **kw)[0]
-        if e.needs_groups and torch.allclose(e.fn(rewards, None, mask, **kw)[0], scaled, rtol=1e-3):
+        if torch.allclose(e.fn(rewards, None, mask, **kw)[0], scaled, rtol=1e-3):
             scale_free.add(name)
     assert scale_free == set(GROUP_STD_ESTIMATORS) == {"grpo"}
     kl_only = (1.0 - 0.05 * torch.tensor([0.5, 1.0, 1.5, 2.0]))[:, None] * torch.tensor([[0.0, 1.0]])
