@@ -196,3 +196,24 @@ def test_grpo_refuses_the_kl_in_the_reward(kl):
         load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
     for other in ("dr_grpo", "rloo", "reinforce_pp_baseline"):  # a baseline subtracted: β keeps its meaning
         load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [*overrides, f"ppo.advantage_estimator={other}"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["rollout.importance_correction=tis"], "rollout.importance_correction"),
+        (["rollout.engine=vllm"], "rollout.logprobs_from_generation"),
+    ],
+)
+def test_logprobs_from_generation_refused_where_pi_old_would_not_be_a_trainer_forward(overrides, key):
+    """With π_old taken from the sampling pass, TIS's weight min(π_old / π_engine, C) is 1 everywhere and
+    rollout/logprob_diff_* reads 0; with an engine of its own (vLLM) π_old would be another kernel's. Both
+    are refused at load (docs/ppo.md: π_old comes from a trainer forward); without the flag both load."""
+    from rlhf.config import PPOStageConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=true", *overrides]
+        )
+    assert err.value.key == key and "\n" not in str(err.value)
+    load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=null", *overrides])

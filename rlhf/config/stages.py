@@ -161,7 +161,8 @@ class RolloutConfig:
     # Take the rollout's log-probs (of softmax(logits / T)) from the sampling
     # pass instead of one more forward of the policy over prompt + response. null (auto): when the
     # policy computes in fp32; in bf16 the KV-cached pass rounds differently from the training
-    # forward, so the first PPO ratio would not be 1.
+    # forward, so the first PPO ratio would not be 1. true is refused with an engine of its own (vllm)
+    # and with importance_correction: tis, where π_old must be a trainer forward.
     logprobs_from_generation: bool | None = None
     # the rollout engine (stages/ppo/engines.py): hf = transformers' KV-cached generate on the trained module;
     # vllm = vLLM colocated in each process with its own weights, synced after every optimizer phase (the
@@ -196,6 +197,19 @@ class RolloutConfig:
             raise ConfigError("tis_cap", f"must be >= 1 (it caps π_trainer / π_engine), got {self.tis_cap}")
         if self.max_sampling_tries < 1:
             raise ConfigError("max_sampling_tries", f"must be >= 1, got {self.max_sampling_tries}")
+        if self.logprobs_from_generation and self.importance_correction == "tis":
+            # π_old would be the sampler's own log-probs: every weight min(π_old / π_engine, C) is 1
+            raise ConfigError(
+                "importance_correction",
+                "tis weighs π_old (a trainer forward) against the sampler's log-probs; with "
+                "logprobs_from_generation=true they are the same numbers and every weight is 1: set it to null",
+            )
+        if self.logprobs_from_generation and self.engine == "vllm":
+            raise ConfigError(
+                "logprobs_from_generation",
+                "must not be true with the vllm engine: PPO's π_old must be a forward of the trained "
+                "module, not another copy's kernels (their gap is rollout/logprob_diff_*); set it to null",
+            )
         # PPO's ratio and the KL penalty need the log-prob of each token under the distribution it
         # was sampled from; the training forward computes the full softmax(logits / T). Truncated
         # (top-k / top-p) or greedy sampling draws from another distribution, which would make the

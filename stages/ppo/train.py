@@ -400,7 +400,14 @@ def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, acceler
     """Whether the rollout's log-probs come from the sampling pass (`rollout.logprobs_from_generation`;
     null: when they equal the training forward's up to fp32 rounding: the trained module sampled
     them (not an engine's own copy with its own kernels), with fp32 weights and no mixed precision,
-    which accelerate applies to the training forward, not to generate)."""
+    which accelerate applies to the training forward, not to generate). true with an engine of its
+    own (`rollout.engine: auto` decided so) is refused: π_old must be a forward of the trained module."""
+    if cfg.rollout.logprobs_from_generation and engine.own_weights:
+        raise ConfigError(
+            "rollout.logprobs_from_generation",
+            "must not be true with an engine holding its own copy of the weights (rollout.engine resolved to "
+            "one): PPO's π_old must be a forward of the trained module; set it to null",
+        )
     if cfg.rollout.logprobs_from_generation is not None:
         return cfg.rollout.logprobs_from_generation
     return not engine.own_weights and precision.dtype == torch.float32 and accelerator.mixed_precision == "no"
