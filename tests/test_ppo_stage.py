@@ -2,6 +2,7 @@
 the reference does not, rule-only and reward-model-only runs work, a NaN stops the run before the
 weights, and an interrupted run resumes to the same result as an uninterrupted one."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -501,3 +502,55 @@ def test_group_sampling_and_dynamic_sampling(sft_dir, tmp_path, monkeypatch):
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/dropped_groups" in r]
     assert len(steps) == 3 and sum(r["train/ppo/dropped_groups"] for r in steps) > 0
     assert all(r["train/ppo/sampling_tries"] >= 1 for r in steps)
+
+
+def test_value_warmup_leaves_the_policy_optimizer_untouched_and_entropy_off_has_no_graph():
+    """During the value warm-up the policy's lr is 0, but AdamW would still fold the policy gradients of a
+    noisy critic into its moments (and count steps): its state must stay empty. With entropy_coef 0 the
+    entropy is a statistic only: no graph over the (B, R, V) softmax."""
+    from accelerate import Accelerator
+
+    from rlhf.precision import resolve_precision
+    from stages.ppo.advantages import ESTIMATORS
+    from stages.ppo.models import build_models
+    from stages.ppo.optim import set_lr
+    from stages.ppo.rollout import Rollout
+    from stages.ppo.train import minibatch_loss, ppo_update
+
+    cfg = _ppo_config("policy=tiny-llama", "reward_model=tiny-llama", "ppo.value_warmup_steps=1", "ppo.epochs=1")
+    accelerator = Accelerator(cpu=True)
+    models = build_models(cfg, accelerator, ESTIMATORS["gae"], resolve_precision(cfg.model_init))
+    g = torch.Generator().manual_seed(0)
+    B, P, R = cfg.rollout.episodes_per_step, 5, 4
+    ids = torch.randint(4, 60, (B, P + R), generator=g)
+    zeros = torch.zeros(B, R)
+    rollout = Rollout(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        response_ids=ids[:, P:],
+        response_mask=torch.ones(B, R, dtype=torch.long),
+        loss_mask=torch.ones(B, R, dtype=torch.long),
+        logprobs=zeros - 4.0,
+        ref_logprobs=zeros - 4.0,
+        values=zeros,
+        kl=zeros,
+        scores=torch.zeros(B),
+        rewards=zeros,
+        advantages=torch.randn(B, R, generator=g),
+        returns=torch.randn(B, R, generator=g),
+    )
+    policy_group, value_group = models.optimizer.param_groups
+    set_lr(models.optimizer, 0, cfg)
+    ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step=0)
+    state = models.optimizer.optimizer.state
+    assert not any(p in state for p in policy_group["params"]), "the warm-up touched the policy's AdamW state"
+    assert all(p in state for p in value_group["params"])
+    set_lr(models.optimizer, 1, cfg)
+    ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step=1)
+    assert all(p in state for p in policy_group["params"])  # after the warm-up the policy trains
+
+    _, stats = minibatch_loss(models.model, rollout.select(torch.arange(2)), cfg)
+    assert cfg.ppo.entropy_coef == 0 and stats["entropy"].grad_fn is None
+    with_bonus = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, entropy_coef=0.01))
+    _, stats = minibatch_loss(models.model, rollout.select(torch.arange(2)), with_bonus)
+    assert stats["entropy"].grad_fn is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.ppo.masked import masked_mean
+from stages.ppo.masked import masked, masked_mean
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def aggregate_loss(x: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int 
     if mode == "seq_mean_token_sum_norm":
         if not max_len:
             raise ValueError("seq_mean_token_sum_norm needs max_len, the constant each sequence's sum is divided by")
-        return (x * mask).sum() / (x.shape[0] * max_len)
+        return masked(x, mask).sum() / (x.shape[0] * max_len)
     raise ValueError(f"unknown loss aggregation {mode!r}; known: {LOSS_AGGREGATIONS}")
 
 

@@ -49,9 +49,9 @@ from stages.ppo.advantages import (
 from stages.ppo.engines import ENGINES, RolloutEngine, build_engine, resolve_engine
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from stages.ppo.masked import masked_mean, masked_sums, moments
+from stages.ppo.masked import masked, masked_mean, masked_sums, moments
 from stages.ppo.models import Models, build_models, reference_logits
-from stages.ppo.optim import clip_gradients, set_lr
+from stages.ppo.optim import clip_gradients, drop_policy_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored
 from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
 from stages.ppo.saving import (
@@ -192,7 +192,7 @@ def make_rollout(
 
     # 4. KL-penalised per-token rewards (with ppo.kl_in: loss the KL is a loss term instead: β = 0 here);
     # 5. advantages (and returns), whitened if the estimator or ppo.whiten_advantages says so
-    kl = kl_estimate(logprobs, ref_logprobs, cfg.ppo.kl_estimator) * resp_mask  # (B, R)
+    kl = masked(kl_estimate(logprobs, ref_logprobs, cfg.ppo.kl_estimator), resp_mask)  # (B, R)
     rewards = kl_penalized_rewards(scores, kl, kl_ctl.value if cfg.ppo.kl_in == "reward" else 0.0, resp_mask)  # (B, R)
     estimator = ESTIMATORS[cfg.ppo.advantage_estimator]
     advantages, returns = estimator.fn(
@@ -234,6 +234,7 @@ def ppo_update(
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
     totals: dict[str, list[float]] = {}
     epochs_run = 0
+    warming_up = step < cfg.ppo.value_warmup_steps and len(optimizer.param_groups) > 1
     for _epoch in range(cfg.ppo.epochs):
         epoch_kl = []
         for order in torch.randperm(B, generator=generator).split(mb_size):
@@ -244,6 +245,8 @@ def ppo_update(
                     _stop_if_not_finite(accelerator, step, loss=loss.detach())
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        if warming_up:
+                            drop_policy_gradients(optimizer)
                         clip_gradients(accelerator, model, cfg)
                         # under DeepSpeed the engine holds the gradients (p.grad is None): the loss check stands
                         grads = (p.grad for p in model.parameters() if p.grad is not None)
@@ -289,8 +292,9 @@ def minibatch_loss(
         max_len=max_len,
         weights=tis,
     )
-    entropy = masked_mean(entropy_from_logits(logits), mb.loss_mask)
-    loss = pg_loss - cfg.ppo.entropy_coef * entropy
+    with torch.set_grad_enabled(torch.is_grad_enabled() and ppo.entropy_coef != 0):  # else a statistic only
+        entropy = masked_mean(entropy_from_logits(logits), mb.loss_mask)
+    loss = pg_loss - ppo.entropy_coef * entropy
     stats = {"policy_loss": pg_loss, "entropy": entropy, "clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"]}
     if ppo.kl_in == "loss":
         # β·KL(π_θ ‖ ref) as a loss term (GRPO, Shao et al. 2024, eq. 4; estimators: Schulman 2020), on the fresh
@@ -315,7 +319,7 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
     mask, n_episodes = rollout.response_mask, rollout.scores.shape[0] * accelerator.num_processes
     n_tokens = accelerator.gather(mask.sum()).sum().item()
     elapsed = max(sum(timings.values()), 1e-9)
-    k3 = kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k3") * mask
+    k3 = masked(kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k3"), mask)
     metrics = {
         "train/ppo/score": gather_mean(scored.raw_scores),
         "train/ppo/reward": gather_mean(rollout.rewards.sum(1)),
@@ -361,7 +365,7 @@ def logprob_diff(rollout: Rollout, accelerator) -> dict:
     """How far the engine's log-probs of the sampled tokens are from the trainer's (the rollout's
     `logprobs`), |Δ| over every process's response tokens: 0 up to rounding when the trainer's
     own module sampled in fp32; the size of the off-policy gap an engine of its own leaves."""
-    diff = (rollout.logprobs - rollout.engine_logprobs).abs() * rollout.response_mask  # (B, R)
+    diff = masked((rollout.logprobs - rollout.engine_logprobs).abs(), rollout.response_mask)  # (B, R)
     total = accelerator.reduce(torch.stack([diff.sum(), rollout.response_mask.sum().float()]), "sum")
     biggest = accelerator.gather(diff.max()[None]).max()  # reduce has no "max"
     mean = (total[0] / total[1].clamp(min=1)).item()
