@@ -182,3 +182,42 @@ def test_format_override_reads_back_exactly(value):
     from rlhf.config.schema import format_override, parse_override
 
     assert parse_override(format_override("output_dir", value)) == ("output_dir", value)
+
+
+@pytest.mark.parametrize("kl", [["ppo.kl_in=reward"], ["ppo.kl_in=loss", "ppo.kl_estimator=k3"], ["ppo.kl_coef=0"]])
+def test_grpo_refuses_the_kl_in_the_reward(kl):
+    """GRPO divides each group's rewards by their std: with the KL in the reward, a group of equal scores
+    [1, 1, 1, 1] and KL sums [0.5, 1, 1.5, 2] gets advantages ±1.16 and ±0.39 from KL noise alone, whatever β is
+    (DeepSeekMath §4.1 puts the KL in the loss). Refused at load; the loss, or β = 0, is accepted."""
+    from rlhf.config import PPOStageConfig
+
+    overrides = ["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4", "ppo.kl_in=reward", *kl]
+    if kl == ["ppo.kl_in=reward"]:
+        with pytest.raises(ConfigError) as err:
+            load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
+        assert err.value.key == "ppo.kl_in" and "grpo" in str(err.value) and "\n" not in str(err.value)
+    else:
+        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
+    for other in ("dr_grpo", "rloo", "reinforce_pp_baseline"):  # a baseline subtracted: β keeps its meaning
+        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [*overrides, f"ppo.advantage_estimator={other}"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["rollout.importance_correction=tis"], "rollout.importance_correction"),
+        (["rollout.engine=vllm"], "rollout.logprobs_from_generation"),
+    ],
+)
+def test_logprobs_from_generation_refused_where_pi_old_would_not_be_a_trainer_forward(overrides, key):
+    """With π_old taken from the sampling pass, TIS's weight min(π_old / π_engine, C) is 1 everywhere and
+    rollout/logprob_diff_* reads 0; with an engine of its own (vLLM) π_old would be another kernel's. Both
+    are refused at load (docs/ppo.md: π_old comes from a trainer forward); without the flag both load."""
+    from rlhf.config import PPOStageConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=true", *overrides]
+        )
+    assert err.value.key == key and "\n" not in str(err.value)
+    load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=null", *overrides])

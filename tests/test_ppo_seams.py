@@ -117,3 +117,21 @@ def test_weights_an_engine_receives_are_the_policys_with_the_adapter_merged():
         lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight,
         base["model.layers.0.self_attn.q_proj.weight"],
     )
+
+
+def test_logprobs_from_generation_refused_for_an_engine_of_its_own():
+    """`rollout.engine: auto` may resolve to an engine with weights of its own only at run time: there too
+    logprobs_from_generation=true is refused (π_old must be a trainer forward), and null picks the forward."""
+    from types import SimpleNamespace
+
+    from rlhf.precision import resolve_precision
+    from stages.ppo.train import _logprobs_from_generation
+
+    own = SimpleNamespace(own_weights=True)
+    accelerator = SimpleNamespace(mixed_precision="no")
+    for flag, expected in (("null", False), ("false", False)):
+        cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [f"rollout.logprobs_from_generation={flag}"])
+        assert _logprobs_from_generation(cfg, resolve_precision(cfg.model_init), accelerator, own) is expected
+    cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=true"])
+    with pytest.raises(ConfigError, match=r"rollout\.logprobs_from_generation"):
+        _logprobs_from_generation(cfg, resolve_precision(cfg.model_init), accelerator, own)

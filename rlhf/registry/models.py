@@ -295,7 +295,18 @@ def _whole_to_merge(source: ModelSource):
 def _merge_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return merge_lora(PeftModel.from_pretrained(model, adapter_dir), model.dtype)
+
+
+def merge_lora(model, dtype: torch.dtype | None = None):
+    """A PEFT model's adapters merged into its weights, W + B·A·scaling summed in fp32, then cast
+    to `dtype` (None: kept in fp32, so the merged model is the one trained). Summed in bf16 a delta
+    under half an ulp is lost: bf16(1.0 + 0.003) = 1.0. A quantised base is merged as PEFT does
+    (it dequantises)."""
+    if getattr(model.get_base_model(), "hf_quantizer", None) is None:
+        model = model.float()
+    merged = model.merge_and_unload()
+    return merged if dtype is None else merged.to(dtype)
 
 
 def _finish(

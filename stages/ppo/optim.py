@@ -60,6 +60,15 @@ def set_lr(optimizer, step: int, cfg: PPOStageConfig) -> None:
         optimizer.param_groups[0]["lr"] = 0.0
 
 
+def drop_policy_gradients(optimizer) -> None:
+    """During the value warm-up: the policy's gradients (group 0) set to None, so AdamW skips its
+    parameters and leaves their moments and step count as they were; an lr of 0 alone keeps the
+    weights but still folds the noisy critic's gradients into the moments the policy starts with.
+    Under DeepSpeed the engine holds the gradients: there the lr of 0 is what holds."""
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad = None
+
+
 def clip_gradients(accelerator, model, cfg: PPOStageConfig) -> None:
     """Clip the policy's and the value model's gradients separately (each to its own max norm);
     under DeepSpeed the engine clips, as configured in its JSON."""

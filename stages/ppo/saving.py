@@ -16,7 +16,7 @@ from rlhf.config import PPOStageConfig, to_dict
 from rlhf.distributed import whole_models
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.precision import Precision
-from rlhf.registry import ModelSource, build_policy
+from rlhf.registry import ModelSource, build_policy, merge_lora
 from rlhf.tracking import Tracking
 from stages.ppo.models import Models
 from stages.ppo.sampling import Prompts
@@ -65,7 +65,7 @@ def save_models(
         unwrapped.policy.save_pretrained(str(out / "adapter"), state_dict=parts["policy"])
         with whole_models():
             merged = build_policy(policy_source, cfg.model_init, tokenizer, precision=precision)
-        merged = PeftModel.from_pretrained(merged, str(out / "adapter")).merge_and_unload()
+        merged = merge_lora(PeftModel.from_pretrained(merged, str(out / "adapter")))  # fp32: as trained
         merged.save_pretrained(str(out))
     else:
         unwrapped.policy.save_pretrained(str(out), state_dict=parts["policy"])
