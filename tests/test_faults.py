@@ -251,3 +251,23 @@ def test_rerun_from_the_final_checkpoint_trains_no_further(name, outputs, tmp_pa
     for path, before in weights.items():  # the final checkpoint's weights, saved again as they were
         after = load_file(out / path)
         assert all(torch.equal(before[k], after[k]) for k in before), path
+
+
+# The pipeline's own faults: one line on stderr, exit code 2, nothing created.
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (None, "cannot read"),
+        ("name: [a\n", "not valid YAML"),
+        ("name: a\nname: b\n", "duplicate key 'name'"),
+        ("- sft\n", "must hold a mapping"),
+        ("rounds: 0\n", "rounds"),
+    ],
+)
+def test_a_missing_or_invalid_pipeline_yaml_is_one_line(tmp_path, text, words):
+    path = tmp_path / "pipeline.yaml"
+    if text is not None:
+        path.write_text(text)
+    result = run_entry("launch/pipeline.py", "--config", str(path), f"runs_dir={tmp_path / 'runs'}", timeout=120)
+    one_line_error(result, 2, words)
+    assert not (tmp_path / "runs").exists()
