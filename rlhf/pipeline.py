@@ -31,7 +31,7 @@ from typing import Literal
 
 from rlhf.checkpoint import ManifestError, read_manifest
 from rlhf.config import ConfigError, config_hash, load_config
-from rlhf.config.schema import format_override, from_dict, parse_override, set_dotted
+from rlhf.config.schema import format_override, from_dict, parse_override, read_yaml, set_dotted
 from rlhf.config.stages import (
     NOT_HASHED,
     DPOStageConfig,
@@ -166,9 +166,7 @@ def load_pipeline(
     path: str, overrides: list[str], accelerate_config: str | None = None, num_processes: int | None = None
 ) -> PipelineConfig:
     """The pipeline config; `sft.train.max_steps=5`-style overrides go to that stage."""
-    import yaml
-
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
+    raw = read_yaml(path) if path else {}
     extra: dict[str, list[str]] = {s: [] for s in SPECS}
     for item in overrides:
         key, value = parse_override(item)
