@@ -117,3 +117,22 @@ def test_weights_an_engine_receives_are_the_policys_with_the_adapter_merged():
         lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight,
         base["model.layers.0.self_attn.q_proj.weight"],
     )
+
+
+def test_ppo_prompts_leave_room_for_a_response_within_data_max_length():
+    # Unlimited, a long prompt ran past an absolute-position model's positions mid-run.
+    from rlhf.data import DataError
+    from stages.ppo.sampling import limit_prompts
+
+    tiny = ROOT / "configs/tiny/ppo.yaml"
+    base = ["data.max_length=10", "rollout.generation.max_new_tokens=4"]  # room for 6 prompt tokens
+    prompts = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    ids = [[1] * 6, list(range(7)), [2] * 3]
+    cfg = load_config(PPOStageConfig, tiny, base)
+    assert limit_prompts(prompts, ids, cfg, "t") == ([prompts[0], prompts[2]], [ids[0], ids[2]])
+    cut = load_config(PPOStageConfig, tiny, [*base, "data.overlong=truncate"])
+    assert limit_prompts(prompts, ids, cut, "t") == (prompts, [ids[0], [1, 2, 3, 4, 5, 6], ids[2]])
+    with pytest.raises(DataError, match="every prompt is longer"):
+        limit_prompts(prompts[1:2], ids[1:2], cfg, "t")
+    with pytest.raises(ConfigError, match="data.max_length"):
+        load_config(PPOStageConfig, tiny, ["data.max_length=8", "rollout.generation.max_new_tokens=8"])
