@@ -134,5 +134,5 @@ def test_ppo_prompts_leave_room_for_a_response_within_data_max_length():
     assert limit_prompts(prompts, ids, cut, "t") == (prompts, [ids[0], [1, 2, 3, 4, 5, 6], ids[2]])
     with pytest.raises(DataError, match="every prompt is longer"):
         limit_prompts(prompts[1:2], ids[1:2], cfg, "t")
-    with pytest.raises(ConfigError, match="data.max_length"):
+    with pytest.raises(ConfigError, match=r"data\.max_length"):
         load_config(PPOStageConfig, tiny, ["data.max_length=8", "rollout.generation.max_new_tokens=8"])
