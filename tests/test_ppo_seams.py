@@ -136,3 +136,23 @@ def test_ppo_prompts_leave_room_for_a_response_within_data_max_length():
         limit_prompts(prompts[1:2], ids[1:2], cfg, "t")
     with pytest.raises(ConfigError, match=r"data\.max_length"):
         load_config(PPOStageConfig, tiny, ["data.max_length=8", "rollout.generation.max_new_tokens=8"])
+
+
+def test_value_optim_max_grad_norm_that_deepspeed_would_ignore_is_refused(monkeypatch):
+    # DeepSpeed clips the whole module's gradient norm to optim.max_grad_norm; value_optim's own
+    # limit was silently dropped.
+    from types import SimpleNamespace
+
+    from stages.ppo import optim
+
+    plugin = SimpleNamespace(deepspeed_config={})
+    monkeypatch.setattr(optim, "deepspeed_plugin", lambda accelerator: plugin)
+    accelerator = SimpleNamespace(num_processes=1)
+    tiny = ROOT / "configs/tiny/ppo.yaml"
+    differ = load_config(PPOStageConfig, tiny, ["optim.max_grad_norm=1.0", "value_optim.max_grad_norm=0.5"])
+    with pytest.raises(ConfigError, match=r"value_optim\.max_grad_norm.*set both the same"):
+        optim.fill_deepspeed_config(accelerator, differ, 16, has_value_model=True)
+    optim.fill_deepspeed_config(accelerator, differ, 16, has_value_model=False)  # no critic: nothing ignored
+    same = load_config(PPOStageConfig, tiny, ["optim.max_grad_norm=0.5", "value_optim.max_grad_norm=0.5"])
+    optim.fill_deepspeed_config(accelerator, same, 16, has_value_model=True)
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5
