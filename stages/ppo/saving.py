@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from rlhf.checkpoint import agreed_checkpoint, atomic_write_json, finish_stage, mark_complete, prune_checkpoints
 from rlhf.config import PPOStageConfig, to_dict
-from rlhf.distributed import whole_models
+from rlhf.distributed import wait_for_main, whole_models
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy
@@ -145,7 +145,7 @@ def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, run
     elif (data.eval_examples or data.test_examples) and accelerator.is_main_process:
         state["before"] = evaluate_saved(cfg.policy, cfg, data, models.precision) or None
         log.info("before PPO: %s", summary(state["before"]))
-    accelerator.wait_for_everyone()
+    wait_for_main()
     return state, tracking
 
 

@@ -25,7 +25,7 @@ from rlhf.checkpoint import atomic_write_text, finish_stage, start_stage
 from rlhf.config import LabelStageConfig
 from rlhf.data import load_records
 from rlhf.data.prompts import normalize_prompts
-from rlhf.distributed import process_state, whole_models
+from rlhf.distributed import process_state, wait_for_main, whole_models
 from rlhf.evaluation import score_responses
 from rlhf.generation import generate_text
 from rlhf.precision import resolve_precision
@@ -54,7 +54,7 @@ def label(cfg: LabelStageConfig) -> dict:
             judge = build_policy(judge_source, cfg.model_init, judge_tokenizer, seed=cfg.seed, precision=precision)
             judge = judge.eval()
     if not state.is_main_process:  # one process labels; the others wait for the manifest
-        state.wait_for_everyone()
+        wait_for_main()
         return {}
     out = start_stage(cfg.output_dir, cfg, True)
 
@@ -103,7 +103,7 @@ def label(cfg: LabelStageConfig) -> dict:
         started=started,
         eval_report=report,
     )
-    state.wait_for_everyone()
+    wait_for_main()
     return metrics
 
 
