@@ -109,7 +109,9 @@ def keep_if_best(accelerator, cfg: PPOStageConfig, state: dict, evaluation: dict
 
 def restore_best(cfg: PPOStageConfig, state: dict, after: dict, out: Path) -> dict | None:
     """At the end (main process): if the kept evaluation beat the last step's (`after`), its
-    model files replace the last step's in `out`. Returns what was kept, or None."""
+    model files replace the last step's in `out`. Returns what was kept, or None. out/best stays
+    until the manifest is written (finish_run): removed here, a kill before the manifest left a
+    rerun (resumed from the final checkpoint) without it, and keep_best silently did nothing."""
     best, best_dir = state.get("best"), out / "best"
     final = after.get(BEST_BY[cfg.train.keep_best][1]) if cfg.train.keep_best else None
     kept = None
@@ -123,7 +125,6 @@ def restore_best(cfg: PPOStageConfig, state: dict, after: dict, out: Path) -> di
             best["value"],
             final,
         )
-    shutil.rmtree(best_dir, ignore_errors=True)
     return kept
 
 
@@ -197,6 +198,7 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
             "data": {"train": data.train_source, "eval": data.eval_source, "test": data.test_source},
         },
     )
+    shutil.rmtree(out / "best", ignore_errors=True)  # the manifest says what was kept; the copy has served
     return metrics
 
 
