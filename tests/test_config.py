@@ -221,3 +221,34 @@ def test_logprobs_from_generation_refused_where_pi_old_would_not_be_a_trainer_fo
         )
     assert err.value.key == key and "\n" not in str(err.value)
     load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=null", *overrides])
+
+def test_a_key_given_twice_in_yaml_is_refused(tmp_path):
+    # The JSON loader refuses duplicate keys; PyYAML kept the last one without a word.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\ntrain:\n  max_steps: 4\n  max_steps: 8\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'max_steps'.*line 4"):
+        load_config(SFTStageConfig, path)
+
+
+def test_an_alias_in_yaml_is_refused(tmp_path):
+    # An alias is one shared object: `optim.lr=...` would have changed the aliased section too.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\ngeneration: &gen {max_new_tokens: 8}\ngeneration_base: *gen\n")
+    with pytest.raises(ConfigError, match=r"alias \*gen refused"):
+        load_config(SFTStageConfig, path)
+
+
+@pytest.mark.parametrize("text", ["1.10", "0755", "1e3", "12:30"])
+def test_a_string_field_keeps_a_number_as_written(tmp_path, text):
+    # YAML 1.1 read these as 1.1, 493, 1000.0 and 750: `name=1.10` wrote to runs/1.1.
+    assert load_config(SFTStageConfig, None, [f"output_dir={text}"]).output_dir == text
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: tiny\noutput_dir: {text}\n")
+    assert load_config(SFTStageConfig, path).output_dir == text
+
+
+@pytest.mark.parametrize("text", ["0755", "1:30"])
+def test_an_integer_field_refuses_yaml_1_1_octal_and_base_60(text):
+    with pytest.raises(ConfigError, match=rf"train.max_steps': write '{text}' in decimal"):
+        load_config(SFTStageConfig, None, [f"train.max_steps={text}"])
+    assert load_config(SFTStageConfig, None, ["train.max_steps=755"]).train.max_steps == 755

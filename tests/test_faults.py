@@ -362,3 +362,63 @@ def test_reward_server_cancels_the_jobs_of_clients_that_left_or_timed_out(monkey
         client.close()
         server.should_exit = True
         thread.join(30)
+
+# The pipeline's own faults: one line on stderr, exit code 2, nothing created.
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (None, "cannot read"),
+        ("name: [a\n", "not valid YAML"),
+        ("name: a\nname: b\n", "duplicate key 'name'"),
+        ("- sft\n", "must hold a mapping"),
+        ("rounds: 0\n", "rounds"),
+    ],
+)
+def test_a_missing_or_invalid_pipeline_yaml_is_one_line(tmp_path, text, words):
+    path = tmp_path / "pipeline.yaml"
+    if text is not None:
+        path.write_text(text)
+    result = run_entry("launch/pipeline.py", "--config", str(path), f"runs_dir={tmp_path / 'runs'}", timeout=120)
+    one_line_error(result, 2, words)
+    assert not (tmp_path / "runs").exists()
+
+
+# The label stage (rounds > 1): a labeller that raises and too few prompts are one line, exit 2,
+# and an earlier label output stays as it was.
+LABEL = ["reward_model=null", "prompts=8", "eval_prompts=4", "task.train_size=32", "generation.max_new_tokens=4"]
+LABEL += ["labeller.name=function"]
+TESTS_ON_PATH = {"PYTHONPATH": str(ROOT / "tests")}
+
+
+@pytest.fixture(scope="module")
+def label_out(root) -> tuple[Path, Path]:
+    from rlhf.config import ModelInit
+    from rlhf.registry import build_policy, load_tokenizer, resolve
+
+    policy, out = root / "label-policy", root / "label"
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    build_policy(source, ModelInit(), tokenizer, seed=0).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    args = [*LABEL, "labeller.function=test_labellers:prefer_shorter", f"policy={policy}", f"output_dir={out}"]
+    result = run_entry("launch/stage2_label.py", *args, timeout=600, env=TESTS_ON_PATH)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return policy, out
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["labeller.function=test_labellers:refuse"], ("labeller 'test_labellers:refuse' raised KeyError",)),
+        (["labeller.function=test_labellers:prefer_shorter", "prompts=40"], ("holds 32 prompts",)),
+    ],
+)
+def test_a_failing_label_stage_is_one_line_and_keeps_the_earlier_output(label_out, tmp_path, extra, words):
+    policy, finished = label_out
+    out = tmp_path / "label"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    args = [*LABEL, *extra, f"policy={policy}", f"output_dir={out}"]
+    result = run_entry("launch/stage2_label.py", *args, timeout=600, env=TESTS_ON_PATH)
+    one_line_error(result, 2, *words)
+    assert snapshot(out) == before

@@ -154,9 +154,8 @@ def test_english_prompts_parse_score_and_keep_the_splits():
     from rlhf.config import ConfigError, SFTStageConfig, load_config
 
     zh = load_config(SFTStageConfig, "configs/tiny/sft.yaml", ["task.test_per_bucket=5", "task.eval_size=8"])
-    en = load_config(
-        SFTStageConfig, "configs/tiny/sft.yaml", ["task.test_per_bucket=5", "task.eval_size=8", "task.prompt_language=en"]
-    )
+    small = ["task.test_per_bucket=5", "task.eval_size=8"]
+    en = load_config(SFTStageConfig, "configs/tiny/sft.yaml", [*small, "task.prompt_language=en"])
     zh_test, en_test = S.test_records(zh.task), S.test_records(en.task)
     # the same items in another language: the answers, and the questions parsed back, agree
     assert [r["answer"] for r in zh_test] == [r["answer"] for r in en_test]

@@ -95,12 +95,15 @@ def _read_mapping(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     key = "base" if chain else "--config"
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(key, f"cannot read {path}: {e.strerror}", str(chain[-1]) if chain else None) from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(key, f"cannot read {path}: {reason}", str(chain[-1]) if chain else None) from None
     try:
-        raw = yaml.safe_load(text) or {}
+        # ConfigLoader: duplicate keys and aliases refused, numbers keep their text (below)
+        raw = yaml.load(text, Loader=ConfigLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(key, f"{path} is not valid YAML: {e}", str(chain[-1]) if chain else None) from None
+        message = " ".join(str(e).split())
+        raise ConfigError(key, f"{path} is not valid YAML: {message}", str(chain[-1]) if chain else None) from None
     if not isinstance(raw, dict):
         raise ConfigError(key, f"{path} must hold a mapping at the top level", str(chain[-1]) if chain else None)
     return raw
@@ -136,13 +139,78 @@ def _origin(origins: dict[str, str], key: str) -> str | None:
     return origins.get(key.split("[")[0])
 
 
+class _Int(int):
+    """An integer read from YAML, with the text it was written as (see ConfigLoader)."""
+
+    text: str
+
+
+class _Float(float):
+    text: str
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter where YAML 1.1 silently changes a config:
+    - a key given twice is refused (the JSON loader refuses it; YAML kept the last one);
+    - aliases (`*name`) are refused: the aliased node is one shared object, so one override
+      (`a.x=1`) changed every key that referred to it;
+    - a number keeps the text it was written as, so a string field gets that text (`name: 1.10`
+      is "1.10", not "1.1"; `0755` is "0755", not 493), and an integer field refuses YAML 1.1's
+      octal and base-60 forms instead of reading `0755` as 493."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} refused: write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def _number(self, node, kind):
+        value = kind(super().construct_yaml_int(node) if kind is _Int else super().construct_yaml_float(node))
+        value.text = node.value
+        return value
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: loader._number(node, _Int))
+ConfigLoader.add_constructor("tag:yaml.org,2002:float", lambda loader, node: loader._number(node, _Float))
+
+
+def _plain(value: Any) -> Any:
+    """Plain int / float again (yaml.safe_dump refuses subclasses) throughout `value`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`a.b=c` -> ("a.b", c), the value read as YAML (`1e-3`, `true`, `[2, 5]`, `null`)."""
     if "=" not in item or item.startswith("="):
         raise ConfigError(item, "an override must look like key.sub=value")
     key, text = item.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = yaml.load(text, Loader=ConfigLoader) if text != "" else ""
     except yaml.YAMLError:
         value = text
     if text.count("#") > _count_hash(value):
@@ -264,7 +332,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if origin is Literal:
         if value not in args:
             raise ConfigError(key, f"must be one of {list(args)}, got {value!r}", source)
-        return value
+        return _plain(value)
     if origin in (list, tuple, typing.Sequence):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}", source)
@@ -282,17 +350,20 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, {} if value is None else value, key, source)
     if tp is Any:
-        return value
+        return _plain(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}", source)
         return value
     if tp is int:
+        text = getattr(value, "text", "").lstrip("+-")
+        if ":" in text or (len(text) > 1 and text[0] == "0" and text[1].isdigit()):
+            raise ConfigError(key, f"write {value.text!r} in decimal (YAML 1.1 reads it as {int(value)})", source)
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(key, f"expected an integer, got {value!r}", source)
-        return value
+        return int(value)
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
@@ -309,7 +380,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
         return float(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. `run_name=123` on the command line
+            # e.g. `run_name=123` on the command line: as written (ConfigLoader keeps the text)
+            return getattr(value, "text", None) or str(value)
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}", source)
         return value

@@ -446,6 +446,11 @@ class PPOStageConfig:
                 "(rollout.prompts_per_step × rollout.samples_per_prompt)",
             )
         max_new = self.rollout.generation.max_new_tokens
+        if max_new >= self.data.max_length:
+            raise ConfigError(
+                "data.max_length",
+                f"must exceed rollout.generation.max_new_tokens ({max_new}): it holds prompt + response",
+            )
         if self.reward.overlong_buffer is not None and self.reward.overlong_buffer >= max_new:
             raise ConfigError("reward.overlong_buffer", f"must be below rollout.generation.max_new_tokens ({max_new})")
         minibatch = self.rollout.episodes_per_step // self.ppo.minibatches

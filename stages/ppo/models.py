@@ -226,7 +226,7 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
             disable_dropout(m)
     model = PolicyAndValue(policy, value_model)
     optimizer = adamw(param_groups(policy, value_model, cfg), lr=cfg.optim.lr)
-    fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size)
+    fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size, value_model is not None)
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_policy = prepare_frozen(ref_policy, accelerator) if ref_policy is not None else None
     reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from rlhf.checkpoint import checkpoint_digest, start_stage
 from rlhf.config import ConfigError, PPOStageConfig
-from rlhf.distributed import is_zero3, process_state
+from rlhf.distributed import is_zero3, process_state, wait_for_main
 from rlhf.evaluation import evaluate_in_loop
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import fingerprint
@@ -149,7 +149,7 @@ def train(cfg: PPOStageConfig) -> dict:
     save_models(accelerator, models.model, models.tokenizer, models.policy_source, out, cfg, models.precision)
     result = finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
     tracking.finish()
-    accelerator.wait_for_everyone()
+    wait_for_main()  # the held-out evaluation of the saved policy ran on the main process alone
     # vLLM's own teardown first: it destroys its process groups and the default one it shares,
     # which the trainer's teardown then finds gone (and skips) instead of the other way round
     engine.close()
