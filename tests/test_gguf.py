@@ -160,3 +160,18 @@ def test_the_preset_prefers_the_hub_model_in_the_local_cache(tmp_path, fake_conv
     (snapshot / "tokenizer.json").write_text("{}")
     assert resolve("smollm2-135m-instruct").path == str(snapshot)
     assert len(list(fake_convert.iterdir())) == 1
+
+
+def test_a_lora_output_finds_its_base_after_the_cache_was_cleared(tmp_path, fake_convert, monkeypatch):
+    """A LoRA stage output names the converted directory as its adapter's base; with that directory
+    gone (the cache cleared), the next stage converts the preset it started from again instead of
+    failing on a missing path."""
+    monkeypatch.setitem(PRESETS, "packaged", Preset("nobody/not-cached", (), gguf=PackagedFile("p", "m.gguf", "")))
+    monkeypatch.setattr(PackagedFile, "path", lambda self: some_file(tmp_path))
+    stage = tmp_path / "sft"
+    stage.mkdir()
+    gone = str(tmp_path / "cleared-cache" / "model-0123456789abcdef")
+    (stage / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": gone, "task_type": "CAUSAL_LM"}))
+    (stage / "manifest.json").write_text(json.dumps({"stage": "sft", "base_model": "packaged", "finished": True}))
+    source = resolve(str(stage))
+    assert source.path == str(gg.converted_dir(some_file(tmp_path))) and source.adapter == str(stage)

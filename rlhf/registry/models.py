@@ -105,6 +105,9 @@ def resolve(name: str) -> ModelSource:
             base = str(base_dir) if base_dir.is_dir() else info.get("base_model_name_or_path")
             if not base:
                 raise ModelLoadError(f"{path}: adapter_config.json names no base model")
+            if preset is not None and preset.gguf is not None and not Path(base).is_dir():
+                # the base was a GGUF's converted directory, since cleared from the cache: convert again
+                base = manifest["base_model"]
             inner = resolve(base)
             return ModelSource(name, inner.path, preset or inner.preset, str(path), info.get("task_type"), manifest)
         if not (path / "config.json").is_file():
