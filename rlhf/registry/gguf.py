@@ -129,8 +129,8 @@ def _convert_atomically(path: Path, out: Path, sha: str) -> None:
     log.warning("converting %s into %s (once; later runs reuse it)", path, out)
     start = time.perf_counter()
     convert_gguf(path, tmp)
-    marker = {"source": str(path.resolve()), "sha256": sha, "format": FORMAT,
-              "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    seconds = round(time.perf_counter() - start, 1)
+    marker = {"source": str(path.resolve()), "sha256": sha, "format": FORMAT, "seconds": seconds}
     (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     if out.exists():  # an older format or a file of the same hash prefix: replaced whole
         shutil.rmtree(out)
