@@ -9,9 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlhf.cli import run_stage
-from rlhf.config import LabelStageConfig
-from stages.reward.label import label
+from stages.commands import run_command
 
 if __name__ == "__main__":
-    sys.exit(run_stage(LabelStageConfig, label, str(Path(__file__).resolve().parents[1] / "configs/tiny/label.yaml")))
+    sys.exit(run_command("label"))  # the same as `rlhf label ...`; no --config: the generic defaults

@@ -9,9 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlhf.cli import run_stage
-from rlhf.config import PPOStageConfig
-from stages.ppo.train import train
+from stages.commands import run_command
 
 if __name__ == "__main__":
-    sys.exit(run_stage(PPOStageConfig, train, str(Path(__file__).resolve().parents[1] / "configs/tiny/ppo.yaml")))
+    sys.exit(run_command("ppo"))  # the same as `rlhf ppo ...`; no --config: the generic defaults

@@ -1,6 +1,10 @@
 """The command line shared by the stage launchers:
 
     launch/stage1_sft.py [--config FILE] [key.sub=value ...] [--print-config]
+    rlhf sft [--config FILE] [key.sub=value ...] [--print-config]     (installed: stages/commands.py)
+
+Without --config a stage runs the generic defaults (the dataclasses in rlhf/config: no task, your
+data, settings for a pretrained model), never the tiny recipe's (configs/tiny/*.yaml).
 
 Bad configs, bad data, unloadable models and broken reward functions end the process with one line
 on stderr naming the key, file, line, field or function, and exit code 2. A run stopped mid-way
@@ -42,7 +46,8 @@ USER_ERRORS = (
 
 def parse(cls: type, default_config: str | None, argv: list[str] | None = None, description: str = ""):
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    default_help = default_config or "none: the generic defaults of rlhf/config, no task"
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_help})")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(argv)
@@ -50,7 +55,7 @@ def parse(cls: type, default_config: str | None, argv: list[str] | None = None, 
     return cfg, args.print_config
 
 
-def run_stage(cls: type, train: Callable, default_config: str, argv: list[str] | None = None) -> int:
+def run_stage(cls: type, train: Callable, default_config: str | None, argv: list[str] | None = None) -> int:
     """Parse, run `train(cfg)`, and turn user errors into a one-line message and exit code 2
     (3 for a NaN/inf). Whatever happens, the trackers, the output lock and the process group are
     ended here: a process that exits with its process group alive can abort in the collective
@@ -71,7 +76,7 @@ def run_stage(cls: type, train: Callable, default_config: str, argv: list[str] |
     return code
 
 
-def _run(cls: type, train: Callable, default_config: str, argv: list[str] | None) -> int:
+def _run(cls: type, train: Callable, default_config: str | None, argv: list[str] | None) -> int:
     try:
         cfg, print_only = parse(cls, default_config, argv, description=(train.__doc__ or "").strip())
         if print_only:

@@ -270,7 +270,14 @@ def launch_command(cfg: PipelineConfig, job: Job | str) -> list[str]:
     if cfg.main_process_port:
         cmd += ["--main_process_port", str(cfg.main_process_port)]
     spec = getattr(cfg, kind)
-    return [*cmd, str(ROOT / KINDS[kind].script), "--config", str(_path(spec.config)), *stage_overrides(cfg, job)]
+    return [*cmd, *_stage_target(kind), "--config", str(_path(spec.config)), *stage_overrides(cfg, job)]
+
+
+def _stage_target(kind: str) -> list[str]:
+    """The checkout's launcher, or, where the package is installed without launch/ (pip install .),
+    the same command as a module: `accelerate launch -m stages.commands <kind>`."""
+    script = ROOT / KINDS[kind].script
+    return [str(script)] if script.is_file() else ["-m", "stages.commands", kind]
 
 
 def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None, dry_run: bool = False) -> int:

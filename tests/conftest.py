@@ -21,11 +21,30 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+# The tiny config each stage launcher's tests run on. A launcher given no --config runs the generic
+# defaults (rlhf/config), meant for a pretrained model and your own data; the tests name the tiny one.
+TINY_CONFIGS = {
+    "launch/stage1_sft.py": "configs/tiny/sft.yaml",
+    "launch/stage2_rm.py": "configs/tiny/rm.yaml",
+    "launch/stage3_ppo.py": "configs/tiny/ppo.yaml",
+    "launch/stage3_dpo.py": "configs/tiny/dpo.yaml",
+    "launch/stage2_label.py": "configs/tiny/label.yaml",
+}
+
+
+def tiny_config(script: str, args) -> list[str]:
+    """`--config <the stage's tiny YAML>` unless `args` name a config."""
+    if script not in TINY_CONFIGS or "--config" in args:
+        return []
+    return ["--config", str(ROOT / TINY_CONFIGS[script])]
+
+
 def run_entry(script: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a launcher (e.g. launch/stage1_sft.py) as a user would, in a subprocess."""
+    """Run a launcher (e.g. launch/stage1_sft.py) as a user would, in a subprocess, on the stage's
+    tiny config unless `args` name another."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
+        [sys.executable, str(ROOT / script), *tiny_config(script, args), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

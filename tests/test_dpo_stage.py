@@ -19,7 +19,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, tiny_config
 from rlhf.config import ConfigError, DPOStageConfig, ModelInit, load_config
 from rlhf.distributed import process_state
 from rlhf.precision import resolve_precision
@@ -187,7 +187,8 @@ def test_killed_run_resumes_to_the_same_weights(sft_dir, tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "launch/stage3_dpo.py"), f"policy={sft_dir}", *FAST, *args, f"output_dir={out}"]
+    cmd = [sys.executable, str(ROOT / "launch/stage3_dpo.py"), *tiny_config("launch/stage3_dpo.py", ())]
+    cmd += [f"policy={sft_dir}", *FAST, *args, f"output_dir={out}"]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )

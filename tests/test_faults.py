@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from test_reward_server import start_server, stop
 
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, tiny_config
 from rlhf.checkpoint import checkpoint_step
 from rlhf.reward_server import Limits, Scorer, http_server, listen
 from rlhf.tracking import read_metrics
@@ -217,7 +217,8 @@ def test_changing_the_learning_rate_moves_old_checkpoints_aside(outputs, tmp_pat
 def test_second_run_on_one_output_stops_at_once_naming_the_first(outputs, tmp_path):
     out = tmp_path / "sft"
     # long enough that the first run is still training when the second one has started and checked
-    cmd = [sys.executable, str(ROOT / SCRIPTS["sft"]), *SFT, "train.max_steps=5000", "train.save_every=1000"]
+    cmd = [sys.executable, str(ROOT / SCRIPTS["sft"]), *tiny_config(SCRIPTS["sft"], SFT), *SFT]
+    cmd += ["train.max_steps=5000", "train.save_every=1000"]
     first = subprocess.Popen([*cmd, f"output_dir={out}"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300

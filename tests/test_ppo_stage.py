@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, tiny_config
 from rlhf.config import ModelInit
 from rlhf.registry import build_policy, build_scalar_model, fingerprint, load_tokenizer, resolve, score_head
 from rlhf.tracking import read_metrics
@@ -210,6 +210,7 @@ def test_killed_run_resumes_to_the_same_result(sft_dir, tmp_path, variant):
     cmd = [
         sys.executable,
         str(ROOT / "launch/stage3_ppo.py"),
+        *tiny_config("launch/stage3_ppo.py", ()),
         f"policy={sft_dir}",
         "reward_model=tiny-llama",
         *FAST,

@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_ppo_stage import FAST  # the stage tests' fast settings
 
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, tiny_config
 from rlhf.checkpoint import checkpoint_digest
 from rlhf.config import NOT_HASHED, ModelInit, PPOStageConfig, config_hash, load_config
 from rlhf.config.stages import RemoteRewardConfig
@@ -124,7 +124,7 @@ def test_ppo_with_a_remote_reward_model_stops_when_it_dies_and_resumes(rm_dir, p
     args += [f"reward.remote.url={url}", "reward.remote.retries=1", "reward.remote.backoff=0.1"]
     args += ["reward.remote.timeout=30", "train.max_steps=4", "train.save_every=2", "train.log_every=1"]
     run = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch/stage3_ppo.py"), *args],
+        [sys.executable, str(ROOT / "launch/stage3_ppo.py"), *tiny_config("launch/stage3_ppo.py", args), *args],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -98,7 +98,7 @@ class TaskConfig:
     generates the training and held-out data when `data.train` / `data.eval` are null, and scores
     generations."""
 
-    name: str | None = "subtraction"  # a key of rlhf.tasks.TASKS; null: no task (your own data, loss-only eval)
+    name: str | None = None  # a key of rlhf.tasks.TASKS, e.g. subtraction; null: no task (your own data, loss-only eval)
     train_size: int = 100_000
     train_digits: tuple[int, ...] = (2, 3, 4, 5)  # digit buckets for training items (seed: 2, 5, 10, 20)
     train_weights: tuple[float, ...] | None = None  # sampling weight per bucket; None: uniform
