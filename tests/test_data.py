@@ -113,7 +113,7 @@ def test_unknown_format_and_missing_files(tmp_path):
 
 
 def test_generated_task_data_when_paths_are_null():
-    task = TaskConfig(train_size=50, eval_size=20, eval_digits=(2, 5))
+    task = TaskConfig(name="subtraction", train_size=50, eval_size=20, eval_digits=(2, 5))
     train, label = load_records(DataConfig(), task, "train")
     assert label == "task:subtraction/train" and len(train) == 50
     evals, _ = load_records(DataConfig(), task, "eval")

@@ -102,9 +102,14 @@ def test_subtraction_data_is_byte_for_byte_what_it_was():
     # Digests computed on the code before the task registry (commit 18db813), same calls. Without a
     # test split nothing is reserved, so every generator draws exactly what it did.
     t = TaskConfig(
-        train_size=300, eval_size=100, train_digits=(2, 3, 4, 5), train_weights=(4, 2, 2, 2), test_per_bucket=0
+        name="subtraction",
+        train_size=300,
+        eval_size=100,
+        train_digits=(2, 3, 4, 5),
+        train_weights=(4, 2, 2, 2),
+        test_per_bucket=0,
     )
-    f = TaskConfig(train_size=50, eval_size=20, fewshot=True, test_per_bucket=0)
+    f = TaskConfig(name="subtraction", train_size=50, eval_size=20, fewshot=True, test_per_bucket=0)
     kinds = ("wrong_digit", "missed_borrow", "sign_error", "dropped_digit")
     assert _digest(task_records(t, "train")) == "66ee826806b659bd"
     assert _digest(task_records(t, "train", seed_offset=20)) == "183d130dd6efd565"  # PPO's prompts
@@ -165,7 +170,7 @@ def test_test_split_is_disjoint_from_training_and_validation_and_has_its_own_see
 
 
 def test_subtraction_test_split_is_the_seeded_draw_without_validation_items():
-    cfg = TaskConfig(eval_size=400, eval_digits=(2, 5), test_per_bucket=1000, test_seed=77)
+    cfg = TaskConfig(name="subtraction", eval_size=400, eval_digits=(2, 5), test_per_bucket=1000, test_seed=77)
     validation = {(x, y) for _, x, y in S.test_items(400, (2, 5), cfg.data_seed + 1)}
     expected = S.test_items(2000, (2, 5), 77, exclude=validation)
     assert S.test_split_items(cfg) == expected
@@ -191,7 +196,7 @@ def test_held_out_config_is_checked():
 
 def test_a_bucket_the_held_out_splits_use_up_is_refused_with_a_message():
     # 1-digit subtraction has 100 items; 1,000 test items hold every one, so no training item is left
-    cfg = TaskConfig(train_digits=(1,), eval_digits=(1,), train_size=10, eval_size=0)
+    cfg = TaskConfig(name="subtraction", train_digits=(1,), eval_digits=(1,), train_size=10, eval_size=0)
     with pytest.raises(DataError, match=r"task:subtraction/train: .*1-digit bucket.*task.test_per_bucket"):
         load_records(DataConfig(), cfg, "train")
 

@@ -7,11 +7,22 @@ total steps) are computed where they are used, never written back into the confi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from rlhf.config.schema import ConfigError
 from rlhf.tasks import TASKS
+
+
+def is_template_text(value: str) -> bool:
+    """A chat template given inline rather than as a file path."""
+    return "{{" in value or "{%" in value
+
+
+def chat_template_text(value: str) -> str:
+    """model_init.chat_template's Jinja text: the value itself, or the file it names."""
+    return value if is_template_text(value) else Path(value).expanduser().read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -36,8 +47,16 @@ class ModelInit:
     # slow in bf16. GPUs get bf16 from dtype: auto instead (bf16 weights, or for what trains fp32
     # weights under bf16 autocast, which then sets this to bf16). The rule lives in rlhf/precision.py.
     mixed_precision: Literal["bf16", "auto"] | None = None
+    # the tokenizer's chat template, replaced: a Jinja string (holds "{{" or "{%") or a file holding one,
+    # for a model with none (else a plain "Role: text" template) or a wrong one; saved with each output
+    chat_template: str | None = None
 
     def check(self) -> None:
+        if self.chat_template is not None and not is_template_text(self.chat_template):
+            if not Path(self.chat_template).expanduser().is_file():
+                raise ConfigError(
+                    "chat_template", f"{self.chat_template!r} is neither a file nor a Jinja template ('{{{{' or '{{%')"
+                )
         # fp16 needs a loss scaler (its 5-bit exponent underflows small gradients to 0 and overflows
         # to inf, then NaN), which no stage runs; bf16 has fp32's range. See rlhf/precision.py.
         if self.dtype == "float16":
@@ -64,12 +83,35 @@ class LoraConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
 
 
+# The field names the data formats read (rlhf/data/sft.py, preference.py, prompts.py): what
+# data.columns may map a column onto.
+CANONICAL_FIELDS = (
+    "prompt",
+    "completion",
+    "answer",
+    "messages",
+    "text",
+    "query",
+    "chosen",
+    "rejected",
+    "responses",
+    "margin",
+)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where examples come from: a .jsonl/.json/.parquet file, a saved HF dataset directory or a
-    hub dataset id. None means the task's built-in generated set (see `task`)."""
+    hub dataset id. None means the task's built-in generated set (see `task`). docs/data.md."""
 
-    train: str | None = None
+    # one source, or a list of them mixed by train_weights (eval and test take one source)
+    train: str | tuple[str, ...] | None = None
+    # per train source: w takes round(w · n) of its n records (0.5 a fixed random half, 2 each twice); null: all once
+    train_weights: tuple[float, ...] | None = None
+    # the data's column for a field the formats read, e.g. {prompt: question, chosen: good, rejected: bad};
+    # applied to every split
+    columns: dict[str, str] = field(default_factory=dict)
+    dataset_config: str | None = None  # a hub dataset's configuration (load_dataset's `name`), e.g. "main"
     eval: str | None = None  # the validation split: in-loop evaluation, the choice of a checkpoint, any tuning
     # the test split: quoted in eval.json, the report and the summary, used by nothing else; null: the
     # task's generated test split (none without a task)
@@ -84,12 +126,34 @@ class DataConfig:
     def check(self) -> None:
         if self.max_length <= 0:
             raise ConfigError("max_length", f"must be positive, got {self.max_length}")
+        self._check_sources()
         if self.test is not None and (self.test, self.test_split) == (self.eval, self.eval_split):
             raise ConfigError(
                 "test",
                 f"is the validation data ({self.eval!r}, split {self.eval_split!r}); the test split must be "
                 "used by nothing else",
             )
+
+    def _check_sources(self) -> None:
+        sources = (self.train,) if isinstance(self.train, str) else self.train or ()
+        if self.train is not None and not sources:
+            raise ConfigError("train", "an empty list; give a source, or null for the task's generated set")
+        if self.train_weights is not None:
+            if len(self.train_weights) != len(sources):
+                raise ConfigError(
+                    "train_weights",
+                    f"needs one weight per data.train source ({len(sources)}), got {len(self.train_weights)}",
+                )
+            if any(w < 0 for w in self.train_weights):
+                raise ConfigError("train_weights", f"must be >= 0, got {list(self.train_weights)}")
+        unknown = sorted(set(self.columns) - set(CANONICAL_FIELDS))
+        if unknown:
+            raise ConfigError(f"columns.{unknown[0]}", f"not a field the formats read; known: {list(CANONICAL_FIELDS)}")
+        for name, column in self.columns.items():
+            if not column.strip():
+                raise ConfigError(f"columns.{name}", "empty column name")
+        if len(set(self.columns.values())) < len(self.columns):
+            raise ConfigError("columns", f"two fields read one column: {self.columns}")
 
 
 @dataclass(frozen=True)
@@ -98,7 +162,9 @@ class TaskConfig:
     generates the training and held-out data when `data.train` / `data.eval` are null, and scores
     generations."""
 
-    name: str | None = None  # a key of rlhf.tasks.TASKS, e.g. subtraction; null: no task (your own data, loss-only eval)
+    name: str | None = (
+        None  # a key of rlhf.tasks.TASKS, e.g. subtraction; null: no task (your own data, loss-only eval)
+    )
     train_size: int = 100_000
     train_digits: tuple[int, ...] = (2, 3, 4, 5)  # digit buckets for training items (seed: 2, 5, 10, 20)
     train_weights: tuple[float, ...] | None = None  # sampling weight per bucket; None: uniform

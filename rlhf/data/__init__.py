@@ -9,6 +9,7 @@ from rlhf.config import DataConfig, TaskConfig
 from rlhf.data.io import DataError, Record, read_records
 from rlhf.data.preference import normalize_preferences
 from rlhf.data.sft import detect_sft_format, normalize_sft, reference_answer
+from rlhf.data.sources import map_columns, mix
 from rlhf.tasks import task_records
 from rlhf.tasks.base import BucketExhausted
 
@@ -45,12 +46,18 @@ def load_records(
         except BucketExhausted as e:
             raise DataError(label, None, str(e)) from None
         return [Record(r, f"{label} item {i + 1}") for i, r in enumerate(generated)], label
-    records = read_records(source, {"train": data.train_split, "eval": data.eval_split, "test": data.test_split}[split])
+    sources = (source,) if isinstance(source, str) else source
+    name = {"train": data.train_split, "eval": data.eval_split, "test": data.test_split}[split]
+    per_source = [read_records(s, name, data.dataset_config) for s in sources]
+    for s, records in zip(sources, per_source, strict=True):
+        if not records:
+            raise DataError(s, None, "holds no records")
+    records = map_columns(mix(per_source, data.train_weights if split == "train" else None), data.columns)
     if split == "eval" and data.max_eval_examples is not None:
         records = records[: data.max_eval_examples]
-    if not records:
-        raise DataError(source, None, "holds no records")
-    return records, source
+    if not records:  # every weight rounded to none
+        raise DataError(" + ".join(sources), None, "data.train_weights leave no records")
+    return records, " + ".join(sources)
 
 
 @dataclass(kw_only=True)

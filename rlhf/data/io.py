@@ -30,8 +30,8 @@ class Record:
     where: str  # e.g. "data/train.jsonl:12" or "org/name[train] row 5"
 
 
-def read_records(source: str, split: str = "train") -> list[Record]:
-    """All records of a data source, in order."""
+def read_records(source: str, split: str = "train", config_name: str | None = None) -> list[Record]:
+    """All records of a data source, in order; `config_name` picks a hub dataset's configuration."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _read_saved_dataset(path, split)
@@ -46,7 +46,7 @@ def read_records(source: str, split: str = "train") -> list[Record]:
         raise DataError(str(path), None, f"unsupported file type; expected one of {', '.join(FILE_SUFFIXES)}")
     if _looks_like_a_path(source):
         raise DataError(source, None, "no such file or directory")
-    return _read_hub(source, split)
+    return _read_hub(source, split, config_name)
 
 
 # A hub dataset id: `name` or `owner/name`, letters, digits, '-', '_', '.' (huggingface_hub's rule).
@@ -195,11 +195,25 @@ def _read_saved_dataset(path: Path, split: str) -> list[Record]:
     return [Record(row, f"{label} row {i + 1}") for i, row in enumerate(ds)]
 
 
-def _read_hub(name: str, split: str) -> list[Record]:
+def _read_hub(name: str, split: str, config_name: str | None) -> list[Record]:
     from datasets import load_dataset
 
+    label = f"{name}[{config_name}]" if config_name else name
     try:
-        ds = load_dataset(name, split=split)
+        ds = load_dataset(name, config_name, split=split)
     except Exception as e:  # datasets raises many types (offline, missing split, bad repo)
-        raise DataError(name, None, f"not a local file and cannot load it from the hub: {e}") from None
-    return [Record(row, f"{name}[{split}] row {i + 1}") for i, row in enumerate(ds)]
+        if _offline():  # the hub's own message is a page of retries; this is what to do
+            raise DataError(
+                label,
+                None,
+                "not a local file or directory, and the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) "
+                "with no cached copy: give a .jsonl/.parquet file or a save_to_disk directory, or load it once online",
+            ) from None
+        raise DataError(label, None, f"not a local file and cannot load it from the hub: {e}") from None
+    return [Record(row, f"{label}[{split}] row {i + 1}") for i, row in enumerate(ds)]
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )

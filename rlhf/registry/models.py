@@ -36,6 +36,7 @@ from transformers import (
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import LoraConfig, ModelInit
+from rlhf.config.parts import chat_template_text
 from rlhf.distributed import whole_models
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry.errors import ModelLoadError
@@ -139,6 +140,8 @@ def load_tokenizer(source: ModelSource, init: ModelInit) -> PreTrainedTokenizerB
             tokenizer = AutoTokenizer.from_pretrained(
                 source.path, revision=init.revision, trust_remote_code=init.trust_remote_code
             )
+    if init.chat_template is not None:  # the user's, over the model's (none, or a wrong one)
+        tokenizer.chat_template = chat_template_text(init.chat_template)
     return prepare_tokenizer(tokenizer)
 
 
