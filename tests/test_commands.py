@@ -13,7 +13,9 @@ import yaml
 
 from conftest import ROOT
 from rlhf.cli import parse
-from rlhf.config import SFTStageConfig
+from rlhf.config import DataConfig, ModelInit, SFTStageConfig
+from rlhf.data.lengths import UNSTATED_CONTEXT, context_length
+from rlhf.registry import load_tokenizer, resolve
 
 EXAMPLES = ROOT / "data" / "examples"
 
@@ -21,9 +23,17 @@ EXAMPLES = ROOT / "data" / "examples"
 def test_no_config_is_the_generic_defaults_not_the_tiny_recipe():
     cfg, _ = parse(SFTStageConfig, None, ["model=tiny-llama", "data.train=mine.jsonl"])
     assert cfg.task.name is None  # nothing generated, nothing scored as subtraction
-    assert cfg.optim.lr == 1e-4 and cfg.data.max_length == 512  # not configs/tiny/sft.yaml's 1e-3 and 64
+    assert cfg.optim.lr == 1e-4 and cfg.data.max_length is None  # not configs/tiny/sft.yaml's 1e-3 and 64
     tiny, _ = parse(SFTStageConfig, str(ROOT / "configs/tiny/sft.yaml"), [])
     assert tiny.task.name == "subtraction" and tiny.optim.lr == 1e-3 and tiny.data.max_length == 64
+
+
+def test_max_length_is_the_models_context_unless_set():
+    tokenizer = load_tokenizer(resolve("tiny-llama"), ModelInit())  # the tiny tokenizer states 512
+    assert context_length(DataConfig(), tokenizer) == 512
+    assert context_length(DataConfig(max_length=64), tokenizer) == 64
+    tokenizer.model_max_length = int(1e30)  # transformers' value for a tokenizer that states none
+    assert context_length(DataConfig(), tokenizer) == UNSTATED_CONTEXT == 2048
 
 
 def test_a_launcher_without_config_prints_the_generic_defaults():
@@ -74,3 +84,27 @@ def test_the_console_script_runs_a_stage_from_another_directory_and_scores_no_ta
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["task"] is None and evaluation["split"] == "validation"  # the given file, exact match only
     assert (out / "model.safetensors").is_file()
+
+
+def test_the_pipeline_launches_stages_as_modules_where_launch_is_not_shipped(installed, tmp_path, monkeypatch):
+    """Installed, rlhf/pipeline.py has no launch/ beside it: each stage runs as
+    `accelerate launch -m stages.commands <stage>`, which works from any directory."""
+    import rlhf.pipeline as pipeline
+
+    cfg = pipeline.load_pipeline(str(ROOT / "configs/tiny/pipeline.yaml"), [f"runs_dir={tmp_path}"])
+    assert str(ROOT / "launch/stage1_sft.py") in pipeline.launch_command(cfg, "sft")  # a checkout: its launcher
+    monkeypatch.setattr(pipeline, "ROOT", installed)
+    cmd = pipeline.launch_command(cfg, "rm")
+    assert cmd[cmd.index("-m", 2) : cmd.index("-m", 2) + 3] == ["-m", "stages.commands", "rm"]
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
+    result = subprocess.run(
+        [*launch, "-m", "stages.commands", "rm", "--print-config", "model=tiny-llama"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model: tiny-llama" in result.stdout

@@ -159,7 +159,7 @@ def test_trainer_loss_is_the_dpo_loss_of_the_generated_sequences(tmp_path, loss)
     trainer = PairDPOTrainer(
         model=policy,
         ref_model=reference,
-        args=dpo_args(cfg, tmp_path, resolve_precision(cfg.model_init)),
+        args=dpo_args(cfg, tmp_path, resolve_precision(cfg.model_init), cfg.data.max_length),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
@@ -269,7 +269,7 @@ def test_with_lora_the_reference_is_the_policy_with_its_adapter_off(tmp_path):
     trainer = PairDPOTrainer(
         model=policy,
         ref_model=None,
-        args=dpo_args(cfg, tmp_path, resolve_precision(cfg.model_init)),
+        args=dpo_args(cfg, tmp_path, resolve_precision(cfg.model_init), cfg.data.max_length),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )

@@ -147,11 +147,11 @@ def test_ppo_prompts_leave_room_for_a_response_within_data_max_length():
     prompts = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
     ids = [[1] * 6, list(range(7)), [2] * 3]
     cfg = load_config(PPOStageConfig, tiny, base)
-    assert limit_prompts(prompts, ids, cfg, "t") == ([prompts[0], prompts[2]], [ids[0], ids[2]])
+    assert limit_prompts(prompts, ids, cfg, "t", 10) == ([prompts[0], prompts[2]], [ids[0], ids[2]])
     cut = load_config(PPOStageConfig, tiny, [*base, "data.overlong=truncate"])
-    assert limit_prompts(prompts, ids, cut, "t") == (prompts, [ids[0], [1, 2, 3, 4, 5, 6], ids[2]])
+    assert limit_prompts(prompts, ids, cut, "t", 10) == (prompts, [ids[0], [1, 2, 3, 4, 5, 6], ids[2]])
     with pytest.raises(DataError, match="every prompt is longer"):
-        limit_prompts(prompts[1:2], ids[1:2], cfg, "t")
+        limit_prompts(prompts[1:2], ids[1:2], cfg, "t", 10)
     with pytest.raises(ConfigError, match=r"data\.max_length"):
         load_config(PPOStageConfig, tiny, ["data.max_length=8", "rollout.generation.max_new_tokens=8"])
 

@@ -119,12 +119,14 @@ class DataConfig:
     train_split: str = "train"  # split to read from a hub id or a saved DatasetDict
     eval_split: str = "test"
     test_split: str = "test"
-    max_length: int = 512  # tokens per example (prompt + response)
+    # tokens per example (prompt + response); null: the model's context, as its tokenizer states it
+    # (model_max_length; 2048 where it states none), rlhf/data/lengths.py `context_length`
+    max_length: int | None = None
     overlong: Literal["drop", "truncate"] = "drop"  # what to do with longer examples (counted in the log)
     max_eval_examples: int | None = None  # cap on validation examples (the test split is never cut)
 
     def check(self) -> None:
-        if self.max_length <= 0:
+        if self.max_length is not None and self.max_length <= 0:
             raise ConfigError("max_length", f"must be positive, got {self.max_length}")
         self._check_sources()
         if self.test is not None and (self.test, self.test_split) == (self.eval, self.eval_split):

@@ -446,7 +446,7 @@ class PPOStageConfig:
                 "(rollout.prompts_per_step × rollout.samples_per_prompt)",
             )
         max_new = self.rollout.generation.max_new_tokens
-        if max_new >= self.data.max_length:
+        if self.data.max_length is not None and max_new >= self.data.max_length:
             raise ConfigError(
                 "data.max_length",
                 f"must exceed rollout.generation.max_new_tokens ({max_new}): it holds prompt + response",

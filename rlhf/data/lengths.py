@@ -6,7 +6,20 @@ from collections.abc import Sequence
 
 from datasets import Dataset
 
+from rlhf.config import DataConfig
 from rlhf.data.io import DataError
+
+# A tokenizer that states no context (transformers' VERY_LARGE_INTEGER, ~1e30) gets this many tokens.
+UNSTATED_CONTEXT = 2048
+
+
+def context_length(data: DataConfig, tokenizer) -> int:
+    """Tokens per example: data.max_length, or the model's context as its tokenizer states it
+    (`model_max_length`, from the model's tokenizer_config.json: SmolLM2 8192, the tiny model 512)."""
+    if data.max_length is not None:
+        return data.max_length
+    stated = getattr(tokenizer, "model_max_length", None)
+    return int(stated) if stated and stated < 10**9 else UNSTATED_CONTEXT
 
 
 def limit_length(

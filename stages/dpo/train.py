@@ -24,6 +24,7 @@ from trl import DPOConfig, DPOTrainer
 from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
 from rlhf.config import DataConfig, DPOStageConfig, to_dict
 from rlhf.data import HeldOut, load_held_out
+from rlhf.data.lengths import context_length
 from rlhf.distributed import process_state, wait_for_main
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.generation import render_prompts
@@ -65,12 +66,13 @@ def train(cfg: DPOStageConfig) -> dict:
     held_out = load_held_out(DataConfig(test=cfg.data.test, test_split=cfg.data.test_split), cfg.task)
 
     # 3. Tokens: the chat-rendered prompt, then each answer and EOS (the sequence the policy writes).
-    train_rows, over = limit_pair_length(encode_dpo_pairs(tokenizer, pairs.train), cfg.data)
+    max_length = context_length(cfg.data, tokenizer)
+    train_rows, over = limit_pair_length(encode_dpo_pairs(tokenizer, pairs.train), max_length, cfg.data.overlong)
     if over:
         log.warning(
             "%d training pairs longer than data.max_length=%d were %s",
             over,
-            cfg.data.max_length,
+            max_length,
             "dropped" if cfg.data.overlong == "drop" else "truncated",
         )
     eval_rows = encode_dpo_pairs(tokenizer, pairs.eval)
@@ -139,7 +141,7 @@ def _build_trainer(cfg, source, tokenizer, precision: Precision, out: Path, trai
     trainer = PairDPOTrainer(
         model=policy,
         ref_model=ref_policy,
-        args=dpo_args(cfg, out, precision),
+        args=dpo_args(cfg, out, precision, context_length(cfg.data, tokenizer)),
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
@@ -174,7 +176,7 @@ def _held_out_report(cfg, out, held_out: HeldOut, before, pair_report, precision
     return report, after
 
 
-def dpo_args(cfg: DPOStageConfig, out, precision: Precision) -> DPOConfig:
+def dpo_args(cfg: DPOStageConfig, out, precision: Precision, max_length: int) -> DPOConfig:
     """TRL's DPOConfig from ours. `loss.sft_coef` adds TRL's `sft` term (the NLL of the chosen
     answers) beside the preference loss, RPO's combination."""
     loss_type, loss_weights = [cfg.loss.type], [1.0]
@@ -186,7 +188,7 @@ def dpo_args(cfg: DPOStageConfig, out, precision: Precision) -> DPOConfig:
         loss_type=loss_type,
         loss_weights=loss_weights,
         label_smoothing=cfg.loss.label_smoothing,
-        max_length=cfg.data.max_length,  # the collator keeps the start of over-long rows (data.overlong: truncate)
+        max_length=max_length,  # the collator keeps the start of over-long rows (data.overlong: truncate)
         truncation_mode="keep_start",
         disable_dropout=True,  # the policy and the reference must score a pair the same way at step 0
         pad_to_multiple_of=None,
@@ -212,16 +214,17 @@ def encode_dpo_pairs(tokenizer, pairs: list[dict]) -> list[dict]:
     ]
 
 
-def limit_pair_length(rows: list[dict], data: DataConfig) -> tuple[list[dict], int]:
-    """(rows, n_over): a pair is over-long when prompt + its longer answer exceeds data.max_length.
+def limit_pair_length(rows: list[dict], max_length: int, overlong: str) -> tuple[list[dict], int]:
+    """(rows, n_over): a pair is over-long when prompt + its longer answer exceeds max_length
+    (data.max_length, or the model's context).
     `drop` removes it; `truncate` keeps it for the collator to cut (keep the start), unless the
     prompt alone fills max_length and no answer token would be left (TRL drops those too)."""
     longest = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
-    over = sum(n > data.max_length for n in longest)
-    if data.overlong == "drop":
-        kept = [r for r, n in zip(rows, longest, strict=True) if n <= data.max_length]
+    over = sum(n > max_length for n in longest)
+    if overlong == "drop":
+        kept = [r for r, n in zip(rows, longest, strict=True) if n <= max_length]
     else:
-        kept = [r for r in rows if len(r["prompt_ids"]) < data.max_length]
+        kept = [r for r in rows if len(r["prompt_ids"]) < max_length]
     return kept, over
 
 

@@ -12,6 +12,7 @@ import torch
 
 from rlhf.config import PPOStageConfig
 from rlhf.data import DataError, HeldOut, load_held_out, load_records
+from rlhf.data.lengths import context_length
 from rlhf.data.prompts import normalize_prompts
 from rlhf.generation import render_prompts
 from rlhf.tasks import task_records
@@ -52,7 +53,7 @@ def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
     test_examples = [e for e in held_out.test if "completion" in e]
     log.info("prompts: %d from %s; held out: %s", len(prompts), train_source, held_out.describe())
     prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in prompts])
-    prompts, prompt_ids = limit_prompts(prompts, prompt_ids, cfg, train_source)
+    prompts, prompt_ids = limit_prompts(prompts, prompt_ids, cfg, train_source, context_length(cfg.data, tokenizer))
     return Prompts(
         prompts=prompts,
         prompt_ids=prompt_ids,
@@ -65,13 +66,13 @@ def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
 
 
 def limit_prompts(
-    prompts: list[dict], prompt_ids: list[list[int]], cfg: PPOStageConfig, source: str
+    prompts: list[dict], prompt_ids: list[list[int]], cfg: PPOStageConfig, source: str, max_length: int
 ) -> tuple[list[dict], list[list[int]]]:
     """Prompts that leave room for a whole response within data.max_length tokens: longer ones are
     dropped or (data.overlong=truncate) cut to their last tokens, where the question and the
     assistant turn's start are. Unlimited, a long prompt ran past an absolute-position model's
     positions (an index error mid-run) and vLLM refused it."""
-    limit = cfg.data.max_length - cfg.rollout.generation.max_new_tokens
+    limit = max_length - cfg.rollout.generation.max_new_tokens  # data.max_length, or the model's context
     over = [i for i, ids in enumerate(prompt_ids) if len(ids) > limit]
     total = len(prompt_ids)
     if not over:

@@ -23,7 +23,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
 from rlhf.config import ConfigError, RMStageConfig, to_dict
-from rlhf.data.lengths import limit_length
+from rlhf.data.lengths import context_length, limit_length
 from rlhf.distributed import is_zero3, process_state, wait_for_main, whole_models
 from rlhf.evaluation import flatten_metrics, score_sequences
 from rlhf.generation import render_prompts
@@ -261,14 +261,15 @@ def _reward_trainer(cfg: RMStageConfig, source, tokenizer, precision, out: Path,
     data.max_length), and TRL's RewardTrainer with our loss on them."""
     use_margin = cfg.loss.use_margin and any("margin" in p for p in train_pairs)
     train_rows = encode_pairs(tokenizer, train_pairs, use_margin)
+    max_length = context_length(cfg.data, tokenizer)
     train_set, over = limit_length(
-        Dataset.from_list(train_rows), cfg.data.max_length, cfg.data.overlong, columns=("chosen_ids", "rejected_ids")
+        Dataset.from_list(train_rows), max_length, cfg.data.overlong, columns=("chosen_ids", "rejected_ids")
     )
     if over:
         log.warning(
             "%d training pairs longer than data.max_length=%d were %s",
             over,
-            cfg.data.max_length,
+            max_length,
             "dropped" if cfg.data.overlong == "drop" else "truncated",
         )
     eval_rows = encode_pairs(tokenizer, eval_pairs, use_margin)

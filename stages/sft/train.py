@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
 from rlhf.config import SFTStageConfig, to_dict
 from rlhf.data import HeldOut, load_held_out, load_records, normalize_sft
-from rlhf.data.lengths import limit_length
+from rlhf.data.lengths import context_length, limit_length
 from rlhf.distributed import process_state, wait_for_main, whole_models
 from rlhf.evaluation import evaluate_held_out, for_eval_json, summary, tracked_metrics
 from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
@@ -126,13 +126,14 @@ def _sft_trainer(cfg: SFTStageConfig, model, tokenizer, out: Path, precision, tr
     # TRL casts a QLoRA model's trainable parameters to bf16 (trl/trainer/sft_trainer.py); AdamW
     # steps would round away there, so they go back to the trained dtype (rlhf/precision.py).
     cast_trainable(trainer.model, precision.trained_dtype)
-    trainer.train_dataset, over = limit_length(trainer.train_dataset, cfg.data.max_length, cfg.data.overlong)
+    max_length = context_length(cfg.data, tokenizer)
+    trainer.train_dataset, over = limit_length(trainer.train_dataset, max_length, cfg.data.overlong)
     if over:
         log.warning(
             "%d of %d training examples longer than data.max_length=%d were %s",
             over,
             len(train_examples),
-            cfg.data.max_length,
+            max_length,
             "dropped" if cfg.data.overlong == "drop" else "truncated",
         )
     return trainer, over
