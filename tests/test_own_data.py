@@ -59,7 +59,7 @@ def test_several_files_mix_by_weight(tmp_path):
     assert len(set(texts[:2])) == 2 and all(t.startswith("a") for t in texts[:2])
     assert texts == [r.data["text"] for r in load_records(cfg.data, cfg.task, "train")[0]]  # the same every run
     assert label == f"{a} + {b}"
-    with pytest.raises(ConfigError, match=r"'data\.train_weights': needs one weight per data\.train source \(2\), got 1"):
+    with pytest.raises(ConfigError, match=r"'data\.train_weights': needs one weight per data\.train source \(2\)"):
         parse(SFTStageConfig, None, [f"data.train=[{a}, {b}]", "data.train_weights=[1]"])
 
 
