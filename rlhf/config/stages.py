@@ -1,11 +1,12 @@
 """One config per stage, composed from the shared parts.
 
 Where defaults live: a field's default here (and in parts.py) is the generic value it takes when no
-YAML sets it (mostly the common libraries' choices, e.g. AdamW's betas, TRL's DPO lr; the model and
-output paths name the built-in tiny model), not a tuned recipe. A recipe is a YAML under configs/:
-configs/tiny/*.yaml is the tiny CPU default (docs/tiny-default.md) and sets every value it tuned,
-which differs from these defaults in 7 (label) to 24 (PPO) fields; a variant names it in `base:` and
-holds only what it changes."""
+YAML sets it (mostly the common libraries' choices, e.g. AdamW's betas, TRL's DPO lr; no task;
+max_length the model's context; the model names the built-in tiny model), not a tuned recipe. They
+are the generic defaults: a stage run without --config (`rlhf sft model=... data.train=...`) uses
+them, for a pretrained model and your own data. A recipe is a YAML under configs/:
+configs/tiny/*.yaml is the tiny CPU default (docs/tiny-default.md) and names its task and every
+value it tuned; a variant names it in `base:` and holds only what it changes."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class SFTStageConfig:
     """Stage 1: supervised fine-tuning; cross-entropy on the completion / assistant tokens."""
 
     model: str = "tiny"  # registry preset, local directory (e.g. an earlier stage's output) or hub id
-    output_dir: str = "runs/tiny/sft"
+    output_dir: str = "runs/sft"
     seed: int = 0
     model_init: ModelInit = field(default_factory=ModelInit)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -125,7 +126,7 @@ class RMStageConfig:
     """Stage 2: reward model = the same decoder with a scalar head, trained on chosen/rejected pairs."""
 
     model: str = "tiny"  # usually the SFT output, e.g. runs/x/sft
-    output_dir: str = "runs/tiny/rm"
+    output_dir: str = "runs/rm"
     seed: int = 0
     model_init: ModelInit = field(default_factory=ModelInit)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -409,7 +410,7 @@ class PPOStageConfig:
     # decoder: one forward per minibatch instead of two, no second model or its optimizer state; the
     # value loss then also trains the policy's trunk (weighed by ppo.vf_coef). value_model must be null.
     share_policy_trunk: bool = False
-    output_dir: str = "runs/tiny/ppo"
+    output_dir: str = "runs/ppo"
     seed: int = 0
     model_init: ModelInit = field(default_factory=ModelInit)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -526,7 +527,7 @@ class DPOStageConfig:
     pairs directly, against the frozen SFT model as reference (Rafailov et al. 2023)."""
 
     policy: str = "tiny"  # the SFT output; also the frozen reference (with LoRA: the policy, adapter off)
-    output_dir: str = "runs/tiny/dpo"
+    output_dir: str = "runs/dpo"
     seed: int = 0
     model_init: ModelInit = field(default_factory=ModelInit)
     lora: LoraConfig = field(default_factory=LoraConfig)
