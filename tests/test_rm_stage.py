@@ -121,7 +121,7 @@ def test_onpolicy_mining_never_mines_a_cut_off_answer(caplog):
 
 def test_rm_logs_the_tokens_it_trained_on(tmp_path):
     """train/rm/num_tokens counts the real (unpadded) tokens of every chosen and rejected sequence
-    trained on, as SFT's train/sft/num_tokens does: the throughput figure of launch/smoke_real_shape.py.
+    trained on, as SFT's train/sft/num_tokens does: the throughput figure of tools/smoke_real_shape.py.
     One step over all 7 example pairs sees each sequence once."""
     path = ROOT / "data" / "examples" / "pairs_prompt.jsonl"
     train(

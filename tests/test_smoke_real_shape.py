@@ -1,18 +1,13 @@
-"""The pieces of launch/smoke_real_shape.py (the run itself is too slow for the suite: well
+"""The pieces of tools/smoke_real_shape.py (the run itself is too slow for the suite: well
 over ten minutes per mode on a 2-core CPU): its figures from metrics records worked out by hand, and peak
 memory read from real child processes."""
 
-import importlib.util
 import subprocess
 import sys
 import time
 
-from conftest import ROOT
 from rlhf.pipeline import resolved_stage_config
-
-spec = importlib.util.spec_from_file_location("smoke_real_shape", ROOT / "launch" / "smoke_real_shape.py")
-smoke = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(smoke)
+from tools import smoke_real_shape as smoke
 
 
 def test_sft_and_rm_rates_leave_out_the_first_step():
