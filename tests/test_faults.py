@@ -25,6 +25,9 @@ from conftest import ROOT, run_entry
 from rlhf.checkpoint import checkpoint_step
 from rlhf.tracking import read_metrics
 
+# slow: every test runs the real commands on stages trained here
+pytestmark = pytest.mark.slow
+
 QUIET = ["tracking.report_to=[]", "tracking.progress=false"]
 SFT = [
     "model=tiny-llama",

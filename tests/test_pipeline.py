@@ -23,6 +23,9 @@ from rlhf.pipeline import KINDS, check_held_out_agree, load_pipeline
 from rlhf.report import load_stage
 from wandb_offline import history
 
+# slow: every test runs the pipeline command (most train SFT -> RM -> PPO)
+pytestmark = pytest.mark.slow
+
 MINI = [
     "model=tiny-llama",
     "sft.task.train_size=1000",
@@ -145,6 +148,7 @@ def test_report_embeds_every_plot_with_the_runs_own_data(run):
     assert "http://" not in page and "https://" not in page  # opens from disk, no network
 
 
+@pytest.mark.real
 def test_report_renders_in_headless_chromium(run, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

@@ -147,6 +147,8 @@ def test_summary_quotes_the_test_split_beside_the_validation_split(run_dir):
     assert "the test split is used by nothing else" in text
 
 
+@pytest.mark.slow
+@pytest.mark.real
 def test_chinese_renders_in_headless_chromium(tmp_path):
     """The page's fonts draw seed 000's prompt: its screenshot differs from one of characters no
     font has (private use), which every font draws as the same empty box. Without a CJK font
@@ -170,6 +172,7 @@ def test_chinese_renders_in_headless_chromium(tmp_path):
     assert shots[0] != shots[1], "Chinese drawn as boxes: install a CJK font (apt-get install fonts-noto-cjk)"
 
 
+@pytest.mark.real
 def test_matplotlib_finds_a_cjk_font_when_one_is_installed():
     if not (shutil.which("fc-list") and subprocess.run(["fc-list", ":lang=zh"], capture_output=True).stdout):
         pytest.skip("no CJK font installed (apt-get install fonts-noto-cjk)")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from rlhf.pipeline import resolved_stage_config
 from tools import smoke_real_shape as smoke
 
@@ -38,6 +40,7 @@ def test_ppo_rates_from_its_own_step_timings():
     assert smoke.step_rates(records, "ppo") == {"s_per_step": 5.0, "tokens_per_s": 7.0}
 
 
+@pytest.mark.slow
 def test_peak_watcher_reads_each_process_peak_and_leaves_out_the_launcher(tmp_path):
     script = tmp_path / "stage9_fake.py"
     # writes 300 MiB (so the pages are resident), frees them, then idles: only a peak can show it.
