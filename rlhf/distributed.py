@@ -23,11 +23,39 @@ def process_state() -> PartialState:
     a process left waiting for a peer that died fails instead of hanging."""
     timeout = timedelta(seconds=float(os.environ.get("RLHF_PG_TIMEOUT_S", "1800")))
     if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return PartialState(timeout=timeout)
-    if deepspeed_launched():
-        return PartialState(backend="gloo", timeout=timeout)  # DeepSpeed's CPU accelerator over gloo
-    os.environ["ACCELERATE_USE_CPU"] = "true"  # read by AcceleratorState and TrainingArguments
-    return PartialState(cpu=True, timeout=timeout)
+        state = PartialState(timeout=timeout)
+    elif deepspeed_launched():
+        state = PartialState(backend="gloo", timeout=timeout)  # DeepSpeed's CPU accelerator over gloo
+    else:
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # read by AcceleratorState and TrainingArguments
+        state = PartialState(cpu=True, timeout=timeout)
+    _main_wait_group()  # here, where every process is at the same point: making a group is collective
+    return state
+
+
+_MAIN_WAIT: list = []  # the process group of wait_for_main, made once per process
+
+
+def _main_wait_group():
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if not _MAIN_WAIT:
+        timeout = timedelta(seconds=float(os.environ.get("RLHF_MAIN_WAIT_TIMEOUT_S", str(7 * 24 * 3600))))
+        _MAIN_WAIT.append(dist.new_group(backend="gloo", timeout=timeout))
+    return _MAIN_WAIT[0]
+
+
+def wait_for_main() -> None:
+    """Wait, on every process, for work the main process does alone (a held-out evaluation,
+    labelling, the output's last files), however long it takes. A plain barrier gives up after the
+    process group's timeout (RLHF_PG_TIMEOUT_S): an evaluation longer than that aborted the other
+    ranks after training had finished. This barrier runs in a gloo group of its own, whose timeout
+    is RLHF_MAIN_WAIT_TIMEOUT_S (a week unless set); a main process that dies still ends the
+    others, as the launcher stops every process when one fails."""
+    group = _main_wait_group()
+    if group is not None:
+        torch.distributed.barrier(group=group)
 
 
 def deepspeed_launched() -> bool:

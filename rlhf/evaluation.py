@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.config import GenerationConfig, ModelInit
 from rlhf.data import HeldOut, reference_answer
 from rlhf.distributed import whole_models
-from rlhf.generation import gathered_for_generation, generate_text, left_pad, render_prompts
+from rlhf.generation import gathered_for_generation, generate_answers, left_pad, render_prompts
 from rlhf.precision import Precision
 from rlhf.registry import build_policy, build_scalar_model, end_of_turn_id, load_tokenizer, resolve, sequence_scores
 from rlhf.tasks import get_task, score_generations
@@ -39,19 +39,23 @@ def evaluate_generations(
     examples: Sequence[dict],
     task_name: str | None,
     gen: GenerationConfig,
+    reward_model: torch.nn.Module | None = None,
 ) -> tuple[dict, list[dict]]:
     """(metrics, items): the task's report (exact-match accuracy and its standard error, overall
     and per bucket) of the model's answers to the examples that carry a reference answer, and one
     item per such example: {"prompt" (the question), "response", "answer", "correct", "bucket"}
-    (the bucket as the report keys it; None without a task)."""
+    (the bucket as the report keys it; None without a task). With a reward model, its mean score of
+    the generated token ids as a PPO rollout reads them (`rm_score`)."""
     scored = [e for e in examples if reference_answer(e) is not None]
     if not scored:
         return {}, []
     prompts = [e["prompt"] for e in scored]
     answers = [reference_answer(e) for e in scored]
-    responses = generate_text(model, tokenizer, prompts, gen)
+    responses, _, sequences = generate_answers(model, tokenizer, prompts, gen)
     questions = [p[-1]["content"] for p in prompts]
     metrics = score_generations(task_name, questions, answers, responses)
+    if reward_model is not None:
+        metrics["rm_score"] = round(score_sequences(reward_model, sequences, tokenizer.pad_token_id).mean().item(), 4)
     bucket = get_task(task_name).bucket if task_name is not None else None
     items = [
         {
@@ -89,14 +93,9 @@ def evaluate_held_out(
     reports = {}
     for split, examples in (("test", held_out.test), ("validation", held_out.validation)):
         scored = [e for e in examples if reference_answer(e) is not None]
-        metrics, items = evaluate_generations(model, tokenizer, scored, task_name, gen)
+        metrics, items = evaluate_generations(model, tokenizer, scored, task_name, gen, reward_model)
         if not items:
             continue
-        if reward_model is not None:
-            scores = score_responses(
-                reward_model, tokenizer, [e["prompt"] for e in scored], [i["response"] for i in items]
-            )
-            metrics["rm_score"] = round(scores.mean().item(), 4)
         reports[split] = (metrics, items)
     if not reports:
         return {}
@@ -214,8 +213,9 @@ def evaluate_in_loop(
     with accelerator.split_between_processes(indices, apply_padding=True) as shard:
         prompts = [examples[i]["prompt"] for i in shard]
         with torch.no_grad(), gathered_for_generation(model, accelerator, "policy") as unwrapped:
-            responses = generate_text(unwrapped.policy, tokenizer, prompts, gen)
-        scores = score_responses(reward_model, tokenizer, prompts, responses).tolist() if reward_model else None
+            responses, _, sequences = generate_answers(unwrapped.policy, tokenizer, prompts, gen)
+        # the generated ids as a rollout scores them (nothing re-tokenised or appended)
+        scores = score_sequences(reward_model, sequences, tokenizer.pad_token_id).tolist() if reward_model else None
     answered = {}
     for i, response, score in gather_object(
         [(i, r, scores[k] if scores else None) for k, (i, r) in enumerate(zip(shard, responses, strict=True))]

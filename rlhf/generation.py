@@ -176,23 +176,28 @@ def generate_answers(
     prompts: Sequence[list[dict]],
     gen: GenerationConfig,
     batch_size: int = 128,
-) -> tuple[list[str], list[bool]]:
-    """(texts, ended): the response text to each chat prompt (special tokens removed) and whether it
-    ended with a stop token (False: cut off at gen.max_new_tokens)."""
+) -> tuple[list[str], list[bool], list[list[int]]]:
+    """(texts, ended, sequences): the response text to each chat prompt (special tokens removed),
+    whether it ended with a stop token (False: cut off at gen.max_new_tokens), and the token ids of
+    prompt + response up to and including its stop (all of it if cut off): what a PPO rollout's
+    reward model reads, with nothing decoded, re-tokenised or appended."""
     was_training = model.training
     model.eval()
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     texts: list[str] = []
     ended: list[bool] = []
+    sequences: list[list[int]] = []
     try:
         for start in range(0, len(prompts), batch_size):
             rows = render_prompts(tokenizer, prompts[start : start + batch_size])
             _, responses, _ = generate_ids(model, tokenizer, rows, gen)
             texts += response_texts(tokenizer, responses, stops)
-            ended += ended_at(responses, stops)[0].tolist()
+            stopped, length = ended_at(responses, stops)
+            ended += stopped.tolist()
+            sequences += [p + r[:n] for p, r, n in zip(rows, responses.tolist(), length.tolist(), strict=True)]
     finally:
         model.train(was_training)
-    return texts, ended
+    return texts, ended, sequences
 
 
 def generate_text(

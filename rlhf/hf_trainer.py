@@ -15,7 +15,7 @@ from rlhf.checkpoint import agreed_checkpoint, mark_complete
 from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig
 from rlhf.distributed import whole_models
 from rlhf.precision import Precision
-from rlhf.registry import ModelSource, build_policy, build_scalar_model
+from rlhf.registry import ModelSource, build_policy, build_scalar_model, merge_lora
 from rlhf.tracking import Tracking
 
 log = logging.getLogger("rlhf")
@@ -209,5 +209,5 @@ def save_output(
         # From the adapter just saved, not the model in memory: under ZeRO-3 that one's weights are
         # partitioned across processes (merging it fails on empty shards), and merging it in place
         # would also strip the adapter from the trainer's model.
-        merged = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
+        merged = merge_lora(PeftModel.from_pretrained(base, str(output_dir)))  # fp32: as trained
         merged.save_pretrained(str(output_dir / "merged"))

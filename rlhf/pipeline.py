@@ -31,7 +31,7 @@ from typing import Literal
 
 from rlhf.checkpoint import ManifestError, read_manifest
 from rlhf.config import ConfigError, config_hash, load_config
-from rlhf.config.schema import format_override, from_dict, parse_override, set_dotted
+from rlhf.config.schema import format_override, parse_override
 from rlhf.config.stages import (
     NOT_HASHED,
     DPOStageConfig,
@@ -166,18 +166,16 @@ def load_pipeline(
     path: str, overrides: list[str], accelerate_config: str | None = None, num_processes: int | None = None
 ) -> PipelineConfig:
     """The pipeline config; `sft.train.max_steps=5`-style overrides go to that stage."""
-    import yaml
-
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
     extra: dict[str, list[str]] = {s: [] for s in SPECS}
+    own: list[str] = []
     for item in overrides:
-        key, value = parse_override(item)
+        key, _ = parse_override(item)
         head, _, rest = key.partition(".")
         if head in SPECS and rest and rest.split(".")[0] not in ("config", "overrides"):
             extra[head].append(f"{rest}={item.split('=', 1)[1]}")
         else:
-            set_dotted(raw, key, value)
-    cfg = from_dict(PipelineConfig, raw or {}, source=path)
+            own.append(item)
+    cfg = load_config(PipelineConfig, path or None, own)  # the file with its `base:` files, then `own`
     changes = {
         s: dataclasses.replace(getattr(cfg, s), overrides=getattr(cfg, s).overrides + tuple(extra[s])) for s in SPECS
     }
@@ -335,6 +333,7 @@ HELD_OUT_KEYS = (
     "task.eval_digits",
     "task.data_seed",
     "task.fewshot",
+    "task.prompt_language",
     "task.test_per_bucket",
     "task.test_seed",
     "data.test",

@@ -31,6 +31,7 @@ from matplotlib import font_manager
 from rlhf.checkpoint import atomic_write_json, atomic_write_text
 from rlhf.proxy_gold import best_gold, divergence, run_points
 from rlhf.tasks import TASKS
+from rlhf.tracking import metrics_records
 
 STAGES = ("sft", "rm", "ppo", "dpo")
 
@@ -125,10 +126,7 @@ def load_stage(directory: Path) -> dict:
     tables: list[dict] = []
     path = directory / "metrics.jsonl"
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
+        for record in metrics_records(path):
             if "table" in record:
                 tables.append(record)
                 continue

@@ -39,7 +39,10 @@ class JSONLTracker(GeneralTracker):
         self.run_name = run_name
         self.path = Path(logging_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = _ends_mid_line(self.path)
         self.file = open(self.path, "a", encoding="utf-8")
+        if torn:  # a kill mid-record: end that line, or the resumed run's first record is glued to it
+            self.file.write("\n")
 
     @property
     def tracker(self):
@@ -194,13 +197,35 @@ def _markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _ends_mid_line(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The scalar records of a metrics.jsonl (tables skipped)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
+    return [rec for rec in metrics_records(path) if "table" not in rec]
+
+
+def metrics_records(path: str | Path) -> list[dict]:
+    """Every record of a metrics.jsonl, tables included. A line that is not a whole JSON object
+    (the process was killed while writing it) is skipped with a warning: one torn record must
+    not stop the summary or the report of a run that finished."""
+    out, torn = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 rec = json.loads(line)
-                if "table" not in rec:
-                    out.append(rec)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    if torn:
+        logging.getLogger("rlhf").warning("%s: %d torn line(s) skipped", path, torn)
     return out

@@ -15,8 +15,8 @@ import sys
 from accelerate import Accelerator
 
 from rlhf.config import GenerationConfig, ModelInit
-from rlhf.evaluation import evaluate_in_loop, score_responses
-from rlhf.generation import generate_text
+from rlhf.evaluation import evaluate_in_loop, score_sequences
+from rlhf.generation import generate_answers
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
 from stages.ppo.models import PolicyAndValue
 
@@ -31,7 +31,7 @@ reward_model = build_scalar_model(source, ModelInit(), tokenizer, seed=1).eval()
 gen = GenerationConfig(max_new_tokens=4)
 
 prompts = [[{"role": "user", "content": f"{50 + 7 * i}-{3 * i}="}] for i in range(N)]
-answers = generate_text(policy, tokenizer, prompts, gen)  # (N,) the whole set in one batch
+answers, _, sequences = generate_answers(policy, tokenizer, prompts, gen)  # (N,) the whole set in one batch
 examples = [
     {"prompt": p, "completion": [{"role": "assistant", "content": a if i in RIGHT else NEVER}]}
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
@@ -39,7 +39,7 @@ examples = [
 expected = {
     "eval/ppo/n": N,
     "eval/ppo/accuracy": round(len(RIGHT) / N, 4),
-    "eval/ppo/rm_score": score_responses(reward_model, tokenizer, prompts, answers).mean().item(),
+    "eval/ppo/rm_score": score_sequences(reward_model, sequences, tokenizer.pad_token_id).mean().item(),
 }
 
 model = accelerator.prepare(PolicyAndValue(policy, None))

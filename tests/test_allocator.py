@@ -51,7 +51,6 @@ def released_mb(mode: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.real
 def test_freed_layer_sized_blocks_go_back_to_the_os():
     assert released_mb("on") > 0.9 * 40 * 17  # every freed block (680 MB) returned
     # the fault it fixes: with glibc's default the same blocks stay with the process

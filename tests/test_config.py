@@ -31,7 +31,11 @@ def stage_class(path: Path):
 
 
 def our_yamls():
-    return sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+    """Every stage and pipeline config; not accelerate's, nor the `_*.yaml` fragments that only
+    other configs name in `base:` (test_every_fragment_is_a_base)."""
+    return sorted(
+        p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts and not p.name.startswith("_")
+    )
 
 
 @pytest.mark.parametrize("path", our_yamls(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -178,3 +182,73 @@ def test_format_override_reads_back_exactly(value):
     from rlhf.config.schema import format_override, parse_override
 
     assert parse_override(format_override("output_dir", value)) == ("output_dir", value)
+
+
+@pytest.mark.parametrize("kl", [["ppo.kl_in=reward"], ["ppo.kl_in=loss", "ppo.kl_estimator=k3"], ["ppo.kl_coef=0"]])
+def test_grpo_refuses_the_kl_in_the_reward(kl):
+    """GRPO divides each group's rewards by their std: with the KL in the reward, a group of equal scores
+    [1, 1, 1, 1] and KL sums [0.5, 1, 1.5, 2] gets advantages ±1.16 and ±0.39 from KL noise alone, whatever β is
+    (DeepSeekMath §4.1 puts the KL in the loss). Refused at load; the loss, or β = 0, is accepted."""
+    from rlhf.config import PPOStageConfig
+
+    overrides = ["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4", "ppo.kl_in=reward", *kl]
+    if kl == ["ppo.kl_in=reward"]:
+        with pytest.raises(ConfigError) as err:
+            load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
+        assert err.value.key == "ppo.kl_in" and "grpo" in str(err.value) and "\n" not in str(err.value)
+    else:
+        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
+    for other in ("dr_grpo", "rloo", "reinforce_pp_baseline"):  # a baseline subtracted: β keeps its meaning
+        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [*overrides, f"ppo.advantage_estimator={other}"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["rollout.importance_correction=tis"], "rollout.importance_correction"),
+        (["rollout.engine=vllm"], "rollout.logprobs_from_generation"),
+    ],
+)
+def test_logprobs_from_generation_refused_where_pi_old_would_not_be_a_trainer_forward(overrides, key):
+    """With π_old taken from the sampling pass, TIS's weight min(π_old / π_engine, C) is 1 everywhere and
+    rollout/logprob_diff_* reads 0; with an engine of its own (vLLM) π_old would be another kernel's. Both
+    are refused at load (docs/ppo.md: π_old comes from a trainer forward); without the flag both load."""
+    from rlhf.config import PPOStageConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=true", *overrides]
+        )
+    assert err.value.key == key and "\n" not in str(err.value)
+    load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=null", *overrides])
+
+def test_a_key_given_twice_in_yaml_is_refused(tmp_path):
+    # The JSON loader refuses duplicate keys; PyYAML kept the last one without a word.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\ntrain:\n  max_steps: 4\n  max_steps: 8\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'max_steps'.*line 4"):
+        load_config(SFTStageConfig, path)
+
+
+def test_an_alias_in_yaml_is_refused(tmp_path):
+    # An alias is one shared object: `optim.lr=...` would have changed the aliased section too.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\ngeneration: &gen {max_new_tokens: 8}\ngeneration_base: *gen\n")
+    with pytest.raises(ConfigError, match=r"alias \*gen refused"):
+        load_config(SFTStageConfig, path)
+
+
+@pytest.mark.parametrize("text", ["1.10", "0755", "1e3", "12:30"])
+def test_a_string_field_keeps_a_number_as_written(tmp_path, text):
+    # YAML 1.1 read these as 1.1, 493, 1000.0 and 750: `name=1.10` wrote to runs/1.1.
+    assert load_config(SFTStageConfig, None, [f"output_dir={text}"]).output_dir == text
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: tiny\noutput_dir: {text}\n")
+    assert load_config(SFTStageConfig, path).output_dir == text
+
+
+@pytest.mark.parametrize("text", ["0755", "1:30"])
+def test_an_integer_field_refuses_yaml_1_1_octal_and_base_60(text):
+    with pytest.raises(ConfigError, match=rf"train.max_steps': write '{text}' in decimal"):
+        load_config(SFTStageConfig, None, [f"train.max_steps={text}"])
+    assert load_config(SFTStageConfig, None, ["train.max_steps=755"]).train.max_steps == 755

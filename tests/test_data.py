@@ -217,3 +217,19 @@ def test_a_length_limit_that_leaves_nothing_says_so(mode):
     short = {"input_ids": [1] * 4, "labels": [-100, -100, 5, 6]}
     kept, over = limit_length(Dataset.from_list([*rows, short]), 6, mode)
     assert over == 4 and len(kept) == 1  # truncated to 6 tokens, the long ones have no trained token left
+
+
+def test_a_numeric_answer_reaches_ppo_and_label_prompts_as_text():
+    # SFT stringifies `"answer": 42`; PPO and the label stage read it as None, so the checker
+    # never scored those prompts (gold accuracy and rule rewards silently left them out).
+    from rlhf.data.io import Record
+    from rlhf.data.prompts import normalize_prompts
+
+    rows = normalize_prompts(
+        [
+            Record({"prompt": "7 - 3 = ", "answer": 4}, "t:1"),
+            Record({"prompt": "1 - 3 = ", "answer": -2.5}, "t:2"),
+            Record({"prompt": "x", "completion": True}, "t:3"),
+        ]
+    )
+    assert [r["answer"] for r in rows] == ["4", "-2.5", None]

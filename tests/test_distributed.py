@@ -364,3 +364,20 @@ def test_lora_stages_under_zero3_save_the_adapter_and_its_merged_weights(tmp_pat
         "zero3", "ppo", tmp_path, f"policy={sft}", f"reward_model={rm_merged}", *lora, f"output_dir={tmp_path / 'ppo2'}"
     )
     assert (tmp_path / "ppo2" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["plain", "main"])
+def test_main_process_work_longer_than_the_group_timeout_does_not_abort_the_others(tmp_path, mode):
+    """The main process works alone (as a held-out evaluation does) for longer than the process
+    group's timeout: the others waiting in a plain barrier give up (what aborted a finished run),
+    in `wait_for_main` they wait for it."""
+    done = tmp_path / "ok"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / MODES["ddp"])]
+    cmd += ["--num_processes", "2", "--main_process_port", str(_free_port())]
+    cmd += [str(ROOT / "tests/main_only_wait.py"), mode, "6", str(done)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_NUM_THREADS": "1", "RLHF_PG_TIMEOUT_S": "2"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    if mode == "plain":
+        assert result.returncode != 0 and "Timed out" in result.stderr and not done.exists()
+    else:
+        assert result.returncode == 0 and done.read_text() == "ok", result.stderr[-3000:]

@@ -12,17 +12,23 @@ import hashlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_reward_server import start_server, stop
 
 from conftest import ROOT, run_entry
 from rlhf.checkpoint import checkpoint_step
+from rlhf.reward_server import Limits, Scorer, http_server, listen
 from rlhf.tracking import read_metrics
 
 # slow: every test runs the real commands on stages trained here
@@ -254,3 +260,168 @@ def test_rerun_from_the_final_checkpoint_trains_no_further(name, outputs, tmp_pa
     for path, before in weights.items():  # the final checkpoint's weights, saved again as they were
         after = load_file(out / path)
         assert all(torch.equal(before[k], after[k]) for k in before), path
+
+
+# issue 25, item 15: the reward server (launch/serve_rm.py). One bad request is refused on its own
+# with a one-line 4xx; the server keeps serving every other request, including those batched with it.
+@pytest.fixture(scope="module")
+def gpt2_server():
+    """The served tiny GPT-2 preset: absolute positions (512), so a longer row used to crash its batch."""
+    proc, base = start_server("tiny-gpt2", 0, 64, "--idle-timeout", "2")
+    client = httpx.Client(base_url=base, trust_env=False, timeout=120)
+    yield client
+    client.close()
+    stop(proc)
+
+
+def raw_exchange(base: str, data: bytes, timeout: float = 30) -> bytes:
+    """Send raw bytes on a fresh connection; everything the server answers until it closes."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_reward_server_refuses_a_huge_body_unread_and_deep_nesting(gpt2_server):
+    base = str(gpt2_server.base_url).rstrip("/")
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000000\r\n\r\n"
+    answer = raw_exchange(base, head)  # used to be an uncaught MemoryError and a dropped connection
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"at most" in answer
+    deep = gpt2_server.post("/score", content=b"[" * 100_000 + b"]" * 100_000)  # used to be a RecursionError
+    assert deep.status_code == 400 and "nests deeper" in deep.json()["error"], deep.text[:300]
+    health = gpt2_server.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # the GPU when there is one
+
+
+def test_reward_server_isolates_a_bad_request_and_truncates_long_rows(gpt2_server):
+    good = {"prompts": ["52 - 17 =", "3 - 40 ="], "responses": ["35", "-37"]}
+    robot = {"prompts": [[{"role": "robot", "content": "1 - 1 ="}]], "responses": ["0"]}  # the template refuses it
+    long_row = [(7 * i) % 50 + 10 for i in range(700)]  # past GPT-2's 512 positions
+
+    def ask(payload):
+        return gpt2_server.post("/score", json=payload)
+
+    expected = ask(good).json()["scores"]
+    with ThreadPoolExecutor(3) as pool:  # at once, so that they share a batch
+        answers = list(pool.map(ask, [good, robot, {"input_ids": [long_row]}] * 3))
+    for a in answers[0::3]:
+        assert a.status_code == 200 and a.json()["scores"] == pytest.approx(expected, abs=1e-5)
+    for a in answers[1::3]:
+        assert a.status_code == 400 and "unknown chat role: robot" in a.json()["error"], a.text[:300]
+        assert "\n" not in a.json()["error"]
+    cut = ask({"input_ids": [long_row[:512]]}).json()["scores"]
+    for a in answers[2::3]:  # scored as its first 512 tokens, as OpenRLHF's server truncates to --max_len
+        assert a.status_code == 200 and a.json()["scores"] == pytest.approx(cut, abs=1e-5)
+    assert gpt2_server.get("/health").json()["truncated"] >= 3
+
+
+def test_reward_server_closes_idle_connections(gpt2_server):
+    base = str(gpt2_server.base_url).rstrip("/")
+    t0 = time.time()
+    assert raw_exchange(base, b"") == b""  # says nothing: closed after --idle-timeout 2
+    assert raw_exchange(base, b"POST /sco") == b""  # headers that never end: the same
+    assert time.time() - t0 < 15
+
+
+def test_reward_server_cancels_the_jobs_of_clients_that_left_or_timed_out(monkeypatch):
+    # in this process, with the worker held at the first request, so that the others must wait
+    scorer = Scorer("tiny-gpt2", batch_size=64)
+    entered, release, score = threading.Event(), threading.Event(), scorer._score
+
+    def held(jobs):
+        entered.set()
+        release.wait(60)
+        score(jobs)
+
+    monkeypatch.setattr(scorer, "_score", held)
+    sock = listen("127.0.0.1", 0)
+    server = http_server(scorer, Limits(request_timeout=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    client = httpx.Client(base_url=base, trust_env=False, timeout=60)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/score", json={"input_ids": [[11, 12, 13]] * 4})
+            assert entered.wait(30)  # the worker is scoring the first request
+            body = json.dumps({"input_ids": [[11, 12, 13, 14]]}).encode()
+            with socket.create_connection(sock.getsockname()[:2], timeout=30) as s:  # a client that leaves
+                s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                time.sleep(0.2)
+            waited = pool.submit(client.post, "/score", json={"input_ids": [[15, 16]] * 2})  # one that waits too long
+            assert waited.result().status_code == 503 and "cancelled" in waited.result().json()["error"]
+            release.set()
+            first.result()
+        health = client.get("/health").json()
+        assert health["cancelled"] >= 2 and health["queued"] == 0
+        assert health["scored"] == 4 and health["batches"] == 1  # the jobs left behind were never scored
+    finally:
+        release.set()
+        client.close()
+        server.should_exit = True
+        thread.join(30)
+
+# The pipeline's own faults: one line on stderr, exit code 2, nothing created.
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (None, "cannot read"),
+        ("name: [a\n", "not valid YAML"),
+        ("name: a\nname: b\n", "duplicate key 'name'"),
+        ("- sft\n", "must hold a mapping"),
+        ("rounds: 0\n", "rounds"),
+    ],
+)
+def test_a_missing_or_invalid_pipeline_yaml_is_one_line(tmp_path, text, words):
+    path = tmp_path / "pipeline.yaml"
+    if text is not None:
+        path.write_text(text)
+    result = run_entry("launch/pipeline.py", "--config", str(path), f"runs_dir={tmp_path / 'runs'}", timeout=120)
+    one_line_error(result, 2, words)
+    assert not (tmp_path / "runs").exists()
+
+
+# The label stage (rounds > 1): a labeller that raises and too few prompts are one line, exit 2,
+# and an earlier label output stays as it was.
+LABEL = ["reward_model=null", "prompts=8", "eval_prompts=4", "task.train_size=32", "generation.max_new_tokens=4"]
+LABEL += ["labeller.name=function"]
+TESTS_ON_PATH = {"PYTHONPATH": str(ROOT / "tests")}
+
+
+@pytest.fixture(scope="module")
+def label_out(root) -> tuple[Path, Path]:
+    from rlhf.config import ModelInit
+    from rlhf.registry import build_policy, load_tokenizer, resolve
+
+    policy, out = root / "label-policy", root / "label"
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    build_policy(source, ModelInit(), tokenizer, seed=0).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    args = [*LABEL, "labeller.function=test_labellers:prefer_shorter", f"policy={policy}", f"output_dir={out}"]
+    result = run_entry("launch/stage2_label.py", *args, timeout=600, env=TESTS_ON_PATH)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return policy, out
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["labeller.function=test_labellers:refuse"], ("labeller 'test_labellers:refuse' raised KeyError",)),
+        (["labeller.function=test_labellers:prefer_shorter", "prompts=40"], ("holds 32 prompts",)),
+    ],
+)
+def test_a_failing_label_stage_is_one_line_and_keeps_the_earlier_output(label_out, tmp_path, extra, words):
+    policy, finished = label_out
+    out = tmp_path / "label"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    args = [*LABEL, *extra, f"policy={policy}", f"output_dir={out}"]
+    result = run_entry("launch/stage2_label.py", *args, timeout=600, env=TESTS_ON_PATH)
+    one_line_error(result, 2, *words)
+    assert snapshot(out) == before

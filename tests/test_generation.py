@@ -2,6 +2,7 @@
 own generation_config.json carries (hub models ship repetition penalties, top-k, top-p), and stops
 at the chat template's end of turn as well as at EOS."""
 
+import pytest
 import torch
 from scripted_model import END_OF_TURN, bigram_policy, tokenizer_with_end_of_turn
 
@@ -136,3 +137,48 @@ def test_sampled_rollout_stops_at_the_end_of_turn():
     out = engine.generate(render_prompts(tokenizer, PROMPTS), gen, with_logprobs=True)
     assert out.response_ids.tolist() == [[seven, eot]] * 2
     assert out.logprobs.shape == (2, 2) and (out.logprobs > -1e-6).all()  # each token's probability ~1
+
+
+def test_held_out_rm_score_reads_the_generated_tokens_as_a_rollout_does():
+    """The held-out rm_score scores what the policy generated, token for token, as PPO's rollout does: a
+    cut-off answer gets no end-of-turn appended and the text is not decoded and re-tokenised."""
+    from accelerate import Accelerator
+
+    from rlhf.data import HeldOut
+    from rlhf.evaluation import evaluate_held_out, evaluate_in_loop, score_sequences
+    from rlhf.generation import ended_at
+    from rlhf.registry import build_scalar_model
+    from rlhf.tasks.subtraction import PROMPT
+
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, ModelInit())
+    policy = build_policy(source, ModelInit(), tokenizer, seed=1).eval()
+    reward_model = build_scalar_model(source, ModelInit(), tokenizer, seed=2).eval()
+    examples = [
+        {
+            "prompt": [{"role": "user", "content": PROMPT % (a, b)}],
+            "completion": [{"role": "assistant", "content": str(a - b)}],
+        }
+        for a, b in [(52, 17), (3, 40), (1000, 1), (7, 7)]
+    ]
+    gen = GenerationConfig(max_new_tokens=3)
+    prompt_ids = render_prompts(tokenizer, [e["prompt"] for e in examples])
+    _, response, _ = generate_ids(policy, tokenizer, prompt_ids, gen)
+    ended, length = ended_at(response, stop_token_ids(tokenizer, policy.generation_config))
+    assert not ended.all()  # some answers are cut off: a re-tokenised row would end in an appended end of turn
+    rows = [p + r[:n] for p, r, n in zip(prompt_ids, response.tolist(), length.tolist(), strict=True)]
+    expected = score_sequences(reward_model, rows, tokenizer.pad_token_id)
+    held_out = HeldOut(validation=[], test=examples, validation_source="-", test_source="-")
+    report = evaluate_held_out(policy, tokenizer, held_out, "subtraction", gen, reward_model)
+    assert report["rm_score"] == round(expected.mean().item(), 4)
+    in_loop = evaluate_in_loop(
+        policy_wrapper(policy), reward_model, Accelerator(cpu=True), tokenizer, examples, "subtraction", gen
+    )
+    assert in_loop["eval/ppo/rm_score"] == pytest.approx(expected.mean().item(), abs=1e-6)
+
+
+def policy_wrapper(policy):
+    """evaluate_in_loop takes PPO's PolicyAndValue; only its `policy` generates."""
+    wrapper = torch.nn.Module()
+    wrapper.policy = policy
+    return wrapper

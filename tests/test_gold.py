@@ -26,7 +26,9 @@ def _score(*overrides):
     tokenizer = load_tokenizer(resolve("tiny"), ModelInit())
     response = tokenizer(RESPONSES, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
     # no reward model: the score is the rules'; the tiny tokenizer's turns end at EOS
-    models = SimpleNamespace(tokenizer=tokenizer, reward_model=None, stop_ids=(tokenizer.eos_token_id,))
+    models = SimpleNamespace(
+        tokenizer=tokenizer, reward_model=None, reward_client=None, stop_ids=(tokenizer.eos_token_id,)
+    )
     data = SimpleNamespace(prompts=ROWS)
     mask = torch.ones(3, 4 + response.shape[1], dtype=torch.long)
     has_eos = torch.ones(3, dtype=torch.bool)

@@ -11,6 +11,7 @@ from conftest import ROOT, run_entry
 from rlhf.config import ModelInit
 from rlhf.data import Record, normalize_preferences
 from rlhf.registry import build_policy, load_tokenizer, resolve
+from rlhf.reward_functions import RewardFunctionError
 from stages.reward.label import pair_records
 from stages.reward.labellers import LABELLERS, Labelling, gold_agreement, ranked_pairs
 
@@ -112,3 +113,13 @@ def test_label_stage_writes_pairs_and_the_rm_accuracy_before(tmp_path):
     assert report["eval"]["pairs"] == len((out / "eval_pairs.jsonl").read_text().splitlines()) > 0
     assert 0.0 <= report["rm_accuracy_before"] <= 1.0
     assert json.loads((out / "manifest.json").read_text())["finished"]
+
+
+def refuse(prompt, a, b):
+    """A labeller function that fails, as a user's can."""
+    raise KeyError("grader offline")
+
+
+def test_a_labeller_that_raises_is_a_one_line_labeller_error():
+    with pytest.raises(RewardFunctionError, match=r"labeller 'test_labellers:refuse' raised KeyError: 'grader"):
+        LABELLERS["function"](_job(function="test_labellers:refuse"))

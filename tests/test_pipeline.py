@@ -148,7 +148,6 @@ def test_report_embeds_every_plot_with_the_runs_own_data(run):
     assert "http://" not in page and "https://" not in page  # opens from disk, no network
 
 
-@pytest.mark.real
 def test_report_renders_in_headless_chromium(run, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

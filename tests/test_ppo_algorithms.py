@@ -106,6 +106,26 @@ def test_estimator_registry():
         grpo(REWARDS, None, MASK, gamma=1.0, lam=1.0, group_size=4)
 
 
+def test_group_std_estimators_are_the_scale_free_ones():
+    """The config refuses ppo.kl_in=reward for GROUP_STD_ESTIMATORS: exactly the group estimators whose
+    advantages do not change when every reward is scaled (so β·KL in the reward would set the scale).
+    Scores [1, 1, 1, 1] with KL sums [0.5, 1, 1.5, 2], β = 0.05: GRPO gives
+    ±0.75β / (0.6455β + 1e-4) = ±1.158 and ±0.386 from the KL alone (std of [0.5, 1, 1.5, 2]: 0.6455)."""
+    from rlhf.config.stages import GROUP_STD_ESTIMATORS
+
+    rewards, mask = torch.tensor([[0.3, -1.2], [2.0, 0.5], [0.7, 0.0], [1.0, 1.5]]), torch.ones(4, 2)
+    kw = {"gamma": 1.0, "lam": 1.0, "group_size": 4}
+    scale_free = set()
+    for name, e in ((n, e) for n, e in ESTIMATORS.items() if e.needs_groups):
+        scaled = e.fn(3 * rewards, None, mask, **kw)[0]
+        if torch.allclose(e.fn(rewards, None, mask, **kw)[0], scaled, rtol=1e-3):
+            scale_free.add(name)
+    assert scale_free == set(GROUP_STD_ESTIMATORS) == {"grpo"}
+    kl_only = (1.0 - 0.05 * torch.tensor([0.5, 1.0, 1.5, 2.0]))[:, None] * torch.tensor([[0.0, 1.0]])
+    adv, _ = grpo(kl_only, None, mask, **kw)
+    assert adv[:, 0].tolist() == pytest.approx([1.1583, 0.3861, -0.3861, -1.1583], abs=1e-4)
+
+
 def test_loss_aggregations_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -194,7 +214,9 @@ def test_samples_per_prompt_makes_the_episode_count():
 def test_group_estimators_need_groups_before_anything_loads(tmp_path, name):
     out = tmp_path / "x"
     cfg = load_config(
-        PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [f"ppo.advantage_estimator={name}", f"output_dir={out}"]
+        PPOStageConfig,
+        ROOT / "configs/tiny/ppo.yaml",
+        [f"ppo.advantage_estimator={name}", f"output_dir={out}", "ppo.kl_coef=0"],
     )
     with pytest.raises(ConfigError, match=r"rollout\.samples_per_prompt"):
         ppo_train.train(cfg)

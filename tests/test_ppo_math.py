@@ -249,3 +249,21 @@ def test_finite_flag_catches_nan_or_inf_in_any_tensor():
         broken[37][2, 1] = bad
         assert math.isnan(_finite_flag(iter(broken)).item())  # any iterable, e.g. a generator of grads
     assert _finite_flag([]).item() == 0.0
+
+
+def test_an_inf_at_padding_stays_out_of_rewards_advantages_and_losses():
+    """k3 of a pad's log-prob can overflow to inf; inf · 0 = NaN, so masking must select, not multiply."""
+    from stages.ppo.advantages import grpo, reinforce_pp
+    from stages.ppo.losses import aggregate_loss
+    from stages.ppo.masked import masked
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    kl = torch.tensor([[0.1, 0.2, math.inf], [0.1, 0.1, 0.1]])
+    assert torch.equal(masked(kl, mask), torch.tensor([[0.1, 0.2, 0.0], [0.1, 0.1, 0.1]]))
+    rewards = kl_penalized_rewards(torch.tensor([1.0, 0.0]), kl, 0.5, mask)
+    assert torch.isfinite(rewards).all() and rewards[0].tolist() == pytest.approx([-0.05, 0.9, 0.0])
+    assert torch.isfinite(aggregate_loss(kl, mask, "seq_mean_token_sum_norm", max_len=3))
+    values = torch.tensor([[0.5, 0.5, math.inf], [0.5, 0.5, 0.5]])
+    assert all(torch.isfinite(t).all() for t in gae(rewards, values, mask, 1.0, 0.95))
+    assert all(torch.isfinite(t).all() for t in reinforce_pp(kl, None, mask, gamma=1.0, lam=1.0, group_size=1))
+    assert torch.isfinite(grpo(kl, None, mask, gamma=1.0, lam=1.0, group_size=2)[0]).all()

@@ -118,3 +118,60 @@ def test_weights_an_engine_receives_are_the_policys_with_the_adapter_merged():
         lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight,
         base["model.layers.0.self_attn.q_proj.weight"],
     )
+
+
+def test_logprobs_from_generation_refused_for_an_engine_of_its_own():
+    """`rollout.engine: auto` may resolve to an engine with weights of its own only at run time: there too
+    logprobs_from_generation=true is refused (π_old must be a trainer forward), and null picks the forward."""
+    from types import SimpleNamespace
+
+    from rlhf.precision import resolve_precision
+    from stages.ppo.train import _logprobs_from_generation
+
+    own = SimpleNamespace(own_weights=True)
+    accelerator = SimpleNamespace(mixed_precision="no")
+    for flag, expected in (("null", False), ("false", False)):
+        cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [f"rollout.logprobs_from_generation={flag}"])
+        assert _logprobs_from_generation(cfg, resolve_precision(cfg.model_init), accelerator, own) is expected
+    cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=true"])
+    with pytest.raises(ConfigError, match=r"rollout\.logprobs_from_generation"):
+        _logprobs_from_generation(cfg, resolve_precision(cfg.model_init), accelerator, own)
+
+
+def test_ppo_prompts_leave_room_for_a_response_within_data_max_length():
+    # Unlimited, a long prompt ran past an absolute-position model's positions mid-run.
+    from rlhf.data import DataError
+    from stages.ppo.sampling import limit_prompts
+
+    tiny = ROOT / "configs/tiny/ppo.yaml"
+    base = ["data.max_length=10", "rollout.generation.max_new_tokens=4"]  # room for 6 prompt tokens
+    prompts = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    ids = [[1] * 6, list(range(7)), [2] * 3]
+    cfg = load_config(PPOStageConfig, tiny, base)
+    assert limit_prompts(prompts, ids, cfg, "t") == ([prompts[0], prompts[2]], [ids[0], ids[2]])
+    cut = load_config(PPOStageConfig, tiny, [*base, "data.overlong=truncate"])
+    assert limit_prompts(prompts, ids, cut, "t") == (prompts, [ids[0], [1, 2, 3, 4, 5, 6], ids[2]])
+    with pytest.raises(DataError, match="every prompt is longer"):
+        limit_prompts(prompts[1:2], ids[1:2], cfg, "t")
+    with pytest.raises(ConfigError, match=r"data\.max_length"):
+        load_config(PPOStageConfig, tiny, ["data.max_length=8", "rollout.generation.max_new_tokens=8"])
+
+
+def test_value_optim_max_grad_norm_that_deepspeed_would_ignore_is_refused(monkeypatch):
+    # DeepSpeed clips the whole module's gradient norm to optim.max_grad_norm; value_optim's own
+    # limit was silently dropped.
+    from types import SimpleNamespace
+
+    from stages.ppo import optim
+
+    plugin = SimpleNamespace(deepspeed_config={})
+    monkeypatch.setattr(optim, "deepspeed_plugin", lambda accelerator: plugin)
+    accelerator = SimpleNamespace(num_processes=1)
+    tiny = ROOT / "configs/tiny/ppo.yaml"
+    differ = load_config(PPOStageConfig, tiny, ["optim.max_grad_norm=1.0", "value_optim.max_grad_norm=0.5"])
+    with pytest.raises(ConfigError, match=r"value_optim\.max_grad_norm.*set both the same"):
+        optim.fill_deepspeed_config(accelerator, differ, 16, has_value_model=True)
+    optim.fill_deepspeed_config(accelerator, differ, 16, has_value_model=False)  # no critic: nothing ignored
+    same = load_config(PPOStageConfig, tiny, ["optim.max_grad_norm=0.5", "value_optim.max_grad_norm=0.5"])
+    optim.fill_deepspeed_config(accelerator, same, 16, has_value_model=True)
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5

@@ -2,6 +2,7 @@
 the reference does not, rule-only and reward-model-only runs work, a NaN stops the run before the
 weights, and an interrupted run resumes to the same result as an uninterrupted one."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -497,6 +498,7 @@ def test_group_sampling_and_dynamic_sampling(sft_dir, tmp_path, monkeypatch):
     overrides = [f"policy={sft_dir}", "reward_model=null", "reward.model_weight=0", "reward.rules={sevens: 1.0}"]
     overrides += [*FAST, f"output_dir={out}", "train.max_steps=3", "train.save_every=0", "tracking.samples_every=1"]
     overrides += ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "ppo.advantage_estimator=grpo"]
+    overrides += ["ppo.kl_in=loss", "ppo.kl_estimator=k3"]  # grpo with the KL in the reward is refused
     overrides += ["rollout.dynamic_sampling=true", "rollout.max_sampling_tries=10", "reward.missing_eos_penalty=null"]
     ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))
 
@@ -511,3 +513,136 @@ def test_group_sampling_and_dynamic_sampling(sft_dir, tmp_path, monkeypatch):
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/dropped_groups" in r]
     assert len(steps) == 3 and sum(r["train/ppo/dropped_groups"] for r in steps) > 0
     assert all(r["train/ppo/sampling_tries"] >= 1 for r in steps)
+
+
+def test_value_warmup_leaves_the_policy_optimizer_untouched_and_entropy_off_has_no_graph():
+    """During the value warm-up the policy's lr is 0, but AdamW would still fold the policy gradients of a
+    noisy critic into its moments (and count steps): its state must stay empty. With entropy_coef 0 the
+    entropy is a statistic only: no graph over the (B, R, V) softmax."""
+    from accelerate import Accelerator
+
+    from rlhf.precision import resolve_precision
+    from stages.ppo.advantages import ESTIMATORS
+    from stages.ppo.models import build_models
+    from stages.ppo.optim import set_lr
+    from stages.ppo.rollout import Rollout
+    from stages.ppo.train import minibatch_loss, ppo_update
+
+    cfg = _ppo_config("policy=tiny-llama", "reward_model=tiny-llama", "ppo.value_warmup_steps=1", "ppo.epochs=1")
+    accelerator = Accelerator(cpu=True)
+    models = build_models(cfg, accelerator, ESTIMATORS["gae"], resolve_precision(cfg.model_init))
+    g = torch.Generator().manual_seed(0)
+    B, P, R = cfg.rollout.episodes_per_step, 5, 4
+    ids = torch.randint(4, 60, (B, P + R), generator=g)
+    zeros = torch.zeros(B, R)
+    rollout = Rollout(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        response_ids=ids[:, P:],
+        response_mask=torch.ones(B, R, dtype=torch.long),
+        loss_mask=torch.ones(B, R, dtype=torch.long),
+        logprobs=zeros - 4.0,
+        ref_logprobs=zeros - 4.0,
+        values=zeros,
+        kl=zeros,
+        scores=torch.zeros(B),
+        rewards=zeros,
+        advantages=torch.randn(B, R, generator=g),
+        returns=torch.randn(B, R, generator=g),
+    )
+    policy_group, value_group = models.optimizer.param_groups
+    set_lr(models.optimizer, 0, cfg)
+    ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step=0)
+    state = models.optimizer.optimizer.state
+    assert not any(p in state for p in policy_group["params"]), "the warm-up touched the policy's AdamW state"
+    assert all(p in state for p in value_group["params"])
+    set_lr(models.optimizer, 1, cfg)
+    ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step=1)
+    assert all(p in state for p in policy_group["params"])  # after the warm-up the policy trains
+
+    _, stats = minibatch_loss(models.model, rollout.select(torch.arange(2)), cfg)
+    assert cfg.ppo.entropy_coef == 0 and stats["entropy"].grad_fn is None
+    with_bonus = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, entropy_coef=0.01))
+    _, stats = minibatch_loss(models.model, rollout.select(torch.arange(2)), with_bonus)
+    assert stats["entropy"].grad_fn is not None
+
+
+def _rollout_of_lengths(lengths: list[int], P: int = 5, R: int = 4, seed: int = 0):
+    """A rollout of random tokens whose loss masks hold `lengths` tokens (0: a row emptied, as
+    ppo.mask_truncated empties a cut-off response's)."""
+    from stages.ppo.rollout import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    ids = torch.randint(4, 60, (B, P + R), generator=g)
+    mask = (torch.arange(R)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return Rollout(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        response_ids=ids[:, P:],
+        response_mask=torch.ones(B, R, dtype=torch.long),
+        loss_mask=mask,
+        logprobs=-4.0 - torch.rand(B, R, generator=g),
+        ref_logprobs=-4.0 - torch.rand(B, R, generator=g),
+        values=torch.randn(B, R, generator=g),
+        kl=torch.zeros(B, R),
+        scores=torch.zeros(B),
+        rewards=torch.zeros(B, R),
+        advantages=torch.randn(B, R, generator=g),
+        returns=torch.randn(B, R, generator=g),
+    )
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_a_minibatch_gradient_does_not_depend_on_how_it_is_split(agg):
+    """One minibatch of episodes of unequal length (two emptied by truncation masking): its gradient is
+    the same with grad_accum 1 and 2 (ppo_update through accelerate's accumulation) and on one process
+    or two. Two processes are computed as DDP combines them: each rank's micro-batch loss with the
+    minibatch's summed counts, its gradient averaged over the ranks. A mean of micro-batch means
+    (the old aggregation) weighs a token of a short micro-batch more and fails all three."""
+    from accelerate import Accelerator
+
+    from rlhf.precision import resolve_precision
+    from stages.ppo.advantages import ESTIMATORS
+    from stages.ppo.losses import loss_counts
+    from stages.ppo.models import build_models
+    from stages.ppo.train import minibatch_loss, ppo_update
+
+    lengths = [4, 1, 0, 3, 1, 4, 0, 2]
+    rollout = _rollout_of_lengths(lengths)
+    overrides = ["policy=tiny-llama", "reward_model=tiny-llama", "rollout.prompts_per_step=8", "ppo.minibatches=1"]
+    overrides += ["ppo.epochs=1", f"ppo.loss_agg={agg}", "ppo.kl_in=loss", "ppo.kl_estimator=k3"]
+    overrides += ["ppo.entropy_coef=0.01", "optim.max_grad_norm=null", "value_optim.max_grad_norm=null"]
+    base = _ppo_config(*overrides)
+
+    def fresh(grad_accum: int):
+        cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=grad_accum))
+        accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=True)
+        return cfg, accelerator, build_models(cfg, accelerator, ESTIMATORS["gae"], resolve_precision(cfg.model_init))
+
+    def update_gradient(grad_accum: int) -> list[torch.Tensor]:
+        cfg, accelerator, models = fresh(grad_accum)
+        params = [p for g in models.optimizer.param_groups for p in g["params"]]
+        seen = []
+        models.optimizer.optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in params]))
+        ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step=0, kl_coef=0.1)
+        assert len(seen) == 1
+        return seen[0]
+
+    def two_process_gradient() -> list[torch.Tensor]:
+        cfg, _, models = fresh(1)
+        params = [p for g in models.optimizer.param_groups for p in g["params"]]
+        counts = loss_counts(rollout.loss_mask, cfg.rollout.generation.max_new_tokens)  # all-reduced: both ranks'
+        total = [torch.zeros_like(p) for p in params]
+        for rank in range(2):
+            part = rollout.select(torch.arange(4 * rank, 4 * rank + 4))
+            loss, _ = minibatch_loss(models.model, part, cfg, kl_coef=0.1, counts=counts, scale=2.0)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            total = [t + (g if g is not None else 0) / 2 for t, g in zip(total, grads, strict=True)]  # DDP's mean
+        return total
+
+    one = update_gradient(1)
+    for other in (update_gradient(2), two_process_gradient()):
+        worst = max((a - b).abs().max().item() for a, b in zip(one, other, strict=True))
+        assert worst < 1e-6, f"{agg}: the gradient moved by {worst:.2e} when the minibatch was split"
+    assert max(g.abs().max().item() for g in one) > 1e-3  # a gradient that is there

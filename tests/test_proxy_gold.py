@@ -73,11 +73,16 @@ def test_keep_best_replaces_the_last_policy_when_an_earlier_one_was_better(tmp_p
     out = _kept_dir(tmp_path / "a")
     kept = restore_best(cfg, state, {"accuracy": 0.85}, out)
     assert kept == {"by": "gold", "step": 200, "value": 0.90, "last_step": 1000, "last_step_value": 0.85}
-    assert (out / "model.safetensors").read_text() == "step 200" and not (out / "best").exists()
-    # the last step at least as good: it stays, and the kept copy goes
+    assert (out / "model.safetensors").read_text() == "step 200"
+    # out/best stays until the manifest is written: a kill before it, then a rerun from the final
+    # checkpoint (which saves the last step's policy again), keeps the same policy
+    (out / "model.safetensors").write_text("last step")
+    assert restore_best(cfg, state, {"accuracy": 0.85}, out) == kept
+    assert (out / "model.safetensors").read_text() == "step 200"
+    # the last step at least as good: it stays
     out = _kept_dir(tmp_path / "b")
     assert restore_best(cfg, state, {"accuracy": 0.90}, out) is None
-    assert (out / "model.safetensors").read_text() == "last step" and not (out / "best").exists()
+    assert (out / "model.safetensors").read_text() == "last step"
     # by the proxy: the reward model's score decides
     proxy = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["train.keep_best=proxy"])
     out = _kept_dir(tmp_path / "c")

@@ -192,3 +192,35 @@ def test_qwen2_5_0_5b_shape_preset_has_the_real_architecture():
     tokenizer = load_tokenizer(source, INIT)
     assert len(tokenizer) < config.vocab_size
     assert (config.pad_token_id, config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+def _bf16_lora_with_a_small_delta():
+    """A bf16 linear layer holding 1.0, under a LoRA adapter whose delta B·A·scaling is 0.003 everywhere."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False)).to(torch.bfloat16)
+    torch.nn.init.ones_(base[0].weight)
+    model = get_peft_model(base, PeftLoraConfig(r=1, lora_alpha=1, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.fill_(1.0)
+        layer.lora_B["default"].weight.fill_(0.003)
+    return model, layer
+
+
+def test_lora_merges_in_fp32():
+    """bf16(1.0 + 0.003) = 1.0: a delta under half a bf16 ulp vanishes when W + B·A·s is added in bf16, so the
+    merged model (and vLLM's copy) would lag the trained one. Merged in fp32, the update survives."""
+    from rlhf.registry import merge_lora
+    from stages.ppo.vllm_engine import _merged_weight
+
+    model, layer = _bf16_lora_with_a_small_delta()
+    assert (torch.ones((), dtype=torch.bfloat16) + 0.003).item() == 1.0  # the bf16 sum loses it
+    sent = _merged_weight(layer, layer.base_layer.weight)  # what the vLLM engine is sent
+    assert sent.float().sub(1.003).abs().max().item() < 1e-6
+    merged = merge_lora(model)
+    assert merged[0].weight.dtype == torch.float32
+    assert merged[0].weight.sub(1.003).abs().max().item() < 1e-6
+    model, _ = _bf16_lora_with_a_small_delta()
+    assert merge_lora(model, torch.bfloat16)[0].weight.dtype == torch.bfloat16  # cast after the fp32 sum

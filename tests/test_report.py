@@ -148,7 +148,6 @@ def test_summary_quotes_the_test_split_beside_the_validation_split(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.real
 def test_chinese_renders_in_headless_chromium(tmp_path):
     """The page's fonts draw seed 000's prompt: its screenshot differs from one of characters no
     font has (private use), which every font draws as the same empty box. Without a CJK font
@@ -172,7 +171,6 @@ def test_chinese_renders_in_headless_chromium(tmp_path):
     assert shots[0] != shots[1], "Chinese drawn as boxes: install a CJK font (apt-get install fonts-noto-cjk)"
 
 
-@pytest.mark.real
 def test_matplotlib_finds_a_cjk_font_when_one_is_installed():
     if not (shutil.which("fc-list") and subprocess.run(["fc-list", ":lang=zh"], capture_output=True).stdout):
         pytest.skip("no CJK font installed (apt-get install fonts-noto-cjk)")
@@ -182,3 +180,22 @@ def test_matplotlib_finds_a_cjk_font_when_one_is_installed():
 def _page_head() -> str:
     empty = {"eval": {}, "series": {}, "manifest": {}, "config": {}}
     return _page(Path("run"), {s: empty for s in ("sft", "rm", "ppo", "dpo")}, [], {})
+
+
+def test_a_torn_last_line_of_metrics_jsonl_is_skipped_and_ended_on_resume(tmp_path):
+    # A kill mid-write leaves half a record: the summary of the finished pipeline raised on it
+    # (exit 1), and a resumed run glued its first record to the fragment.
+    from rlhf.report import load_stage
+    from rlhf.tracking import JSONLTracker, read_metrics
+
+    ppo = tmp_path / "ppo"
+    ppo.mkdir()
+    path = ppo / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/ppo/score": 0.5}\n{"step": 2, "train/ppo/sco')
+    assert read_metrics(path) == [{"step": 1, "train/ppo/score": 0.5}]
+    assert load_stage(ppo)["series"] == {"train/ppo/score": [(1, 0.5)]}
+    assert "Pipeline summary" in summary_table(tmp_path, ("ppo",))
+    tracker = JSONLTracker("run", ppo)
+    tracker.log({"train/ppo/score": 0.75}, step=2)
+    tracker.file.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]

@@ -9,19 +9,24 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 from test_ppo_stage import FAST  # the stage tests' fast settings
 
 from conftest import ROOT, run_entry
-from rlhf.config import ModelInit
+from rlhf.checkpoint import checkpoint_digest
+from rlhf.config import NOT_HASHED, ModelInit, PPOStageConfig, config_hash, load_config
+from rlhf.config.stages import RemoteRewardConfig
 from rlhf.evaluation import response_rows, score_responses, score_sequences
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
+from rlhf.reward_client import RewardClient, ServedModelChanged
 from rlhf.tasks.subtraction import PROMPT
 from rlhf.tracking import read_metrics
 
@@ -52,10 +57,10 @@ def policy_dir(tmp_path_factory):
     return out
 
 
-def start_server(model_dir, port: int = 0, batch_size: int = 8) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir, port: int = 0, batch_size: int = 8, *flags: str) -> tuple[subprocess.Popen, str]:
     """`launch/serve_rm.py` in its own process; (process, base URL) once it says it is serving."""
     cmd = [sys.executable, str(ROOT / "launch/serve_rm.py"), str(model_dir), "--port", str(port)]
-    cmd += ["--batch-size", str(batch_size)]
+    cmd += ["--batch-size", str(batch_size), *flags]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy()
     )
@@ -147,7 +152,21 @@ def test_ppo_with_a_remote_reward_model_stops_when_it_dies_and_resumes(rm_dir, p
     assert kept and not (out / "manifest.json").exists()
 
     port = int(base.rsplit(":", 1)[1])
-    proc, _ = start_server(rm_dir, port=port)  # back on the same address
+    # a server restarted with another reward model is refused on resume, in one line, checkpoints intact
+    checkpoints = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    proc, _ = start_server("tiny-llama", port=port)
+    try:
+        refused = run_entry("launch/stage3_ppo.py", *args, timeout=600)
+    finally:
+        stop(proc)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: reward server {url} scores with another model"), last
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == checkpoints
+
+    proc, _ = start_server(rm_dir, port=port)  # the same model back on the same address
+    # a longer time-out after the failure resumes the run: the client's patience is not in the checkpoint hash
+    args = [a.replace("reward.remote.timeout=30", "reward.remote.timeout=45") for a in args]
     try:
         resumed = run_entry("launch/stage3_ppo.py", *args, timeout=600)
         served = get(f"{base}/health")["scored"]
@@ -164,3 +183,85 @@ def test_ppo_with_a_remote_reward_model_stops_when_it_dies_and_resumes(rm_dir, p
         assert r["train/ppo/score"] == pytest.approx(
             r["train/ppo/remote_score"] - (1 - r["train/ppo/eos_rate"]), abs=1e-5
         )
+
+
+class FakeServer(BaseHTTPRequestHandler):
+    """launch/serve_rm.py's API without a model: every score is the response's length; keeps
+    count of the connections opened and the fingerprints sent."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn
+
+    def setup(self):
+        super().setup()
+        self.server.connections += 1
+
+    def do_GET(self):
+        self._send(200, {"status": "ok", "fingerprint": self.server.fingerprint})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        sent = self.headers.get("X-Reward-Fingerprint")
+        self.server.sent.append(sent)
+        if sent and sent != self.server.fingerprint:
+            return self._send(409, {"error": "another model", "fingerprint": self.server.fingerprint})
+        self._send(200, {"scores": [float(len(r)) for r in body["responses"]], "fingerprint": self.server.fingerprint})
+
+    def _send(self, code, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeServer)
+    server.connections, server.sent, server.fingerprint = 0, [], "aaaa"
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_client_pools_one_connection_ignores_proxies_and_sends_the_fingerprint(fake_server, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):  # a proxy that cannot reach this machine
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    cfg = RemoteRewardConfig(url=f"http://127.0.0.1:{fake_server.server_port}/score", retries=0)
+    client = RewardClient(cfg)
+    assert client.connect() == "aaaa"
+    assert client.check(None) == "aaaa"  # a fresh run records it
+    prompts = [[{"role": "user", "content": "1 - 1 ="}]] * 2
+    for _ in range(3):
+        assert client.scores(prompts, ["0", "-10"]) == [1.0, 3.0]
+    assert fake_server.connections == 1  # one pooled connection for /health and three requests
+    assert fake_server.sent == ["aaaa"] * 3
+
+    fake_server.fingerprint = "bbbb"  # restarted with another reward model: refused mid-run, not retried
+    with pytest.raises(ServedModelChanged, match=r"another model \(fingerprint bbbb\) than this run was scored with"):
+        client.scores(prompts, ["0", "1"])
+    resumed = RewardClient(cfg)  # and on resume
+    resumed.connect()
+    with pytest.raises(ServedModelChanged, match="aaaa"):
+        resumed.check("aaaa")
+    client.close()
+    resumed.close()
+
+
+def test_client_patience_is_not_part_of_the_config_or_checkpoint_hash():
+    def ppo(*overrides):
+        return load_config(PPOStageConfig, str(ROOT / "configs/tiny/ppo.yaml"), list(overrides))
+
+    url = "reward.remote.url=http://127.0.0.1:1/score"
+    cfg, moved = ppo(url), ppo("reward.remote.url=http://127.0.0.1:2/score")
+    # raised after a failure: the run resumes instead of starting again from step 0
+    patient = ppo(url, "reward.remote.timeout=600", "reward.remote.retries=9", "reward.remote.backoff=5")
+    assert config_hash(patient, NOT_HASHED) == config_hash(cfg, NOT_HASHED)
+    assert checkpoint_digest(patient, ()) == checkpoint_digest(cfg, ())
+    assert checkpoint_digest(moved, ()) != checkpoint_digest(cfg, ())

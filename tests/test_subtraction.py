@@ -148,3 +148,23 @@ def test_rule_rewards_by_hand():
     # units-aligned characters right over the longer length: 36 -> 1/2, 135 -> 2/3, 7 -> 0/2,
     # 2345 against -2345 -> 4/5 (the sign is one of the characters)
     assert RULES["subtraction_digits"](questions, responses) == pytest.approx([1.0, 0.5, 2 / 3, 0.0, 1.0, 0.8, 0.0])
+
+
+def test_english_prompts_parse_score_and_keep_the_splits():
+    from rlhf.config import ConfigError, SFTStageConfig, load_config
+
+    zh = load_config(SFTStageConfig, "configs/tiny/sft.yaml", ["task.test_per_bucket=5", "task.eval_size=8"])
+    small = ["task.test_per_bucket=5", "task.eval_size=8"]
+    en = load_config(SFTStageConfig, "configs/tiny/sft.yaml", [*small, "task.prompt_language=en"])
+    zh_test, en_test = S.test_records(zh.task), S.test_records(en.task)
+    # the same items in another language: the answers, and the questions parsed back, agree
+    assert [r["answer"] for r in zh_test] == [r["answer"] for r in en_test]
+    assert [S.parse_question(r["prompt"]) for r in zh_test] == [S.parse_question(r["prompt"]) for r in en_test]
+    assert en_test[0]["prompt"].startswith("Compute: ") and "请" not in en_test[0]["prompt"]
+    # the few-shot English prompt quotes five solved examples; the question is the last one
+    assert S.parse_question(S.question(12, 345, fewshot=True, language="en")) == (12, 345)
+    assert S.subtraction_exact([S.question(50, 8, language="en")], ["42"]) == [1.0]
+    pair = S.pair_records(en.task, S.WRONG_KINDS, 4, "train")[0]
+    assert pair["prompt"].startswith("Compute: ")
+    with pytest.raises(ConfigError, match="prompt_language"):
+        load_config(SFTStageConfig, "configs/tiny-addrev/sft.yaml", ["task.prompt_language=en"])

@@ -72,6 +72,7 @@ HUB_TOKENIZERS = {
     "mistralai/Mistral-7B-Instruct-v0.3": ("mistral-7b-instruct-v0.3", 2, {2}),
     "google/gemma-2-2b-it": ("gemma-2-it", 107, {107, 1}),
     "openai-community/gpt2": ("gpt2", 50256, {50256}),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("smollm2-instruct", 2, {2}),
 }
 
 

@@ -1,4 +1,5 @@
-"""The config parts that every stage shares. Each field is documented once, here.
+"""The config parts that every stage shares. Each field is documented once, here; its default is
+a generic value, not the tiny recipe's (rlhf/config/stages.py says where defaults live).
 
 Lists are tuples so that a loaded config is immutable; derived values (world size, global batch,
 total steps) are computed where they are used, never written back into the config.
@@ -110,6 +111,9 @@ class TaskConfig:
     test_per_bucket: int = 1000
     test_seed: int = 20261130  # must differ from data_seed (training) and data_seed + 1 (validation)
     fewshot: bool = False  # prompt with the seed's few-shot instruction instead of the plain question
+    # the question's language: zh, the seed's prompt (the default); en, an English rendering for a
+    # pretrained model that reads English better (subtraction only; docs/real-model.md)
+    prompt_language: str = "zh"
     data_seed: int = 1234  # generated data depends on this, not on `seed`; the validation split uses data_seed + 1
 
     def check(self) -> None:
@@ -117,6 +121,13 @@ class TaskConfig:
             raise ConfigError("name", f"unknown task {self.name!r}; known: {sorted(TASKS)} (or null for none)")
         if self.fewshot and self.name is not None and not TASKS[self.name].fewshot:
             raise ConfigError("fewshot", f"task {self.name!r} has no few-shot prompt")
+        if self.prompt_language != "zh" and self.name is not None:
+            known = TASKS[self.name].languages
+            if self.prompt_language not in known:
+                raise ConfigError(
+                    "prompt_language",
+                    f"task {self.name!r} has no {self.prompt_language!r} prompt; it has {list(known) or ['zh']}",
+                )
         if self.train_weights is not None and len(self.train_weights) != len(self.train_digits):
             raise ConfigError("train_weights", "needs one weight per entry of train_digits")
         if any(d <= 0 for d in self.train_digits + self.eval_digits):

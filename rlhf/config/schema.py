@@ -1,18 +1,21 @@
 """Typed configs from YAML and `key.sub=value` overrides, checked against dataclasses.
 
 `load_config(StageConfig, "configs/tiny/sft.yaml", ["train.max_steps=10"])` reads the YAML,
-applies the overrides, and builds the (frozen) dataclass. Unknown keys and wrong types fail with
+applies the overrides, and builds the (frozen) dataclass. A YAML may name `base:` files (relative
+to it) that are deep-merged under it first (`read_yaml`). Unknown keys and wrong types fail with
 a `ConfigError` naming the dotted key; nothing is guessed or silently dropped. A dataclass may
 define `check(self) -> None` and raise `ConfigError("field", "why")` for cross-field rules.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -31,25 +34,174 @@ class ConfigError(ValueError):
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Build `cls` from a YAML file (optional) and `key.sub=value` overrides."""
+    """Build `cls` from a YAML file (optional, with its `base:` files) and `key.sub=value` overrides."""
     raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     source = None
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError("--config", f"{path} must hold a mapping at the top level")
+        raw, origins = read_yaml(path)
     for item in overrides or []:
         key, value = parse_override(item)
+        if key == "base":
+            raise ConfigError("base", "names a YAML's bases inside the file; on the command line pass --config")
         set_dotted(raw, key, value)
-    return from_dict(cls, raw, source=source)
+        _forget(origins, key)  # set on the command line: an error names the config file, as before bases
+    try:
+        return from_dict(cls, raw, source=source)
+    except ConfigError as e:
+        origin = _origin(origins, e.key)
+        if origin is None or origin == source:
+            raise
+        raise ConfigError(e.key, e.message, f"{origin} (a base of {source})") from None
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The mapping in `path` merged over its `base:` files, and for each dotted key the file that
+    set it (so an error names that file). `base:` is a path relative to this file, or a list of
+    them merged in order; mappings merge key by key, anything else (a list too) is replaced; the
+    later base wins, and this file's own keys win over all its bases."""
+    return _read_with_bases(Path(path), ())
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    raw = _read_mapping(path, chain)
+    bases = raw.pop("base", None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError("base", f"must be a path or a list of paths, got {bases!r}", str(path))
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for base in bases:
+        base_path = Path(os.path.normpath(path.parent / base))
+        if base_path.resolve() in {p.resolve() for p in (*chain, path)}:
+            cycle = " -> ".join(str(p) for p in (*chain, path, base_path))
+            raise ConfigError("base", f"configs inherit in a cycle: {cycle}", str(path))
+        if not base_path.is_file():
+            raise ConfigError("base", f"base file {base_path} not found", str(path))
+        base_raw, base_origins = _read_with_bases(base_path, (*chain, path))
+        _merge(merged, base_raw)
+        origins.update(base_origins)
+    _merge(merged, raw)
+    origins.update(_leaves(raw, "", str(path)))
+    return merged, origins
+
+
+def _read_mapping(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    # the file that named this one as its base is the one to blame for a broken base
+    key = "base" if chain else "--config"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(key, f"cannot read {path}: {reason}", str(chain[-1]) if chain else None) from None
+    try:
+        # ConfigLoader: duplicate keys and aliases refused, numbers keep their text (below)
+        raw = yaml.load(text, Loader=ConfigLoader) or {}
+    except yaml.YAMLError as e:
+        message = " ".join(str(e).split())
+        raise ConfigError(key, f"{path} is not valid YAML: {message}", str(chain[-1]) if chain else None) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(key, f"{path} must hold a mapping at the top level", str(chain[-1]) if chain else None)
+    return raw
+
+
+def _merge(into: dict, over: dict) -> None:
+    """Deep merge `over` into `into`, in place: mappings key by key, anything else replaced."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def _leaves(tree: dict, prefix: str, source: str) -> dict[str, str]:
+    """{dotted key: source} for every key in `tree`, sections and values alike."""
+    out = {}
+    for key, value in tree.items():
+        dotted = _join(prefix, str(key))
+        out[dotted] = source
+        if isinstance(value, dict):
+            out.update(_leaves(value, dotted, source))
+    return out
+
+
+def _forget(origins: dict[str, str], key: str) -> None:
+    for k in [k for k in origins if k == key or k.startswith(key + ".")]:
+        del origins[k]
+
+
+def _origin(origins: dict[str, str], key: str) -> str | None:
+    """The file that set `key` (`train.batchsize`, `pairs.kinds[1]`); None: a default or unknown."""
+    return origins.get(key.split("[")[0])
+
+
+class _Int(int):
+    """An integer read from YAML, with the text it was written as (see ConfigLoader)."""
+
+    text: str
+
+
+class _Float(float):
+    text: str
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter where YAML 1.1 silently changes a config:
+    - a key given twice is refused (the JSON loader refuses it; YAML kept the last one);
+    - aliases (`*name`) are refused: the aliased node is one shared object, so one override
+      (`a.x=1`) changed every key that referred to it;
+    - a number keeps the text it was written as, so a string field gets that text (`name: 1.10`
+      is "1.10", not "1.1"; `0755` is "0755", not 493), and an integer field refuses YAML 1.1's
+      octal and base-60 forms instead of reading `0755` as 493."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} refused: write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def _number(self, node, kind):
+        value = kind(super().construct_yaml_int(node) if kind is _Int else super().construct_yaml_float(node))
+        value.text = node.value
+        return value
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: loader._number(node, _Int))
+ConfigLoader.add_constructor("tag:yaml.org,2002:float", lambda loader, node: loader._number(node, _Float))
+
+
+def _plain(value: Any) -> Any:
+    """Plain int / float again (yaml.safe_dump refuses subclasses) throughout `value`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -58,7 +210,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(item, "an override must look like key.sub=value")
     key, text = item.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = yaml.load(text, Loader=ConfigLoader) if text != "" else ""
     except yaml.YAMLError:
         value = text
     if text.count("#") > _count_hash(value):
@@ -180,7 +332,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if origin is Literal:
         if value not in args:
             raise ConfigError(key, f"must be one of {list(args)}, got {value!r}", source)
-        return value
+        return _plain(value)
     if origin in (list, tuple, typing.Sequence):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}", source)
@@ -198,17 +350,20 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, {} if value is None else value, key, source)
     if tp is Any:
-        return value
+        return _plain(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}", source)
         return value
     if tp is int:
+        text = getattr(value, "text", "").lstrip("+-")
+        if ":" in text or (len(text) > 1 and text[0] == "0" and text[1].isdigit()):
+            raise ConfigError(key, f"write {value.text!r} in decimal (YAML 1.1 reads it as {int(value)})", source)
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(key, f"expected an integer, got {value!r}", source)
-        return value
+        return int(value)
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
@@ -225,7 +380,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
         return float(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. `run_name=123` on the command line
+            # e.g. `run_name=123` on the command line: as written (ConfigLoader keeps the text)
+            return getattr(value, "text", None) or str(value)
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}", source)
         return value

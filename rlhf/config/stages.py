@@ -1,5 +1,11 @@
-"""One config per stage, composed from the shared parts. Defaults here are the tiny CPU default;
-configs/ holds the YAML that users edit."""
+"""One config per stage, composed from the shared parts.
+
+Where defaults live: a field's default here (and in parts.py) is the generic value it takes when no
+YAML sets it (mostly the common libraries' choices, e.g. AdamW's betas, TRL's DPO lr; the model and
+output paths name the built-in tiny model), not a tuned recipe. A recipe is a YAML under configs/:
+configs/tiny/*.yaml is the tiny CPU default (docs/tiny-default.md) and sets every value it tuned,
+which differs from these defaults in 7 (label) to 24 (PPO) fields; a variant names it in `base:` and
+holds only what it changes."""
 
 from __future__ import annotations
 
@@ -20,9 +26,11 @@ from rlhf.config.schema import ConfigError
 from rlhf.reward_functions import RewardFunctionError, load_reward_function
 from rlhf.tasks import RULES, TASKS
 
-# Top-level keys that never change what a stage computes: left out of the config hash that
-# decides whether a finished stage can be reused.
-NOT_HASHED = ("output_dir", "tracking")
+# Keys (dotted) that never change what a stage computes: left out of the config hash that
+# decides whether a finished stage can be reused, and out of a checkpoint's. How patiently the
+# reward client waits is one: raising reward.remote.timeout after a failure must resume the run,
+# not restart it (which model the server scores with is checked by its fingerprint instead).
+NOT_HASHED = ("output_dir", "tracking", "reward.remote.timeout", "reward.remote.retries", "reward.remote.backoff")
 # Keys (dotted) that cannot change the trained weights, also left out of the hash a resumable
 # checkpoint is tied to (rlhf/checkpoint.py `checkpoint_digest`): changing how often a run logs,
 # saves or evaluates, or the held-out evaluation's own settings, resumes it. Evaluation never
@@ -161,7 +169,8 @@ class RolloutConfig:
     # Take the rollout's log-probs (of softmax(logits / T)) from the sampling
     # pass instead of one more forward of the policy over prompt + response. null (auto): when the
     # policy computes in fp32; in bf16 the KV-cached pass rounds differently from the training
-    # forward, so the first PPO ratio would not be 1.
+    # forward, so the first PPO ratio would not be 1. true is refused with an engine of its own (vllm)
+    # and with importance_correction: tis, where π_old must be a trainer forward.
     logprobs_from_generation: bool | None = None
     # the rollout engine (stages/ppo/engines.py): hf = transformers' KV-cached generate on the trained module;
     # vllm = vLLM colocated in each process with its own weights, synced after every optimizer phase (the
@@ -196,6 +205,19 @@ class RolloutConfig:
             raise ConfigError("tis_cap", f"must be >= 1 (it caps π_trainer / π_engine), got {self.tis_cap}")
         if self.max_sampling_tries < 1:
             raise ConfigError("max_sampling_tries", f"must be >= 1, got {self.max_sampling_tries}")
+        if self.logprobs_from_generation and self.importance_correction == "tis":
+            # π_old would be the sampler's own log-probs: every weight min(π_old / π_engine, C) is 1
+            raise ConfigError(
+                "importance_correction",
+                "tis weighs π_old (a trainer forward) against the sampler's log-probs; with "
+                "logprobs_from_generation=true they are the same numbers and every weight is 1: set it to null",
+            )
+        if self.logprobs_from_generation and self.engine == "vllm":
+            raise ConfigError(
+                "logprobs_from_generation",
+                "must not be true with the vllm engine: PPO's π_old must be a forward of the trained "
+                "module, not another copy's kernels (their gap is rollout/logprob_diff_*); set it to null",
+            )
         # PPO's ratio and the KL penalty need the log-prob of each token under the distribution it
         # was sampled from; the training forward computes the full softmax(logits / T). Truncated
         # (top-k / top-p) or greedy sampling draws from another distribution, which would make the
@@ -214,6 +236,11 @@ class RolloutConfig:
                 "sampling draws from another distribution than the full softmax whose log-probs PPO's ratio "
                 "and KL use, so the rollout would be off-policy; lower rollout.generation.temperature instead",
             )
+
+
+# the advantage estimators (stages/ppo/advantages.py) that divide a group's rewards by their std, so that a KL
+# in the reward sets the scale instead of being weighed by β; the others subtract a baseline and keep β
+GROUP_STD_ESTIMATORS = ("grpo",)
 
 
 @dataclass(frozen=True)
@@ -279,6 +306,14 @@ class PPOConfig:
             raise ConfigError("kl_coef", f"must be >= 0, got {self.kl_coef}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError("kl_target", f"must be positive, got {self.kl_target}")
+        if self.kl_in == "reward" and self.kl_coef > 0 and self.advantage_estimator in GROUP_STD_ESTIMATORS:
+            # the group's std then holds β·Σ KL: scores [1, 1, 1, 1] with KL sums [0.5, 1, 1.5, 2] give
+            # advantages ±1.16 and ±0.39 from KL noise alone, whatever β is (DeepSeekMath §4.1: KL in the loss)
+            raise ConfigError(
+                "kl_in",
+                f"reward is refused with advantage_estimator {self.advantage_estimator}: it divides each group by "
+                "its std, which cancels β and turns KL noise into advantages; use ppo.kl_in=loss ppo.kl_estimator=k3",
+            )
         if self.kl_in == "reward" and self.kl_estimator != "k1":
             # In the reward the penalty reaches the policy only through the score function
             # ∇log π · KL: its expectation is ∇KL for k1, but k2 = r²/2 and k3 = e^{−r} − 1 + r are
@@ -411,6 +446,11 @@ class PPOStageConfig:
                 "(rollout.prompts_per_step × rollout.samples_per_prompt)",
             )
         max_new = self.rollout.generation.max_new_tokens
+        if max_new >= self.data.max_length:
+            raise ConfigError(
+                "data.max_length",
+                f"must exceed rollout.generation.max_new_tokens ({max_new}): it holds prompt + response",
+            )
         if self.reward.overlong_buffer is not None and self.reward.overlong_buffer >= max_new:
             raise ConfigError("reward.overlong_buffer", f"must be below rollout.generation.max_new_tokens ({max_new})")
         minibatch = self.rollout.episodes_per_step // self.ppo.minibatches

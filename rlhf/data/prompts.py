@@ -37,6 +37,8 @@ def _prompt_and_answer(record: Record) -> tuple[list[dict], str | None, tuple[st
             answer = data.get("answer", data.get("completion"))
             if isinstance(answer, list) and answer and isinstance(answer[-1], dict):
                 answer = answer[-1].get("content")
+            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+                answer = str(answer)  # as SFT reads it (rlhf.data.sft.as_response): "answer": 42 is "42"
             used = (field, "answer", "completion")
             return as_prompt(data[field], where, field), answer if isinstance(answer, str) else None, used
     if isinstance(data.get("chosen"), str) and ASSISTANT in data["chosen"]:

@@ -38,14 +38,11 @@ from rlhf.checkpoint import read_manifest
 from rlhf.config import LoraConfig, ModelInit
 from rlhf.distributed import whole_models
 from rlhf.precision import Precision, resolve_precision
+from rlhf.registry.errors import ModelLoadError
+from rlhf.registry.gguf import GGUF_PREFIX, converted_dir, gguf_path, hub_snapshot
 from rlhf.registry.presets import PRESETS, Preset
 from rlhf.registry.tiny import build_tiny_tokenizer
 from rlhf.registry.turns import stop_token_ids
-
-
-class ModelLoadError(RuntimeError):
-    """A model name that cannot be resolved or loaded; the message says what was tried."""
-
 
 # For base models that ship no chat template. `{% generation %}` marks assistant tokens (TRL's
 # assistant-only loss); the prompt rendered alone is a prefix of prompt + answer.
@@ -87,10 +84,13 @@ class ModelSource:
 
 def resolve(name: str) -> ModelSource:
     """A preset name, a local model directory (an earlier stage's output or any HF model
-    directory, LoRA adapters included) or a hub id."""
+    directory, LoRA adapters included), a GGUF file (`<path>.gguf` or `gguf:<path>`, converted
+    once into a model directory) or a hub id."""
     if name in PRESETS:
-        return ModelSource(name, PRESETS[name].hub_id, PRESETS[name])
+        return ModelSource(name, _preset_path(PRESETS[name]), PRESETS[name])
     path = Path(name).expanduser()
+    if name.startswith(GGUF_PREFIX) or (path.suffix == ".gguf" and path.is_file()):
+        return ModelSource(name, str(converted_dir(gguf_path(name))), None)
     if path.is_dir():
         manifest = read_manifest(path)
         preset = PRESETS.get((manifest or {}).get("base_model", ""))
@@ -105,6 +105,9 @@ def resolve(name: str) -> ModelSource:
             base = str(base_dir) if base_dir.is_dir() else info.get("base_model_name_or_path")
             if not base:
                 raise ModelLoadError(f"{path}: adapter_config.json names no base model")
+            if preset is not None and preset.gguf is not None and not Path(base).is_dir():
+                # the base was a GGUF's converted directory, since cleared from the cache: convert again
+                base = manifest["base_model"]
             inner = resolve(base)
             return ModelSource(name, inner.path, preset or inner.preset, str(path), info.get("task_type"), manifest)
         if not (path / "config.json").is_file():
@@ -115,6 +118,14 @@ def resolve(name: str) -> ModelSource:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model directory {name} does not exist (has the earlier stage run?)")
     return ModelSource(name, name, None)  # a hub id such as Qwen/Qwen2.5-0.5B-Instruct
+
+
+def _preset_path(preset: Preset) -> str | None:
+    """A hub preset's hub id; one that ships a GGUF: the HF cache's copy if there is one, else the
+    GGUF converted into a model directory. Never downloads."""
+    if preset.gguf is None:
+        return preset.hub_id
+    return hub_snapshot(preset.hub_id) or str(converted_dir(preset.gguf.path()))
 
 
 def load_tokenizer(source: ModelSource, init: ModelInit) -> PreTrainedTokenizerBase:
@@ -295,7 +306,18 @@ def _whole_to_merge(source: ModelSource):
 def _merge_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return merge_lora(PeftModel.from_pretrained(model, adapter_dir), model.dtype)
+
+
+def merge_lora(model, dtype: torch.dtype | None = None):
+    """A PEFT model's adapters merged into its weights, W + B·A·scaling summed in fp32, then cast
+    to `dtype` (None: kept in fp32, so the merged model is the one trained). Summed in bf16 a delta
+    under half an ulp is lost: bf16(1.0 + 0.003) = 1.0. A quantised base is merged as PEFT does
+    (it dequantises)."""
+    if getattr(model.get_base_model(), "hf_quantizer", None) is None:
+        model = model.float()
+    merged = model.merge_and_unload()
+    return merged if dtype is None else merged.to(dtype)
 
 
 def _finish(

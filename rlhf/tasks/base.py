@@ -29,6 +29,7 @@ class TaskSpec(Protocol):
     test_per_bucket: int
     test_seed: int
     fewshot: bool
+    prompt_language: str
     data_seed: int
 
 
@@ -64,6 +65,7 @@ class Task:
     # extra report lines: (plot name in rlhf.report.CURVES, metric key, label)
     curves: tuple[tuple[str, str, str], ...] = ()
     fewshot: bool = False  # whether the generators honour task.fewshot
+    languages: tuple[str, ...] = ()  # the prompt languages the generators honour (task.prompt_language)
 
 
 def exact_match(response: str, answer: str) -> bool:

@@ -42,9 +42,33 @@ FEWSHOT_PROMPT = (
     "请计算：%d - %d = ，直接返回计算结果"
 )
 
-# Matches the question in both prompts, the seed's `+` typo included; the last match is the
-# question (the few-shot prompt quotes five solved examples before it).
-_QUESTION = re.compile(r"请计算：(-?\d+) [-+] (-?\d+) = ")
+# An English rendering for pretrained chat models that read English better than Chinese
+# (`task.prompt_language: en`; docs/real-model.md measures both on SmolLM2-135M-Instruct).
+EN_PROMPT = "Compute: %d - %d = , reply with the result only"
+EN_FEWSHOT_PROMPT = (
+    "You are a calculator that subtracts two numbers.\n"
+    "Reply with the result only: no working, no equation, no equals sign, just the number.\n"
+    "Examples:\n"
+    "<input>Compute: 29 - 68 = , reply with the result only</input>\n<output>-39</output>\n"
+    "<input>Compute: 87 - 16 = , reply with the result only</input>\n<output>71</output>\n"
+    "<input>Compute: 75 - 99 = , reply with the result only</input>\n<output>-24</output>\n"
+    "<input>Compute: 32 - 7 = , reply with the result only</input>\n<output>25</output>\n"
+    "<input>Compute: 35 - 2 = , reply with the result only</input>\n<output>33</output>\n"
+    "Input:\n"
+    "Compute: %d - %d = , reply with the result only"
+)
+# (language, few-shot?) -> the question's format
+PROMPTS = {
+    ("zh", False): PROMPT,
+    ("zh", True): FEWSHOT_PROMPT,
+    ("en", False): EN_PROMPT,
+    ("en", True): EN_FEWSHOT_PROMPT,
+}
+LANGUAGES = ("zh", "en")
+
+# Matches the question in every prompt, the seed's `+` typo included; the last match is the
+# question (the few-shot prompts quote five solved examples before it).
+_QUESTION = re.compile(r"(?:请计算：|Compute: )(-?\d+) [-+] (-?\d+) = ")
 
 WRONG_KINDS = ("wrong_digit", "missed_borrow", "sign_error", "dropped_digit")
 
@@ -141,17 +165,22 @@ def reserved(task: TaskSpec) -> frozenset[tuple[int, int]]:
     return frozenset((x, y) for _, x, y in test_split_items(task))
 
 
-def test_record(x: int, y: int) -> dict:
+def question(x: int, y: int, fewshot: bool = False, language: str = "zh") -> str:
+    """The question x − y in the seed's prompt (`zh`) or its English rendering (`en`)."""
+    return PROMPTS[language, fewshot] % (x, y)
+
+
+def test_record(x: int, y: int, language: str = "zh") -> dict:
     """A line of the seed's test file: {"prompt": ..., "answer": ...}."""
-    return {"prompt": PROMPT % (x, y), "answer": str(x - y)}
+    return {"prompt": question(x, y, language=language), "answer": str(x - y)}
 
 
-def sft_record(x: int, y: int, fewshot: bool = True) -> dict:
+def sft_record(x: int, y: int, fewshot: bool = True, language: str = "zh") -> dict:
     """A line of the seed's SFT file: {"messages": [user, assistant]}."""
-    question = (FEWSHOT_PROMPT if fewshot else PROMPT) % (x, y)
+    question_ = question(x, y, fewshot, language)
     return {
         "messages": [
-            {"role": "user", "content": question},
+            {"role": "user", "content": question_},
             {"role": "assistant", "content": str(x - y)},
         ]
     }
@@ -215,6 +244,7 @@ def preference_record(
     rng: random.Random,
     fewshot: bool = False,
     weights: Sequence[float] | None = None,
+    language: str = "zh",
 ) -> dict | None:
     """A pair in the prompt/chosen/rejected format: the right difference against a wrong answer
     of a kind drawn (by `weights`, uniform if None) from those that apply to this item, recorded
@@ -227,8 +257,7 @@ def preference_record(
         options.remove(kind)
         wrong = wrong_answer(x, y, kind, rng)
         if wrong is not None:
-            question = (FEWSHOT_PROMPT if fewshot else PROMPT) % (x, y)
-            return {"prompt": question, "chosen": str(x - y), "rejected": wrong, "kind": kind}
+            return {"prompt": question(x, y, fewshot, language), "chosen": str(x - y), "rejected": wrong, "kind": kind}
     return None  # every item admits a wrong digit, so only when kinds leaves it out
 
 
@@ -250,23 +279,21 @@ def train_records(task: TaskSpec, seed_offset: int = 0) -> list[dict]:
     items = train_items(
         task.train_size, task.train_digits, task.train_weights, task.data_seed + seed_offset, reserved(task)
     )
-    return [sft_record(x, y, fewshot=task.fewshot) for _, x, y in items]
+    return [sft_record(x, y, task.fewshot, task.prompt_language) for _, x, y in items]
 
 
 def eval_records(task: TaskSpec) -> list[dict]:
     """The validation split {"prompt", "answer"}, from data_seed + 1."""
-    return _held_out_records(validation_items(task), task.fewshot)
+    return _held_out_records(validation_items(task), task.fewshot, task.prompt_language)
 
 
 def test_records(task: TaskSpec) -> list[dict]:
     """The test split {"prompt", "answer"}, from test_seed (see `test_split_items`)."""
-    return _held_out_records(test_split_items(task), task.fewshot)
+    return _held_out_records(test_split_items(task), task.fewshot, task.prompt_language)
 
 
-def _held_out_records(items: Sequence[tuple[int, int, int]], fewshot: bool) -> list[dict]:
-    if fewshot:
-        return [{"prompt": FEWSHOT_PROMPT % (x, y), "answer": str(x - y)} for _, x, y in items]
-    return [test_record(x, y) for _, x, y in items]
+def _held_out_records(items: Sequence[tuple[int, int, int]], fewshot: bool, language: str) -> list[dict]:
+    return [{"prompt": question(x, y, fewshot, language), "answer": str(x - y)} for _, x, y in items]
 
 
 def pair_records(
@@ -281,7 +308,11 @@ def pair_records(
     else:
         items = test_items(size, task.eval_digits, task.data_seed + offset, reserved(task))
     rng = random.Random(task.data_seed + offset)
-    return [r for _, x, y in items if (r := preference_record(x, y, kinds, rng, task.fewshot, weights))]
+    return [
+        r
+        for _, x, y in items
+        if (r := preference_record(x, y, kinds, rng, task.fewshot, weights, task.prompt_language))
+    ]
 
 
 def answer_chars(task: TaskSpec) -> int:
@@ -373,4 +404,5 @@ TASK = Task(
         ("ppo_score", "train/ppo/rule_subtraction_digits", "subtraction digits rule"),
     ),
     fewshot=True,
+    languages=LANGUAGES,
 )

@@ -24,7 +24,7 @@ from trl import DPOConfig, DPOTrainer
 from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
 from rlhf.config import DataConfig, DPOStageConfig, to_dict
 from rlhf.data import HeldOut, load_held_out
-from rlhf.distributed import process_state
+from rlhf.distributed import process_state, wait_for_main
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
@@ -80,7 +80,7 @@ def train(cfg: DPOStageConfig) -> dict:
     if (held_out.validation or held_out.test) and state.is_main_process:
         before = _evaluate_saved(cfg.policy, cfg, held_out, precision) or None
         log.info("before DPO: %s", summary(before))
-    state.wait_for_everyone()
+    wait_for_main()
 
     # 5. The policy and its frozen reference, in TRL's DPOTrainer.
     trainer = _build_trainer(cfg, source, tokenizer, precision, out, train_rows, eval_rows)
@@ -123,7 +123,7 @@ def train(cfg: DPOStageConfig) -> dict:
             extra={"data": sources, "loss": to_dict(cfg.loss)},
         )
     tracking.finish()
-    state.wait_for_everyone()
+    wait_for_main()
     return metrics
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.config import ConfigError, PPOStageConfig
-from stages.ppo.masked import last_index, masked_sums, masked_whiten, moments
+from stages.ppo.masked import last_index, masked, masked_sums, masked_whiten, moments
 
 
 def gae(
@@ -40,16 +40,16 @@ def gae(
       δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   returns_t = A_t + V_t,
     with V = 0 past the last real token (the episode ends at EOS). rewards, values, mask (B, T)
     -> advantages (B, T), returns (B, T); both 0 on padding."""
-    rewards, values, mask = rewards.float(), values.float() * mask, mask.float()
+    rewards, values, mask = masked(rewards.float(), mask), masked(values.float(), mask), mask.float()
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(T)):
         next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, 0])
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_advantage = masked(delta + gamma * lam * next_advantage, mask[:, t])
         advantages[:, t] = next_advantage
-    returns = (advantages + values) * mask
+    returns = masked(advantages + values, mask)
     return advantages, returns
 
 
@@ -67,12 +67,12 @@ def _grouped(rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torc
     B = rewards.shape[0]
     if group_size < 1 or B % group_size:
         raise ValueError(f"{B} episodes do not split into groups of {group_size}")
-    return (rewards.float() * mask).sum(1).view(B // group_size, group_size)
+    return masked(rewards.float(), mask).sum(1).view(B // group_size, group_size)
 
 
 def _per_token(advantage: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B / n, n) sequence advantages -> the same value at every real token (B, T), twice (advantages, returns)."""
-    per_token = advantage.reshape(-1, 1) * mask.float()
+    per_token = masked(advantage.reshape(-1, 1).expand(mask.shape), mask)
     return per_token, per_token
 
 
@@ -113,13 +113,13 @@ def reinforce_pp(
     return from it on, G_t = Σ_{k≥t} γ^{k−t} r_k. The paper's global batch normalisation, (A − mean) / std over
     every token of the batch, is registered with the estimator (`whiten=True`) and done by the recipe across
     processes, since a pure per-process function cannot see the other processes' tokens."""
-    rewards, mask = rewards.float() * mask, mask.float()
+    rewards, mask = masked(rewards.float(), mask), mask.float()
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         running = rewards[:, t] + gamma * running
         returns[:, t] = running
-    returns = returns * mask
+    returns = masked(returns, mask)
     return returns, returns
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.ppo.masked import last_index
+from stages.ppo.masked import last_index, masked
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
@@ -31,7 +31,7 @@ def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
     """Per-token rewards (InstructGPT; Ziegler et al. 2019): −β·KL at every response token, plus
     the sequence score at the last real response token (its EOS, or the last token if cut off).
     scores (B,), kl (B, T), mask (B, T) -> (B, T)."""
-    rewards = -kl_coef * kl.float() * mask
+    rewards = masked(-kl_coef * kl.float(), mask)
     rows = torch.arange(scores.shape[0], device=scores.device)
     rewards[rows, last_index(mask)] += scores.float()
     return rewards

@@ -20,6 +20,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return kept.sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask is 1, else 0, by selection: x · mask would turn an inf or NaN at a masked-out
+    position (k3 of a pad's log-prob overflows) into NaN. (B, T) -> (B, T)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of x where mask is 1 (Bessel-corrected when unbiased and n > 1)."""
     mean = masked_mean(x, mask)

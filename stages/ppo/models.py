@@ -31,8 +31,10 @@ from rlhf.registry import (
     stop_token_ids,
     token_scores,
 )
+from rlhf.reward_client import RewardClient
 from stages.ppo.advantages import Estimator
 from stages.ppo.optim import adamw, fill_deepspeed_config, param_groups
+from stages.ppo.scores import connect_reward_server
 
 
 class PolicyAndValue(nn.Module):
@@ -188,6 +190,7 @@ class Models:
     stop_ids: tuple[int, ...]  # the tokens that end a response: EOS and the template's end of turn
     policy_source: ModelSource
     precision: Precision  # how the models compute (rlhf/precision.py)
+    reward_client: RewardClient | None = None  # the reward model served over HTTP (reward.remote.url)
 
 
 def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precision: Precision) -> Models:
@@ -223,7 +226,7 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
             disable_dropout(m)
     model = PolicyAndValue(policy, value_model)
     optimizer = adamw(param_groups(policy, value_model, cfg), lr=cfg.optim.lr)
-    fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size)
+    fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size, value_model is not None)
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_policy = prepare_frozen(ref_policy, accelerator) if ref_policy is not None else None
     reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None
@@ -238,6 +241,7 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         stop_ids=stop_token_ids(tokenizer, policy.generation_config),
         policy_source=policy_source,
         precision=precision,
+        reward_client=connect_reward_server(cfg.reward.remote, accelerator) if cfg.reward.remote.url else None,
     )
 
 

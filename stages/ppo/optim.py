@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from rlhf.config import OptimConfig, PPOStageConfig
+from rlhf.config import ConfigError, OptimConfig, PPOStageConfig
 from rlhf.distributed import deepspeed_plugin
 
 
@@ -60,6 +60,15 @@ def set_lr(optimizer, step: int, cfg: PPOStageConfig) -> None:
         optimizer.param_groups[0]["lr"] = 0.0
 
 
+def drop_policy_gradients(optimizer) -> None:
+    """During the value warm-up: the policy's gradients (group 0) set to None, so AdamW skips its
+    parameters and leaves their moments and step count as they were; an lr of 0 alone keeps the
+    weights but still folds the noisy critic's gradients into the moments the policy starts with.
+    Under DeepSpeed the engine holds the gradients: there the lr of 0 is what holds."""
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad = None
+
+
 def clip_gradients(accelerator, model, cfg: PPOStageConfig) -> None:
     """Clip the policy's and the value model's gradients separately (each to its own max norm);
     under DeepSpeed the engine clips, as configured in its JSON."""
@@ -71,12 +80,20 @@ def clip_gradients(accelerator, model, cfg: PPOStageConfig) -> None:
             accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], optim.max_grad_norm)
 
 
-def fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int) -> None:
+def fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int, has_value_model: bool) -> None:
     """Fill the DeepSpeed config's "auto" entries that accelerate would read off a dataloader and
-    a model config: PPO has no dataloader, and its module (policy + value) no single config."""
+    a model config: PPO has no dataloader, and its module (policy + value) no single config.
+    The engine clips the gradient norm of the whole module, policy and value model together, to
+    optim.max_grad_norm: a different value_optim.max_grad_norm would be ignored, so it is refused."""
     plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return
+    if has_value_model and cfg.value_optim.max_grad_norm != cfg.optim.max_grad_norm:
+        raise ConfigError(
+            "value_optim.max_grad_norm",
+            f"is {cfg.value_optim.max_grad_norm} but DeepSpeed clips policy and value model together to "
+            f"optim.max_grad_norm ({cfg.optim.max_grad_norm}); set both the same",
+        )
     micro = max(1, cfg.rollout.episodes_per_step // cfg.ppo.minibatches // cfg.train.grad_accum)
     ds = plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = micro

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.config import PPOStageConfig
-from rlhf.data import HeldOut, load_held_out, load_records
+from rlhf.data import DataError, HeldOut, load_held_out, load_records
 from rlhf.data.prompts import normalize_prompts
 from rlhf.generation import render_prompts
 from rlhf.tasks import task_records
@@ -52,6 +52,7 @@ def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
     test_examples = [e for e in held_out.test if "completion" in e]
     log.info("prompts: %d from %s; held out: %s", len(prompts), train_source, held_out.describe())
     prompt_ids = render_prompts(tokenizer, [p["prompt"] for p in prompts])
+    prompts, prompt_ids = limit_prompts(prompts, prompt_ids, cfg, train_source)
     return Prompts(
         prompts=prompts,
         prompt_ids=prompt_ids,
@@ -61,6 +62,35 @@ def load_prompts(cfg: PPOStageConfig, tokenizer) -> Prompts:
         eval_source=held_out.validation_source,
         test_source=held_out.test_source,
     )
+
+
+def limit_prompts(
+    prompts: list[dict], prompt_ids: list[list[int]], cfg: PPOStageConfig, source: str
+) -> tuple[list[dict], list[list[int]]]:
+    """Prompts that leave room for a whole response within data.max_length tokens: longer ones are
+    dropped or (data.overlong=truncate) cut to their last tokens, where the question and the
+    assistant turn's start are. Unlimited, a long prompt ran past an absolute-position model's
+    positions (an index error mid-run) and vLLM refused it."""
+    limit = cfg.data.max_length - cfg.rollout.generation.max_new_tokens
+    over = [i for i, ids in enumerate(prompt_ids) if len(ids) > limit]
+    total = len(prompt_ids)
+    if not over:
+        return prompts, prompt_ids
+    if cfg.data.overlong == "truncate":
+        prompt_ids = [ids[-limit:] if len(ids) > limit else ids for ids in prompt_ids]
+    else:
+        keep = [i for i in range(len(prompts)) if len(prompt_ids[i]) <= limit]
+        if not keep:
+            raise DataError(
+                source,
+                None,
+                f"every prompt is longer than data.max_length - rollout.generation.max_new_tokens = {limit} "
+                "tokens; raise data.max_length",
+            )
+        prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
+    what = "cut to their end" if cfg.data.overlong == "truncate" else "dropped"
+    log.warning("prompts: %d of %d longer than %d tokens, %s", len(over), total, limit, what)
+    return prompts, prompt_ids
 
 
 def prompt_batch(n: int, step: int, B: int, accelerator, seed: int) -> list[int]:

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from rlhf.checkpoint import agreed_checkpoint, atomic_write_json, finish_stage, mark_complete, prune_checkpoints
 from rlhf.config import PPOStageConfig, to_dict
-from rlhf.distributed import whole_models
+from rlhf.distributed import wait_for_main, whole_models
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.precision import Precision
-from rlhf.registry import ModelSource, build_policy
+from rlhf.registry import ModelSource, build_policy, merge_lora
 from rlhf.tracking import Tracking
 from stages.ppo.models import Models
 from stages.ppo.sampling import Prompts
@@ -65,7 +65,7 @@ def save_models(
         unwrapped.policy.save_pretrained(str(out / "adapter"), state_dict=parts["policy"])
         with whole_models():
             merged = build_policy(policy_source, cfg.model_init, tokenizer, precision=precision)
-        merged = PeftModel.from_pretrained(merged, str(out / "adapter")).merge_and_unload()
+        merged = merge_lora(PeftModel.from_pretrained(merged, str(out / "adapter")))  # fp32: as trained
         merged.save_pretrained(str(out))
     else:
         unwrapped.policy.save_pretrained(str(out), state_dict=parts["policy"])
@@ -109,7 +109,9 @@ def keep_if_best(accelerator, cfg: PPOStageConfig, state: dict, evaluation: dict
 
 def restore_best(cfg: PPOStageConfig, state: dict, after: dict, out: Path) -> dict | None:
     """At the end (main process): if the kept evaluation beat the last step's (`after`), its
-    model files replace the last step's in `out`. Returns what was kept, or None."""
+    model files replace the last step's in `out`. Returns what was kept, or None. out/best stays
+    until the manifest is written (finish_run): removed here, a kill before the manifest left a
+    rerun (resumed from the final checkpoint) without it, and keep_best silently did nothing."""
     best, best_dir = state.get("best"), out / "best"
     final = after.get(BEST_BY[cfg.train.keep_best][1]) if cfg.train.keep_best else None
     kept = None
@@ -123,7 +125,6 @@ def restore_best(cfg: PPOStageConfig, state: dict, after: dict, out: Path) -> di
             best["value"],
             final,
         )
-    shutil.rmtree(best_dir, ignore_errors=True)
     return kept
 
 
@@ -145,7 +146,7 @@ def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, run
     elif (data.eval_examples or data.test_examples) and accelerator.is_main_process:
         state["before"] = evaluate_saved(cfg.policy, cfg, data, models.precision) or None
         log.info("before PPO: %s", summary(state["before"]))
-    accelerator.wait_for_everyone()
+    wait_for_main()
     return state, tracking
 
 
@@ -197,6 +198,7 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
             "data": {"train": data.train_source, "eval": data.eval_source, "test": data.test_source},
         },
     )
+    shutil.rmtree(out / "best", ignore_errors=True)  # the manifest says what was kept; the copy has served
     return metrics
 
 

@@ -4,14 +4,14 @@ and clipping."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from rlhf.config.stages import PPORewardConfig, RemoteRewardConfig
 from rlhf.generation import response_texts
 from rlhf.registry import sequence_scores
-from rlhf.reward_client import RemoteRewardError, remote_scores
+from rlhf.reward_client import RemoteRewardError, RewardClient, ServedModelChanged
 from rlhf.reward_functions import call_reward_function, row_fields
 from rlhf.tasks import RULES, gold_checker
 from stages.ppo.rollout import Scored
@@ -81,23 +81,37 @@ def normalize_scores(
     return scores
 
 
+def connect_reward_server(cfg: RemoteRewardConfig, accelerator) -> RewardClient:
+    """A client of the reward server for this process, which has read the served model's
+    fingerprint; every process stops if any cannot reach it."""
+    client = RewardClient(cfg)
+    on_every_process(client.connect, cfg.url, accelerator)
+    return client
+
+
 def remote_model_scores(
-    remote: RemoteRewardConfig, prompts: Sequence[list[dict]], responses: Sequence[str], accelerator
+    client: RewardClient, prompts: Sequence[list[dict]], responses: Sequence[str], accelerator
 ) -> torch.Tensor:
     """The served reward model's scores of this process's episodes (B,). Every process asks the
-    server for its own; if any of them fails, all stop with RemoteRewardError (exit code 3), so no
-    process waits forever at the next collective."""
-    error, scores = None, [0.0] * len(responses)
+    server for its own."""
+    scores = on_every_process(lambda: client.scores(prompts, responses), client.cfg.url, accelerator)
+    return torch.tensor(scores, device=accelerator.device, dtype=torch.float32)
+
+
+def on_every_process(call: Callable, url: str, accelerator):
+    """call() on this process; if it failed on any process, all stop (RemoteRewardError, exit code
+    3, or ServedModelChanged, exit code 2), so that no process waits forever at the next collective."""
+    error, result = None, None
     try:
-        scores = remote_scores(remote, prompts, responses)
-    except RemoteRewardError as e:
+        result = call()
+    except (RemoteRewardError, ServedModelChanged) as e:
         error = e
     failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
     if error is not None:
         raise error
     if failed.item() > 0:
-        raise RemoteRewardError(f"reward server {remote.url} failed on another process; see its log")
-    return torch.tensor(scores, device=accelerator.device, dtype=torch.float32)
+        raise RemoteRewardError(f"reward server {url} failed on another process; see its log")
+    return result
 
 
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, cfg: PPORewardConfig) -> torch.Tensor:
@@ -136,7 +150,9 @@ def score_episodes(models, data, batch, input_ids, attention_mask, response, has
         spec: torch.tensor(call_reward_function(spec, prompts, texts, fields), device=device, dtype=torch.float32)
         for spec in cfg.reward.functions
     }
-    remote = remote_model_scores(cfg.reward.remote, prompts, texts, accelerator) if cfg.reward.remote.url else None
+    remote = None
+    if models.reward_client is not None:
+        remote = remote_model_scores(models.reward_client, prompts, texts, accelerator)
     raw = combine_scores(model_scores, rules, has_eos, cfg.reward, functions, remote)  # (B,)
     # the gold measure: logged, never added to `raw` (a rule in reward.rules is how to optimise it)
     gold = gold_scores(cfg.task.name, [row.get("answer") for row in rows], texts, device)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from rlhf.checkpoint import checkpoint_digest, start_stage
 from rlhf.config import ConfigError, PPOStageConfig
-from rlhf.distributed import is_zero3, process_state
+from rlhf.distributed import is_zero3, process_state, wait_for_main
 from rlhf.evaluation import evaluate_in_loop
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import fingerprint
@@ -48,10 +48,17 @@ from stages.ppo.advantages import (
 )
 from stages.ppo.engines import ENGINES, RolloutEngine, build_engine, resolve_engine
 from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
-from stages.ppo.losses import aggregate_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from stages.ppo.masked import masked_mean, masked_sums, moments
+from stages.ppo.losses import (
+    aggregate_loss,
+    entropy_from_logits,
+    logprobs_from_logits,
+    loss_counts,
+    policy_loss,
+    value_loss,
+)
+from stages.ppo.masked import masked, masked_sums, moments
 from stages.ppo.models import Models, build_models, reference_logits
-from stages.ppo.optim import clip_gradients, set_lr
+from stages.ppo.optim import clip_gradients, drop_policy_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored
 from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
 from stages.ppo.saving import (
@@ -96,6 +103,8 @@ def train(cfg: PPOStageConfig) -> dict:
     )  # reads the inputs' manifests
     out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
     state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out, digest)
+    if models.reward_client is not None:  # a resumed run is scored by the model it was scored by
+        state["reward_fingerprint"] = models.reward_client.check(state.get("reward_fingerprint"))
     engine.update_weights(models.model)  # a resumed policy's weights (the engine was built before they loaded)
 
     bar = tqdm(
@@ -140,7 +149,7 @@ def train(cfg: PPOStageConfig) -> dict:
     save_models(accelerator, models.model, models.tokenizer, models.policy_source, out, cfg, models.precision)
     result = finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
     tracking.finish()
-    accelerator.wait_for_everyone()
+    wait_for_main()  # the held-out evaluation of the saved policy ran on the main process alone
     # vLLM's own teardown first: it destroys its process groups and the default one it shares,
     # which the trainer's teardown then finds gone (and skips) instead of the other way round
     engine.close()
@@ -192,7 +201,7 @@ def make_rollout(
 
     # 4. KL-penalised per-token rewards (with ppo.kl_in: loss the KL is a loss term instead: β = 0 here);
     # 5. advantages (and returns), whitened if the estimator or ppo.whiten_advantages says so
-    kl = kl_estimate(logprobs, ref_logprobs, cfg.ppo.kl_estimator) * resp_mask  # (B, R)
+    kl = masked(kl_estimate(logprobs, ref_logprobs, cfg.ppo.kl_estimator), resp_mask)  # (B, R)
     rewards = kl_penalized_rewards(scores, kl, kl_ctl.value if cfg.ppo.kl_in == "reward" else 0.0, resp_mask)  # (B, R)
     estimator = ESTIMATORS[cfg.ppo.advantage_estimator]
     advantages, returns = estimator.fn(
@@ -228,22 +237,33 @@ def ppo_update(
     optimizer step per minibatch, whose `train.grad_accum` equal micro-batches accumulate (the
     config check makes the minibatch divisible by grad_accum, as veRL asserts: accelerate and
     DeepSpeed count micro-batches, so any other number would step mid-minibatch and carry a
-    partial gradient into the next one). kl_coef: β, for `ppo.kl_in: loss`. Returns mean statistics."""
+    partial gradient into the next one). kl_coef: β, for `ppo.kl_in: loss`. Returns mean statistics.
+
+    Every micro-batch's losses are divided by the whole minibatch's counts (its tokens, or sequences,
+    on every process), then multiplied by grad_accum × processes, which accelerate's backward divides
+    by grad_accum and DDP (or DeepSpeed) averages over processes: the gradient is that of one token
+    mean over the minibatch, however it is split (a mean of micro-batch means weighs a token of a short
+    micro-batch more)."""
     B = rollout.response_ids.shape[0]
     mb_size = B // cfg.ppo.minibatches
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
     totals: dict[str, list[float]] = {}
     epochs_run = 0
+    warming_up = step < cfg.ppo.value_warmup_steps and len(optimizer.param_groups) > 1
+    scale = cfg.train.grad_accum * accelerator.num_processes  # undone by accumulation and the process average
     for _epoch in range(cfg.ppo.epochs):
         epoch_kl = []
         for order in torch.randperm(B, generator=generator).split(mb_size):
+            counts = minibatch_counts(rollout, order, cfg, accelerator)
             for idx in order.tensor_split(cfg.train.grad_accum):  # exactly grad_accum micro-batches
                 mb = rollout.select(idx.to(rollout.input_ids.device))
                 with accelerator.accumulate(model):
-                    loss, stats = minibatch_loss(model, mb, cfg, kl_coef=kl_coef)
+                    loss, stats = minibatch_loss(model, mb, cfg, kl_coef=kl_coef, counts=counts, scale=scale)
                     _stop_if_not_finite(accelerator, step, loss=loss.detach())
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        if warming_up:
+                            drop_policy_gradients(optimizer)
                         clip_gradients(accelerator, model, cfg)
                         # under DeepSpeed the engine holds the gradients (p.grad is None): the loss check stands
                         grads = (p.grad for p in model.parameters() if p.grad is not None)
@@ -262,13 +282,27 @@ def ppo_update(
     return {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in out.items()}
 
 
+def minibatch_counts(rollout: Rollout, order: torch.Tensor, cfg: PPOStageConfig, accelerator) -> torch.Tensor:
+    """The `loss_counts` of the minibatch `order` on every process (summed across them): what each of
+    its micro-batches' losses is divided by."""
+    mask = rollout.loss_mask[order.to(rollout.loss_mask.device)]
+    return accelerator.reduce(loss_counts(mask, cfg.rollout.generation.max_new_tokens), "sum")
+
+
 def minibatch_loss(
-    model, mb: Rollout, cfg: PPOStageConfig, kl_coef: float = 0.0
+    model,
+    mb: Rollout,
+    cfg: PPOStageConfig,
+    kl_coef: float = 0.0,
+    counts: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate + vf_coef · clipped value loss − entropy_coef · entropy (+ β·KL with
     `ppo.kl_in: loss`) on one micro-batch's loss tokens, and its statistics (no value terms
-    without a critic)."""
+    without a critic). counts: the whole minibatch's `loss_counts` (None: this micro-batch's own);
+    scale multiplies the loss terms (`ppo_update`: grad_accum × processes)."""
     ppo, max_len = cfg.ppo, cfg.rollout.generation.max_new_tokens
+    counts = loss_counts(mb.loss_mask, max_len) if counts is None else counts
     logits, values = model(mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
     logits = logits.float() / cfg.rollout.generation.temperature
     new_logprobs = logprobs_from_logits(logits, mb.response_ids)
@@ -288,25 +322,30 @@ def minibatch_loss(
         agg=ppo.loss_agg,
         max_len=max_len,
         weights=tis,
+        counts=counts,
     )
-    entropy = masked_mean(entropy_from_logits(logits), mb.loss_mask)
-    loss = pg_loss - cfg.ppo.entropy_coef * entropy
+    with torch.set_grad_enabled(torch.is_grad_enabled() and ppo.entropy_coef != 0):  # else a statistic only
+        entropy = aggregate_loss(entropy_from_logits(logits), mb.loss_mask, "token_mean", counts=counts)
+    loss = pg_loss - ppo.entropy_coef * entropy
     stats = {"policy_loss": pg_loss, "entropy": entropy, "clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"]}
     if ppo.kl_in == "loss":
         # β·KL(π_θ ‖ ref) as a loss term (GRPO, Shao et al. 2024, eq. 4; estimators: Schulman 2020), on the fresh
         # log-probs so that it has a gradient: k3's, (1 − π_ref/π_θ)·∇log π_θ, is that of KL(ref ‖ π_θ) at on-policy
         # tokens and pulls toward the reference; k2's, log(π_θ/π_ref)·∇log π_θ, is exactly ∇KL(π_θ ‖ ref).
         kl_loss = aggregate_loss(
-            kl_estimate(new_logprobs, mb.ref_logprobs, ppo.kl_estimator), mb.loss_mask, ppo.loss_agg, max_len
+            kl_estimate(new_logprobs, mb.ref_logprobs, ppo.kl_estimator), mb.loss_mask, ppo.loss_agg, max_len, counts
         )
         loss = loss + kl_coef * kl_loss
         stats["kl_loss"] = kl_loss.detach()
     if values is not None:
-        vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.loss_mask, cfg.ppo.value_clip_range)
+        vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.loss_mask, cfg.ppo.value_clip_range, counts)
         loss = loss + cfg.ppo.vf_coef * vf_loss
         stats.update({"value_loss": vf_loss, "value_clipfrac": vf["clipfrac"]})
     stats["ratio"] = pg["ratio"]
-    return loss, stats
+    for term in ("policy_loss", "entropy", "kl_loss", "value_loss"):  # logged as this part's share, scaled
+        if term in stats:
+            stats[term] = stats[term] * scale
+    return loss * scale, stats
 
 
 def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimizer, accelerator, timings: dict) -> dict:
@@ -315,7 +354,7 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
     mask, n_episodes = rollout.response_mask, rollout.scores.shape[0] * accelerator.num_processes
     n_tokens = accelerator.gather(mask.sum()).sum().item()
     elapsed = max(sum(timings.values()), 1e-9)
-    k3 = kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k3") * mask
+    k3 = masked(kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k3"), mask)
     metrics = {
         "train/ppo/score": gather_mean(scored.raw_scores),
         "train/ppo/reward": gather_mean(rollout.rewards.sum(1)),
@@ -361,7 +400,7 @@ def logprob_diff(rollout: Rollout, accelerator) -> dict:
     """How far the engine's log-probs of the sampled tokens are from the trainer's (the rollout's
     `logprobs`), |Δ| over every process's response tokens: 0 up to rounding when the trainer's
     own module sampled in fp32; the size of the off-policy gap an engine of its own leaves."""
-    diff = (rollout.logprobs - rollout.engine_logprobs).abs() * rollout.response_mask  # (B, R)
+    diff = masked((rollout.logprobs - rollout.engine_logprobs).abs(), rollout.response_mask)  # (B, R)
     total = accelerator.reduce(torch.stack([diff.sum(), rollout.response_mask.sum().float()]), "sum")
     biggest = accelerator.gather(diff.max()[None]).max()  # reduce has no "max"
     mean = (total[0] / total[1].clamp(min=1)).item()
@@ -400,7 +439,14 @@ def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, acceler
     """Whether the rollout's log-probs come from the sampling pass (`rollout.logprobs_from_generation`;
     null: when they equal the training forward's up to fp32 rounding: the trained module sampled
     them (not an engine's own copy with its own kernels), with fp32 weights and no mixed precision,
-    which accelerate applies to the training forward, not to generate)."""
+    which accelerate applies to the training forward, not to generate). true with an engine of its
+    own (`rollout.engine: auto` decided so) is refused: π_old must be a forward of the trained module."""
+    if cfg.rollout.logprobs_from_generation and engine.own_weights:
+        raise ConfigError(
+            "rollout.logprobs_from_generation",
+            "must not be true with an engine holding its own copy of the weights (rollout.engine resolved to "
+            "one): PPO's π_old must be a forward of the trained module; set it to null",
+        )
     if cfg.rollout.logprobs_from_generation is not None:
         return cfg.rollout.logprobs_from_generation
     return not engine.own_weights and precision.dtype == torch.float32 and accelerator.mixed_precision == "no"

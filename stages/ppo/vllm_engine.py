@@ -237,13 +237,16 @@ def _lora_layer_of(base: torch.nn.Module, module_name: str):
 
 
 def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
-    """W + ΔW of the active adapters (PEFT's own delta: B·A·scaling), without touching W."""
-    merged = weight.detach().clone()
+    """W + ΔW of the active adapters (PEFT's own delta: B·A·scaling), without touching W, summed in
+    fp32 (in bf16 a delta under half an ulp is lost: bf16(1.0 + 0.003) = 1.0); vLLM's loader casts
+    the sum to its own dtype, the nearest it can hold."""
+    merged = weight.detach().float()  # a copy unless W is fp32
     if getattr(layer, "disable_adapters", False):
-        return merged
+        return merged.to(weight.dtype)
+    merged = merged.clone()
     for adapter in layer.active_adapters:
         if adapter in layer.lora_A:
-            merged += layer.get_delta_weight(adapter).to(merged.dtype)
+            merged += layer.get_delta_weight(adapter).detach().float()
     return merged
 
 

@@ -23,9 +23,9 @@ from accelerate.utils import set_seed
 
 from rlhf.checkpoint import atomic_write_text, finish_stage, start_stage
 from rlhf.config import LabelStageConfig
-from rlhf.data import load_records
+from rlhf.data import DataError, load_records
 from rlhf.data.prompts import normalize_prompts
-from rlhf.distributed import process_state, whole_models
+from rlhf.distributed import process_state, wait_for_main, whole_models
 from rlhf.evaluation import score_responses
 from rlhf.generation import generate_text
 from rlhf.precision import resolve_precision
@@ -54,9 +54,8 @@ def label(cfg: LabelStageConfig) -> dict:
             judge = build_policy(judge_source, cfg.model_init, judge_tokenizer, seed=cfg.seed, precision=precision)
             judge = judge.eval()
     if not state.is_main_process:  # one process labels; the others wait for the manifest
-        state.wait_for_everyone()
+        wait_for_main()
         return {}
-    out = start_stage(cfg.output_dir, cfg, True)
 
     split = {"train": rows[: cfg.prompts], "eval": rows[cfg.prompts :]}
     report: dict = {"labeller": cfg.labeller.name, "samples_per_prompt": cfg.samples_per_prompt}
@@ -88,7 +87,9 @@ def label(cfg: LabelStageConfig) -> dict:
     # 4. the reward model before its refresh, on the held-out pairs of this policy's samples
     if cfg.reward_model and pairs["eval"]:
         report["rm_accuracy_before"] = rm_accuracy(cfg, pairs["eval"], tokenizer, precision)
-    # 5. the files
+    # 5. the files; the output directory is taken only now, so that a labeller that fails leaves
+    #    an earlier output as it was
+    out = start_stage(cfg.output_dir, cfg, True)
     for name, file in (("train", "pairs.jsonl"), ("eval", "eval_pairs.jsonl")):
         atomic_write_text(out / file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs[name]))
     metrics = {"pairs": len(pairs["train"]), "eval_pairs": len(pairs["eval"])}
@@ -103,7 +104,7 @@ def label(cfg: LabelStageConfig) -> dict:
         started=started,
         eval_report=report,
     )
-    state.wait_for_everyone()
+    wait_for_main()
     return metrics
 
 
@@ -116,7 +117,7 @@ def fresh_prompts(cfg: LabelStageConfig) -> list[dict]:
     rows = normalize_prompts(records)
     wanted = cfg.prompts + cfg.eval_prompts
     if len(rows) < wanted:
-        raise ValueError(f"{where} holds {len(rows)} prompts; prompts + eval_prompts = {wanted}")
+        raise DataError(where, None, f"holds {len(rows)} prompts; prompts + eval_prompts = {wanted}")
     return rows[:wanted]
 
 

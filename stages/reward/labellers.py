@@ -74,7 +74,11 @@ def function_labeller(job: Labelling) -> Pairs:
     for prompt, responses in zip(job.prompts, job.responses, strict=True):
         pairs = []
         for i, j in itertools.combinations(range(len(responses)), 2):
-            choice = fn(prompt, responses[i], responses[j])
+            try:
+                choice = fn(prompt, responses[i], responses[j])
+            except Exception as e:  # the user's code: named in the one-line error (its traceback at DEBUG)
+                log.debug("labeller %s raised", job.function, exc_info=True)
+                raise RewardFunctionError(f"labeller {job.function!r} raised {type(e).__name__}: {e}") from e
             if choice not in (0, 1, None) or isinstance(choice, bool):
                 raise RewardFunctionError(f"labeller {job.function!r} returned {choice!r}; expected 0, 1 or None")
             if choice is not None:

@@ -49,7 +49,7 @@ def mine_onpolicy_pairs(
     for start in range(0, len(pairs), step):
         chunk = pairs[start : start + step]
         prompts = [p["prompt"] for p in chunk for _ in range(samples)]
-        answers, ended = generate_answers(model, tokenizer, prompts, gen, batch_size=batch_size)
+        answers, ended, _ = generate_answers(model, tokenizer, prompts, gen, batch_size=batch_size)
         sampled += len(answers)
         cut_off += ended.count(False)
         for i, pair in enumerate(chunk):

@@ -24,7 +24,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
 from rlhf.config import ConfigError, RMStageConfig, to_dict
 from rlhf.data.lengths import limit_length
-from rlhf.distributed import is_zero3, process_state, whole_models
+from rlhf.distributed import is_zero3, process_state, wait_for_main, whole_models
 from rlhf.evaluation import flatten_metrics, score_sequences
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
@@ -182,7 +182,7 @@ def train(cfg: RMStageConfig) -> dict:
             extra={"data": {"train": train_source, "eval": eval_source}},
         )
     tracking.finish()
-    state.wait_for_everyone()
+    wait_for_main()
     return metrics
 
 

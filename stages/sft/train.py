@@ -20,7 +20,7 @@ from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
 from rlhf.config import SFTStageConfig, to_dict
 from rlhf.data import HeldOut, load_held_out, load_records, normalize_sft
 from rlhf.data.lengths import limit_length
-from rlhf.distributed import process_state, whole_models
+from rlhf.distributed import process_state, wait_for_main, whole_models
 from rlhf.evaluation import evaluate_held_out, for_eval_json, summary, tracked_metrics
 from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
 from rlhf.precision import resolve_precision
@@ -51,6 +51,7 @@ def train(cfg: SFTStageConfig) -> dict:
     if cfg.evaluate_base and state.is_main_process:
         base = evaluate_held_out(model, tokenizer, held_out, cfg.task.name, cfg.generation) or None
         log.info("base model, held out: %s", summary(base))
+    wait_for_main()  # the base evaluation: the others' next collective would give up on a long one
 
     # 3. TRL's SFTTrainer. Loss on the completion for prompt/completion data, on every assistant
     #    turn for multi-turn chats; we truncate or drop over-long examples ourselves, to count them.
@@ -101,7 +102,7 @@ def train(cfg: SFTStageConfig) -> dict:
             },
         )
     tracking.finish()
-    state.wait_for_everyone()
+    wait_for_main()
     return metrics
 
 
