@@ -13,13 +13,22 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, run_entry
-from rlhf.config import ConfigError, CPOStageConfig, KTOStageConfig, ModelInit, ORPOStageConfig, load_config
+from rlhf.config import (
+    ConfigError,
+    CPOStageConfig,
+    DataConfig,
+    KTOStageConfig,
+    ModelInit,
+    ORPOStageConfig,
+    load_config,
+)
 from rlhf.data import DataError, Record, read_records
 from rlhf.data.unpaired import as_unpaired, normalize_unpaired, unpair
 from rlhf.data.unpaired import main as unpair_main
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import read_metrics
 from stages.preference.kto import mismatched
+from stages.preference.paired import labelled_row, limit_and_label
 
 FAST = [
     "task.name=null",  # no held-out generation: the pairs are the measure here
@@ -98,6 +107,9 @@ def test_each_method_learns_the_pairs(sft_dir, pair_file, tmp_path, script, name
     AutoModelForCausalLM.from_pretrained(out)  # a plain Hugging Face directory
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == name and manifest["finished"]
+    card = (out / "README.md").read_text(encoding="utf-8")  # the model card holds this run's figures
+    assert f"| after | {' | '.join(str(after[k]) for k in sorted(after))} |" in card, card
+    assert f"launch/{script} policy={sft_dir}" in card and f"`{pair_file}" in card
 
 
 @pytest.mark.parametrize(
@@ -159,6 +171,17 @@ def test_pairs_unpair_into_a_liked_and_a_disliked_answer(tmp_path):
     lines = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
     assert [line["label"] for line in lines] == [True, False]
     assert as_unpaired([Record(line, f"kto.jsonl:{i}") for i, line in enumerate(lines, 1)])[1] == "unpaired"
+
+
+def test_orpo_and_cpo_rows_label_the_answers_only():
+    # by hand: prompt [1, 2], chosen [3, 9], rejected [4, 9] (9 the end of turn), max_length 3
+    row = labelled_row([1, 2], [3, 9], [4, 9])
+    assert row["chosen_input_ids"] == [1, 2, 3, 9] and row["chosen_labels"] == [-100, -100, 3, 9]
+    assert row["rejected_input_ids"] == [1, 2, 4, 9] and row["rejected_attention_mask"] == [1, 1, 1, 1]
+    dpo_row = {"prompt_ids": [1, 2], "chosen_ids": [3, 9], "rejected_ids": [4, 9]}
+    kept, over = limit_and_label([dpo_row], DataConfig(max_length=3, overlong="truncate"))
+    assert over == 1 and kept[0]["chosen_input_ids"] == [1, 2, 3] and kept[0]["rejected_labels"] == [-100, -100, 4]
+    assert limit_and_label([dpo_row], DataConfig(max_length=3, overlong="drop")) == ([], 1)
 
 
 def test_z0_pairs_each_answer_with_another_prompt():

@@ -3,6 +3,7 @@
 from rlhf.config.parts import (
     DataConfig,
     GenerationConfig,
+    HubConfig,
     LoraConfig,
     ModelInit,
     OptimConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "DPOStageConfig",
     "DataConfig",
     "GenerationConfig",
+    "HubConfig",
     "KTOStageConfig",
     "LabelStageConfig",
     "LoraConfig",

@@ -9,6 +9,7 @@ from typing import Literal
 from rlhf.config.parts import (
     DataConfig,
     GenerationConfig,
+    HubConfig,
     LoraConfig,
     ModelInit,
     OptimConfig,
@@ -22,7 +23,7 @@ from rlhf.tasks import RULES, TASKS
 
 # Top-level keys that never change what a stage computes: left out of the config hash that
 # decides whether a finished stage can be reused.
-NOT_HASHED = ("output_dir", "tracking")
+NOT_HASHED = ("output_dir", "tracking", "hub")
 # Keys (dotted) that cannot change the trained weights, also left out of the hash a resumable
 # checkpoint is tied to (rlhf/checkpoint.py `checkpoint_digest`): changing how often a run logs,
 # saves or evaluates, or the held-out evaluation's own settings, resumes it. Evaluation never
@@ -58,6 +59,7 @@ class SFTStageConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation
     evaluate_base: bool = True  # also score the starting model on both held-out splits (eval.json "base")
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class RMStageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
     def check(self) -> None:
         _check_pair_kinds(self.task, self.pairs)
@@ -388,6 +391,7 @@ class PPOStageConfig:
     train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
     def check(self) -> None:
         if self.reference is not None and self.lora.enabled:
@@ -498,6 +502,7 @@ class DPOStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
     def check(self) -> None:
         _check_pair_kinds(self.task, self.pairs)
@@ -636,6 +641,7 @@ class KTOStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
     def check(self) -> None:
         _check_pair_kinds(self.task, self.pairs)
@@ -661,6 +667,7 @@ class ORPOStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
     def check(self) -> None:
         _check_pair_kinds(self.task, self.pairs)
@@ -684,6 +691,7 @@ class CPOStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
     def check(self) -> None:
         _check_pair_kinds(self.task, self.pairs)
