@@ -22,12 +22,12 @@ from rlhf.config import (
     ORPOStageConfig,
     load_config,
 )
-from rlhf.data import DataError, Record, read_records
+from rlhf.data import DataError, Record, normalize_preferences, read_records
 from rlhf.data.unpaired import as_unpaired, normalize_unpaired, unpair
 from rlhf.data.unpaired import main as unpair_main
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import read_metrics
-from stages.preference.kto import mismatched
+from stages.preference.kto import kto_examples, mismatched
 from stages.preference.paired import labelled_row, limit_and_label
 
 FAST = [
@@ -182,6 +182,30 @@ def test_orpo_and_cpo_rows_label_the_answers_only():
     kept, over = limit_and_label([dpo_row], DataConfig(max_length=3, overlong="truncate"))
     assert over == 1 and kept[0]["chosen_input_ids"] == [1, 2, 3] and kept[0]["rejected_labels"] == [-100, -100, 4]
     assert limit_and_label([dpo_row], DataConfig(max_length=3, overlong="drop")) == ([], 1)
+
+
+def as_unpaired_pairs(path) -> list[dict]:
+    return normalize_preferences(read_records(str(path)))[0]
+
+
+def test_kto_reads_an_unpaired_file_with_a_round_of_pairs_added(pair_file):
+    cfg = load_config(
+        KTOStageConfig,
+        ROOT / "configs/tiny/kto.yaml",
+        [
+            f"data.train={ROOT / 'data/examples/unpaired_kto.jsonl'}",
+            "task.name=null",
+            f"pairs.extra_train=[{pair_file}]",
+            "pairs.extra_train_repeat=2",
+        ],
+    )
+    examples = kto_examples(cfg, None, None, None)  # a file needs no model: nothing is mined
+    assert len(examples.train) == 12 + 2 * 2 * 16 and sum(e["label"] for e in examples.train) == 8 + 2 * 16
+    assert examples.eval == [] and examples.train_source.endswith("(unpaired)")
+    in_order = as_unpaired(read_records(cfg.data.train))[0] + unpair(as_unpaired_pairs(pair_file)) * 2
+    key = lambda e: (json.dumps(e["prompt"]), e["completion"][0]["content"], e["label"])  # noqa: E731
+    assert sorted(map(key, examples.train)) == sorted(map(key, in_order))
+    assert list(map(key, examples.train)) != list(map(key, in_order))  # shuffled once, with the seed
 
 
 def test_z0_pairs_each_answer_with_another_prompt():

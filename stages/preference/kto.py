@@ -21,7 +21,7 @@ from rlhf.precision import Precision
 from rlhf.registry import end_of_turn_id
 from stages.dpo.train import _reference_is_adapter_off
 from stages.preference.train import Method, train_preference
-from stages.reward.pairs import PreferencePairs, load_pairs, preference_pairs
+from stages.reward.pairs import PreferencePairs, extra_pairs, load_pairs, preference_pairs
 
 log = logging.getLogger("rlhf.kto")
 
@@ -61,6 +61,10 @@ def kto_examples(cfg: KTOStageConfig, source, tokenizer, precision: Precision) -
         train, fmt, dropped = as_unpaired(records)
         train_source = f"{label} ({fmt})"
         held, eval_source = _held_out_examples(cfg)
+        for path in cfg.pairs.extra_train:  # an RLHF round's comparisons, as preference_pairs adds them
+            train += unpair(extra_pairs(path)[0]) * cfg.pairs.extra_train_repeat
+        for path in cfg.pairs.extra_eval:
+            held += unpair(extra_pairs(path)[0])
     random.Random(cfg.seed).shuffle(train)
     liked = sum(e["label"] for e in train)
     log.info("train: %d liked, %d disliked answers from %s", liked, len(train) - liked, train_source)
