@@ -28,9 +28,13 @@ _NOT_FIGURES = {"items", "changed", "scores", "validation", *_SPLITS, "pairs"}
 
 def launch_command(argv: list[str] | None = None) -> str:
     """The command line that ran this process, as a user would type it again: under `accelerate
-    launch` (which sets LOCAL_RANK in each process it starts) with the same arguments."""
+    launch` (which sets LOCAL_RANK in each process it starts, WORLD_SIZE their number) with the
+    same arguments."""
     argv = list(sys.argv if argv is None else argv)
-    runner = "accelerate launch" if "LOCAL_RANK" in os.environ else "python"
+    runner = "python"
+    if "LOCAL_RANK" in os.environ:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        runner = "accelerate launch" + (f" --num_processes {world}" if world > 1 else "")
     return f"{runner} {shlex.join(argv)}"
 
 

@@ -55,7 +55,10 @@ def test_the_command_is_the_one_typed(monkeypatch):
         "python launch/stage3_kto.py 'policy=runs/a b/sft'"
     )
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert launch_command(["launch/stage1_sft.py"]).startswith("accelerate launch ")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launch_command(["launch/stage1_sft.py"]) == "accelerate launch launch/stage1_sft.py"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launch_command(["launch/stage1_sft.py"]) == "accelerate launch --num_processes 4 launch/stage1_sft.py"
 
 
 def test_push_offline_is_refused_with_one_line_before_anything_loads(tmp_path):
