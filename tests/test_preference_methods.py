@@ -94,8 +94,11 @@ def test_each_method_learns_the_pairs(sft_dir, pair_file, tmp_path, script, name
 
     pairs = json.loads((out / "eval.json").read_text())["pairs"]
     before, after = pairs["before"], pairs["after"]
-    assert after["margin"] > before["margin"] + 0.05, pairs
-    assert after["chosen_logp"] - after["rejected_logp"] > before["chosen_logp"] - before["rejected_logp"], pairs
+    # measured (2026-12-06, CPU, fp32): margin KTO 0 -> 0.069, ORPO -0.043 -> 0.107, SimPO -0.087 -> 0.652;
+    # log-prob margin up 0.69, 0.15, 0.37 nats; ranked right ORPO 0.31 -> 0.75, SimPO 0.31 -> 0.94
+    assert after["margin"] > before["margin"] + 0.03, pairs
+    logp_margin = {side: pairs[side]["chosen_logp"] - pairs[side]["rejected_logp"] for side in pairs}
+    assert logp_margin["after"] > logp_margin["before"] + 0.1, pairs
     if "accuracy" in after:
         assert after["accuracy"] >= before["accuracy"] + 0.25, pairs
     losses = [r[f"train/{name}/loss"] for r in read_metrics(out / "metrics.jsonl") if f"train/{name}/loss" in r]
