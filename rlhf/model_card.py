@@ -62,7 +62,7 @@ def _figures(report: dict, metrics: dict) -> list[str]:
     and the training metrics (`eval.json` holds them all)."""
     out = ["## Results", "", "From `eval.json` in this directory.", ""]
     rows = [(name, report[name]) for name in _SPLITS if isinstance(report.get(name), dict)]
-    if "accuracy" in report:
+    if _is_number(report.get("accuracy")) and "before" not in report:
         rows.append(("this model", report))
     if rows:
         out += ["| model | split | accuracy | by bucket |", "|---|---|---|---|"]
@@ -75,7 +75,10 @@ def _figures(report: dict, metrics: dict) -> list[str]:
         out += ["Held-out pairs:", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         out += [f"| {side} | " + " | ".join(str(v.get(k, "")) for k in keys) + " |" for side, v in sides.items()]
         out.append("")
-    others = _numbers({k: v for k, v in report.items() if k not in _NOT_FIGURES})
+    shown = set(_NOT_FIGURES)
+    if rows and rows[-1][0] == "this model":  # its headline is in the table above
+        shown |= {"accuracy", "stderr", "accuracy_by_digits"}
+    others = _numbers({k: v for k, v in report.items() if k not in shown})
     others += _numbers({k: v for k, v in metrics.items() if k in ("train_loss", "wall_time_s", "overlong")})
     if others:
         out += ["| figure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in others], ""]
@@ -83,13 +86,21 @@ def _figures(report: dict, metrics: dict) -> list[str]:
 
 
 def _acc(e: dict) -> str:
-    if "accuracy" not in e:
+    if not _is_number(e.get("accuracy")):
         return ""
-    return f"{e['accuracy']:.4f}" + (f" ± {e['stderr']:.4f}" if isinstance(e.get("stderr"), float) else "")
+    stderr = e.get("stderr")
+    return f"{e['accuracy']:.4f}" + (f" ± {stderr:.4f}" if _is_number(stderr) else "")
 
 
 def _buckets(e: dict) -> str:
-    return ", ".join(f"{k}: {v:.3f}" for k, v in (e.get("accuracy_by_digits") or {}).items())
+    by_bucket = e.get("accuracy_by_digits")
+    if not isinstance(by_bucket, dict):
+        return ""
+    return ", ".join(f"{k}: {v:.3f}" for k, v in by_bucket.items() if _is_number(v))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _numbers(d: dict, prefix: str = "") -> list[tuple[str, object]]:
