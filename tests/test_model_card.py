@@ -9,7 +9,7 @@ from rlhf import hub as hub_module
 from rlhf.checkpoint import finish_stage, start_stage
 from rlhf.config import ConfigError, DPOStageConfig, HubConfig, load_config
 from rlhf.hub import HubError, check_hub, push_output
-from rlhf.model_card import launch_command
+from rlhf.model_card import launch_command, model_card
 
 REPORT = {  # the shape of a DPO eval.json
     "split": "test",
@@ -118,3 +118,13 @@ def test_the_push_leaves_the_checkpoints_out(monkeypatch, tmp_path):
         push_output(tmp_path, HubConfig(push_to_hub=True, model_id="me/x"), stage="dpo")
     assert calls["repo"] == ("me/x", True, True)
     assert calls["upload"]["folder_path"] == str(tmp_path) and "checkpoints/*" in calls["upload"]["ignore_patterns"]
+
+
+def test_missing_figures_leave_blanks_not_a_failed_stage():
+    # a stage without a task reports accuracy null; the card must still be written at the stage's end
+    report = {"after": {"accuracy": None, "accuracy_by_digits": {"2": None}}, "pairs": {"before": None, "after": {}}}
+    card = model_card(
+        stage="kto", model="m", base_model="tiny", metrics={"train_loss": None}, eval_report=report,
+        data=None, command="python launch/stage3_kto.py", config_hash="h",
+    )  # fmt: skip
+    assert "| after |  |  |  |" in card and "python launch/stage3_kto.py" in card
