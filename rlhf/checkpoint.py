@@ -27,6 +27,7 @@ from typing import Any
 from accelerate.utils import broadcast_object_list
 
 from rlhf.config import NOT_HASHED, WEIGHTS_NEUTRAL, config_hash, dump_yaml
+from rlhf.model_card import launch_command, model_card
 
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
@@ -146,16 +147,28 @@ def finish_stage(
     eval_report: dict | None = None,
     extra: dict | None = None,
 ) -> dict:
-    """A stage's end, on the main process: eval.json (if there is a held-out report), then the
-    manifest, written last so that its presence means the directory is complete. `model` is the
-    stage's input model as configured; it is recorded as `init_from` when it is an earlier
-    stage's output. `inputs` are the earlier stage outputs it read (their config hashes are
-    recorded so a pipeline can tell when one changed)."""
+    """A stage's end, on the main process: eval.json (if there is a held-out report), the model
+    card (README.md, rlhf/model_card.py), then the manifest, written last so that its presence
+    means the directory is complete. `model` is the stage's input model as configured; it is
+    recorded as `init_from` when it is an earlier stage's output. `inputs` are the earlier stage
+    outputs it read (their config hashes are recorded so a pipeline can tell when one changed)."""
     out = Path(output_dir)
     from_stage = Path(model).is_dir() and read_manifest(model) is not None
     if eval_report is not None:
         atomic_write_json(out / "eval.json", eval_report)
     metrics["wall_time_s"] = round(time.time() - started, 1)
+    if stage != "label":  # every stage but the labelling one writes a model: its card, README.md
+        card = model_card(
+            stage=stage,
+            model=model,
+            base_model=base_model,
+            metrics=metrics,
+            eval_report=eval_report,
+            data=(extra or {}).get("data"),
+            command=launch_command(),
+            config_hash=config_hash(cfg, ignore=NOT_HASHED),
+        )
+        atomic_write_text(out / "README.md", card)
     return write_manifest(
         out,
         stage=stage,

@@ -28,6 +28,7 @@ from rlhf.checkpoint import ManifestError, OutputInUseError, check_output_free, 
 from rlhf.config import ConfigError, dump_yaml, load_config
 from rlhf.data import DataError
 from rlhf.distributed import zero3_launched
+from rlhf.hub import HubError, check_hub, push_output
 from rlhf.registry import ModelLoadError
 from rlhf.reward_client import RemoteRewardError, ServedModelChanged
 from rlhf.reward_functions import RewardFunctionError
@@ -40,6 +41,7 @@ USER_ERRORS = (
     ManifestError,
     OutputInUseError,
     RewardFunctionError,
+    HubError,
     ServedModelChanged,  # a reward server restarted with another model than the run's checkpoints were scored by
 )
 
@@ -82,9 +84,16 @@ def _run(cls: type, train: Callable, default_config: str | None, argv: list[str]
         if print_only:
             print(dump_yaml(cfg), end="")
             return 0
-        if os.environ.get("RANK", "0") == "0":
+        hub = getattr(cfg, "hub", None)  # a stage that writes a model can push it (hub.push_to_hub)
+        if hub is not None:
+            check_hub(hub)  # an unreachable hub is refused now, not after training
+        main = os.environ.get("RANK", "0") == "0"
+        if main:
             check_output_free(cfg.output_dir)  # a second run on one directory stops at once
         train(cfg)
+        if hub is not None and hub.push_to_hub and main:
+            url = push_output(cfg.output_dir, hub, stage=type(cfg).__name__.removesuffix("StageConfig").lower())
+            logging.getLogger("rlhf").info("pushed %s to %s", cfg.output_dir, url)
     except USER_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

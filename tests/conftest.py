@@ -39,9 +39,22 @@ def tiny_config(script: str, args) -> list[str]:
     return ["--config", str(ROOT / TINY_CONFIGS[script])]
 
 
+# the test being set up or run: whether it is marked slow (run_entry refuses to launch otherwise)
+RUNNING = {"slow": True}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of the test: module fixtures that launch entry points run in its setup."""
+    RUNNING["slow"] = item.get_closest_marker("slow") is not None
+
+
 def run_entry(script: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launcher (e.g. launch/stage1_sft.py) as a user would, in a subprocess, on the stage's
-    tiny config unless `args` name another."""
+    tiny config unless `args` name another. Only from a test marked slow: the fast tier
+    (`make test-fast`, docs/tests.md) launches nothing."""
+    if not RUNNING["slow"]:
+        raise AssertionError(f"run_entry({script}) from a test not marked slow: add @pytest.mark.slow (docs/tests.md)")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *tiny_config(script, args), *args],

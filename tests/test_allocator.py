@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rlhf.cli import return_freed_memory
 from rlhf.distributed import zero3_launched
 
@@ -48,6 +50,7 @@ def released_mb(mode: str) -> float:
     return float(out.stdout.strip())
 
 
+@pytest.mark.slow
 def test_freed_layer_sized_blocks_go_back_to_the_os():
     assert released_mb("on") > 0.9 * 40 * 17  # every freed block (680 MB) returned
     # the fault it fixes: with glibc's default the same blocks stay with the process

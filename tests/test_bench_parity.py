@@ -1,28 +1,13 @@
-"""launch/bench_ppo.py's `ours_grpo` does the work launch/bench_peers/trl_grpo.py configures TRL
+"""tools/bench_ppo.py's `ours_grpo` does the work tools/bench_peers/trl_grpo.py configures TRL
 1.16's GRPOTrainer for: the two configs are built by the scripts' own functions and compared
 setting by setting (no training; a second or two)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(path: Path):
-    """A launch script as a module (launch/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _script(ROOT / "launch" / "bench_ppo.py")
-peer = _script(ROOT / "launch" / "bench_peers" / "trl_grpo.py")
+from tools import bench_ppo as bench
+from tools.bench_peers import trl_grpo as peer
 
 
 def test_ours_grpo_matches_trl_grpo_settings(tmp_path):

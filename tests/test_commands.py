@@ -36,6 +36,7 @@ def test_max_length_is_the_models_context_unless_set():
     assert context_length(DataConfig(), tokenizer) == UNSTATED_CONTEXT == 2048
 
 
+@pytest.mark.slow
 def test_a_launcher_without_config_prints_the_generic_defaults():
     result = subprocess.run(
         [sys.executable, str(ROOT / "launch/stage1_sft.py"), "--print-config", "data.train=mine.jsonl"],
@@ -66,6 +67,7 @@ def installed(tmp_path_factory):
     return target
 
 
+@pytest.mark.slow
 def test_the_console_script_runs_a_stage_from_another_directory_and_scores_no_task(installed, tmp_path):
     work = tmp_path / "elsewhere"  # no launch/, no configs/ here
     work.mkdir()
@@ -86,6 +88,7 @@ def test_the_console_script_runs_a_stage_from_another_directory_and_scores_no_ta
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_the_pipeline_launches_stages_as_modules_where_launch_is_not_shipped(installed, tmp_path, monkeypatch):
     """Installed, rlhf/pipeline.py has no launch/ beside it: each stage runs as
     `accelerate launch -m stages.commands <stage>`, which works from any directory."""

@@ -8,7 +8,16 @@ import pytest
 import yaml
 
 from rlhf.config import ConfigError, SFTStageConfig, config_hash, dump_yaml, load_config
-from rlhf.config.stages import NOT_HASHED, DPOStageConfig, LabelStageConfig, PPOStageConfig, RMStageConfig
+from rlhf.config.stages import (
+    NOT_HASHED,
+    CPOStageConfig,
+    DPOStageConfig,
+    KTOStageConfig,
+    LabelStageConfig,
+    ORPOStageConfig,
+    PPOStageConfig,
+    RMStageConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CLASSES = {
@@ -20,6 +29,8 @@ STAGE_CLASSES = {
 }
 STAGE_CLASSES |= {"grpo.yaml": PPOStageConfig, "rloo.yaml": PPOStageConfig}  # stage 3 with other estimators
 STAGE_CLASSES |= {"ppo_rule.yaml": PPOStageConfig}  # stage 3 with the checker as the reward
+# stage 3 by the other preference methods (docs/preference-methods.md)
+STAGE_CLASSES |= {"kto.yaml": KTOStageConfig, "orpo.yaml": ORPOStageConfig, "simpo.yaml": CPOStageConfig}
 
 
 def stage_class(path: Path):

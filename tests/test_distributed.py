@@ -17,6 +17,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from conftest import ROOT
 
+# slow: every test launches two to four training processes (DDP, ZeRO-2/3, two nodes)
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("deepspeed")
 
 MODES = {

@@ -60,6 +60,7 @@ def dpo(out, *extra, policy, timeout=600):
     return run_entry("launch/stage3_dpo.py", f"policy={policy}", *FAST, *extra, f"output_dir={out}", timeout=timeout)
 
 
+@pytest.mark.slow
 def test_smoke_run_trains_saves_and_reports_before_and_after(sft_dir, tmp_path):
     out = tmp_path / "dpo"
     result = dpo(out, "train.max_steps=6", "train.save_every=3", policy=sft_dir)
@@ -181,6 +182,7 @@ def test_trainer_loss_is_the_dpo_loss_of_the_generated_sequences(tmp_path, loss)
     assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(sft_dir, tmp_path):
     args = ["train.max_steps=12", "train.save_every=4", "pairs.onpolicy_fraction=0"]
     straight = dpo(tmp_path / "straight", *args, policy=sft_dir)
@@ -207,6 +209,7 @@ def test_killed_run_resumes_to_the_same_weights(sft_dir, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_pipeline_dry_run_chains_sft_then_dpo(tmp_path):
     result = run_entry(
         "launch/pipeline.py", "--config", "configs/tiny/pipeline_dpo.yaml", f"runs_dir={tmp_path}", "--dry-run"

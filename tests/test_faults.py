@@ -31,6 +31,9 @@ from rlhf.checkpoint import checkpoint_step
 from rlhf.reward_server import Limits, Scorer, http_server, listen
 from rlhf.tracking import read_metrics
 
+# slow: every test runs the real commands on stages trained here
+pytestmark = pytest.mark.slow
+
 QUIET = ["tracking.report_to=[]", "tracking.progress=false"]
 SFT = [
     "model=tiny-llama",

@@ -82,6 +82,7 @@ def test_judge_labeller_compares_both_orders_with_a_local_model():
     assert n == 3 and share in (0.0, 1 / 3, 2 / 3, 1.0)
 
 
+@pytest.mark.slow
 def test_label_stage_writes_pairs_and_the_rm_accuracy_before(tmp_path):
     policy = tmp_path / "policy"
     source = resolve("tiny-llama")

@@ -122,6 +122,7 @@ def test_the_chat_template_override_is_used_from_a_string_or_a_file(tmp_path):
         parse(SFTStageConfig, None, [f"model_init.chat_template={tmp_path / 'missing.jinja'}"])
 
 
+@pytest.mark.slow
 def test_sft_on_mixed_sources_with_mapped_columns_and_a_template(tmp_path):
     """Through the real entry point, no --config: a jsonl and a saved dataset with other column names,
     mixed, a system turn, the template from a file; the output's tokenizer carries the template."""

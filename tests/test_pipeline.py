@@ -23,6 +23,9 @@ from rlhf.pipeline import KINDS, check_held_out_agree, load_pipeline
 from rlhf.report import load_stage
 from wandb_offline import history
 
+# slow: every test runs the pipeline command (most train SFT -> RM -> PPO)
+pytestmark = pytest.mark.slow
+
 MINI = [
     "model=tiny-llama",
     "sft.task.train_size=1000",

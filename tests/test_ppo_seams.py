@@ -56,6 +56,7 @@ def test_unknown_engine_or_estimator_is_refused_before_any_model_loads(tmp_path)
         assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_an_estimator_without_a_critic_builds_no_value_model(sft_dir, tmp_path, monkeypatch):  # noqa: F811
     """A registered estimator that needs no critic: no value model is built, trained or saved,
     and the policy still trains (its loss and KL are logged, no value terms)."""

@@ -60,6 +60,7 @@ def ppo(out, *extra, policy, timeout=300):
     )
 
 
+@pytest.mark.slow
 def test_policy_changes_reference_does_not(sft_dir, tmp_path):
     result = ppo(tmp_path / "ppo", "train.max_steps=4", "train.save_every=2", policy=sft_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -99,6 +100,7 @@ def test_policy_changes_reference_does_not(sft_dir, tmp_path):
     assert (out / "value_model" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_value_warmup_trains_the_value_model_only(sft_dir, tmp_path):
     out = tmp_path / "warm"
     result = ppo(out, "train.max_steps=2", "train.save_every=0", "ppo.value_warmup_steps=2", policy=sft_dir)
@@ -110,6 +112,7 @@ def test_value_warmup_trains_the_value_model_only(sft_dir, tmp_path):
     assert all(r["train/ppo/lr_value"] > 0 and r["train/ppo/value_loss"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_shared_trunk_value_head(sft_dir, tmp_path):
     """share_policy_trunk: one forward of the policy gives the logits and V(s_t) from its last hidden
     state; during the value warm-up only the head learns, and it is saved beside the policy."""
@@ -148,6 +151,7 @@ def test_shared_trunk_value_head(sft_dir, tmp_path):
     assert not (out / "value_model").exists()
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_policy_without_adapter(sft_dir, tmp_path):
     result = ppo(
         tmp_path / "lora", "train.max_steps=2", "train.save_every=0", "lora.enabled=true", "lora.r=4", policy=sft_dir
@@ -159,6 +163,7 @@ def test_lora_reference_is_the_policy_without_adapter(sft_dir, tmp_path):
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "reward",
     [["reward_model=null", "reward.model_weight=0", "reward.rules={subtraction: 1.0}"], ["reward.rules={}"]],
@@ -170,6 +175,7 @@ def test_rule_only_and_reward_model_only(sft_dir, tmp_path, reward):
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["finished"]
 
 
+@pytest.mark.slow
 def test_nan_reward_stops_before_the_weights(sft_dir, tmp_path):
     # A diverged reward model (NaN in its score head) scores every response NaN. (The config
     # refuses a NaN reward.model_weight, the way this test used to provoke it.)
@@ -196,6 +202,7 @@ GRPO_RESUME += ["ppo.kl_in=loss", "ppo.kl_estimator=k3", "rollout.dynamic_sampli
 VLLM = pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (make vllm)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "variant",
     [[], GRPO_RESUME, pytest.param(["rollout.engine=vllm", "policy=tiny"], marks=VLLM)],
@@ -265,6 +272,7 @@ ESTIMATOR_RUNS = {
 ENGINE_RUNS = {"vllm": ["share_policy_trunk=false", "rollout.engine=vllm", "policy=tiny"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [*ESTIMATOR_RUNS, pytest.param("vllm", marks=VLLM)])
 def test_policy_learns_what_the_reward_asks(sft_dir, tmp_path, monkeypatch, variant):
     """PPO does what it is for: with a rule that pays for digits, a random policy (about 2 % digits
@@ -291,6 +299,7 @@ def test_policy_learns_what_the_reward_asks(sft_dir, tmp_path, monkeypatch, vari
     assert first < 0.1 and last > 0.5, (first, last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["null", "bf16"])
 def test_mixed_precision_multiplies_in_bf16_and_keeps_the_math_in_fp32(sft_dir, tmp_path, monkeypatch, precision):
     """model_init.mixed_precision=bf16: all four models multiply in bf16 while training (sampling,
@@ -446,6 +455,7 @@ def test_disable_dropout_also_switches_off_attention_dropout(preset):
     assert all(not v for k, v in vars(model.config).items() if "dropout" in k and isinstance(v, float))
 
 
+@pytest.mark.slow
 def test_preset_policy_with_a_seed_is_its_own_reference_and_before(tmp_path):
     """policy=tiny-llama seed=3: the reference is the policy's initial weights (it was a seed-0
     model), and the "before" evaluation scores that same model."""
@@ -471,6 +481,7 @@ def test_preset_policy_with_a_seed_is_its_own_reference_and_before(tmp_path):
     assert before["validation"]["accuracy"] == metrics["accuracy"] and before["validation"]["n"] == 4
 
 
+@pytest.mark.slow
 def test_group_sampling_and_dynamic_sampling(sft_dir, tmp_path, monkeypatch):
     """samples_per_prompt answers each prompt n times in adjacent rows; dynamic sampling (DAPO)
     drops the groups whose scores are all equal and draws more prompts in their place. A rule that

@@ -246,6 +246,7 @@ def stage_run(stage: str, model_dir, out, *extra):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
 def test_bf16_run_trains_fp32_weights_that_all_move(bf16_dir, tmp_path, stage):
     """model_init.dtype=bfloat16, full fine-tuning at lr 1e-5: the weights the stage trains are fp32
@@ -260,6 +261,7 @@ def test_bf16_run_trains_fp32_weights_that_all_move(bf16_dir, tmp_path, stage):
         assert changed_fraction(start, saved) > 0.95, (path, changed_fraction(start, saved))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["rm", "ppo"])
 def test_bf16_lora_run_trains_fp32_adapters_and_heads(bf16_dir, tmp_path, stage):
     """With LoRA the bf16 base stays frozen; the adapters and PEFT's modules_to_save head (the
@@ -272,6 +274,7 @@ def test_bf16_lora_run_trains_fp32_adapters_and_heads(bf16_dir, tmp_path, stage)
     assert heads and all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)
 
 
+@pytest.mark.slow
 def test_float16_and_accelerate_fp16_stop_before_anything_is_written(tmp_path):
     """fp16 trains without a loss scaler here: refused with one line naming the key, exit 2, before
     the output directory exists; accelerate's fp16 reaches PPO's Accelerator through the env."""

@@ -99,6 +99,7 @@ def test_keep_best_is_refused_without_evaluations_or_without_a_proxy():
         load_config(PPOStageConfig, tiny, ["train.keep_best=proxy", "reward_model=null", "reward.model_weight=0"])
 
 
+@pytest.mark.slow
 def test_ppo_run_logs_gold_keeps_best_and_reports_proxy_vs_gold(tmp_path):
     """A real (test-sized) run: gold on every step and at every evaluation, the evaluation with the
     best proxy kept, and the report's proxy-vs-gold plot and the summary's lines written."""

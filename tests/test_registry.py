@@ -169,7 +169,7 @@ def test_cpu_bf16_keeps_attention_in_fp32_and_saves_a_plain_config(tmp_path):
 
 
 def test_qwen2_5_0_5b_shape_preset_has_the_real_architecture():
-    """The random-init stand-in for Qwen2.5-0.5B (launch/smoke_real_shape.py) has the real model's
+    """The random-init stand-in for Qwen2.5-0.5B (tools/smoke_real_shape.py) has the real model's
     shape. Parameters, worked out by hand from its config.json:
       embeddings 151,936 x 896 = 136,134,656 (tied: the LM head adds none)
       per layer: q 896x896 + 896 bias = 803,712; k and v 896x128 + 128 = 114,816 each (2 KV heads

@@ -147,6 +147,7 @@ def test_summary_quotes_the_test_split_beside_the_validation_split(run_dir):
     assert "the test split is used by nothing else" in text
 
 
+@pytest.mark.slow
 def test_chinese_renders_in_headless_chromium(tmp_path):
     """The page's fonts draw seed 000's prompt: its screenshot differs from one of characters no
     font has (private use), which every font draws as the same empty box. Without a CJK font

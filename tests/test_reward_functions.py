@@ -100,6 +100,7 @@ def test_a_function_that_cannot_be_imported_is_refused_by_the_config(spec, says)
     assert f"config key 'reward.functions.{spec}'" in str(e.value) and says in str(e.value)
 
 
+@pytest.mark.slow
 def test_the_stage_refuses_an_unimportable_function_before_loading_anything(tmp_path):
     result = run_entry(
         "launch/stage3_ppo.py",
@@ -130,6 +131,7 @@ def test_a_function_returning_nonsense_is_an_error_naming_it(name, says):
     assert f"reward function {spec!r}" in str(e.value) and says in str(e.value)
 
 
+@pytest.mark.slow
 def test_reward_functions_score_a_ppo_run_with_the_rows_fields(tmp_path):
     """In a real (tiny, in-process) PPO run the function gets each prompt with its own row's
     fields, its weighted score is the sequence score, and each function is logged as fn_<name>."""

@@ -30,6 +30,9 @@ from rlhf.reward_client import RewardClient, ServedModelChanged
 from rlhf.tasks.subtraction import PROMPT
 from rlhf.tracking import read_metrics
 
+# slow: every test starts a reward server process (one also trains PPO against it)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory):

@@ -14,6 +14,7 @@ from rlhf.tasks.subtraction import PROMPT
 from stages.reward.train import train
 
 
+@pytest.mark.slow
 def test_reward_model_learns_and_reloads_with_auto_class(tmp_path):
     out = tmp_path / "rm"
     result = run_entry(
@@ -52,6 +53,7 @@ def test_reward_model_learns_and_reloads_with_auto_class(tmp_path):
     assert right > sign and right > dropped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted((ROOT / "data" / "examples").glob("pairs_*.jsonl")), ids=lambda p: p.stem)
 def test_every_preference_format_trains_as_is(path, tmp_path):
     metrics = train(_rm_on_file(path, tmp_path, "train.max_steps=2", "train.batch_size=4"))
@@ -119,9 +121,10 @@ def test_onpolicy_mining_never_mines_a_cut_off_answer(caplog):
     assert [(p["prompt"][0]["content"], p["rejected"][0]["content"]) for p in mined] == [(PROMPT % (2, 7), "-1")]
 
 
+@pytest.mark.slow
 def test_rm_logs_the_tokens_it_trained_on(tmp_path):
     """train/rm/num_tokens counts the real (unpadded) tokens of every chosen and rejected sequence
-    trained on, as SFT's train/sft/num_tokens does: the throughput figure of launch/smoke_real_shape.py.
+    trained on, as SFT's train/sft/num_tokens does: the throughput figure of tools/smoke_real_shape.py.
     One step over all 7 example pairs sees each sequence once."""
     path = ROOT / "data" / "examples" / "pairs_prompt.jsonl"
     train(

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from test_pipeline import SMALLEST
 
 from conftest import ROOT, run_entry
@@ -19,6 +20,9 @@ from rlhf.cli import parse
 from rlhf.config import ModelInit
 from rlhf.pipeline import KINDS
 from rlhf.registry import build_policy, build_scalar_model, fingerprint, load_tokenizer, resolve
+
+# slow: every test runs the pipeline command over RLHF rounds
+pytestmark = pytest.mark.slow
 
 ROUNDS = [
     *SMALLEST,

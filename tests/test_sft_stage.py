@@ -12,6 +12,9 @@ from conftest import run_entry
 from rlhf.tasks import subtraction as S
 from rlhf.tracking import read_metrics
 
+# slow: every test runs stage 1's entry point
+pytestmark = pytest.mark.slow
+
 FAST = [
     "model=tiny-llama",
     "task.train_size=2000",

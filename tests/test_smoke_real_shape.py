@@ -1,18 +1,15 @@
-"""The pieces of launch/smoke_real_shape.py (the run itself is too slow for the suite: well
+"""The pieces of tools/smoke_real_shape.py (the run itself is too slow for the suite: well
 over ten minutes per mode on a 2-core CPU): its figures from metrics records worked out by hand, and peak
 memory read from real child processes."""
 
-import importlib.util
 import subprocess
 import sys
 import time
 
-from conftest import ROOT
-from rlhf.pipeline import resolved_stage_config
+import pytest
 
-spec = importlib.util.spec_from_file_location("smoke_real_shape", ROOT / "launch" / "smoke_real_shape.py")
-smoke = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(smoke)
+from rlhf.pipeline import resolved_stage_config
+from tools import smoke_real_shape as smoke
 
 
 def test_sft_and_rm_rates_leave_out_the_first_step():
@@ -43,6 +40,7 @@ def test_ppo_rates_from_its_own_step_timings():
     assert smoke.step_rates(records, "ppo") == {"s_per_step": 5.0, "tokens_per_s": 7.0}
 
 
+@pytest.mark.slow
 def test_peak_watcher_reads_each_process_peak_and_leaves_out_the_launcher(tmp_path):
     script = tmp_path / "stage9_fake.py"
     # writes 300 MiB (so the pages are resident), frees them, then idles: only a peak can show it.

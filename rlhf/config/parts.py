@@ -294,3 +294,21 @@ class TrackingConfig:
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY is set
     progress: bool = True  # progress bar with ETA on the console
     samples_every: int = 0  # steps between tables of sample generations (PPO); 0: with each evaluation
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Publishing the stage's output on the Hugging Face Hub when it finishes (rlhf/hub.py): the
+    model directory with its model card (README.md), without the training checkpoints. TRL's
+    `push_to_hub` and `hub_model_id`. Checked before anything loads: an unreachable hub (offline,
+    HF_HUB_OFFLINE=1) or no login stops the run at once instead of after training."""
+
+    push_to_hub: bool = False
+    model_id: str | None = None  # the repository, "user/name" or "org/name"; created if missing
+    private: bool = True  # a repository this creates is private unless set to false
+
+    def check(self) -> None:
+        if self.push_to_hub and not self.model_id:
+            raise ConfigError("model_id", "must name the repository (e.g. me/my-model) when push_to_hub is true")
+        if self.model_id is not None and (self.model_id.count("/") != 1 or " " in self.model_id):
+            raise ConfigError("model_id", f"must look like 'user/name', got {self.model_id!r}")

@@ -16,6 +16,7 @@ from typing import Literal
 from rlhf.config.parts import (
     DataConfig,
     GenerationConfig,
+    HubConfig,
     LoraConfig,
     ModelInit,
     OptimConfig,
@@ -31,7 +32,14 @@ from rlhf.tasks import RULES, TASKS
 # decides whether a finished stage can be reused, and out of a checkpoint's. How patiently the
 # reward client waits is one: raising reward.remote.timeout after a failure must resume the run,
 # not restart it (which model the server scores with is checked by its fingerprint instead).
-NOT_HASHED = ("output_dir", "tracking", "reward.remote.timeout", "reward.remote.retries", "reward.remote.backoff")
+NOT_HASHED = (
+    "output_dir",
+    "tracking",
+    "hub",
+    "reward.remote.timeout",
+    "reward.remote.retries",
+    "reward.remote.backoff",
+)
 # Keys (dotted) that cannot change the trained weights, also left out of the hash a resumable
 # checkpoint is tied to (rlhf/checkpoint.py `checkpoint_digest`): changing how often a run logs,
 # saves or evaluates, or the held-out evaluation's own settings, resumes it. Evaluation never
@@ -67,6 +75,7 @@ class SFTStageConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation
     evaluate_base: bool = True  # also score the starting model on both held-out splits (eval.json "base")
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,7 @@ class RMStageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
     def check(self) -> None:
         _check_pair_kinds(self.task, self.pairs)
@@ -424,6 +434,7 @@ class PPOStageConfig:
     train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
     def check(self) -> None:
         if self.reference is not None and self.lora.enabled:
@@ -539,6 +550,7 @@ class DPOStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
     def check(self) -> None:
         _check_pair_kinds(self.task, self.pairs)
@@ -588,3 +600,146 @@ class LabelStageConfig:
             raise ConfigError("samples_per_prompt", f"must be >= 2 to compare, got {self.samples_per_prompt}")
         if self.prompts <= 0 or self.eval_prompts < 0:
             raise ConfigError("prompts", "must be positive (eval_prompts >= 0)")
+
+
+# The other preference methods of stage 3 (docs/preference-methods.md), through TRL's trainers.
+# Each reads its data as DPO does (a file in any preference format or the task's generated pairs;
+# KTO also unpaired thumbs-up/down records) and shares DPO's data, pairs, training and evaluation
+# parts; only the loss differs.
+
+
+@dataclass(frozen=True)
+class KTOLossConfig:
+    """KTO (Ethayarajh et al. 2024, "Model Alignment as Prospect Theoretic Optimization"): each
+    answer alone, liked or not, against the frozen reference: desirable answers are pushed above a
+    reference point z0 (a batch estimate of KL(π‖π_ref)), undesirable ones below it. TRL's
+    KTOTrainer (stable API in TRL 1.16)."""
+
+    # kto: the paper's loss (eq. 7); apo_zero_unpaired: APO-zero on unpaired data (D'Oosterlinck et al. 2024)
+    type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    beta: float = 0.1  # how far π may move from the reference (higher: closer)
+    # λ_D and λ_U (eq. 8): with n_D desirable and n_U undesirable answers, keep
+    # λ_D·n_D / (λ_U·n_U) in [1, 4/3]; pairs unpaired give n_D = n_U, so 1 and 1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def check(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError("beta", f"must be > 0, got {self.beta}")
+        for key in ("desirable_weight", "undesirable_weight"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class ORPOLossConfig:
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"):
+    the NLL of the chosen answer minus λ·log σ(log odds(chosen) − log odds(rejected)), odds(y) =
+    P(y|x) / (1 − P(y|x)) with P the mean per-token probability (eq. 6). No reference model, so it
+    can start from a base model instead of an SFT one. TRL's trl.experimental.orpo.ORPOTrainer."""
+
+    beta: float = 0.1  # λ, the weight of the odds-ratio term (TRL's `beta`; the paper's 0.1 to 1.0)
+
+    def check(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError("beta", f"must be > 0, got {self.beta}")
+
+
+@dataclass(frozen=True)
+class CPOLossConfig:
+    """CPO (Xu et al. 2024) and SimPO (Meng et al. 2024): reference-free losses on the policy's own
+    log-probs of the chosen and rejected answer. TRL's trl.experimental.cpo.CPOTrainer.
+    simpo: −log σ(β(avg log π(y_c) − avg log π(y_r)) − γ), per-token means (SimPO eq. 6);
+    sigmoid: −log σ(β(log π(y_c) − log π(y_r))) (CPO eq. 3); hinge, ipo: as DPO's on the same
+    difference. `alpha` adds the NLL of the chosen answers (CPO's BC term; SimPO uses 0)."""
+
+    type: Literal["simpo", "sigmoid", "hinge", "ipo"] = "simpo"
+    beta: float = 2.0  # SimPO's β (2.0 to 2.5 in the paper); CPO's 0.1
+    gamma: float = 0.5  # SimPO's target margin γ (TRL's simpo_gamma); read by simpo only
+    alpha: float = 0.0  # weight of the chosen answers' NLL (TRL's cpo_alpha): CPO 1.0, SimPO 0, CPO-SimPO 1.0
+    label_smoothing: float = 0.0  # share of pairs assumed mislabelled (simpo and sigmoid)
+
+    def check(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError("beta", f"must be > 0, got {self.beta}")
+        if not self.alpha >= 0:
+            raise ConfigError("alpha", f"must be >= 0, got {self.alpha}")
+        if self.label_smoothing and self.type not in ("simpo", "sigmoid"):
+            raise ConfigError("label_smoothing", f"is not read by loss type {self.type!r}; only by simpo and sigmoid")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass(frozen=True)
+class KTOStageConfig:
+    """KTO, stage 3 from unpaired thumbs-up/down data (or pairs, split into one liked and one
+    disliked answer each), against the frozen SFT model as reference."""
+
+    policy: str = "tiny"  # the SFT output; also the frozen reference (with LoRA: the policy, adapter off)
+    output_dir: str = "runs/tiny/kto"
+    seed: int = 0
+    model_init: ModelInit = field(default_factory=ModelInit)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # {prompt, completion, label} records (docs/data.md), or pairs in any stage-2 format; null: the task's pairs
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)  # the task's generated pairs, as DPO's
+    loss: KTOLossConfig = field(default_factory=KTOLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))  # TRL's KTO default
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # held-out evaluation (greedy)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
+
+    def check(self) -> None:
+        _check_pair_kinds(self.task, self.pairs)
+        if self.loss.type == "kto" and self.train.batch_size < 2:
+            # z0 is estimated from the batch's mismatched (prompt, answer) pairs: one example has none
+            raise ConfigError("train.batch_size", "must be >= 2 with loss.type kto (z0 comes from the batch)")
+
+
+@dataclass(frozen=True)
+class ORPOStageConfig:
+    """ORPO: SFT and preference learning in one loss, no reference model (Hong et al. 2024)."""
+
+    policy: str = "tiny"  # the starting model: a base model or an SFT output (no reference is kept)
+    output_dir: str = "runs/tiny/orpo"
+    seed: int = 0
+    model_init: ModelInit = field(default_factory=ModelInit)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # pairs, any stage-2 format; null: the task's
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    loss: ORPOLossConfig = field(default_factory=ORPOLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))  # TRL's ORPO default
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
+
+    def check(self) -> None:
+        _check_pair_kinds(self.task, self.pairs)
+
+
+@dataclass(frozen=True)
+class CPOStageConfig:
+    """CPO and SimPO (`loss.type: simpo`): reference-free preference losses (Xu et al. 2024; Meng
+    et al. 2024)."""
+
+    policy: str = "tiny"  # the SFT output (no reference is kept)
+    output_dir: str = "runs/tiny/simpo"
+    seed: int = 0
+    model_init: ModelInit = field(default_factory=ModelInit)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # pairs, any stage-2 format; null: the task's
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    loss: CPOLossConfig = field(default_factory=CPOLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))  # TRL's CPO default
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
+
+    def check(self) -> None:
+        _check_pair_kinds(self.task, self.pairs)

@@ -99,7 +99,7 @@ def tiny_gpt2_config() -> GPT2Config:
 def qwen2_5_0_5b_config() -> Qwen2Config:
     """Qwen2.5-0.5B-Instruct's own architecture (its config.json on the hub), with our tokenizer's
     special ids: 494,032,768 parameters, 151,936 embedding rows tied to the LM head, 24 layers,
-    14 query heads sharing 2 key/value heads (GQA, head dim 64). For launch/smoke_real_shape.py:
+    14 query heads sharing 2 key/value heads (GQA, head dim 64). For tools/smoke_real_shape.py:
     real shapes (memory, step time) without a download; the weights are random."""
     return Qwen2Config(
         vocab_size=151_936,  # our tokenizer uses the first few hundred rows
@@ -131,7 +131,7 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen2": Preset(None, LLAMA_LIKE_TARGETS, tiny_qwen2_config, "test-sized Qwen2"),
     "tiny-mistral": Preset(None, LLAMA_LIKE_TARGETS, tiny_mistral_config, "test-sized Mistral"),
     "tiny-gpt2": Preset(None, GPT2_TARGETS, tiny_gpt2_config, "test-sized GPT-2"),
-    # Qwen2.5-0.5B's real shape, random weights: sizing runs without the hub (launch/smoke_real_shape.py).
+    # Qwen2.5-0.5B's real shape, random weights: sizing runs without the hub (tools/smoke_real_shape.py).
     "qwen2.5-0.5b-shape": Preset(
         None, LLAMA_LIKE_TARGETS, qwen2_5_0_5b_config, "Qwen2.5-0.5B's architecture, random init, our tokenizer"
     ),

@@ -13,6 +13,7 @@ DPOTrainer against the frozen reference -> train (resuming) -> save -> held-out 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -66,8 +67,10 @@ def train(cfg: DPOStageConfig) -> dict:
     held_out = load_held_out(DataConfig(test=cfg.data.test, test_split=cfg.data.test_split), cfg.task)
 
     # 3. Tokens: the chat-rendered prompt, then each answer and EOS (the sequence the policy writes).
-    max_length = context_length(cfg.data, tokenizer)
-    train_rows, over = limit_pair_length(encode_dpo_pairs(tokenizer, pairs.train), max_length, cfg.data.overlong)
+    max_length = context_length(cfg.data, tokenizer)  # data.max_length, or the model's context
+    train_rows, over = limit_pair_length(
+        encode_dpo_pairs(tokenizer, pairs.train), dataclasses.replace(cfg.data, max_length=max_length)
+    )
     if over:
         log.warning(
             "%d training pairs longer than data.max_length=%d were %s",
@@ -214,17 +217,17 @@ def encode_dpo_pairs(tokenizer, pairs: list[dict]) -> list[dict]:
     ]
 
 
-def limit_pair_length(rows: list[dict], max_length: int, overlong: str) -> tuple[list[dict], int]:
-    """(rows, n_over): a pair is over-long when prompt + its longer answer exceeds max_length
-    (data.max_length, or the model's context).
-    `drop` removes it; `truncate` keeps it for the collator to cut (keep the start), unless the
-    prompt alone fills max_length and no answer token would be left (TRL drops those too)."""
+def limit_pair_length(rows: list[dict], data: DataConfig) -> tuple[list[dict], int]:
+    """(rows, n_over): a pair is over-long when prompt + its longer answer exceeds data.max_length
+    (set: `context_length` resolves a null one first). `drop` removes it; `truncate` keeps it for
+    the collator to cut (keep the start), unless the prompt alone fills max_length and no answer
+    token would be left (TRL drops those too)."""
     longest = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
-    over = sum(n > max_length for n in longest)
-    if overlong == "drop":
-        kept = [r for r, n in zip(rows, longest, strict=True) if n <= max_length]
+    over = sum(n > data.max_length for n in longest)
+    if data.overlong == "drop":
+        kept = [r for r, n in zip(rows, longest, strict=True) if n <= data.max_length]
     else:
-        kept = [r for r in rows if len(r["prompt_ids"]) < max_length]
+        kept = [r for r in rows if len(r["prompt_ids"]) < data.max_length]
     return kept, over
 
 

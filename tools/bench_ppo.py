@@ -1,9 +1,9 @@
 """PPO throughput and memory, ours against TRL's, on the same models, prompts and settings.
 
-    python launch/bench_ppo.py                 # 3 runs x 10 updates each, every trainer
-    python launch/bench_ppo.py --runs 1 --updates 3 --only ours
-    python launch/bench_ppo.py --precision bf16     # every trainer in bf16 mixed precision
-    python launch/bench_ppo.py --only trl_grpo --only ours_grpo --only ours_grpo_gae   # GRPO's work
+    python -m tools.bench_ppo                 # 3 runs x 10 updates each, every trainer
+    python -m tools.bench_ppo --runs 1 --updates 3 --only ours
+    python -m tools.bench_ppo --precision bf16     # every trainer in bf16 mixed precision
+    python -m tools.bench_ppo --only trl_grpo --only ours_grpo --only ours_grpo_gae   # GRPO's work
 
 The fixed set-up: tiny random Llama models built from a config (policy: causal LM; one
 sequence-classification model as reward and value model), our tiny tokenizer, 64 prompts per
@@ -26,7 +26,7 @@ gives both sets of ratios: `ratio_vs_*` for the first, `ratio_shared_vs_*` for t
 
 GRPO's work (`ours_grpo`, `ours_grpo_gae`): our same stage-3 loop with
 `ppo.advantage_estimator=grpo` on exactly the work `trl_grpo` is configured for
-(launch/bench_peers/trl_grpo.py; tests/test_bench_parity.py checks the two configs). Matched:
+(tools/bench_peers/trl_grpo.py; tests/test_bench_parity.py checks the two configs). Matched:
   - 16 prompts x 4 completions = 64 episodes per update (rollout.prompts_per_step=16,
     samples_per_prompt=4; TRL num_generations=4, generation_batch_size=64), the same prompts file,
     chat-templated;
@@ -88,13 +88,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from rlhf.config import PPOStageConfig, load_config
 
-from rlhf.config import PPOStageConfig, load_config  # noqa: E402  (after the path insert)
+ROOT = Path(__file__).resolve().parents[1]
 
 BENCH_DIR = ROOT / ".bench"
-PEERS = ROOT / "launch" / "bench_peers"
 TRAINERS = ["ours", "ours_shared", "trl_ppo", "trl_ppo_nogc", "trl_grpo", "ours_grpo", "ours_grpo_gae"]
 SETUP = {
     "prompts_per_update": 64,
@@ -197,7 +195,7 @@ def ours_config(trainer: str, workdir: Path, updates: int, precision: str = "fp3
 
 
 def grpo_overrides(critic: bool) -> list[str]:
-    """TRL GRPO's work as launch/bench_peers/trl_grpo.py configures it (the module docstring lists
+    """TRL GRPO's work as tools/bench_peers/trl_grpo.py configures it (the module docstring lists
     each setting). Later overrides win over the ones above."""
     G = SETUP["grpo_generations"]
     return [
@@ -291,12 +289,12 @@ def one_run(trainer: str, updates: int, setup_dir: Path, precision: str) -> dict
     with tempfile.TemporaryDirectory(prefix=f"bench-{trainer}-") as tmp:
         shutil.copytree(setup_dir, tmp, dirs_exist_ok=True)
         if trainer.startswith("ours"):
-            cmd = [sys.executable, __file__, "--worker", trainer, "--workdir", tmp, "--updates", str(updates)]
-            cmd += ["--precision", precision]
+            cmd = [sys.executable, "-m", "tools.bench_ppo", "--worker", trainer, "--workdir", tmp]
+            cmd += ["--updates", str(updates), "--precision", precision]
         else:
             python = trl112_python() if trainer.startswith("trl_ppo") else sys.executable
-            script = "trl_ppo.py" if trainer.startswith("trl_ppo") else "trl_grpo.py"
-            cmd = [python, str(PEERS / script), "--workdir", tmp, "--updates", str(updates)]
+            peer = "trl_ppo" if trainer.startswith("trl_ppo") else "trl_grpo"
+            cmd = [python, "-m", f"tools.bench_peers.{peer}", "--workdir", tmp, "--updates", str(updates)]
             if trainer == "trl_ppo_nogc":
                 cmd.append("--skip-gc")
             if precision == "bf16":

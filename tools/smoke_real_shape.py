@@ -1,9 +1,9 @@
 """The configs/qwen2.5-0.5b/ pipeline at Qwen2.5-0.5B's real shape, on this machine: sizing figures
 without a GPU or a download.
 
-    python launch/smoke_real_shape.py                    # one process, then two-process ZeRO-3
-    python launch/smoke_real_shape.py --mode single      # or --mode zero3: one of them
-    python launch/smoke_real_shape.py --steps 2 --out /tmp/smoke --fresh
+    python -m tools.smoke_real_shape                    # one process, then two-process ZeRO-3
+    python -m tools.smoke_real_shape --mode single      # or --mode zero3: one of them
+    python -m tools.smoke_real_shape --steps 2 --out /tmp/smoke --fresh
 
 Stages run one at a time; the same command again skips the stages an earlier invocation finished
 (keeping their figures) and runs the rest, so the run can be split where a time limit needs it.
@@ -38,8 +38,6 @@ import socket
 import sys
 import threading
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rlhf.checkpoint import atomic_write_json, read_manifest
 from rlhf.pipeline import KINDS, load_pipeline, run

@@ -1,5 +1,5 @@
 """Benchmark peer: TRL's last PPO, `trl.experimental.ppo.PPOTrainer` from trl==1.12.0, on the set-up
-launch/bench_ppo.py saves in --workdir (policy/, reward/, prompts.jsonl). Run by bench_ppo.py in
+tools/bench_ppo.py saves in --workdir (policy/, reward/, prompts.jsonl). Run by bench_ppo.py in
 .bench/venv-trl112 (trl 1.12 over the project's packages); prints one JSON line.
 
 How "one update = 64 episodes, 4 minibatches, 2 PPO epochs" maps onto TRL 1.12's PPOConfig
@@ -20,12 +20,9 @@ import copy
 import gc
 import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> None:

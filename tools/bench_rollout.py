@@ -1,9 +1,9 @@
 """Rollout speed of the two engines, transformers' generate (`hf`) and vLLM (`vllm`), on the same
 random weights at the same precision, and one full PPO step's time split with each.
 
-    .venv-vllm/bin/python launch/bench_rollout.py --ppo-step         # every size, then the PPO step
-    .venv-vllm/bin/python launch/bench_rollout.py --sizes 1m,30m     # some sizes only
-    .venv-vllm/bin/python launch/bench_rollout.py --sizes 120m --ppo-step   # the largest, and the step
+    .venv-vllm/bin/python -m tools.bench_rollout --ppo-step         # every size, then the PPO step
+    .venv-vllm/bin/python -m tools.bench_rollout --sizes 1m,30m     # some sizes only
+    .venv-vllm/bin/python -m tools.bench_rollout --sizes 120m --ppo-step   # the largest, and the step
 
 Needs vLLM (`make vllm`). The set-up: random-weight decoders built from a config (~1M: a Llama of
 hidden 128 and a 2,048-token vocabulary; ~30M: a Qwen2 shape, hidden 512, 6 layers, GQA 8/2,
@@ -36,23 +36,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from rlhf.config import GenerationConfig, ModelInit, PPOStageConfig, load_config
+from rlhf.generation import ended_at
+from rlhf.precision import resolve_precision
+from rlhf.registry import stop_token_ids
+from rlhf.registry.tiny import build_tiny_tokenizer
+from rlhf.tracking import read_metrics
+from stages.ppo import train as ppo_train
+from stages.ppo.engines import HFEngine
+from stages.ppo.models import PolicyAndValue
+from stages.ppo.vllm_engine import VLLMEngine
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
-
-from rlhf.config import GenerationConfig, ModelInit, PPOStageConfig, load_config  # noqa: E402
-from rlhf.generation import ended_at  # noqa: E402
-from rlhf.precision import resolve_precision  # noqa: E402
-from rlhf.registry import stop_token_ids  # noqa: E402
-from rlhf.registry.tiny import build_tiny_tokenizer  # noqa: E402
-from rlhf.tracking import read_metrics  # noqa: E402
-from stages.ppo import train as ppo_train  # noqa: E402
-from stages.ppo.engines import HFEngine  # noqa: E402
-from stages.ppo.models import PolicyAndValue  # noqa: E402
-from stages.ppo.vllm_engine import VLLMEngine  # noqa: E402
 
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 64, 16, 256
 SHAPES = {
@@ -172,8 +171,8 @@ def main() -> None:
 def ppo_step_process(size: str, engine: str, workdir: str) -> dict:
     """`ppo_step` in a process of its own: the recipe builds its own Accelerator (bf16 mixed
     precision) and vLLM engine, which a process that already holds the rollout benchmark's cannot."""
-    cmd = [sys.executable, __file__, "--one-ppo-step", size, engine, workdir]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    cmd = [sys.executable, "-m", "tools.bench_rollout", "--one-ppo-step", size, engine, workdir]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=ROOT)
     print(done.stdout.strip().splitlines()[-2], flush=True)  # the step's one-line summary
     return json.loads(done.stdout.strip().splitlines()[-1])
 

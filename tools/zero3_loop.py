@@ -3,9 +3,9 @@ directory, and a count of their exit codes: the check that a stage ends cleanly 
 ZeRO-3 (a rare abort in the process group's teardown, `terminate called without an active
 exception`, once ended one run in a few).
 
-    python launch/zero3_loop.py --stage sft --runs 20
-    python launch/zero3_loop.py --stage ppo --runs 10 --log runs/zero3_loop.jsonl   # append, tally all
-    python launch/zero3_loop.py --stage rm --runs 20 --budget-s 450 --log runs/zero3_loop.jsonl  # stop in time
+    python -m tools.zero3_loop --stage sft --runs 20
+    python -m tools.zero3_loop --stage ppo --runs 10 --log runs/zero3_loop.jsonl   # append, tally all
+    python -m tools.zero3_loop --stage rm --runs 20 --budget-s 450 --log runs/zero3_loop.jsonl  # stop in time
 
 Each run is the tiny config, a few steps (the settings of tests/test_distributed.py), on CPU over
 gloo. RM and PPO start from a test-sized random policy and reward model saved once into the work
@@ -28,11 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from rlhf.config import ModelInit
+from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
 
-from rlhf.config import ModelInit  # noqa: E402
-from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ZERO3 = "configs/accelerate/zero3.yaml"
 SCRIPTS = {"sft": "launch/stage1_sft.py", "rm": "launch/stage2_rm.py", "ppo": "launch/stage3_ppo.py"}

@@ -1,4 +1,4 @@
-"""Benchmark peer: TRL 1.16's GRPOTrainer (this environment's trl) on the set-up launch/bench_ppo.py
+"""Benchmark peer: TRL 1.16's GRPOTrainer (this environment's trl) on the set-up tools/bench_ppo.py
 saves in --workdir. Prints one JSON line.
 
 The same rollout size as our PPO: 64 completions per generation (16 prompts x num_generations=4,
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +25,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from rlhf.cli import setup_cpu_threads  # after the path insert
+from rlhf.cli import setup_cpu_threads
 
 
 def grpo_config(setup: dict, output_dir: str, updates: int, bf16: bool) -> GRPOConfig:
     """TRL's settings for the bench's GRPO work (`setup`: the set-up's setup.json): `updates` timed
-    generations plus one warm-up. launch/bench_ppo.py's `ours_grpo` matches them (its docstring)."""
+    generations plus one warm-up. tools/bench_ppo.py's `ours_grpo` matches them (its docstring)."""
     E, G = setup["prompts_per_update"], setup["grpo_generations"]
     steps_per_update = setup["minibatches"] * setup["epochs"]
     return GRPOConfig(

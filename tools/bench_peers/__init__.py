@@ -1,0 +1,1 @@
+"""Benchmark peers: TRL's trainers on the set-up tools/bench_ppo.py saves, one process each."""
