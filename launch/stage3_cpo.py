@@ -8,9 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlhf.cli import run_stage
-from rlhf.config import CPOStageConfig
-from stages.preference.cpo import train
+from stages.commands import run_command
 
 if __name__ == "__main__":
-    sys.exit(run_stage(CPOStageConfig, train, str(Path(__file__).resolve().parents[1] / "configs/tiny/simpo.yaml")))
+    sys.exit(run_command("cpo"))  # the same as `rlhf cpo ...`; no --config: the generic defaults

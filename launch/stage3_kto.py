@@ -8,9 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlhf.cli import run_stage
-from rlhf.config import KTOStageConfig
-from stages.preference.kto import train
+from stages.commands import run_command
 
 if __name__ == "__main__":
-    sys.exit(run_stage(KTOStageConfig, train, str(Path(__file__).resolve().parents[1] / "configs/tiny/kto.yaml")))
+    sys.exit(run_command("kto"))  # the same as `rlhf kto ...`; no --config: the generic defaults

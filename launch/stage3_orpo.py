@@ -8,9 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlhf.cli import run_stage
-from rlhf.config import ORPOStageConfig
-from stages.preference.orpo import train
+from stages.commands import run_command
 
 if __name__ == "__main__":
-    sys.exit(run_stage(ORPOStageConfig, train, str(Path(__file__).resolve().parents[1] / "configs/tiny/orpo.yaml")))
+    sys.exit(run_command("orpo"))  # the same as `rlhf orpo ...`; no --config: the generic defaults

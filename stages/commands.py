@@ -2,7 +2,7 @@
 console script calls them from anywhere (`pip install .` ships rlhf/ and stages/, not launch/):
 
     rlhf sft model=HuggingFaceTB/SmolLM2-135M-Instruct data.train=mine.jsonl output_dir=runs/me/sft
-    rlhf rm | ppo | dpo | label [--config FILE] [key.sub=value ...]
+    rlhf rm | ppo | dpo | kto | orpo | cpo | label [--config FILE] [key.sub=value ...]
     rlhf pipeline [--config FILE] [key=value ...]     # also plain `rlhf [--config FILE] ...`
 
 A stage without --config runs the generic defaults (rlhf/config: no task, your data, settings for a
@@ -15,7 +15,16 @@ import importlib
 import sys
 
 from rlhf.cli import run_stage
-from rlhf.config import DPOStageConfig, LabelStageConfig, PPOStageConfig, RMStageConfig, SFTStageConfig
+from rlhf.config import (
+    CPOStageConfig,
+    DPOStageConfig,
+    KTOStageConfig,
+    LabelStageConfig,
+    ORPOStageConfig,
+    PPOStageConfig,
+    RMStageConfig,
+    SFTStageConfig,
+)
 from rlhf.pipeline import main as pipeline_main
 
 # command -> (config class, "module:function" of its recipe). The recipe is imported by name when
@@ -26,6 +35,9 @@ STAGE_COMMANDS: dict[str, tuple[type, str]] = {
     "ppo": (PPOStageConfig, "stages.ppo.train:train"),
     "dpo": (DPOStageConfig, "stages.dpo.train:train"),
     "label": (LabelStageConfig, "stages.reward.label:label"),
+    "kto": (KTOStageConfig, "stages.preference.kto:train"),
+    "orpo": (ORPOStageConfig, "stages.preference.orpo:train"),
+    "cpo": (CPOStageConfig, "stages.preference.cpo:train"),  # SimPO too: loss.type=simpo
 }
 
 

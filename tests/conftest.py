@@ -29,6 +29,9 @@ TINY_CONFIGS = {
     "launch/stage3_ppo.py": "configs/tiny/ppo.yaml",
     "launch/stage3_dpo.py": "configs/tiny/dpo.yaml",
     "launch/stage2_label.py": "configs/tiny/label.yaml",
+    "launch/stage3_kto.py": "configs/tiny/kto.yaml",
+    "launch/stage3_orpo.py": "configs/tiny/orpo.yaml",
+    "launch/stage3_cpo.py": "configs/tiny/simpo.yaml",
 }
 
 
@@ -57,7 +60,9 @@ def run_entry(script: str, *args: str, timeout: int = 600, env: dict | None = No
         raise AssertionError(f"run_entry({script}) from a test not marked slow: add @pytest.mark.slow (docs/tests.md)")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *tiny_config(script, args), *args],
+        # the config after the overrides (they apply after it wherever they stand), so the command a
+        # stage records (its model card) starts as the test wrote it
+        [sys.executable, str(ROOT / script), *args, *tiny_config(script, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -2,6 +2,7 @@
 generic defaults (no task, rlhf/config's settings), never the tiny recipe's; and the installed
 console script `rlhf` runs a stage from any directory, without the checkout's launch/ or configs/."""
 
+import importlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from rlhf.cli import parse
 from rlhf.config import DataConfig, ModelInit, SFTStageConfig
 from rlhf.data.lengths import UNSTATED_CONTEXT, context_length
 from rlhf.registry import load_tokenizer, resolve
+from stages.commands import STAGE_COMMANDS
 
 EXAMPLES = ROOT / "data" / "examples"
 
@@ -26,6 +28,15 @@ def test_no_config_is_the_generic_defaults_not_the_tiny_recipe():
     assert cfg.optim.lr == 1e-4 and cfg.data.max_length is None  # not configs/tiny/sft.yaml's 1e-3 and 64
     tiny, _ = parse(SFTStageConfig, str(ROOT / "configs/tiny/sft.yaml"), [])
     assert tiny.task.name == "subtraction" and tiny.optim.lr == 1e-3 and tiny.data.max_length == 64
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_COMMANDS))
+def test_every_stage_command_defaults_to_no_task_and_the_models_context(name):
+    config_class, target = STAGE_COMMANDS[name]
+    cfg, _ = parse(config_class, None, ["reward_model=runs/x/rm"] if name == "ppo" else [])
+    assert cfg.task.name is None and cfg.data.max_length is None
+    module, _, function = target.partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
 
 
 def test_max_length_is_the_models_context_unless_set():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from rlhf.config import CPOStageConfig
+from rlhf.data.lengths import context_length
 from rlhf.hf_trainer import trainer_kwargs
 from rlhf.precision import Precision
 from stages.dpo.train import encode_dpo_pairs
@@ -22,7 +23,7 @@ class TokenCPOTrainer(TokenRows, CPOTrainer):
     """TRL's CPOTrainer on pairs we tokenise ourselves (stages/preference/paired.py)."""
 
 
-def cpo_args(cfg: CPOStageConfig, out, precision: Precision) -> CPOConfig:
+def cpo_args(cfg: CPOStageConfig, out, precision: Precision, max_length: int) -> CPOConfig:
     return CPOConfig(
         **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
         loss_type=cfg.loss.type,
@@ -30,7 +31,7 @@ def cpo_args(cfg: CPOStageConfig, out, precision: Precision) -> CPOConfig:
         simpo_gamma=cfg.loss.gamma,
         cpo_alpha=cfg.loss.alpha,
         label_smoothing=cfg.loss.label_smoothing,
-        max_length=cfg.data.max_length,  # rows arrive cut to it (limit_and_label)
+        max_length=max_length,  # rows arrive cut to it (limit_and_label)
         disable_dropout=True,
         remove_unused_columns=False,  # the collator reads every column
         prediction_loss_only=True,
@@ -41,7 +42,7 @@ def cpo_args(cfg: CPOStageConfig, out, precision: Precision) -> CPOConfig:
 def build_cpo_trainer(cfg, policy, ref_policy, tokenizer, out, precision, train_ds, eval_ds) -> CPOTrainer:
     return TokenCPOTrainer(
         model=policy,
-        args=cpo_args(cfg, out, precision),
+        args=cpo_args(cfg, out, precision, context_length(cfg.data, tokenizer)),  # null: the model's context
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,

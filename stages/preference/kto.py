@@ -14,6 +14,7 @@ from trl import KTOConfig, KTOTrainer
 
 from rlhf.config import DataConfig, KTOStageConfig
 from rlhf.data import load_records
+from rlhf.data.lengths import context_length
 from rlhf.data.unpaired import as_unpaired, unpair
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import trainer_kwargs
@@ -106,14 +107,14 @@ def limit_unpaired_length(rows: list[dict], data: DataConfig) -> tuple[list[dict
     return [r for r in rows if len(r["prompt_ids"]) < data.max_length], over
 
 
-def kto_args(cfg: KTOStageConfig, out, precision: Precision) -> KTOConfig:
+def kto_args(cfg: KTOStageConfig, out, precision: Precision, max_length: int) -> KTOConfig:
     return KTOConfig(
         **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
         beta=cfg.loss.beta,
         loss_type=cfg.loss.type,
         desirable_weight=cfg.loss.desirable_weight,
         undesirable_weight=cfg.loss.undesirable_weight,
-        max_length=cfg.data.max_length,  # the collator keeps the start of over-long rows (data.overlong: truncate)
+        max_length=max_length,  # the collator keeps the start of over-long rows (data.overlong: truncate)
         disable_dropout=True,  # the policy and the reference must score an answer the same way at step 0
         prediction_loss_only=True,
         dataset_num_proc=None,
@@ -124,7 +125,7 @@ def build_kto_trainer(cfg, policy, ref_policy, tokenizer, out, precision, train_
     trainer = TokenKTOTrainer(
         model=policy,
         ref_model=ref_policy,
-        args=kto_args(cfg, out, precision),
+        args=kto_args(cfg, out, precision, context_length(cfg.data, tokenizer)),  # null: the model's context
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from rlhf.config import ORPOStageConfig
+from rlhf.data.lengths import context_length
 from rlhf.hf_trainer import trainer_kwargs
 from rlhf.precision import Precision
 from stages.dpo.train import encode_dpo_pairs
@@ -21,11 +22,11 @@ class TokenORPOTrainer(TokenRows, ORPOTrainer):
     """TRL's ORPOTrainer on pairs we tokenise ourselves (stages/preference/paired.py)."""
 
 
-def orpo_args(cfg: ORPOStageConfig, out, precision: Precision) -> ORPOConfig:
+def orpo_args(cfg: ORPOStageConfig, out, precision: Precision, max_length: int) -> ORPOConfig:
     return ORPOConfig(
         **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
         beta=cfg.loss.beta,
-        max_length=cfg.data.max_length,  # rows arrive cut to it (limit_and_label)
+        max_length=max_length,  # rows arrive cut to it (limit_and_label)
         disable_dropout=True,
         remove_unused_columns=False,  # the collator reads every column
         prediction_loss_only=True,
@@ -36,7 +37,7 @@ def orpo_args(cfg: ORPOStageConfig, out, precision: Precision) -> ORPOConfig:
 def build_orpo_trainer(cfg, policy, ref_policy, tokenizer, out, precision, train_ds, eval_ds) -> ORPOTrainer:
     return TokenORPOTrainer(
         model=policy,
-        args=orpo_args(cfg, out, precision),
+        args=orpo_args(cfg, out, precision, context_length(cfg.data, tokenizer)),  # null: the model's context
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
