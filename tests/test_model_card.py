@@ -61,6 +61,7 @@ def test_the_command_is_the_one_typed(monkeypatch):
     assert launch_command(["launch/stage1_sft.py"]) == "accelerate launch --num_processes 4 launch/stage1_sft.py"
 
 
+@pytest.mark.slow  # launches a stage
 def test_push_offline_is_refused_with_one_line_before_anything_loads(tmp_path):
     out = tmp_path / "dpo"
     result = run_entry(

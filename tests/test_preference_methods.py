@@ -82,6 +82,7 @@ METHODS = [
 ]
 
 
+@pytest.mark.slow  # launches the stage
 @pytest.mark.parametrize("script, name, extra", METHODS, ids=[m[1] for m in METHODS])
 def test_each_method_learns_the_pairs(sft_dir, pair_file, tmp_path, script, name, extra):
     """A few steps on 16 pairs, scored on the same pairs before and after: the implicit reward's
@@ -115,6 +116,7 @@ def test_each_method_learns_the_pairs(sft_dir, pair_file, tmp_path, script, name
     assert f"launch/{script} policy={sft_dir}" in card and f"`{pair_file}" in card
 
 
+@pytest.mark.slow  # launches the stage
 @pytest.mark.parametrize(
     "script, record, words",
     [

@@ -272,7 +272,7 @@ class PPOConfig:
     entropy_coef: float = 0.0  # weight of the entropy bonus
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE λ
-    # stages/ppo/advantages.py ESTIMATORS: gae, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline (README's
+    # stages/ppo/advantages.py ESTIMATORS: gae, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline (docs/ppo.md
     # table); one needing no critic builds no value model; grpo, dr_grpo, rloo and reinforce_pp_baseline need
     # rollout.samples_per_prompt > 1
     advantage_estimator: str = "gae"

@@ -6,7 +6,7 @@ The seed asks `请计算：x - y = ，直接返回计算结果` and expects the 
 Its scripts draw x = int(random() * 10**dx), dy = int(random() * dx) + 1, y = int(random() * 10**dy);
 `sample_item` draws the same way, from a seeded `random.Random` so files are reproducible.
 
-Two deliberate differences from the seed's scripts, both documented in the README:
+Two deliberate differences from the seed's scripts, both documented in docs/data.md:
 - the seed's SFT script writes `%d + %d` in the question while the answer is x − y (a typo in
   the post); our SFT generator writes `-`. Files written by the seed's script still load.
 - run verbatim, the seed's SFT script writes raw newlines inside JSON strings (its `\\n` are

@@ -2,7 +2,7 @@
 per process, no server), with its own copy of the policy's weights that `update_weights` refreshes
 in place after every optimizer phase (no save/load through disk).
 
-vLLM is an optional extra (`pip install -e '.[vllm]'`, see the README): this module imports it
+vLLM is an optional extra (`pip install -e '.[vllm]'`, see docs/install.md): this module imports it
 only when an engine is built, so the tiny default runs without it. On a CPU the colocated engine
 needs vLLM's in-process core (VLLM_ENABLE_V1_MULTIPROCESSING=0, so that its model is this
 process's module and weights can be copied into it), eager mode, and a KV cache of
@@ -63,7 +63,7 @@ class VLLMEngine:
     ):
         if not vllm_available():
             raise ImportError(
-                "rollout.engine: vllm needs the vllm extra: `make vllm` (or see the README's 'vLLM rollouts')"
+                "rollout.engine: vllm needs the vllm extra: `make vllm` (or see docs/install.md, 'vLLM rollouts')"
             )
         for key, value in CPU_DEFAULTS.items():
             os.environ.setdefault(key, value)
