@@ -161,11 +161,20 @@ def response_texts(
     tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, stop_ids: Sequence[int]
 ) -> list[str]:
     """The text of each response before its first stop token (the stop, and the pads after it, left
-    out even where the stop is not a special token), special tokens removed."""
+    out even where the stop is not a special token), special tokens removed. For transformers'
+    generate, which pads a row only after its stop; an engine's rows: `decode_responses`."""
     ended, length = ended_at(response_ids, stop_ids)
+    return decode_responses(tokenizer, response_ids, length, ended)
+
+
+def decode_responses(
+    tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor
+) -> list[str]:
+    """The text of each response's first `lengths` tokens, less its stop token where it `ended`
+    there, special tokens removed. (B, R), (B,), (B,) -> B strings."""
     rows = [
         row[: n - 1 if e else n]
-        for row, n, e in zip(response_ids.tolist(), length.tolist(), ended.tolist(), strict=True)
+        for row, n, e in zip(response_ids.tolist(), lengths.tolist(), ended.tolist(), strict=True)
     ]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
 

@@ -291,3 +291,33 @@ def test_with_lora_the_reference_is_the_policy_with_its_adapter_off(tmp_path):
         pi_c, _ = response_logprob(trainer.model, tokenizer, pair["prompt"][0]["content"], "35")
         pi_r, _ = response_logprob(trainer.model, tokenizer, pair["prompt"][0]["content"], "45")
     assert got == pytest.approx(sigmoid_dpo(pi_c, pi_r, ref_c, ref_r, cfg.loss.beta), rel=1e-4, abs=1e-5)
+
+
+def test_full_fine_tuning_reference_computes_as_the_policy_at_step_0(tmp_path):
+    """bf16 weights with full fine-tuning (as on a bf16 GPU) train fp32 weights under bf16 autocast; the
+    frozen reference must be built the same way, or every embedding and norm differs and the first loss
+    is not −log σ(0) = log 2."""
+    from stages.dpo.train import _build_trainer
+
+    cfg = load_config(
+        DPOStageConfig,
+        ROOT / "configs/tiny/dpo.yaml",
+        ["policy=tiny-llama", f"output_dir={tmp_path}", "loss.sft_coef=0", "model_init.dtype=bfloat16"],
+    )
+    process_state()
+    precision = resolve_precision(cfg.model_init)
+    assert precision.mixed == "bf16" and precision.trained_dtype == torch.float32
+    source = resolve("tiny-llama")
+    tokenizer = load_tokenizer(source, cfg.model_init)
+    pair = {
+        "prompt": [{"role": "user", "content": "请计算：52 - 17 = ，直接返回计算结果"}],
+        "chosen": [{"role": "assistant", "content": "35"}],
+        "rejected": [{"role": "assistant", "content": "45"}],
+    }
+    rows = encode_dpo_pairs(tokenizer, [pair])
+    trainer = _build_trainer(cfg, source, tokenizer, precision, tmp_path, rows, None)
+    assert next(trainer.ref_model.parameters()).dtype == next(trainer.model.parameters()).dtype == torch.float32
+    trainer.model.eval()
+    with torch.no_grad(), trainer.accelerator.autocast():
+        got = trainer.compute_loss(trainer.model, trainer.data_collator(rows)).item()
+    assert got == math.log(2) or abs(got - math.log(2)) < 1e-7

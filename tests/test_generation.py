@@ -8,7 +8,7 @@ from scripted_model import END_OF_TURN, bigram_policy, tokenizer_with_end_of_tur
 
 from rlhf.config import GenerationConfig, ModelInit
 from rlhf.evaluation import response_rows
-from rlhf.generation import generate_ids, generate_text, left_pad, render_prompts
+from rlhf.generation import ended_at, generate_ids, generate_text, left_pad, render_prompts
 from rlhf.registry import build_policy, last_token_index, load_tokenizer, resolve, stop_token_ids
 
 INIT = ModelInit()
@@ -79,7 +79,7 @@ def test_sampled_logprobs_equal_a_forward_of_the_policy():
     torch.manual_seed(0)
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20)
     query, response, logprobs = generate_ids(policy, tokenizer, rows, gen, with_logprobs=True)
-    mask, _ = response_mask(response, stop_token_ids(tokenizer, policy.generation_config))
+    mask = response_mask(ended_at(response, stop_token_ids(tokenizer, policy.generation_config))[1], response.shape[1])
     input_ids = torch.cat([query, response], 1)
     attention_mask = torch.cat([(query != tokenizer.pad_token_id).long(), mask], 1)
     with torch.no_grad():
@@ -111,8 +111,9 @@ def test_generation_stops_at_the_templates_end_of_turn():
 
     query, response, _ = generate_ids(policy, tokenizer, render_prompts(tokenizer, PROMPTS), gen)
     assert response.tolist() == [[four, two, eot]] * 2  # stopped: nothing generated after it
-    sampled = Generated(prompt_ids=query, response_ids=response, logprobs=None)
-    input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer, stops)
+    ended, lengths = ended_at(response, stops)  # as the hf engine reports them
+    sampled = Generated(prompt_ids=query, response_ids=response, logprobs=None, lengths=lengths, ended=ended)
+    input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer)
     assert has_eos.tolist() == [True, True]  # no missing-EOS penalty
     assert resp_mask.tolist() == [[1, 1, 1]] * 2
     read_at = input_ids.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
@@ -137,6 +138,7 @@ def test_sampled_rollout_stops_at_the_end_of_turn():
     out = engine.generate(render_prompts(tokenizer, PROMPTS), gen, with_logprobs=True)
     assert out.response_ids.tolist() == [[seven, eot]] * 2
     assert out.logprobs.shape == (2, 2) and (out.logprobs > -1e-6).all()  # each token's probability ~1
+    assert out.lengths.tolist() == [2, 2] and out.ended.tolist() == [True, True]  # the engine says where each ended
 
 
 def test_held_out_rm_score_reads_the_generated_tokens_as_a_rollout_does():
@@ -146,7 +148,6 @@ def test_held_out_rm_score_reads_the_generated_tokens_as_a_rollout_does():
 
     from rlhf.data import HeldOut
     from rlhf.evaluation import evaluate_held_out, evaluate_in_loop, score_sequences
-    from rlhf.generation import ended_at
     from rlhf.registry import build_scalar_model
     from rlhf.tasks.subtraction import PROMPT
 
@@ -182,3 +183,41 @@ def policy_wrapper(policy):
     wrapper = torch.nn.Module()
     wrapper.policy = policy
     return wrapper
+
+
+def test_a_cut_off_response_padded_with_a_stop_id_is_not_finished():
+    """Qwen2.5's pad id is also a stop id (<|endoftext|>). A response vLLM cut off at max_model_len is shorter
+    than the batch and padded with it: read from the padding it would look finished (no missing-EOS penalty,
+    the pad trained as its EOS). The engine says each row's length and whether it stopped; the rollout uses
+    that. Also through the vLLM engine's conversion of its outputs, and dynamic sampling's concatenation."""
+    from types import SimpleNamespace
+
+    from stages.ppo.rollout import Generated
+    from stages.ppo.sampling import _cat_groups, episode_tensors
+    from stages.ppo.vllm_engine import as_generated
+
+    tokenizer = SimpleNamespace(pad_token_id=0)  # 0: pad and a stop id
+    query = torch.tensor([[5, 6], [0, 7]])
+    response = torch.tensor([[8, 9, 0, 0], [8, 8, 8, 8]])  # row 0: cut off after 2 tokens, then pads (= stop id)
+    sampled = Generated(
+        prompt_ids=query,
+        response_ids=response,
+        logprobs=None,
+        lengths=torch.tensor([2, 4]),
+        ended=torch.tensor([False, False]),
+    )
+    _, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer)
+    assert has_eos.tolist() == [False, False]
+    assert resp_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert attention_mask[0].tolist() == [1, 1, 1, 1, 0, 0]  # the reward model is read at the last real token
+
+    finished = SimpleNamespace(token_ids=[8, 0], finish_reason="stop", logprobs=None)  # stopped at its stop id
+    cut = SimpleNamespace(token_ids=[8, 9], finish_reason="length", logprobs=None)  # max_model_len
+    long = SimpleNamespace(token_ids=[8, 8, 8, 8], finish_reason="length", logprobs=None)
+    outputs = [SimpleNamespace(outputs=[o]) for o in (finished, cut, long)]
+    got = as_generated(outputs, [[5, 6], [7], [7]], pad_id=0, with_logprobs=False)
+    assert got.response_ids.tolist() == [[8, 0, 0, 0], [8, 9, 0, 0], [8, 8, 8, 8]]
+    assert got.lengths.tolist() == [2, 2, 4] and got.ended.tolist() == [True, False, False]
+
+    both = _cat_groups([(got, 0, 0), (sampled, 1, 1)], 1, pad_id=0)  # group size 1: row g of each
+    assert both.lengths.tolist() == [2, 4] and both.ended.tolist() == [True, False]

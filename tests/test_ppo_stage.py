@@ -647,3 +647,47 @@ def test_a_minibatch_gradient_does_not_depend_on_how_it_is_split(agg):
         worst = max((a - b).abs().max().item() for a, b in zip(one, other, strict=True))
         assert worst < 1e-6, f"{agg}: the gradient moved by {worst:.2e} when the minibatch was split"
     assert max(g.abs().max().item() for g in one) > 1e-3  # a gradient that is there
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "precision",
+    [
+        ["model_init.dtype=float32", "model_init.mixed_precision=null"],
+        ["model_init.dtype=float32", "model_init.mixed_precision=bf16"],
+        ["model_init.dtype=bfloat16"],
+    ],
+    ids=["fp32", "fp32-autocast", "bf16-weights"],
+)
+def test_rollout_kl_is_exactly_zero_before_any_update(precision, lora):
+    """At step 0 the policy is the reference, so the rollout's KL must be exactly 0 in every precision the
+    configs allow. bf16 weights with full fine-tuning (as on a bf16 GPU) train fp32 weights under bf16
+    autocast; a reference kept in bf16 then computes every norm and embedding differently."""
+    from accelerate import Accelerator
+
+    from rlhf.precision import resolve_precision
+    from stages.ppo.advantages import ESTIMATORS
+    from stages.ppo.engines import build_engine
+    from stages.ppo.kl import KLController
+    from stages.ppo.models import build_models
+    from stages.ppo.sampling import load_prompts
+    from stages.ppo.scores import RunningMoments
+    from stages.ppo.train import make_rollout
+
+    overrides = ["policy=tiny-llama", "reward_model=tiny-llama", "rollout.prompts_per_step=4", "ppo.minibatches=1"]
+    overrides += [*precision, *(["lora.enabled=true", "lora.r=4"] if lora else [])]
+    # π_old from a forward, as in every bf16 mode: in fp32 the default takes it from the KV-cached sampling
+    # pass, equal to a forward up to fp32 rounding (|KL| ≤ 1e-6 here), which is not what is tested here
+    overrides += ["rollout.logprobs_from_generation=false"]
+    cfg = _ppo_config(*overrides)
+    resolved = resolve_precision(cfg.model_init)
+    accelerator = Accelerator(mixed_precision=resolved.mixed, cpu=True)
+    models = build_models(cfg, accelerator, ESTIMATORS["gae"], resolved)
+    if lora:  # an adapter that is not zero yet would make the policy differ from its adapter-off reference
+        assert all(p.abs().sum() == 0 for n, p in models.model.named_parameters() if "lora_B" in n)
+    data = load_prompts(cfg, models.tokenizer)
+    engine = build_engine("hf", models.model, models.tokenizer, accelerator, resolved, cfg.rollout)
+    kl_ctl = KLController(cfg.ppo.kl_coef)
+    rollout, *_ = make_rollout(models, engine, data, [0, 1, 2, 3], cfg, kl_ctl, RunningMoments(), accelerator, 0)
+    assert rollout.response_mask.sum() > 0
+    assert torch.equal(rollout.logprobs, rollout.ref_logprobs) and rollout.kl.abs().max().item() == 0.0

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from conftest import ROOT
 from rlhf.config import GenerationConfig, ModelInit, PPOStageConfig, load_config
-from rlhf.generation import render_prompts
+from rlhf.generation import ended_at, render_prompts
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, load_tokenizer, resolve, stop_token_ids
 from stages.ppo.engines import HFEngine, resolve_engine
@@ -37,7 +37,8 @@ def forward_logprobs(policy, prompt_ids, response_ids, tokenizer, temperature):
     the response mask (1 up to and including the first stop token), as PPO builds them
     (stages/ppo/sampling.py `episode_tensors`): a response may hold the pad id as a sampled token,
     which counts and is attended to like any other (a random policy samples it)."""
-    mask, _ = response_mask(response_ids, stop_token_ids(tokenizer, policy.generation_config))
+    _, lengths = ended_at(response_ids, stop_token_ids(tokenizer, policy.generation_config))
+    mask = response_mask(lengths, response_ids.shape[1])
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention = torch.cat([(prompt_ids != tokenizer.pad_token_id).long(), mask], dim=1)  # left pads only
     with torch.no_grad():

@@ -171,12 +171,17 @@ def build_policy(
     seed: int = 0,
     precision: Precision | None = None,
     trained: bool = False,
+    reference: bool = False,
 ) -> PreTrainedModel:
     """A causal LM (an adapter from an earlier stage is merged in), optionally LoRA-wrapped.
     `precision`: the stage's resolved one; None resolves it from `init` (tests, tools).
-    `trained`: the stage trains this model (its trainable parameters get `precision.trained_dtype`)."""
+    `trained`: the stage trains this model (its trainable parameters get `precision.trained_dtype`).
+    `reference`: a frozen copy of a policy the stage trains in full (PPO's and DPO's reference),
+    loaded in the trained dtype too, so that before any update it computes exactly as the policy:
+    bf16 weights beside the policy's fp32 ones under bf16 autocast differ in every embedding and
+    norm (rollout KL 1.5e-3 at step 0 on the tiny model)."""
     precision = precision or resolve_precision(init)
-    dtype = _load_dtype(precision, lora, trained)
+    dtype = _load_dtype(precision, lora, trained or reference)
     with _whole_to_merge(source):
         model = _load(AutoModelForCausalLM, source, init, precision, seed, dtype)
         if source.adapter:

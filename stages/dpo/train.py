@@ -139,7 +139,8 @@ def _build_trainer(cfg, source, tokenizer, precision: Precision, out: Path, trai
     policy = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True)
     ref_policy = None
     if not cfg.lora.enabled:
-        ref_policy = build_policy(source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision)
+        # in the policy's dtype: the two must score a pair the same way at step 0 (rlhf/registry build_policy)
+        ref_policy = build_policy(source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision, reference=True)
         ref_policy.requires_grad_(False).eval()
     trainer = PairDPOTrainer(
         model=policy,

@@ -22,8 +22,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import GenerationConfig, RolloutConfig
-from rlhf.generation import gathered_for_generation, generate_ids
+from rlhf.generation import ended_at, gathered_for_generation, generate_ids
 from rlhf.precision import Precision
+from rlhf.registry import stop_token_ids
 from stages.ppo.rollout import Generated
 from stages.ppo.vllm_engine import VLLMEngine, vllm_available
 
@@ -67,7 +68,9 @@ class HFEngine:
                 )
             finally:
                 unwrapped.train()
-        return Generated(prompt_ids=query, response_ids=response, logprobs=logprobs)
+        # transformers' generate pads a row only after it stopped, so its first stop token is where it ended
+        ended, lengths = ended_at(response, stop_token_ids(self.tokenizer, unwrapped.policy.generation_config))
+        return Generated(prompt_ids=query, response_ids=response, logprobs=logprobs, lengths=lengths, ended=ended)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         pass  # samples from the trained module itself

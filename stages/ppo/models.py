@@ -207,7 +207,9 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         ref_source = resolve(cfg.reference) if cfg.reference else policy_source
         if cfg.reference:
             _check_same_tokenizer(tokenizer, load_tokenizer(ref_source, cfg.model_init), cfg.reference, "reference")
-        ref_policy = freeze(build_policy(ref_source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision))
+        ref_policy = freeze(
+            build_policy(ref_source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision, reference=True)
+        )
     reward_model = None
     if cfg.reward_model:
         rm_source = resolve(cfg.reward_model)

@@ -7,12 +7,9 @@ stop token: EOS or the chat template's end of turn (rlhf/registry/turns.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
-
-from rlhf.generation import ended_at
 
 
 @dataclass
@@ -23,6 +20,11 @@ class Generated:
     prompt_ids: torch.Tensor  # (B, P) left-padded with the pad id
     response_ids: torch.Tensor  # (B, R) right-padded with the pad id after EOS
     logprobs: torch.Tensor | None  # (B, R) fp32 log-probs of the sampled tokens, or None if not asked
+    # what the engine says of each row, never read off the padding (a pad id may also be a stop id):
+    lengths: torch.Tensor  # (B,) long, the response's tokens up to and including its stop token
+    ended: (
+        torch.Tensor
+    )  # (B,) bool, it stopped at a stop token (False: cut off at max_new_tokens or the model's length)
 
 
 @dataclass(kw_only=True)
@@ -70,10 +72,8 @@ def _rows(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t[index]
 
 
-def response_mask(response_ids: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, has_eos): mask (B, R) is 1 up to and including the first stop token, EOS or the
-    template's end of turn (everything, if the response was cut off at max_new_tokens); has_eos
-    (B,) says whether the response stopped by itself."""
-    has_eos, length = ended_at(response_ids, stop_ids)
-    positions = torch.arange(response_ids.shape[1], device=response_ids.device)
-    return (positions[None, :] < length[:, None]).long(), has_eos
+def response_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width): 1 on each response's first `lengths` tokens (up to and including its stop token,
+    EOS or the template's end of turn; all of it if cut off), 0 on the padding after."""
+    positions = torch.arange(width, device=lengths.device)
+    return (positions[None, :] < lengths[:, None]).long()

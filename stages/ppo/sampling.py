@@ -5,7 +5,6 @@ with DAPO's dynamic sampling when configured."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +129,7 @@ def sample_groups(models, engine, data, batch, cfg, accelerator, step: int, with
         prompts = batch if tries == 0 else prompt_batch(len(data.prompt_ids), step, len(batch), accelerator, seed)
         episodes, sampled = draw(prompts)
         tries += 1
-        input_ids, attention_mask, _, has_eos = episode_tensors(sampled, models.tokenizer, models.stop_ids)
+        input_ids, attention_mask, _, has_eos = episode_tensors(sampled, models.tokenizer)
         raw = score_episodes(
             models, data, episodes, input_ids, attention_mask, sampled.response_ids, has_eos, cfg, accelerator
         )
@@ -149,8 +148,8 @@ def sample_groups(models, engine, data, batch, cfg, accelerator, step: int, with
 
 def _cat_groups(chosen: list, n: int, pad_id: int) -> Generated:
     """The rows of the chosen groups (sampled, group index, _) as one batch: prompts left-padded and
-    responses right-padded with the pad id to the widest. A response cut off at max_new_tokens is
-    already the widest, so padding never follows one (an EOS-valued pad cannot fake its end)."""
+    responses right-padded with the pad id to the widest, each row's length and finish kept as the
+    engine said them."""
     P = max(s.prompt_ids.shape[1] for s, _, _ in chosen)
     R = max(s.response_ids.shape[1] for s, _, _ in chosen)
     prompts, responses, logprobs = [], [], []
@@ -164,15 +163,18 @@ def _cat_groups(chosen: list, n: int, pad_id: int) -> Generated:
         prompt_ids=torch.cat(prompts),
         response_ids=torch.cat(responses),
         logprobs=torch.cat(logprobs) if logprobs else None,
+        lengths=torch.cat([s.lengths[g * n : (g + 1) * n] for s, g, _ in chosen]),
+        ended=torch.cat([s.ended[g * n : (g + 1) * n] for s, g, _ in chosen]),
     )
 
 
-def episode_tensors(sampled: Generated, tokenizer, stop_ids: Sequence[int]):
+def episode_tensors(sampled: Generated, tokenizer):
     """(input_ids (B, P + R), attention_mask (B, P + R), response mask (B, R), has_eos (B,)). A
-    response ends at its first stop token (`stop_ids`: EOS or the template's end of turn); the
-    attention mask ends there too, so the reward model is read at that token."""
+    response ends where the engine says (`sampled.lengths`: at its stop token, EOS or the template's
+    end of turn, or where it was cut off), never where padding seems to say: a pad id may also be a
+    stop id. The attention mask ends there too, so the reward model is read at that token."""
     query, response = sampled.prompt_ids, sampled.response_ids
-    resp_mask, has_eos = response_mask(response, stop_ids)  # (B, R), (B,)
+    resp_mask, has_eos = response_mask(sampled.lengths, response.shape[1]), sampled.ended  # (B, R), (B,)
     # left pads are the only pads in a left-padded prompt; the pad id never appears inside one
     input_ids = torch.cat([query, response], dim=1)  # (B, P + R)
     attention_mask = torch.cat([(query != tokenizer.pad_token_id).long(), resp_mask], dim=1)  # (B, P + R)

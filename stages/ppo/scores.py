@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from rlhf.config.stages import PPORewardConfig, RemoteRewardConfig
-from rlhf.generation import response_texts
+from rlhf.generation import decode_responses
 from rlhf.registry import sequence_scores
 from rlhf.reward_client import RemoteRewardError, RewardClient, ServedModelChanged
 from rlhf.reward_functions import call_reward_function, row_fields
@@ -135,7 +135,8 @@ def gold_scores(task_name: str | None, answers: Sequence[str | None], texts: Seq
 def score_episodes(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator) -> Scored:
     """Step 3: one score per response from the reward model, the rule rewards, the reward
     functions and the remote reward model (+ the missing-EOS penalty), before normalisation."""
-    texts = response_texts(models.tokenizer, response, models.stop_ids)  # each cut at its stop token
+    lengths = attention_mask[:, -response.shape[1] :].sum(1)  # as the engine said: up to its stop, or cut off
+    texts = decode_responses(models.tokenizer, response, lengths, has_eos)  # each without its stop token
     rows = [data.prompts[i] for i in batch]
     prompts = [row["prompt"] for row in rows]  # chat messages
     questions = [p[-1]["content"] for p in prompts]

@@ -179,7 +179,7 @@ def make_rollout(
     batch, sampled, sampling = sample_groups(models, engine, data, batch, cfg, accelerator, step, with_logprobs)
     response = sampled.response_ids
     R = response.shape[1]
-    input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer, models.stop_ids)
+    input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer)
     t_gen = time.time()
 
     # 2. log-probs under policy and reference; values (the math on them in fp32, whatever the

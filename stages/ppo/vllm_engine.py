@@ -108,19 +108,7 @@ class VLLMEngine:
         params = [self._sampling_params(gen, with_logprobs, seed) for seed in seeds]
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        pad = self.tokenizer.pad_token_id
-        responses = [list(o.outputs[0].token_ids) for o in outputs]
-        R = max(1, max(len(r) for r in responses))
-        response_ids = torch.full((len(responses), R), pad, dtype=torch.long)
-        logprobs = torch.zeros((len(responses), R), dtype=torch.float32) if with_logprobs else None
-        for i, (row, out) in enumerate(zip(responses, outputs, strict=True)):
-            response_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            if logprobs is not None:
-                # one dict per position, {token: Logprob}; the sampled token is always in it
-                picked = zip(out.outputs[0].logprobs, row, strict=True)
-                logprobs[i, : len(row)] = torch.tensor([d[t].logprob for d, t in picked])
-        query, _ = left_pad(prompt_ids, pad)
-        return Generated(prompt_ids=query, response_ids=response_ids, logprobs=logprobs)
+        return as_generated(outputs, prompt_ids, self.tokenizer.pad_token_id, with_logprobs)
 
     def _sampling_params(self, gen: GenerationConfig, with_logprobs: bool, seed: int):
         sampled = gen.do_sample
@@ -248,6 +236,32 @@ def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
         if adapter in layer.lora_A:
             merged += layer.get_delta_weight(adapter).detach().float()
     return merged
+
+
+def as_generated(outputs, prompt_ids: Sequence[Sequence[int]], pad_id: int, with_logprobs: bool) -> Generated:
+    """vLLM's request outputs as a `Generated`: responses right-padded with the pad id, and each row's
+    length and finish as vLLM reports them (finish_reason "stop": at a stop token, which token_ids
+    holds; "length": cut off at max_tokens or at the model's max_model_len, possibly short of the
+    widest row, so the padding after it, a stop id for some tokenizers, must not read as its end)."""
+    rows = [o.outputs[0] for o in outputs]
+    R = max(1, max(len(r.token_ids) for r in rows))
+    response_ids = torch.full((len(rows), R), pad_id, dtype=torch.long)
+    logprobs = torch.zeros((len(rows), R), dtype=torch.float32) if with_logprobs else None
+    for i, row in enumerate(rows):
+        tokens = list(row.token_ids)
+        response_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        if logprobs is not None:
+            # one dict per position, {token: Logprob}; the sampled token is always in it
+            picked = zip(row.logprobs, tokens, strict=True)
+            logprobs[i, : len(tokens)] = torch.tensor([d[t].logprob for d, t in picked])
+    query, _ = left_pad(prompt_ids, pad_id)
+    return Generated(
+        prompt_ids=query,
+        response_ids=response_ids,
+        logprobs=logprobs,
+        lengths=torch.tensor([len(r.token_ids) for r in rows], dtype=torch.long),
+        ended=torch.tensor([r.finish_reason == "stop" for r in rows], dtype=torch.bool),
+    )
 
 
 def _hf_name(name: str) -> str:
