@@ -208,22 +208,43 @@ def claim_checkpoints(checkpoint_dir: str | Path, digest: str) -> Path | None:
     stamp = checkpoint_dir / "CONFIG_HASH"
     moved = None
     if stamp.is_file() and (old := stamp.read_text().strip()) != digest:
-        moved = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{old}-{time.strftime('%Y%m%d-%H%M%S')}")
-        checkpoint_dir.rename(moved)
+        moved = move_aside(checkpoint_dir, f"stale-{old}")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file():
         atomic_write_text(stamp, digest + "\n")
     return moved
 
 
+def move_aside(path: str | Path, why: str) -> Path | None:
+    """Rename `path` to <path>.<why>-<time> beside it, kept for the user to inspect or delete;
+    checkpoints are never deleted on a guess. Returns the new path, or None if there was nothing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = path.with_name(f"{path.name}.{why}-{stamp}"), 1
+    while target.exists():  # two moves in one second
+        n += 1
+        target = path.with_name(f"{path.name}.{why}-{stamp}-{n}")
+    path.rename(target)
+    return target
+
+
 def agreed_checkpoint(checkpoint_dir: str | Path, digest: str, resume: bool, is_main_process: bool) -> Path | None:
     """The checkpoint every process resumes from, decided on the main process and broadcast: on
     several nodes without one view of the disk, each deciding for itself would split the run
-    (ranks at different steps). The main process first moves checkpoints of another digest
-    aside and removes ones a crash cut short (no COMPLETE marker). Call on every process."""
+    (ranks at different steps). The main process first moves checkpoints of another digest (or,
+    with resume false, any) aside and removes ones a crash cut short (no COMPLETE marker). Call on
+    every process."""
     checkpoint_dir = Path(checkpoint_dir)
     choice: list[str | None] = [None]
     if is_main_process:
+        if not resume and latest_checkpoint(checkpoint_dir) is not None:
+            # train.resume=false: the old run's checkpoints go aside. Left among the new ones, they
+            # would outnumber them in pruning (the highest steps are kept, so each new checkpoint
+            # was deleted as soon as written) and a crash would resume the old run.
+            moved = move_aside(checkpoint_dir, "not-resumed")
+            logging.getLogger("rlhf").warning("train.resume=false: earlier checkpoints moved aside to %s", moved)
         moved = claim_checkpoints(checkpoint_dir, digest)
         if moved is not None:
             logging.getLogger("rlhf").warning("checkpoints of another config or input moved aside to %s", moved)
