@@ -10,7 +10,8 @@ Everything lands in runs/<name>/: sft/, rm/, ppo/, logs/<stage>.log, report.html
 finished output was made by the same resolved config (manifest.json's config_hash) from the same
 upstream output is skipped; an interrupted stage resumes from its last complete checkpoint when
 the same command runs again. A failed stage stops the pipeline with the stage's exit code and the
-path of its log.
+path of its log. `--from-stage` / `--only` re-run a stage afresh: its checkpoints are moved aside
+(checkpoints.forced-<time>) once its lock is taken; a live run holding it stops the pipeline.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import dataclasses
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlhf.checkpoint import ManifestError, read_manifest
+from rlhf.checkpoint import (
+    ManifestError,
+    OutputInUseError,
+    lock_output,
+    move_aside,
+    read_manifest,
+    release_output_locks,
+)
 from rlhf.config import ConfigError, config_hash, load_config
 from rlhf.config.schema import format_override, from_dict, parse_override, read_yaml, set_dotted
 from rlhf.config.stages import (
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_pipeline(args.config, args.overrides, args.accelerate_config, args.num_processes)
         return run(cfg, args.from_stage, args.only, args.dry_run)
-    except (ConfigError, ManifestError) as e:
+    except (ConfigError, ManifestError, OutputInUseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -294,7 +301,7 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
             print(f"[pipeline] {job.name}: finished output in {out} matches its config; skipped", flush=True)
             continue
         if job.name in forced and not dry_run:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a forced re-run starts afresh
+            start_afresh(out)
         cmd = launch_command(cfg, job)
         print(f"[pipeline] {job.name}: {shlex.join(cmd)}", flush=True)  # as a shell would take it back
         if dry_run:
@@ -323,6 +330,22 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
         except Exception as e:  # the report is a convenience; the run itself succeeded
             print(f"[pipeline] report not written: {e}", file=sys.stderr)
     return 0
+
+
+def start_afresh(out: Path) -> Path | None:
+    """A forced re-run (--from-stage, --only) starts without the stage's checkpoints. The stage's
+    lock is taken first, so that a live run on it stops the pipeline here with its checkpoints
+    untouched; they are then moved aside, never deleted (they may be all a long run has left).
+    Returns where they went, or None."""
+    if not (out / "checkpoints").exists():
+        return None
+    lock_output(out)
+    try:
+        moved = move_aside(out / "checkpoints", "forced")
+    finally:
+        release_output_locks()
+    print(f"[pipeline] {out.name}: a forced re-run starts afresh; its checkpoints moved aside to {moved}", flush=True)
+    return moved
 
 
 # The task fields that decide the held-out splits: the test split leaves the validation items out
