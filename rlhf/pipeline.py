@@ -367,16 +367,16 @@ def check_held_out_agree(cfg: PipelineConfig) -> None:
     """Refuse stages that would draw different validation or test splits: one stage's test items
     could then be another's training items, and their eval.json files would quote different sets."""
     seen: dict[str, tuple[str, object]] = {}  # key -> (the first stage that set it, its value)
-    for stage in cfg.stages:
-        stage_cfg = resolved_stage_config(cfg, stage)
+    for job in jobs(cfg):  # later rounds too: their label config and round.*_overrides
+        stage_cfg = resolved_stage_config(cfg, job)
         for key in HELD_OUT_KEYS:
-            if stage == "rm" and key.startswith("data."):
-                continue  # the reward model reads pairs: its data.test is never read
+            if job.kind in ("rm", "label") and key.startswith("data."):
+                continue  # the reward model reads pairs, the label stage prompts: neither reads data.test
             value = _dotted(stage_cfg, key)
-            first, expected = seen.setdefault(key, (stage, value))
+            first, expected = seen.setdefault(key, (job.name, value))
             if value != expected:
                 raise ConfigError(
-                    f"{stage}.{key}",
+                    f"{job.name}.{key}",
                     f"is {value!r} but {first}.{key} is {expected!r}: every stage must draw the same held-out splits",
                 )
 
