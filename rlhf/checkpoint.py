@@ -162,7 +162,7 @@ def finish_stage(
         model=model,
         base_model=base_model,
         init_from=model if from_stage else None,
-        config_hash=config_hash(cfg, ignore=NOT_HASHED),
+        config_hash=content_hash(cfg),
         metrics=metrics,
         lora=cfg.lora.enabled if hasattr(cfg, "lora") else False,  # a labelling stage trains nothing
         inputs=input_hashes(*inputs),
@@ -170,22 +170,60 @@ def finish_stage(
     )
 
 
-def checkpoint_digest(cfg, inputs: tuple[str | None, ...]) -> str:
+def content_hash(cfg, ignore: tuple[str, ...] = NOT_HASHED) -> str:
+    """What a stage's output is made from, as a short hash (manifest.json's `config_hash`; the
+    pipeline skips a stage whose finished output has the hash its config gives now): the config
+    less `ignore`, with every value that names a local file or directory replaced by what it
+    holds (`path_identity`). A data file whose lines changed, or an earlier stage re-trained with
+    the same config, changes it; how a path is spelled (relative, absolute, from another
+    directory) does not."""
+    return config_hash(cfg, ignore=ignore, leaf=path_identity)
+
+
+def path_identity(value: str) -> str:
+    """A config string as what it names: an earlier stage's finished output by the digest of its
+    manifest (a re-run writes a new one: new finished_at and metrics), a file or another
+    directory (a dataset or model directory) by the digest of its bytes; anything else (a preset,
+    a hub id, a name) as written. An unfinished stage output (no manifest yet) by its full path:
+    it matches nothing a finished run recorded."""
+    try:
+        path = Path(value)
+        if not value.strip() or "\n" in value or not path.exists():
+            return value
+    except (OSError, ValueError):  # not a possible path (too long, a NUL)
+        return value
+    if path.is_file():
+        return "file:" + _file_digest(path)
+    if (path / MANIFEST).is_file():
+        return "stage:" + _file_digest(path / MANIFEST)
+    if (path / LOCK).exists() or (path / "checkpoints").exists():
+        return "unfinished:" + str(path.resolve())
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path).as_posix()}\0{_file_digest(f)}\0".encode())
+    return "dir:" + digest.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_digest(cfg, inputs: tuple[str | None, ...] = ()) -> str:
     """What a resumable checkpoint belongs to: the config, less the keys that cannot change the
-    trained weights (WEIGHTS_NEUTRAL: logging, saving, evaluation), and the identity of each
-    earlier stage output it reads (config hash and when it finished). An upstream stage that
-    re-ran makes earlier checkpoints stale, though this stage's own config is unchanged."""
+    trained weights (WEIGHTS_NEUTRAL: logging, saving, evaluation), by content (`content_hash`:
+    the data files' bytes and each earlier stage output's manifest). An upstream stage that
+    re-ran makes earlier checkpoints stale, though this stage's own config is unchanged; the same
+    run addressed by another spelling of its paths resumes. (`inputs`: the earlier outputs it
+    reads, all named in the config and so covered.)"""
     ignore = NOT_HASHED + WEIGHTS_NEUTRAL
     gen = getattr(cfg, "generation", None)
     if gen is not None and gen.do_sample:  # a sampled evaluation draws from the training RNG
         ignore = tuple(k for k in ignore if k not in ("generation", "train.eval_every"))
-    identities = {}
-    for p in inputs:
-        manifest = read_manifest(p) if p and Path(p).is_dir() else None
-        if manifest:
-            identities[str(p)] = [manifest.get("config_hash"), manifest.get("finished_at")]
-    blob = json.dumps({"config": config_hash(cfg, ignore=ignore), "inputs": identities}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_hash(cfg, ignore)
 
 
 def input_hashes(*paths: str | None) -> dict[str, str | None]:

@@ -7,8 +7,9 @@
     python launch/pipeline.py name=try sft.train.max_steps=200 --from-stage rm
 
 Everything lands in runs/<name>/: sft/, rm/, ppo/, logs/<stage>.log, report.html. A stage whose
-finished output was made by the same resolved config (manifest.json's config_hash) from the same
-upstream output is skipped; an interrupted stage resumes from its last complete checkpoint when
+finished output was made from what its resolved config names now (manifest.json's config_hash,
+rlhf/checkpoint.py `content_hash`: data files by their bytes, earlier stages by their manifest,
+however the paths are written) is skipped; an interrupted stage resumes from its last complete checkpoint when
 the same command runs again. A failed stage stops the pipeline with the stage's exit code and the
 path of its log. `--from-stage` / `--only` re-run a stage afresh: its checkpoints are moved aside
 (checkpoints.forced-<time>) once its lock is taken; a live run holding it stops the pipeline.
@@ -32,15 +33,15 @@ from typing import Literal
 from rlhf.checkpoint import (
     ManifestError,
     OutputInUseError,
+    content_hash,
     lock_output,
     move_aside,
     read_manifest,
     release_output_locks,
 )
-from rlhf.config import ConfigError, config_hash, load_config
+from rlhf.config import ConfigError, load_config
 from rlhf.config.schema import format_override, from_dict, parse_override, read_yaml, set_dotted
 from rlhf.config.stages import (
-    NOT_HASHED,
     DPOStageConfig,
     LabelStageConfig,
     PPOStageConfig,
@@ -296,7 +297,7 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
             continue
         stage_cfg = resolved_stage_config(cfg, job)
         out = Path(stage_cfg.output_dir)
-        digest = config_hash(stage_cfg, ignore=NOT_HASHED)
+        digest = content_hash(stage_cfg)
         if job.name not in forced and not upstream_ran and _finished_and_current(out, digest):
             print(f"[pipeline] {job.name}: finished output in {out} matches its config; skipped", flush=True)
             continue
@@ -388,11 +389,10 @@ def _dotted(obj, key: str):
 
 
 def _finished_and_current(out: Path, digest: str) -> bool:
-    """Finished with this config hash, from upstream outputs that are still the ones it read."""
+    """Finished, from what the stage config names now (`content_hash`: its data files' bytes and
+    its input stages' manifests, however their paths are spelled)."""
     manifest = read_manifest(out)
-    if not manifest or not manifest.get("finished") or manifest.get("config_hash") != digest:
-        return False
-    return all((read_manifest(path) or {}).get("config_hash") == h for path, h in manifest.get("inputs", {}).items())
+    return bool(manifest and manifest.get("finished") and manifest.get("config_hash") == digest)
 
 
 def _run_logged(cmd: list[str], log_path: Path, extra_env: dict[str, str]) -> int:

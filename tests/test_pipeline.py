@@ -99,6 +99,21 @@ def test_rerun_skips_finished_stages(run):
     assert "sft: finished output" in changed.stdout and "ppo: finished output" not in changed.stdout
 
 
+def test_a_finished_run_addressed_by_another_path_from_another_directory_is_current(run, tmp_path):
+    """The same runs directory, spelled otherwise and from another working directory: every stage
+    is still finished and current (the inputs enter by content, not by how their path is written;
+    this re-trained the RM and PPO from scratch)."""
+    run_dir, _ = run
+    runs = run_dir.parent
+    other = f"{runs.parent}/../{runs.parent.name}/{runs.name}"
+    cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), f"runs_dir={other}", "name=mini", *MINI, *QUIET]
+    cmd += ["ppo.train.max_steps=8", "--dry-run"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(f"{s}: finished output" in again.stdout for s in ("sft", "rm", "ppo")), again.stdout[-3000:]
+
+
 def test_report_embeds_every_plot_with_the_runs_own_data(run):
     run_dir, _ = run
     page = (run_dir / "report.html").read_text(encoding="utf-8")
