@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
-from rlhf.config import NOT_HASHED, WEIGHTS_NEUTRAL, config_hash, dump_yaml
+from rlhf.config import NOT_HASHED, WEIGHTS_NEUTRAL, ConfigError, config_hash, dump_yaml
 
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
@@ -119,18 +119,45 @@ def write_manifest(
     return manifest
 
 
-def start_stage(output_dir: str | Path, cfg, is_main_process: bool) -> Path:
+def start_stage(output_dir: str | Path, cfg, is_main_process: bool, every_process: bool = True) -> Path:
     """A stage's start, called once its config, data and models have loaded (a bad input must
     leave an earlier output untouched): the output directory exists and is locked for this run,
     its old manifest is gone (the directory is being rewritten, so it no longer counts as
-    finished) and the resolved config is written. Returns the directory."""
+    finished) and the resolved config is written. Returns the directory. Called on every process
+    (`every_process`; the label stage calls it on the main process alone), which first checks that
+    all of them see one directory."""
     out = Path(output_dir)
+    if every_process:
+        check_one_disk(out, is_main_process)
     if is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         lock_output(out)
         (out / MANIFEST).unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     return out
+
+
+def check_one_disk(out: Path, is_main_process: bool) -> None:
+    """Refuse, on every process and before anything is changed, an output directory that is not
+    one directory for all of them (nodes without a shared disk): checkpoints are renamed, pruned
+    and marked complete by global rank 0 alone, so another node's copy lagged (its temporary
+    folders growing) and a resume there read another step's state, or none."""
+    probe: list[str | None] = [None]
+    if is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = [f".shared-{os.getpid()}-{time.time_ns()}"]
+        (out / probe[0]).touch()
+    broadcast_object_list(probe)
+    everyone = gather_object([(out / probe[0]).is_file()])  # every process has looked once this returns
+    if is_main_process:
+        (out / probe[0]).unlink(missing_ok=True)
+    blind = [rank for rank, seen in enumerate(everyone) if not seen]
+    if blind:
+        raise ConfigError(
+            "output_dir",
+            f"{out} is not one directory for every process: rank {blind[0]} does not see the files rank 0 "
+            "writes there (nodes without a shared disk); put output_dir on a disk all nodes share",
+        )
 
 
 def finish_stage(
