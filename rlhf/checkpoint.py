@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
-from rlhf.config import NOT_HASHED, WEIGHTS_NEUTRAL, config_hash, dump_yaml
+from rlhf.config import NOT_HASHED, WEIGHTS_NEUTRAL, ConfigError, config_hash, dump_yaml
 from rlhf.model_card import launch_command, model_card
 
 MANIFEST = "manifest.json"
@@ -120,18 +120,45 @@ def write_manifest(
     return manifest
 
 
-def start_stage(output_dir: str | Path, cfg, is_main_process: bool) -> Path:
+def start_stage(output_dir: str | Path, cfg, is_main_process: bool, every_process: bool = True) -> Path:
     """A stage's start, called once its config, data and models have loaded (a bad input must
     leave an earlier output untouched): the output directory exists and is locked for this run,
     its old manifest is gone (the directory is being rewritten, so it no longer counts as
-    finished) and the resolved config is written. Returns the directory."""
+    finished) and the resolved config is written. Returns the directory. Called on every process
+    (`every_process`; the label stage calls it on the main process alone), which first checks that
+    all of them see one directory."""
     out = Path(output_dir)
+    if every_process:
+        check_one_disk(out, is_main_process)
     if is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         lock_output(out)
         (out / MANIFEST).unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     return out
+
+
+def check_one_disk(out: Path, is_main_process: bool) -> None:
+    """Refuse, on every process and before anything is changed, an output directory that is not
+    one directory for all of them (nodes without a shared disk): checkpoints are renamed, pruned
+    and marked complete by global rank 0 alone, so another node's copy lagged (its temporary
+    folders growing) and a resume there read another step's state, or none."""
+    probe: list[str | None] = [None]
+    if is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = [f".shared-{os.getpid()}-{time.time_ns()}"]
+        (out / probe[0]).touch()
+    broadcast_object_list(probe)
+    everyone = gather_object([(out / probe[0]).is_file()])  # every process has looked once this returns
+    if is_main_process:
+        (out / probe[0]).unlink(missing_ok=True)
+    blind = [rank for rank, seen in enumerate(everyone) if not seen]
+    if blind:
+        raise ConfigError(
+            "output_dir",
+            f"{out} is not one directory for every process: rank {blind[0]} does not see the files rank 0 "
+            "writes there (nodes without a shared disk); put output_dir on a disk all nodes share",
+        )
 
 
 def finish_stage(
@@ -175,7 +202,7 @@ def finish_stage(
         model=model,
         base_model=base_model,
         init_from=model if from_stage else None,
-        config_hash=config_hash(cfg, ignore=NOT_HASHED),
+        config_hash=content_hash(cfg),
         metrics=metrics,
         lora=cfg.lora.enabled if hasattr(cfg, "lora") else False,  # a labelling stage trains nothing
         inputs=input_hashes(*inputs),
@@ -183,22 +210,60 @@ def finish_stage(
     )
 
 
-def checkpoint_digest(cfg, inputs: tuple[str | None, ...]) -> str:
+def content_hash(cfg, ignore: tuple[str, ...] = NOT_HASHED) -> str:
+    """What a stage's output is made from, as a short hash (manifest.json's `config_hash`; the
+    pipeline skips a stage whose finished output has the hash its config gives now): the config
+    less `ignore`, with every value that names a local file or directory replaced by what it
+    holds (`path_identity`). A data file whose lines changed, or an earlier stage re-trained with
+    the same config, changes it; how a path is spelled (relative, absolute, from another
+    directory) does not."""
+    return config_hash(cfg, ignore=ignore, leaf=path_identity)
+
+
+def path_identity(value: str) -> str:
+    """A config string as what it names: an earlier stage's finished output by the digest of its
+    manifest (a re-run writes a new one: new finished_at and metrics), a file or another
+    directory (a dataset or model directory) by the digest of its bytes; anything else (a preset,
+    a hub id, a name) as written. An unfinished stage output (no manifest yet) by its full path:
+    it matches nothing a finished run recorded."""
+    try:
+        path = Path(value)
+        if not value.strip() or "\n" in value or not path.exists():
+            return value
+    except (OSError, ValueError):  # not a possible path (too long, a NUL)
+        return value
+    if path.is_file():
+        return "file:" + _file_digest(path)
+    if (path / MANIFEST).is_file():
+        return "stage:" + _file_digest(path / MANIFEST)
+    if (path / LOCK).exists() or (path / "checkpoints").exists():
+        return "unfinished:" + str(path.resolve())
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path).as_posix()}\0{_file_digest(f)}\0".encode())
+    return "dir:" + digest.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_digest(cfg, inputs: tuple[str | None, ...] = ()) -> str:
     """What a resumable checkpoint belongs to: the config, less the keys that cannot change the
-    trained weights (WEIGHTS_NEUTRAL: logging, saving, evaluation), and the identity of each
-    earlier stage output it reads (config hash and when it finished). An upstream stage that
-    re-ran makes earlier checkpoints stale, though this stage's own config is unchanged."""
+    trained weights (WEIGHTS_NEUTRAL: logging, saving, evaluation), by content (`content_hash`:
+    the data files' bytes and each earlier stage output's manifest). An upstream stage that
+    re-ran makes earlier checkpoints stale, though this stage's own config is unchanged; the same
+    run addressed by another spelling of its paths resumes. (`inputs`: the earlier outputs it
+    reads, all named in the config and so covered.)"""
     ignore = NOT_HASHED + WEIGHTS_NEUTRAL
     gen = getattr(cfg, "generation", None)
     if gen is not None and gen.do_sample:  # a sampled evaluation draws from the training RNG
         ignore = tuple(k for k in ignore if k not in ("generation", "train.eval_every"))
-    identities = {}
-    for p in inputs:
-        manifest = read_manifest(p) if p and Path(p).is_dir() else None
-        if manifest:
-            identities[str(p)] = [manifest.get("config_hash"), manifest.get("finished_at")]
-    blob = json.dumps({"config": config_hash(cfg, ignore=ignore), "inputs": identities}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_hash(cfg, ignore)
 
 
 def input_hashes(*paths: str | None) -> dict[str, str | None]:
@@ -221,22 +286,43 @@ def claim_checkpoints(checkpoint_dir: str | Path, digest: str) -> Path | None:
     stamp = checkpoint_dir / "CONFIG_HASH"
     moved = None
     if stamp.is_file() and (old := stamp.read_text().strip()) != digest:
-        moved = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{old}-{time.strftime('%Y%m%d-%H%M%S')}")
-        checkpoint_dir.rename(moved)
+        moved = move_aside(checkpoint_dir, f"stale-{old}")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file():
         atomic_write_text(stamp, digest + "\n")
     return moved
 
 
+def move_aside(path: str | Path, why: str) -> Path | None:
+    """Rename `path` to <path>.<why>-<time> beside it, kept for the user to inspect or delete;
+    checkpoints are never deleted on a guess. Returns the new path, or None if there was nothing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = path.with_name(f"{path.name}.{why}-{stamp}"), 1
+    while target.exists():  # two moves in one second
+        n += 1
+        target = path.with_name(f"{path.name}.{why}-{stamp}-{n}")
+    path.rename(target)
+    return target
+
+
 def agreed_checkpoint(checkpoint_dir: str | Path, digest: str, resume: bool, is_main_process: bool) -> Path | None:
     """The checkpoint every process resumes from, decided on the main process and broadcast: on
     several nodes without one view of the disk, each deciding for itself would split the run
-    (ranks at different steps). The main process first moves checkpoints of another digest
-    aside and removes ones a crash cut short (no COMPLETE marker). Call on every process."""
+    (ranks at different steps). The main process first moves checkpoints of another digest (or,
+    with resume false, any) aside and removes ones a crash cut short (no COMPLETE marker). Call on
+    every process."""
     checkpoint_dir = Path(checkpoint_dir)
     choice: list[str | None] = [None]
     if is_main_process:
+        if not resume and latest_checkpoint(checkpoint_dir) is not None:
+            # train.resume=false: the old run's checkpoints go aside. Left among the new ones, they
+            # would outnumber them in pruning (the highest steps are kept, so each new checkpoint
+            # was deleted as soon as written) and a crash would resume the old run.
+            moved = move_aside(checkpoint_dir, "not-resumed")
+            logging.getLogger("rlhf").warning("train.resume=false: earlier checkpoints moved aside to %s", moved)
         moved = claim_checkpoints(checkpoint_dir, digest)
         if moved is not None:
             logging.getLogger("rlhf").warning("checkpoints of another config or input moved aside to %s", moved)

@@ -7,10 +7,12 @@
     python launch/pipeline.py name=try sft.train.max_steps=200 --from-stage rm
 
 Everything lands in runs/<name>/: sft/, rm/, ppo/, logs/<stage>.log, report.html. A stage whose
-finished output was made by the same resolved config (manifest.json's config_hash) from the same
-upstream output is skipped; an interrupted stage resumes from its last complete checkpoint when
+finished output was made from what its resolved config names now (manifest.json's config_hash,
+rlhf/checkpoint.py `content_hash`: data files by their bytes, earlier stages by their manifest,
+however the paths are written) is skipped; an interrupted stage resumes from its last complete checkpoint when
 the same command runs again. A failed stage stops the pipeline with the stage's exit code and the
-path of its log.
+path of its log. `--from-stage` / `--only` re-run a stage afresh: its checkpoints are moved aside
+(checkpoints.forced-<time>) once its lock is taken; a live run holding it stops the pipeline.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import dataclasses
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -29,11 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlhf.checkpoint import ManifestError, read_manifest
-from rlhf.config import ConfigError, config_hash, load_config
+from rlhf.checkpoint import (
+    ManifestError,
+    OutputInUseError,
+    content_hash,
+    lock_output,
+    move_aside,
+    read_manifest,
+    release_output_locks,
+)
+from rlhf.config import ConfigError, load_config
 from rlhf.config.schema import format_override, parse_override
 from rlhf.config.stages import (
-    NOT_HASHED,
     DPOStageConfig,
     LabelStageConfig,
     PPOStageConfig,
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_pipeline(args.config, args.overrides, args.accelerate_config, args.num_processes)
         return run(cfg, args.from_stage, args.only, args.dry_run)
-    except (ConfigError, ManifestError) as e:
+    except (ConfigError, ManifestError, OutputInUseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -296,12 +304,12 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
             continue
         stage_cfg = resolved_stage_config(cfg, job)
         out = Path(stage_cfg.output_dir)
-        digest = config_hash(stage_cfg, ignore=NOT_HASHED)
+        digest = content_hash(stage_cfg)
         if job.name not in forced and not upstream_ran and _finished_and_current(out, digest):
             print(f"[pipeline] {job.name}: finished output in {out} matches its config; skipped", flush=True)
             continue
         if job.name in forced and not dry_run:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a forced re-run starts afresh
+            start_afresh(out)
         cmd = launch_command(cfg, job)
         print(f"[pipeline] {job.name}: {shlex.join(cmd)}", flush=True)  # as a shell would take it back
         if dry_run:
@@ -332,6 +340,22 @@ def run(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = N
     return 0
 
 
+def start_afresh(out: Path) -> Path | None:
+    """A forced re-run (--from-stage, --only) starts without the stage's checkpoints. The stage's
+    lock is taken first, so that a live run on it stops the pipeline here with its checkpoints
+    untouched; they are then moved aside, never deleted (they may be all a long run has left).
+    Returns where they went, or None."""
+    if not (out / "checkpoints").exists():
+        return None
+    lock_output(out)
+    try:
+        moved = move_aside(out / "checkpoints", "forced")
+    finally:
+        release_output_locks()
+    print(f"[pipeline] {out.name}: a forced re-run starts afresh; its checkpoints moved aside to {moved}", flush=True)
+    return moved
+
+
 # The task fields that decide the held-out splits: the test split leaves the validation items out
 # and every generated training set leaves the test items out, so all stages must draw the same ones.
 HELD_OUT_KEYS = (
@@ -352,16 +376,16 @@ def check_held_out_agree(cfg: PipelineConfig) -> None:
     """Refuse stages that would draw different validation or test splits: one stage's test items
     could then be another's training items, and their eval.json files would quote different sets."""
     seen: dict[str, tuple[str, object]] = {}  # key -> (the first stage that set it, its value)
-    for stage in cfg.stages:
-        stage_cfg = resolved_stage_config(cfg, stage)
+    for job in jobs(cfg):  # later rounds too: their label config and round.*_overrides
+        stage_cfg = resolved_stage_config(cfg, job)
         for key in HELD_OUT_KEYS:
-            if stage == "rm" and key.startswith("data."):
-                continue  # the reward model reads pairs: its data.test is never read
+            if job.kind in ("rm", "label") and key.startswith("data."):
+                continue  # the reward model reads pairs, the label stage prompts: neither reads data.test
             value = _dotted(stage_cfg, key)
-            first, expected = seen.setdefault(key, (stage, value))
+            first, expected = seen.setdefault(key, (job.name, value))
             if value != expected:
                 raise ConfigError(
-                    f"{stage}.{key}",
+                    f"{job.name}.{key}",
                     f"is {value!r} but {first}.{key} is {expected!r}: every stage must draw the same held-out splits",
                 )
 
@@ -373,11 +397,10 @@ def _dotted(obj, key: str):
 
 
 def _finished_and_current(out: Path, digest: str) -> bool:
-    """Finished with this config hash, from upstream outputs that are still the ones it read."""
+    """Finished, from what the stage config names now (`content_hash`: its data files' bytes and
+    its input stages' manifests, however their paths are spelled)."""
     manifest = read_manifest(out)
-    if not manifest or not manifest.get("finished") or manifest.get("config_hash") != digest:
-        return False
-    return all((read_manifest(path) or {}).get("config_hash") == h for path, h in manifest.get("inputs", {}).items())
+    return bool(manifest and manifest.get("finished") and manifest.get("config_hash") == digest)
 
 
 def _run_logged(cmd: list[str], log_path: Path, extra_env: dict[str, str]) -> int:

@@ -10,6 +10,7 @@ fault; tests that must change an output work on a copy."""
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -426,3 +427,29 @@ def test_a_failing_label_stage_is_one_line_and_keeps_the_earlier_output(label_ou
     result = run_entry("launch/stage2_label.py", *args, timeout=600, env=TESTS_ON_PATH)
     one_line_error(result, 2, *words)
     assert snapshot(out) == before
+
+
+def test_a_forced_rerun_checks_the_stage_lock_first_and_moves_checkpoints_aside(tmp_path):
+    # --only / --from-stage deleted a live run's checkpoints before the stage found its lock held.
+    from rlhf.pipeline import start_afresh
+
+    out = tmp_path / "runs" / "x" / "ppo"
+    step = out / "checkpoints" / "step-2"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("done\n")
+    hold = "import sys, time; from pathlib import Path; from rlhf.checkpoint import lock_output\n"
+    hold += "lock_output(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_entry("launch/pipeline.py", f"runs_dir={tmp_path / 'runs'}", "name=x", "--only", "ppo")
+    finally:
+        holder.kill()
+        holder.wait()
+    one_line_error(result, 2, "in use by another run")
+    assert (step / "COMPLETE").is_file()
+    # the lock free: moved aside, not deleted
+    moved = start_afresh(out)
+    assert moved.name.startswith("checkpoints.forced-") and (moved / "step-2" / "COMPLETE").is_file()
+    assert not (out / "checkpoints").exists()

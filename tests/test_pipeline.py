@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, run_entry
 from rlhf.cli import parse
 from rlhf.config import ConfigError
-from rlhf.pipeline import KINDS, check_held_out_agree, load_pipeline
+from rlhf.pipeline import KINDS, check_held_out_agree, jobs, load_pipeline, resolved_stage_config
 from rlhf.report import load_stage
 from wandb_offline import history
 
@@ -100,6 +100,21 @@ def test_rerun_skips_finished_stages(run):
     assert all(f"{s}: finished output" in again.stdout for s in ("sft", "rm", "ppo"))
     changed = pipeline(run_dir.parent, "mini", "ppo.train.max_steps=9", "--dry-run")
     assert "sft: finished output" in changed.stdout and "ppo: finished output" not in changed.stdout
+
+
+def test_a_finished_run_addressed_by_another_path_from_another_directory_is_current(run, tmp_path):
+    """The same runs directory, spelled otherwise and from another working directory: every stage
+    is still finished and current (the inputs enter by content, not by how their path is written;
+    this re-trained the RM and PPO from scratch)."""
+    run_dir, _ = run
+    runs = run_dir.parent
+    other = f"{runs.parent}/../{runs.parent.name}/{runs.name}"
+    cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), f"runs_dir={other}", "name=mini", *MINI, *QUIET]
+    cmd += ["ppo.train.max_steps=8", "--dry-run"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(f"{s}: finished output" in again.stdout for s in ("sft", "rm", "ppo")), again.stdout[-3000:]
 
 
 def test_report_embeds_every_plot_with_the_runs_own_data(run):
@@ -352,3 +367,24 @@ def test_stages_that_would_draw_different_held_out_splits_are_refused(tmp_path):
         assert err.value.key == key and "same held-out splits" in str(err.value)
     result = run_entry("launch/pipeline.py", f"runs_dir={tmp_path}", "sft.task.test_per_bucket=10", "--dry-run")
     assert result.returncode == 2 and "'rm.task.test_per_bucket'" in result.stderr and not any(tmp_path.iterdir())
+
+
+def test_rounds_use_the_pipelines_label_config_and_their_held_out_splits_are_checked():
+    # tiny-addrev's rounds labelled subtraction prompts (configs/tiny/label.yaml, the default), and
+    # the check covered only the first round's stages.
+    addrev = str(ROOT / "configs/tiny-addrev/pipeline.yaml")
+    cfg = load_pipeline(addrev, ["rounds=2"])
+    check_held_out_agree(cfg)
+    label = next(j for j in jobs(cfg) if j.kind == "label")
+    assert resolved_stage_config(cfg, label).task.name == "addition_reversed"
+    tiny = str(ROOT / "configs/tiny/pipeline.yaml")
+    check_held_out_agree(load_pipeline(tiny, ["rounds=3"]))
+    for overrides, key in (
+        (["label.config=configs/tiny/label.yaml"], "round-2/label.task.name"),
+        (["label.task.eval_size=24"], "round-2/label.task.eval_size"),
+        (['round.ppo_overrides=["task.test_seed=7"]'], "round-2/ppo.task.test_seed"),
+    ):
+        pipeline_yaml = addrev if key.endswith("task.name") else tiny
+        with pytest.raises(ConfigError) as err:
+            check_held_out_agree(load_pipeline(pipeline_yaml, ["rounds=2", *overrides]))
+        assert err.value.key == key and "same held-out splits" in str(err.value)

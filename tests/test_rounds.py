@@ -33,6 +33,8 @@ ROUNDS = [
     "label.prompts=16",
     "label.eval_prompts=8",
     "label.task.train_size=64",
+    "label.task.eval_size=8",  # the held-out splits of SMALLEST's stages (the pipeline checks every round's)
+    "label.task.test_per_bucket=4",
     "label.generation.max_new_tokens=4",
     # an untrained policy's answers are all wrong, so the rule would tie them all: a function labels
     "label.labeller.name=function",

@@ -18,6 +18,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -173,9 +174,7 @@ class ConfigLoader(yaml.SafeLoader):
             if not isinstance(key, typing.Hashable):
                 continue  # SafeLoader's own error names it
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -295,9 +294,11 @@ def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
 
 
-def config_hash(obj: Any, ignore: tuple[str, ...] = ()) -> str:
+def config_hash(obj: Any, ignore: tuple[str, ...] = (), leaf: Callable[[str], str] | None = None) -> str:
     """A short, stable hash of what a config computes; `ignore` lists keys, dotted for nested
-    ones (`train.log_every`), that don't change the result (output paths, tracking)."""
+    ones (`train.log_every`), that don't change the result (output paths, tracking). `leaf`, if
+    given, replaces every string value first (rlhf/checkpoint.py `content_hash`: a path by what
+    it holds)."""
     data = to_dict(obj)
     for key in ignore:
         *parents, last = key.split(".")
@@ -306,8 +307,20 @@ def config_hash(obj: Any, ignore: tuple[str, ...] = ()) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(last, None)
+    if leaf is not None:
+        data = _map_strings(data, leaf)
     blob = json.dumps(data, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _map_strings(data: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(data, str):
+        return fn(data)
+    if isinstance(data, dict):
+        return {k: _map_strings(v, fn) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_map_strings(v, fn) for v in data]
+    return data
 
 
 def _join(prefix: str, key: str) -> str:

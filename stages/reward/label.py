@@ -89,7 +89,7 @@ def label(cfg: LabelStageConfig) -> dict:
         report["rm_accuracy_before"] = rm_accuracy(cfg, pairs["eval"], tokenizer, precision)
     # 5. the files; the output directory is taken only now, so that a labeller that fails leaves
     #    an earlier output as it was
-    out = start_stage(cfg.output_dir, cfg, True)
+    out = start_stage(cfg.output_dir, cfg, True, every_process=False)  # the others have returned
     for name, file in (("train", "pairs.jsonl"), ("eval", "eval_pairs.jsonl")):
         atomic_write_text(out / file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs[name]))
     metrics = {"pairs": len(pairs["train"]), "eval_pairs": len(pairs["eval"])}
