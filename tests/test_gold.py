@@ -24,13 +24,16 @@ RESPONSES = ["35", "81", "-2"]
 def _score(*overrides):
     cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["reward_model=null", *overrides])
     tokenizer = load_tokenizer(resolve("tiny"), ModelInit())
-    response = tokenizer(RESPONSES, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
+    # each response ends at its stop token (EOS), as an engine returns it; right-padded after it
+    rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(RESPONSES, add_special_tokens=False)["input_ids"]]
+    width = max(len(r) for r in rows)
+    response = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
     # no reward model: the score is the rules'; the tiny tokenizer's turns end at EOS
     models = SimpleNamespace(
         tokenizer=tokenizer, reward_model=None, reward_client=None, stop_ids=(tokenizer.eos_token_id,)
     )
     data = SimpleNamespace(prompts=ROWS)
-    mask = torch.ones(3, 4 + response.shape[1], dtype=torch.long)
+    mask = torch.cat([torch.ones(3, 4, dtype=torch.long), (response != tokenizer.pad_token_id).long()], dim=1)
     has_eos = torch.ones(3, dtype=torch.bool)
     return score_episodes(models, data, [0, 1, 2], None, mask, response, has_eos, cfg, Accelerator(cpu=True))
 
