@@ -25,7 +25,7 @@ def _score(*overrides):
     cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["reward_model=null", *overrides])
     tokenizer = load_tokenizer(resolve("tiny"), ModelInit())
     # each response ends at its stop token (EOS), as an engine returns it; right-padded after it
-    rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(RESPONSES, add_special_tokens=False)["input_ids"]]
+    rows = [[*ids, tokenizer.eos_token_id] for ids in tokenizer(RESPONSES, add_special_tokens=False)["input_ids"]]
     width = max(len(r) for r in rows)
     response = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
     # no reward model: the score is the rules'; the tiny tokenizer's turns end at EOS
