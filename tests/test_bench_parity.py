@@ -58,3 +58,54 @@ def test_ours_grpo_gae_differs_only_by_the_critic(tmp_path):
     assert gae.rollout == grpo.rollout and gae.optim == grpo.optim and gae.model_init == grpo.model_init
     assert (gae.ppo.kl_in, gae.ppo.kl_estimator, gae.ppo.kl_coef) == (grpo.ppo.kl_in, grpo.ppo.kl_estimator, 0.05)
     assert (gae.ppo.epochs, gae.ppo.minibatches) == (grpo.ppo.epochs, grpo.ppo.minibatches)
+
+
+def test_a_saved_setup_sizes_both_trainers_work_alike(tmp_path):
+    # --episodes 16 --new-tokens 4 (a --model smoke run): ours reads the work from setup.json, as TRL does
+    setup = {**bench.SETUP, "prompts_per_update": 16, "new_tokens": 4}
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
+    ours = bench.ours_config("ours_grpo", tmp_path, updates=1)
+    trl = peer.grpo_config(setup, str(tmp_path / "trl"), updates=1, bf16=False)
+    assert ours.rollout.prompts_per_step == 4 and ours.rollout.samples_per_prompt == trl.num_generations == 4
+    assert ours.rollout.episodes_per_step == trl.generation_batch_size == 16
+    assert ours.rollout.episodes_per_step // ours.ppo.minibatches == trl.per_device_train_batch_size == 4
+    assert ours.rollout.generation.max_new_tokens == trl.max_completion_length == 4
+    assert bench.ours_config("ours", tmp_path, updates=1).rollout.prompts_per_step == 16
+
+
+def test_update_flops_by_hand():
+    # 2 episodes of 3 prompt + 1 response tokens = 8 tokens a pass; policy 10 params, scorer 5, 2 epochs
+    setup = {"prompts_per_update": 2, "epochs": 2, "prompt_tokens_mean": 3, "policy_params": 10, "reward_params": 5}
+    # GRPO: policy trained 6*10*8*2 = 960; sampling + reference 2*10*8*2 = 320; reward 2*5*8 = 80
+    assert bench.update_flops("ours_grpo", setup, 1) == {"total": 1360, "train": 960}
+    # PPO with a value model: + its training 6*5*8*2 = 480 and its forward 2*5*8 = 80
+    assert bench.update_flops("ours", setup, 1) == {"total": 1920, "train": 1440}
+    assert bench.update_flops("trl_ppo", setup, 1) == bench.update_flops("ours", setup, 1)
+    assert bench.update_flops("ours_shared", setup, 1) == bench.update_flops("trl_grpo", setup, 1)
+
+
+def test_trunk_params_count_a_gqa_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    # tied: the embedding matrix is counted once, as the LM head the policy's FLOPs pass through
+    assert bench._trunk_params(config) + 32 * 64 == sum(p.numel() for p in model.parameters())
+
+
+def test_mfu_is_the_update_flops_over_time_and_peak():
+    setup = {"prompts_per_update": 2, "epochs": 2, "prompt_tokens_mean": 3, "policy_params": 10, "reward_params": 5}
+    # 1 response token each (tokens/s / episodes/s); 1360 FLOPs in 2 s against a peak of 1e-6 GFLOP/s
+    # (1000 FLOP/s): 680 / 1000
+    summary = {"ours_grpo": {"tokens_per_s": 4.0, "episodes_per_s": 4.0, "seconds_per_update": 2.0}}
+    assert bench.mfu("ours_grpo", summary, setup, 1e-6) == {"mfu": 0.68}
+    summary["ours_grpo"]["train_seconds_per_update"] = 1.0  # 960 FLOPs in 1 s: 960 / 1000
+    assert bench.mfu("ours_grpo", summary, setup, 1e-6)["mfu_train"] == 0.96

@@ -4,6 +4,7 @@
     python -m tools.bench_ppo --runs 1 --updates 3 --only ours
     python -m tools.bench_ppo --precision bf16     # every trainer in bf16 mixed precision
     python -m tools.bench_ppo --only trl_grpo --only ours_grpo --only ours_grpo_gae   # GRPO's work
+    python -m tools.bench_ppo --model smollm2-135m-instruct --runs 1 --updates 3   # a real model
 
 The fixed set-up: tiny random Llama models built from a config (policy: causal LM; one
 sequence-classification model as reward and value model), our tiny tokenizer, 64 prompts per
@@ -68,9 +69,28 @@ Peers:
 - TRL 1.16's GRPOTrainer from this environment, the same rollout size (16 prompts x 4
   completions = 64), 4 minibatches, 2 iterations per rollout, β = 0.05.
 
+A real model (`--model NAME`: a registry preset such as smollm2-135m-instruct, a model directory
+or a GGUF file): the policy is that model's weights (policy/ links them, with the tokenizer as our
+stages prepare it: a pad distinct from EOS), the reward and value model the same trunk with a
+scalar head (seed 1), the prompts real open questions (tools/bench_prompts.py) through its chat
+template; every trainer fine-tunes all weights (no LoRA), at `--precision`. The same work as above
+otherwise: 64 episodes and 16 new tokens per update (the questions ask for long answers, so
+responses run to the limit: `tokens_per_s / episodes_per_s` gives each trainer's mean length);
+`--episodes` (a multiple of 16) and `--new-tokens` shrink it for a smoke run.
+
+FLOP utilisation: before and after the runs the bench measures this machine's matmul peak (2048 x
+2048 fp32 and bf16 matrix multiplies, the best of both, at the trainers' thread count). Each
+trainer's `mfu` is the model FLOPs its algorithm requires per update (2 per parameter per token for
+a forward, 6 for a forward and backward, over prompt + response tokens: sampling, the reference and
+reward forwards, the policy's and any value model's forward and `epochs` forward-backward passes;
+attention's own FLOPs, recomputed forwards and the embedding lookup not counted) / its seconds per
+update / the peak at the run's precision. `mfu_train` (ours only: TRL's trainers do not time their steps apart)
+is the same for the PPO epochs alone, over their logged time.
+
 The last line printed is one JSON object with the figures (medians; `seconds_per_update` too) and the
 ratios; with `trl_grpo` and `ours_grpo`: `ratio_grpo_vs_trl_grpo` (TRL's time per update / ours)
-and both peak RSS; with `ours_grpo` and `ours_grpo_gae`: `critic_cost`.
+and both peak RSS; with `ours_grpo` and `ours_grpo_gae`: `critic_cost`; `matmul_peak_gflops`, each
+trainer's `mfu`, the CPU model (`lscpu`) and, with --model, the model's name under `setup`.
 """
 
 from __future__ import annotations
@@ -89,6 +109,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import PPOStageConfig, load_config
+from tools.bench_prompts import cpu_model, open_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,9 +129,20 @@ SETUP = {
 }
 
 
-def build_setup(directory: Path) -> None:
+def build_setup(directory: Path, model: str | None = None, setup: dict | None = None) -> None:
     """Save what every trainer reads: policy/, reward/ (also the value model's start),
-    prompts.jsonl and setup.json."""
+    prompts.jsonl and setup.json (`setup`, SETUP by default, with the models' sizes for the FLOP
+    count). `model`: a real model's weights (`build_real_setup`) instead of random tiny ones."""
+    setup = {**(setup or SETUP), "model": model}
+    if model:
+        build_real_setup(directory, model)
+    else:
+        build_tiny_setup(directory)
+    setup.update(model_sizes(directory))
+    (directory / "setup.json").write_text(json.dumps(setup))
+
+
+def build_tiny_setup(directory: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -139,12 +171,67 @@ def build_setup(directory: Path) -> None:
     for name in ("policy", "reward"):
         tokenizer.save_pretrained(directory / name)
     rng = random.Random(0)
-    prompts = directory / "prompts.jsonl"
-    with open(prompts, "w", encoding="utf-8") as f:
-        for _ in range(4096):
-            x, y = rng.randrange(100000), rng.randrange(100000)
-            f.write(json.dumps({"prompt": PROMPT % (x, y)}, ensure_ascii=False) + "\n")
-    (directory / "setup.json").write_text(json.dumps(SETUP))
+    write_prompts(directory, [PROMPT % (rng.randrange(100000), rng.randrange(100000)) for _ in range(4096)])
+
+
+def build_real_setup(directory: Path, model: str) -> None:
+    """policy/: links to the model's weights and config, with the tokenizer our stages use (pad
+    distinct from EOS, so every trainer's sequence-classification models find the last real token
+    alike); reward/: the same trunk with a scalar head, seeded."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.config import ModelInit
+    from rlhf.registry import load_tokenizer, resolve
+
+    source = resolve(model)
+    tokenizer = load_tokenizer(source, ModelInit(dtype="float32", mixed_precision=None))
+    (directory / "policy").mkdir()
+    for f in Path(source.path).iterdir():
+        if f.suffix in (".safetensors", ".json") and not f.name.startswith(("tokenizer", "special_tokens")):
+            (directory / "policy" / f.name).symlink_to(f.resolve())
+    torch.manual_seed(1)
+    reward = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=1, dtype=torch.float32)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    reward.save_pretrained(directory / "reward")
+    for name in ("policy", "reward"):
+        tokenizer.save_pretrained(directory / name)
+    write_prompts(directory, open_questions(4096))
+
+
+def write_prompts(directory: Path, prompts: list[str]) -> None:
+    with open(directory / "prompts.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts)
+
+
+def model_sizes(directory: Path) -> dict:
+    """What the FLOP count needs: the parameters a token passes through in the policy (its LM
+    head's matrix included, tied or not; not the input embedding, a lookup) and in the
+    sequence-classification model, and the mean chat-templated prompt length."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(directory / "policy")
+    tokenizer = AutoTokenizer.from_pretrained(directory / "policy")
+    prompts = [json.loads(line)["prompt"] for line in (directory / "prompts.jsonl").read_text().splitlines()[:256]]
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    texts = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    trunk = _trunk_params(config)
+    return {
+        "policy_params": trunk + config.hidden_size * config.vocab_size,  # + the LM head's matrix
+        "reward_params": trunk + config.hidden_size,  # + the scalar head
+        "prompt_tokens_mean": round(sum(lengths) / len(lengths), 1),
+    }
+
+
+def _trunk_params(config) -> int:
+    """A Llama-style decoder's parameters without embeddings: attention (q, o full; k, v per KV
+    head), the gated MLP's three matrices and two norms per layer, and the final norm."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    attn = 2 * h * config.num_attention_heads * head_dim + 2 * h * kv
+    return layers * (attn + 3 * h * config.intermediate_size + 2 * h) + h
 
 
 def ours_config(trainer: str, workdir: Path, updates: int, precision: str = "fp32") -> PPOStageConfig:
@@ -153,6 +240,8 @@ def ours_config(trainer: str, workdir: Path, updates: int, precision: str = "fp3
     GRPO's work with `ppo.advantage_estimator=grpo`) or `ours_grpo_gae` (the same work with gae and
     a value model: what the critic costs)."""
     policy, reward, prompts = workdir / "policy", workdir / "reward", workdir / "prompts.jsonl"
+    saved = workdir / "setup.json"  # a --model or --episodes run's work; SETUP when none is saved
+    setup = json.loads(saved.read_text()) if saved.is_file() else SETUP
     overrides = [
         f"policy={policy}",
         f"reward_model={reward}",
@@ -164,15 +253,15 @@ def ours_config(trainer: str, workdir: Path, updates: int, precision: str = "fp3
         "reward.model_weight=1.0",
         "reward.rules={}",
         "reward.missing_eos_penalty=null",
-        f"rollout.prompts_per_step={SETUP['prompts_per_update']}",
-        f"rollout.generation.max_new_tokens={SETUP['new_tokens']}",
+        f"rollout.prompts_per_step={setup['prompts_per_update']}",
+        f"rollout.generation.max_new_tokens={setup['new_tokens']}",
         "rollout.generation.temperature=1.0",
-        f"ppo.epochs={SETUP['epochs']}",
-        f"ppo.minibatches={SETUP['minibatches']}",
+        f"ppo.epochs={setup['epochs']}",
+        f"ppo.minibatches={setup['minibatches']}",
         "ppo.gamma=1.0",
         "ppo.lam=0.95",
         "ppo.kl_estimator=k1",
-        f"ppo.kl_coef={SETUP['kl_coef']}",
+        f"ppo.kl_coef={setup['kl_coef']}",
         "ppo.kl_target=null",
         "ppo.value_warmup_steps=0",
         "optim.max_grad_norm=null",
@@ -190,16 +279,16 @@ def ours_config(trainer: str, workdir: Path, updates: int, precision: str = "fp3
         f"model_init.attn_implementation={'eager' if precision == 'bf16' else 'null'}",
     ]
     if trainer in ("ours_grpo", "ours_grpo_gae"):
-        overrides += grpo_overrides(critic=trainer == "ours_grpo_gae")
+        overrides += grpo_overrides(critic=trainer == "ours_grpo_gae", setup=setup)
     return load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
 
 
-def grpo_overrides(critic: bool) -> list[str]:
+def grpo_overrides(critic: bool, setup: dict = SETUP) -> list[str]:
     """TRL GRPO's work as tools/bench_peers/trl_grpo.py configures it (the module docstring lists
     each setting). Later overrides win over the ones above."""
-    G = SETUP["grpo_generations"]
+    G = setup["grpo_generations"]
     return [
-        f"rollout.prompts_per_step={SETUP['prompts_per_update'] // G}",  # 16 prompts x 4 completions
+        f"rollout.prompts_per_step={setup['prompts_per_update'] // G}",  # 16 prompts x 4 completions
         f"rollout.samples_per_prompt={G}",  # num_generations
         f"ppo.advantage_estimator={'gae' if critic else 'grpo'}",  # grpo: scale_rewards=group, std + 1e-4
         "ppo.whiten_advantages=null",  # as the estimator does it: grpo no (TRL: no), gae yes
@@ -225,6 +314,7 @@ def run_ours(workdir: Path, updates: int, precision: str = "fp32", trainer: str 
     steps = [r for r in records if "train/ppo/score" in r]
     seconds = steps[-1]["time"] - steps[0]["time"]  # from the end of the warm-up update to the end of the last
     timed = steps[1:]
+    train_seconds = sum(r["train/ppo/time_train_s"] for r in timed)  # step 6, the PPO epochs
     episodes_per_update = cfg.rollout.episodes_per_step
     tokens = sum(r["train/ppo/response_length"] * episodes_per_update for r in timed)
     episodes = len(timed) * episodes_per_update
@@ -235,6 +325,7 @@ def run_ours(workdir: Path, updates: int, precision: str = "fp32", trainer: str 
         "updates": len(timed),
         "episodes": episodes,
         "peak_rss_mb": _peak_rss_mb(),
+        "train_seconds": train_seconds,
     }
 
 
@@ -287,7 +378,7 @@ def one_run(trainer: str, updates: int, setup_dir: Path, precision: str) -> dict
         "ACCELERATE_MIXED_PRECISION": "bf16" if precision == "bf16" else "no",
     }
     with tempfile.TemporaryDirectory(prefix=f"bench-{trainer}-") as tmp:
-        shutil.copytree(setup_dir, tmp, dirs_exist_ok=True)
+        shutil.copytree(setup_dir, tmp, symlinks=True, dirs_exist_ok=True)  # a real policy's weights stay links
         if trainer.startswith("ours"):
             cmd = [sys.executable, "-m", "tools.bench_ppo", "--worker", trainer, "--workdir", tmp]
             cmd += ["--updates", str(updates), "--precision", precision]
@@ -331,12 +422,69 @@ def ratios(summary: dict[str, dict]) -> dict:
     return out
 
 
+# Which models each trainer runs besides the policy: a value model with its own trunk (trained), and
+# whether the policy is trained against a reference (all do: beta > 0 or a KL penalty)
+SEPARATE_CRITIC = {"ours", "trl_ppo", "trl_ppo_nogc", "ours_grpo_gae"}
+
+
+def update_flops(trainer: str, setup: dict, response_tokens: float) -> dict[str, float]:
+    """The model FLOPs one update of `trainer` requires (2 per parameter per token forward, 6
+    forward and backward; attention's own FLOPs, recomputed forwards and embedding lookups not
+    counted): `total`, and `train`, the PPO epochs alone. `response_tokens`: its mean response length."""
+    E, epochs = setup["prompts_per_update"], setup["epochs"]
+    tokens = E * (setup["prompt_tokens_mean"] + response_tokens)  # every pass sees prompt + response
+    policy, scorer = setup["policy_params"], setup["reward_params"]
+    train = 6 * policy * tokens * epochs
+    forwards = 2 * policy * tokens * 2 + 2 * scorer * tokens  # sampling (KV-cached: once), reference; reward
+    if trainer in SEPARATE_CRITIC:
+        train += 6 * scorer * tokens * epochs
+        forwards += 2 * scorer * tokens  # the value model's values for GAE
+    return {"total": train + forwards, "train": train}
+
+
+def matmul_peak(threads: int, size: int = 2048, budget_s: float = 20.0) -> dict[str, float]:
+    """This machine's measured matmul GFLOP/s at `threads`, fp32 and bf16: the best of up to 5
+    size x size products each (a CPU without bf16 instructions emulates bf16 slowly: the time
+    budget bounds it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    peak = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up
+        best, started = float("inf"), time.perf_counter()
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+            if time.perf_counter() - started > budget_s / 2:
+                break
+        peak[name] = round(2 * size**3 / best / 1e9, 1)
+    return peak
+
+
+def mfu(trainer: str, summary: dict, setup: dict, peak_gflops: float) -> dict[str, float]:
+    """`mfu` (the whole update) and, where the trainer times its PPO epochs, `mfu_train`."""
+    s = summary[trainer]
+    flops = update_flops(trainer, setup, s["tokens_per_s"] / s["episodes_per_s"])
+    out = {"mfu": round(flops["total"] / s["seconds_per_update"] / (peak_gflops * 1e9), 4)}
+    if s.get("train_seconds_per_update"):
+        out["mfu_train"] = round(flops["train"] / s["train_seconds_per_update"] / (peak_gflops * 1e9), 4)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--only", choices=TRAINERS, action="append")
+    parser.add_argument("--model", help="a real model: registry name, model directory or GGUF file")
+    parser.add_argument(
+        "--episodes", type=int, default=SETUP["prompts_per_update"], help="per update, a multiple of 16"
+    )
+    parser.add_argument("--new-tokens", type=int, default=SETUP["new_tokens"])
     parser.add_argument("--worker", choices=[t for t in TRAINERS if t.startswith("ours")], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -347,10 +495,20 @@ def main() -> int:
         print(json.dumps(run_ours(Path(args.workdir), args.updates, args.precision, args.worker)))
         return 0
 
+    if args.episodes <= 0 or args.episodes % (SETUP["minibatches"] * SETUP["grpo_generations"]):
+        parser.error(f"--episodes must be a positive multiple of 16, got {args.episodes}")
     trainers = args.only or TRAINERS
     results: dict[str, list[dict]] = {t: [] for t in trainers}
     setup_dir = Path(tempfile.mkdtemp(prefix="bench-setup-"))
-    build_setup(setup_dir)
+    build_setup(setup_dir, args.model, {**SETUP, "prompts_per_update": args.episodes, "new_tokens": args.new_tokens})
+    setup = json.loads((setup_dir / "setup.json").read_text())
+    from rlhf.cli import setup_cpu_threads
+
+    setup_cpu_threads()  # the trainers' thread count, for the matmul peak
+    import torch
+
+    peak = matmul_peak(torch.get_num_threads())
+    print(f"[bench] matmul peak at {torch.get_num_threads()} threads: {peak} GFLOP/s", file=sys.stderr, flush=True)
     if any(t.startswith("trl_ppo") for t in trainers):
         trl112_python()  # create the TRL 1.12 environment before timing anything
     for i in range(args.runs):
@@ -366,6 +524,10 @@ def main() -> int:
                 flush=True,
             )
     shutil.rmtree(setup_dir, ignore_errors=True)
+    # measured again after the runs, the best of both: a busy spell during one measurement would
+    # otherwise understate the peak and overstate every MFU (above 100 % on a shared machine)
+    again = matmul_peak(torch.get_num_threads())
+    peak = {k: max(v, again[k]) for k, v in peak.items()}
     summary = {
         t: {
             **{
@@ -376,17 +538,26 @@ def main() -> int:
         }
         for t, rs in results.items()
     }
+    for t, rs in results.items():
+        if all("train_seconds" in r for r in rs):
+            summary[t]["train_seconds_per_update"] = round(
+                statistics.median(r["train_seconds"] / r["updates"] for r in rs), 3
+            )
+        summary[t].update(mfu(t, summary, setup, peak["bf16" if args.precision == "bf16" else "fp32"]))
+        if summary[t]["mfu"] > 1:
+            print(f"[bench] {t}: MFU above 1, the machine was busy during the peak's measurement", file=sys.stderr)
     print(
-        f"\n{'trainer':<14}{'episodes/s':>12}{'tokens/s':>12}{'peak RSS MB':>14}{'s/update':>10}   (medians of "
-        f"{args.runs} runs of {args.updates} updates, {args.precision})"
+        f"\n{'trainer':<14}{'episodes/s':>12}{'tokens/s':>12}{'peak RSS MB':>14}{'s/update':>10}{'MFU':>8}   "
+        f"(medians of {args.runs} runs of {args.updates} updates, {args.precision}, {args.model or 'tiny'})"
     )
     for t, s in summary.items():
         print(
             f"{t:<14}{s['episodes_per_s']:>12.1f}{s['tokens_per_s']:>12.0f}{s['peak_rss_mb']:>14.0f}"
-            f"{s['seconds_per_update']:>10.3f}"
+            f"{s['seconds_per_update']:>10.3f}{s['mfu']:>8.1%}"
         )
     final = {**summary, **ratios(summary)}
-    final["setup"] = {**SETUP, "precision": args.precision}
+    final["setup"] = {**setup, "precision": args.precision}
+    final["matmul_peak_gflops"], final["cpu"], final["threads"] = peak, cpu_model(), torch.get_num_threads()
     print(json.dumps(final))
     return 0
 

@@ -4,6 +4,7 @@ random weights at the same precision, and one full PPO step's time split with ea
     .venv-vllm/bin/python -m tools.bench_rollout --ppo-step         # every size, then the PPO step
     .venv-vllm/bin/python -m tools.bench_rollout --sizes 1m,30m     # some sizes only
     .venv-vllm/bin/python -m tools.bench_rollout --sizes 120m --ppo-step   # the largest, and the step
+    .venv-vllm/bin/python -m tools.bench_rollout --model smollm2-135m-instruct   # real weights
 
 Needs vLLM (`make vllm`). The set-up: random-weight decoders built from a config (~1M: a Llama of
 hidden 128 and a 2,048-token vocabulary; ~30M: a Qwen2 shape, hidden 512, 6 layers, GQA 8/2,
@@ -20,8 +21,17 @@ the policy's trunk, bf16 mixed precision, with each engine: the seconds of gener
 score (steps 2-5), train (step 6) and weight sync of the run's first step (one step per engine
 keeps the benchmark within a few minutes on 2 cores; the engines are built and loaded before it).
 
-The last line printed is one JSON object: tokens/s per engine and size (small to large),
-`ratio_vllm_vs_hf` per size, and the PPO steps' splits.
+`--model NAME` (a registry preset such as smollm2-135m-instruct, a model directory or a GGUF file):
+a real-weights row instead of the random sizes (add `--sizes` for both). 64 real chat prompts (open
+questions, tools/bench_prompts.py, through the model's chat template with its default system
+prompt) × 256 new tokens, the same sampling and counting as above, both engines at `--precision`;
+the model's own end-of-turn ends a response, so `response_tokens` per engine says how many tokens
+each produced. Then a greedy check on the real weights, as tests/test_vllm_real_model.py does it:
+`--greedy-prompts` prompts × 32 tokens, both engines in fp32 (greedy bf16 flips near-ties), token for
+token equal or not (`greedy_equal`). `--prompts` and `--new-tokens` shrink the work for a smoke run.
+
+The last line printed is one JSON object: tokens/s per engine and size (small to large) or model,
+`ratio_vllm_vs_hf` per size or model, the PPO steps' splits, and the CPU model (`lscpu`).
 """
 
 from __future__ import annotations
@@ -41,15 +51,16 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from rlhf.config import GenerationConfig, ModelInit, PPOStageConfig, load_config
-from rlhf.generation import ended_at
+from rlhf.generation import ended_at, render_prompts
 from rlhf.precision import resolve_precision
-from rlhf.registry import stop_token_ids
+from rlhf.registry import build_policy, load_tokenizer, resolve, stop_token_ids
 from rlhf.registry.tiny import build_tiny_tokenizer
 from rlhf.tracking import read_metrics
 from stages.ppo import train as ppo_train
 from stages.ppo.engines import HFEngine
 from stages.ppo.models import PolicyAndValue
 from stages.ppo.vllm_engine import VLLMEngine
+from tools.bench_prompts import cpu_model, open_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,37 +100,99 @@ def build_model(size: str, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
-def tokens_per_s(engine, prompts: list[list[int]], stops: tuple[int, ...], runs: int) -> tuple[float, list[float]]:
-    gen = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0)
+def tokens_per_s(
+    engine, prompts: list[list[int]], stops: tuple[int, ...], runs: int, new_tokens: int = NEW_TOKENS
+) -> tuple[float, list[float], int]:
+    """Median tokens/s over `runs` sampled batches, each rate, and the last batch's token count."""
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, temperature=1.0)
     engine.generate(prompts[:4], GenerationConfig(max_new_tokens=8, do_sample=True), True)  # warm-up
-    rates = []
+    rates, tokens = [], 0
     for _ in range(runs):
         start = time.perf_counter()
         out = engine.generate(prompts, gen, True)
         seconds = time.perf_counter() - start
-        rates.append(ended_at(out.response_ids, stops)[1].sum().item() / seconds)  # tokens up to each stop
-    return statistics.median(rates), rates
+        tokens = ended_at(out.response_ids, stops)[1].sum().item()  # tokens up to each stop
+        rates.append(tokens / seconds)
+    return statistics.median(rates), rates, tokens
+
+
+def engines_row(policy, tokenizer, prompts, precision, runs: int, new_tokens: int = NEW_TOKENS) -> dict:
+    """Both engines' tokens/s on `policy` (already at `precision`'s dtype) and `prompts`."""
+    stops = stop_token_ids(tokenizer, policy.generation_config)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model = PolicyAndValue(policy.to(accelerator.device), None)
+    row = {"params": sum(p.numel() for p in policy.parameters())}
+    row["hf"], row["hf_runs"], row["hf_response_tokens"] = tokens_per_s(
+        HFEngine(model, tokenizer, accelerator), prompts, stops, runs, new_tokens
+    )
+    vllm = VLLMEngine(model, tokenizer, accelerator, precision)
+    try:
+        row["vllm"], row["vllm_runs"], row["vllm_response_tokens"] = tokens_per_s(
+            vllm, prompts, stops, runs, new_tokens
+        )
+    finally:
+        vllm.close()
+    row["ratio_vllm_vs_hf"] = row["vllm"] / row["hf"]
+    return row
 
 
 def bench_size(size: str, precision_name: str, runs: int) -> dict:
     init = ModelInit(dtype="bfloat16" if precision_name == "bf16" else "float32", mixed_precision=None)
-    precision = resolve_precision(init)
-    policy = build_model(size, precision.dtype)
-    params = sum(p.numel() for p in policy.parameters())
-    tokenizer = build_tiny_tokenizer()
-    stops = stop_token_ids(tokenizer, policy.generation_config)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model = PolicyAndValue(policy.to(accelerator.device), None)
+    policy = build_model(size, resolve_precision(init).dtype)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, policy.config.vocab_size - 1, (PROMPTS, PROMPT_LEN), generator=g).tolist()
-    row = {"params": params}
-    row["hf"], row["hf_runs"] = tokens_per_s(HFEngine(model, tokenizer, accelerator), prompts, stops, runs)
-    vllm = VLLMEngine(model, tokenizer, accelerator, precision)
-    row["vllm"], row["vllm_runs"] = tokens_per_s(vllm, prompts, stops, runs)
-    row["ratio_vllm_vs_hf"] = row["vllm"] / row["hf"]
-    print(f"{size}: {params / 1e6:.1f}M params, hf {row['hf']:.0f} tok/s, vllm {row['vllm']:.0f} tok/s", flush=True)
-    del vllm
+    row = engines_row(policy, build_tiny_tokenizer(), prompts, resolve_precision(init), runs)
+    print(
+        f"{size}: {row['params'] / 1e6:.1f}M params, hf {row['hf']:.0f} tok/s, vllm {row['vllm']:.0f} tok/s", flush=True
+    )
     return row
+
+
+def load_real(name: str, init: ModelInit):
+    """(policy, tokenizer) of a registry name, model directory or GGUF file, as the stages load them."""
+    source = resolve(name)
+    tokenizer = load_tokenizer(source, init)
+    return build_policy(source, init, tokenizer).eval(), tokenizer
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    return render_prompts(tokenizer, [[{"role": "user", "content": q}] for q in open_questions(n)])
+
+
+def bench_model(name: str, precision_name: str, runs: int, prompts: int, new_tokens: int) -> dict:
+    """The real-weights row: both engines on `name` at `precision_name`, real chat prompts."""
+    init = ModelInit(dtype="bfloat16" if precision_name == "bf16" else "float32", mixed_precision=None)
+    policy, tokenizer = load_real(name, init)
+    ids = chat_prompts(tokenizer, prompts)
+    row = engines_row(policy, tokenizer, ids, resolve_precision(init), runs, new_tokens)
+    row["prompt_tokens_mean"] = sum(map(len, ids)) / len(ids)
+    print(
+        f"{name}: {row['params'] / 1e6:.1f}M params, {prompts} prompts x {new_tokens} new tokens, "
+        f"hf {row['hf']:.0f} tok/s ({row['hf_response_tokens']} tokens), "
+        f"vllm {row['vllm']:.0f} tok/s ({row['vllm_response_tokens']} tokens)",
+        flush=True,
+    )
+    return row
+
+
+def greedy_check(name: str, prompts: int, new_tokens: int = 32) -> dict:
+    """vLLM's greedy tokens against the HF engine's on the real weights, in fp32 (as
+    tests/test_vllm_real_model.py): equal token for token, or the prompts where they part."""
+    init = ModelInit(dtype="float32", mixed_precision=None)
+    policy, tokenizer = load_real(name, init)
+    ids = chat_prompts(tokenizer, prompts)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model = PolicyAndValue(policy.to(accelerator.device), None)
+    greedy = GenerationConfig(max_new_tokens=new_tokens, do_sample=False)
+    hf = HFEngine(model, tokenizer, accelerator).generate(ids, greedy, False)
+    vllm = VLLMEngine(model, tokenizer, accelerator, resolve_precision(init))
+    try:
+        out = vllm.generate(ids, greedy, False)
+    finally:
+        vllm.close()
+    differ = [i for i in range(len(ids)) if not torch.equal(hf.response_ids[i], out.response_ids[i])]
+    print(f"{name}: greedy fp32, {len(ids)} prompts x {new_tokens} tokens, differing prompts {differ}", flush=True)
+    return {"greedy_equal": not differ and torch.equal(hf.response_ids, out.response_ids), "greedy_differ": differ}
 
 
 def ppo_step(size: str, engine: str, workdir: Path) -> dict:
@@ -146,7 +219,13 @@ def ppo_step(size: str, engine: str, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Rollout tokens/s of the hf and vllm engines, and a PPO step split.")
-    parser.add_argument("--sizes", default="1m,30m,120m", help="comma-separated, of " + ",".join(SHAPES))
+    parser.add_argument(
+        "--sizes", help="comma-separated, of " + ",".join(SHAPES) + " (default: all, none with --model)"
+    )
+    parser.add_argument("--model", help="a real-weights row: registry name, model directory or GGUF file")
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help="--model's prompts per batch")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="--model's new tokens per prompt")
+    parser.add_argument("--greedy-prompts", type=int, default=4, help="--model's greedy check (0: none)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--runs", type=int, default=1, help="timed batches per engine and size")
     parser.add_argument("--ppo-step", action="store_true", help="also one PPO step per engine at the largest size")
@@ -156,13 +235,24 @@ def main() -> None:
         size, engine, workdir = args.one_ppo_step
         print(json.dumps(ppo_step(size, engine, Path(workdir))))
         return
-    sizes = [s for s in SHAPES if s in args.sizes.split(",")]  # small to large
+    named = args.sizes if args.sizes is not None else ("" if args.model else ",".join(SHAPES))
+    sizes = [s for s in SHAPES if s in named.split(",")]  # small to large
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = {"prompts": PROMPTS, "new_tokens": NEW_TOKENS, "precision": args.precision}
+    # 64 x (~80 + 256) positions x 30 layers of SmolLM2's KV cache take ~1 GiB in fp32: the engine's default
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    result = {"prompts": PROMPTS, "new_tokens": NEW_TOKENS} if sizes else {}  # the random sizes' work
+    result.update(precision=args.precision, cpu=cpu_model())
     result["threads"] = torch.get_num_threads()
     result["tokens_per_s"] = {size: bench_size(size, args.precision, args.runs) for size in sizes}
+    if args.model:
+        result["model"] = {"name": args.model, "prompts": args.prompts, "new_tokens": args.new_tokens}
+        result["tokens_per_s"][args.model] = bench_model(
+            args.model, args.precision, args.runs, args.prompts, args.new_tokens
+        )
+        if args.greedy_prompts:
+            result["model"].update(greedy_check(args.model, args.greedy_prompts))
     result["ratio_vllm_vs_hf"] = {size: row["ratio_vllm_vs_hf"] for size, row in result["tokens_per_s"].items()}
-    if args.ppo_step:
+    if args.ppo_step and sizes:  # at the largest random size (the recipe's step on the real model: bench_ppo)
         with tempfile.TemporaryDirectory(prefix="bench-rollout-") as workdir:
             result["ppo_step_s"] = {engine: ppo_step_process(sizes[-1], engine, workdir) for engine in ("hf", "vllm")}
     print(json.dumps(result))
