@@ -14,7 +14,7 @@ from rlhf.data.lengths import context_length
 from rlhf.hf_trainer import trainer_kwargs
 from rlhf.precision import Precision
 from stages.dpo.train import encode_dpo_pairs
-from stages.preference.paired import TokenRows, limit_and_label
+from stages.preference.paired import TokenRows, limit_and_label, trainer_settings
 from stages.preference.train import Method, train_preference
 from stages.reward.pairs import preference_pairs
 
@@ -31,11 +31,7 @@ def cpo_args(cfg: CPOStageConfig, out, precision: Precision, max_length: int) ->
         simpo_gamma=cfg.loss.gamma,
         cpo_alpha=cfg.loss.alpha,
         label_smoothing=cfg.loss.label_smoothing,
-        max_length=max_length,  # rows arrive cut to it (limit_and_label)
-        disable_dropout=True,
-        remove_unused_columns=False,  # the collator reads every column
-        prediction_loss_only=True,
-        dataset_num_proc=None,
+        **trainer_settings(max_length),
     )
 
 

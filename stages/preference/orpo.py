@@ -13,7 +13,7 @@ from rlhf.data.lengths import context_length
 from rlhf.hf_trainer import trainer_kwargs
 from rlhf.precision import Precision
 from stages.dpo.train import encode_dpo_pairs
-from stages.preference.paired import TokenRows, limit_and_label
+from stages.preference.paired import TokenRows, limit_and_label, trainer_settings
 from stages.preference.train import Method, train_preference
 from stages.reward.pairs import preference_pairs
 
@@ -26,11 +26,7 @@ def orpo_args(cfg: ORPOStageConfig, out, precision: Precision, max_length: int) 
     return ORPOConfig(
         **trainer_kwargs(out, cfg.seed, cfg.optim, cfg.train, cfg.model_init, precision, cfg.tracking.progress),
         beta=cfg.loss.beta,
-        max_length=max_length,  # rows arrive cut to it (limit_and_label)
-        disable_dropout=True,
-        remove_unused_columns=False,  # the collator reads every column
-        prediction_loss_only=True,
-        dataset_num_proc=None,
+        **trainer_settings(max_length),
     )
 
 

@@ -20,6 +20,18 @@ class TokenRows:
         return feature
 
 
+def trainer_settings(max_length: int) -> dict:
+    """The TRL ORPO / CPO config settings both stages pass: rows arrive tokenised and cut to
+    `max_length` (`limit_and_label`), so TRL keeps every column and tokenises nothing itself."""
+    return {
+        "max_length": max_length,
+        "disable_dropout": True,
+        "remove_unused_columns": False,  # the collator reads every column
+        "prediction_loss_only": True,
+        "dataset_num_proc": None,
+    }
+
+
 def labelled_row(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
     """One pair's columns: each answer follows the prompt, and only its tokens are labelled. By hand:
     prompt [1, 2], chosen [3] -> chosen_input_ids [1, 2, 3], chosen_labels [−100, −100, 3]."""
