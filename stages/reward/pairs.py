@@ -134,4 +134,5 @@ def mine_pairs(
             cfg.pairs.onpolicy_temperature,
             max_new_tokens=mining_max_new_tokens(cfg.task),
             is_correct=task.is_correct,
+            progress=cfg.tracking.progress,
         ).pairs
