@@ -79,7 +79,7 @@ def train(cfg: PPOStageConfig) -> dict:
     precision = resolve_precision(cfg.model_init)  # dtype, autocast, attention: decided once, here
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
-        mixed_precision=precision.mixed,  # None: accelerate's (`accelerate launch` config)
+        mixed_precision=precision.accelerator_mixed,  # None: accelerate's (`accelerate launch` config)
     )
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     started = time.time()
