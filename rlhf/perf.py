@@ -22,8 +22,8 @@ import torch
 class FlopModel:
     """The shape that sets a decoder's FLOPs per token."""
 
-    params: int  # matmul parameters every token passes through: the trunk (and a scalar head), not the embedding lookup
-    head: int  # the LM head's matrix (tied or not), run only where logits are kept: response positions; 0 for a scalar model
+    params: int  # matmul parameters every token passes through: the trunk (and a scalar head); no embedding
+    head: int  # the LM head (tied or not), run only where logits are kept (response positions); 0: a scalar model
     layers: int
     attn_dim: int  # query heads × head dimension: the width of the attention scores' products
 
