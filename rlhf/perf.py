@@ -38,14 +38,21 @@ def trunk_params(config) -> int:
     return layers * (attn + 3 * h * config.intermediate_size + 2 * h) + h
 
 
-def flop_model(config, head: str) -> FlopModel:
-    """The FlopModel of a transformers config with `head` "lm" (a vocabulary-wide output matrix,
-    tied or not) or "scalar" (a reward or value head: one output per token)."""
+def flop_model(model: torch.nn.Module) -> FlopModel:
+    """The FlopModel of a transformers model (a causal LM; a reward or value model with a scalar
+    head), read off its parameters whatever the architecture: all of them but the input embedding
+    (a lookup), the LM head apart (tied or not). A ZeRO-3 partitioned parameter counts whole."""
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    head = numel(output.weight) if output is not None else 0
+    tied = output is not None and output.weight is embedding
+    total = sum(numel(p) for p in model.parameters())  # a tied matrix once
+    config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    lm = head == "lm"
     return FlopModel(
-        params=trunk_params(config) + (0 if lm else config.hidden_size),
-        head=config.hidden_size * config.vocab_size if lm else 0,
+        params=total - numel(embedding) - (0 if tied else head),
+        head=head,
         layers=config.num_hidden_layers,
         attn_dim=config.num_attention_heads * head_dim,
     )

@@ -33,20 +33,39 @@ def test_train_flops_by_hand():
     assert perf.train_flops(M, LENGTHS, 4, full=True, checkpointing=False) == 2112 + 3 * 24
 
 
-def test_flop_model_of_a_config():
-    # h = 4, 1 layer, 2 heads of 2, 1 KV head, MLP 8, vocabulary 10:
-    # attention 2·4·4 + 2·4·2 = 48; MLP 3·4·8 = 96; norms 8; final norm 4 -> trunk 156
+def test_trunk_params_of_a_config():
+    # h = 4, 1 layer, 2 heads of 2, 1 KV head, MLP 8:
+    # attention 2·4·4 + 2·4·2 = 48; MLP 3·4·8 = 96; norms 8; final norm 4 -> 156
     config = SimpleNamespace(
+        hidden_size=4, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=8
+    )
+    assert perf.trunk_params(config) == 156
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_flop_model_of_a_model(tied):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(
         hidden_size=4,
+        intermediate_size=8,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        intermediate_size=8,
         vocab_size=10,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
     )
-    assert perf.trunk_params(config) == 156
-    assert perf.flop_model(config, "lm") == perf.FlopModel(params=156, head=40, layers=1, attn_dim=4)
-    assert perf.flop_model(config, "scalar") == perf.FlopModel(params=156 + 4, head=0, layers=1, attn_dim=4)
+    # the trunk as above (156), the LM head 4 · 10 = 40 whether tied or not, the embedding left out
+    expected = perf.FlopModel(params=156, head=40, layers=1, attn_dim=4)
+    assert perf.flop_model(LlamaForCausalLM(config)) == expected
+    # a scalar head: 4 more trunk parameters, no LM head
+    scalar = LlamaForSequenceClassification(LlamaConfig(**{**config.to_dict(), "num_labels": 1}))
+    assert perf.flop_model(scalar) == perf.FlopModel(params=160, head=0, layers=1, attn_dim=4)
+    # another architecture (no intermediate_size, no KV heads in its config): read off its parameters
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=4, n_layer=1, n_head=2, vocab_size=10, n_positions=8))
+    wte = 10 * 4
+    assert perf.flop_model(gpt2).params == sum(p.numel() for p in gpt2.parameters()) - wte
 
 
 def test_gpu_peaks_from_the_table():

@@ -38,10 +38,10 @@ def step_cost(unwrapped, reward_model, cfg, reuse_logprobs: bool) -> StepCost:
     separate = value_model is not None and hasattr(value_model, "config")  # not the shared trunk's ValueHead
     reward = getattr(reward_model, "module", reward_model)  # a ZeRO-3 inference engine wraps it
     return StepCost(
-        policy=flop_model(unwrapped.policy.config, "lm"),
-        critic=flop_model(value_model.config, "scalar") if separate else None,
+        policy=flop_model(unwrapped.policy),
+        critic=flop_model(value_model) if separate else None,
         shared_critic=value_model is not None and not separate,
-        reward=flop_model(reward.config, "scalar") if reward is not None else None,
+        reward=flop_model(reward) if reward is not None else None,
         full=not cfg.lora.enabled,
         checkpointing=cfg.model_init.gradient_checkpointing,
         reuse_logprobs=reuse_logprobs,
