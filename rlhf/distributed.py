@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from datetime import timedelta
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+
+log = logging.getLogger("rlhf")
 
 
 def process_state() -> PartialState:
@@ -131,6 +134,7 @@ def fill_zero3_sizes(ds_config: dict, model: torch.nn.Module) -> None:
     if wanted:
         sizes = zero3_live_sizes(*largest_layers(model))
         zero.update({k: sizes[k] for k in wanted})
+        log.info("ZeRO-3 sizes from the model: %s", {k: sizes[k] for k in wanted})
 
 
 @contextlib.contextmanager

@@ -138,3 +138,16 @@ def test_ppo_perf_metrics_from_a_rollout():
     assert out["perf/mfu_train"] == pytest.approx(2166 / 2.0 / 1000)
     assert out["perf/mfu"] == pytest.approx((3 * 722 + 2166) / 4.0 / 1000)
     assert out["perf/max_rss_gb"] > 0
+
+
+def test_flop_model_of_the_qwen_shape_the_device_check_runs():
+    # Qwen2.5-0.5B: 494,032,768 parameters, of which the tied 151,936 × 896 = 136,134,656 embedding;
+    # 24 layers of 14 heads × 64
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.registry.presets import PRESETS
+
+    with torch.device("meta"):  # shapes only
+        model = AutoModelForCausalLM.from_config(PRESETS["qwen2.5-0.5b-shape"].make_config())
+    m = perf.flop_model(model)
+    assert m == perf.FlopModel(params=494_032_768 - 136_134_656, head=136_134_656, layers=24, attn_dim=896)
