@@ -115,7 +115,10 @@ def matmul_peak(
     peak = {}
     for name in dtypes:
         dtype = torch.bfloat16 if name == "bf16" else torch.float32
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        # a generator of its own: measured mid-run, the global one would shift the run's sampling
+        # (a resumed run would no longer repeat an uninterrupted one)
+        gen = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(size, size, dtype=dtype, generator=gen) for _ in range(2))
         a @ b  # warm-up
         best, started = float("inf"), time.perf_counter()
         for _ in range(5):
@@ -146,7 +149,10 @@ def device_peak_flops(device: torch.device, dtype: str) -> float:
 
 @functools.cache
 def _cuda_matmul_peak(device: torch.device, dtype: str) -> float:
-    a = torch.randn(8192, 8192, device=device, dtype=getattr(torch, "bfloat16" if dtype == "bf16" else "float32"))
+    gen = torch.Generator(device).manual_seed(0)  # not the global one: see matmul_peak
+    a = torch.randn(
+        8192, 8192, device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, generator=gen
+    )
     a @ a
     torch.cuda.synchronize(device)
     t = time.perf_counter()

@@ -80,6 +80,12 @@ def test_cpu_peak_is_measured_once_and_positive():
     cpu = torch.device("cpu")
     first = perf.device_peak_flops(cpu, "fp32")
     assert first > 0 and perf.device_peak_flops(cpu, "fp32") == first  # cached: the same number
+    # the global RNG untouched: measured mid-run, it would shift sampling (and break exact resume)
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    perf.matmul_peak(torch.get_num_threads(), size=8, budget_s=0.1)
+    assert torch.equal(torch.rand(3), before)
 
 
 def test_mfu_and_memory():
