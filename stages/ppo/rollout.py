@@ -26,6 +26,11 @@ class Generated:
         torch.Tensor
     )  # (B,) bool, it stopped at a stop token (False: cut off at max_new_tokens or the model's length)
 
+    def to(self, device: torch.device) -> Generated:
+        """Every tensor on `device` (no copy where it is there already)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Generated(**{name: None if t is None else t.to(device) for name, t in moved.items()})
+
 
 @dataclass(kw_only=True)
 class Rollout:
