@@ -199,6 +199,10 @@ class RolloutConfig:
     # rounds; a batch still short then is filled up with dropped groups. Needs samples_per_prompt > 1.
     dynamic_sampling: bool = False
     max_sampling_tries: int = 4
+    # Episodes per no-grad forward of the rollout (step 2's policy log-probs, reference log-probs and
+    # values, step 3's reward model), so that fp32 full-vocabulary logits exist for this many rows at a
+    # time, not the whole batch; the results are the same (to fp32 rounding). null: the whole batch at once.
+    forward_batch_size: int | None = None
 
     @property
     def episodes_per_step(self) -> int:
@@ -216,6 +220,8 @@ class RolloutConfig:
             raise ConfigError("tis_cap", f"must be >= 1 (it caps π_trainer / π_engine), got {self.tis_cap}")
         if self.max_sampling_tries < 1:
             raise ConfigError("max_sampling_tries", f"must be >= 1, got {self.max_sampling_tries}")
+        if self.forward_batch_size is not None and self.forward_batch_size < 1:
+            raise ConfigError("forward_batch_size", f"must be >= 1 episodes, or null, got {self.forward_batch_size}")
         if self.logprobs_from_generation and self.importance_correction == "tis":
             # π_old would be the sampler's own log-probs: every weight min(π_old / π_engine, C) is 1
             raise ConfigError(

@@ -97,12 +97,12 @@ class VLLMEngine:
                 generation_config="vllm",  # ignore the model's generation_config.json defaults
                 logprobs_mode="processed_logprobs",  # after temperature: what the trainer's ratio uses
             )
-        self.asleep = False
+        self.asleep: set[str] = set()  # what sleep released and no wake-up has brought back (GPU only)
         self.update_weights(model)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], gen: GenerationConfig, with_logprobs: bool) -> Generated:
-        self._wake()
+        self._wake_kv_cache()
         # per-request seeds from torch's generator: a resumed run (which restores the RNG) draws the same
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()
         params = [self._sampling_params(gen, with_logprobs, seed) for seed in seeds]
@@ -135,7 +135,7 @@ class VLLMEngine:
         repacks every linear weight for its GEMM kernels) once all of that layer's weights are in.
         In-process (the colocated core), the iterator is consumed where it is made: no copy of
         the whole model is ever held."""
-        self._wake()
+        self._wake_weights()
         weights = policy_weights(self.accelerator.unwrap_model(model).policy, self.accelerator)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.apply_model(prepare_tied_layers)
@@ -145,7 +145,7 @@ class VLLMEngine:
         `update_weights` wakes it up with fresh weights)."""
         if self.cuda and not self.asleep:
             self.llm.sleep(level=2)  # level 2 drops the weights too: update_weights brings new ones
-            self.asleep = True
+            self.asleep = {"weights", "kv_cache"}
 
     def close(self) -> None:
         """Shut vLLM down in this process: its engine core, and the distributed state it keeps in
@@ -155,10 +155,27 @@ class VLLMEngine:
         one finds vLLM's stale groups and fails to start. Called once, at the end of a run."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def _wake(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def _wake_weights(self) -> None:
+        """Map the weights' memory back, before `update_weights` fills it, and nothing else yet
+        (TRL's order: weights, then the KV cache when sampling starts, so the two never compete
+        with the copy in flight). First the blocks torch's allocator caches but the trainer freed
+        go back to the GPU: vLLM allocates beside torch's allocator and would not see them (TRL:
+        "required to avoid OOM in some cases"). A no-op on the CPU, where the engine never sleeps."""
+        if "weights" in self.asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+
+    def _wake_kv_cache(self) -> None:
+        """The KV cache last, once the new weights are in: the device is synchronized first, so the
+        weight copies (and the gathered layers they came from, freed as they finish) are done
+        before the cache takes the rest of its share."""
+        self._wake_weights()
+        if "kv_cache" in self.asleep:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep.discard("kv_cache")
 
 
 def policy_weights(policy: torch.nn.Module, accelerator) -> Iterator[tuple[str, torch.Tensor]]:
