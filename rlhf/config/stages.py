@@ -188,6 +188,10 @@ class RolloutConfig:
     # `vllm` extra); auto = vllm when installed and on a GPU, else hf
     engine: Literal["hf", "vllm", "auto"] = "hf"
     vllm_gpu_memory: float = 0.3  # fraction of the GPU vLLM takes (weights + KV cache); GPU only
+    # GPUs per vLLM engine (GPU only): 1, one engine on each process's own GPU; t > 1, each t consecutive
+    # processes share one engine spread over their t GPUs (tensor parallel, as TRL's colocated mode), for a
+    # policy too large for one GPU's vllm_gpu_memory share. Must divide the number of processes.
+    vllm_tensor_parallel: int = 1
     # The engine's sampling pass and the trainer's forward differ a little (other kernels, bf16 rounding), so
     # the tokens are slightly off-policy. tis: truncated importance sampling (Yao et al. 2025, as veRL and TRL):
     # each token's policy loss is weighted by min(π_trainer / π_engine, tis_cap), both of the sampled token.
@@ -216,6 +220,8 @@ class RolloutConfig:
             raise ConfigError("dynamic_sampling", "drops groups of equal scores: needs samples_per_prompt > 1")
         if not 0.0 < self.vllm_gpu_memory <= 1.0:
             raise ConfigError("vllm_gpu_memory", f"must be in (0, 1], got {self.vllm_gpu_memory}")
+        if self.vllm_tensor_parallel < 1:
+            raise ConfigError("vllm_tensor_parallel", f"must be >= 1 GPUs per engine, got {self.vllm_tensor_parallel}")
         if self.tis_cap < 1.0:
             raise ConfigError("tis_cap", f"must be >= 1 (it caps π_trainer / π_engine), got {self.tis_cap}")
         if self.max_sampling_tries < 1:
