@@ -14,7 +14,7 @@ from rlhf.registry import sequence_scores
 from rlhf.reward_client import RemoteRewardError, RewardClient, ServedModelChanged
 from rlhf.reward_functions import call_reward_function, row_fields
 from rlhf.tasks import RULES, gold_checker
-from stages.ppo.rollout import Scored
+from stages.ppo.rollout import Scored, in_micro_batches
 
 
 class RunningMoments:
@@ -143,7 +143,12 @@ def score_episodes(models, data, batch, input_ids, attention_mask, response, has
     model_scores = None
     if models.reward_model is not None:
         with torch.no_grad(), accelerator.autocast():
-            model_scores = sequence_scores(models.reward_model, input_ids, attention_mask)
+            model_scores = in_micro_batches(
+                lambda ids, mask: sequence_scores(models.reward_model, ids, mask),
+                cfg.rollout.forward_batch_size,
+                input_ids,
+                attention_mask,
+            )
     device = accelerator.device
     rules = {name: torch.tensor(RULES[name](questions, texts), device=device) for name in cfg.reward.rules}
     fields = row_fields(rows)  # answer, tests, …: the prompt rows' other fields, one list each
