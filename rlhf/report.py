@@ -28,12 +28,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import font_manager
 
-from rlhf.checkpoint import atomic_write_json, atomic_write_text
+from rlhf.checkpoint import STAGES, atomic_write_json, atomic_write_text
 from rlhf.proxy_gold import best_gold, divergence, run_points
 from rlhf.tasks import TASKS
 from rlhf.tracking import metrics_records
-
-STAGES = ("sft", "rm", "ppo", "dpo")
 
 # Fonts that hold the Chinese of seed 000's prompts, in order of preference: Debian's
 # fonts-noto-cjk, Adobe's name for the same design, macOS's and Windows' own, WenQuanYi.
