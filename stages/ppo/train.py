@@ -381,14 +381,8 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         metrics["train/ppo/lr_value"] = optimizer.param_groups[1]["lr"]
     if rollout.engine_logprobs is not None:
         metrics.update(logprob_diff(rollout, accelerator))
-    if scored.model_scores is not None:
-        metrics["train/ppo/rm_score"] = gather_mean(scored.model_scores)
-    for name, values in scored.rule_scores.items():
-        metrics[f"train/ppo/rule_{name}"] = gather_mean(values)
-    for spec, values in scored.function_scores.items():
-        metrics[f"train/ppo/fn_{spec.replace(':', '.')}"] = gather_mean(values)
-    if scored.remote_scores is not None:
-        metrics["train/ppo/remote_score"] = gather_mean(scored.remote_scores)
+    for name, values in scored.components.items():  # every reward source, and the overlong penalty
+        metrics[f"train/reward/{name}"] = gather_mean(values)
     if scored.gold_scores is not None:
         gold = accelerator.gather(scored.gold_scores)
         if not gold.isnan().all():  # the share right among the sampled responses whose prompt has an answer
