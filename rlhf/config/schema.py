@@ -341,6 +341,17 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
+def _variant(tp: type, value: Any, key: str, source: str | None) -> type:
+    """The dataclass to build: `tp`, or the subclass its `variant(data)` picks (a reward source's kind)."""
+    variant = getattr(tp, "variant", None)
+    if variant is None or not isinstance(value, dict):
+        return tp
+    try:
+        return variant(value)
+    except ConfigError as e:
+        raise ConfigError(_join(key, e.key), e.message, source) from None
+
+
 def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):
@@ -375,13 +386,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _coerce(vt, v, f"{key}.{k}", source) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        variant = getattr(tp, "variant", None)  # a dataclass whose data picks a subclass (a reward source's kind)
-        if variant is not None and isinstance(value, dict):
-            try:
-                tp = variant(value)
-            except ConfigError as e:
-                raise ConfigError(_join(key, e.key), e.message, source) from None
-        return from_dict(tp, {} if value is None else value, key, source)
+        return from_dict(_variant(tp, value, key, source), {} if value is None else value, key, source)
     if tp is Any:
         return _plain(value)
     if tp is bool:
