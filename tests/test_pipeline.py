@@ -154,6 +154,8 @@ def test_report_embeds_every_plot_with_the_runs_own_data(run):
     assert list(zip(plotted["x"], plotted["y"], strict=True)) == sft_loss and len(sft_loss) >= 5
     assert data["ppo_kl"]["KL (per response)"]["y"] == [v for _, v in stages["ppo"]["series"]["train/ppo/kl"]]
     assert len(data["ppo_kl"]["β"]["x"]) == 8
+    # each reward source is a line of its own on ppo_score, by its name: the tiny default's reward model
+    assert data["ppo_score"]["rm"]["y"] == [v for _, v in stages["ppo"]["series"]["train/reward/rm"]]
     rm_eval = json.loads((run_dir / "rm" / "eval.json").read_text())
     assert data["rm_score_histogram"]["chosen"] == rm_eval["scores"]["chosen"]
     # tables: accuracy per digit bucket for base, SFT and PPO; samples before and after PPO
