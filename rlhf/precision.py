@@ -37,6 +37,20 @@ class Precision:
     # its own fp32 master copy; see `resolve_precision`.
     trained_dtype: torch.dtype = torch.float32
 
+    @property
+    def accelerator_mixed(self) -> Literal["bf16"] | None:
+        """What an Accelerator the stage builds itself gets as `mixed_precision`. Under DeepSpeed
+        with bf16 trained weights it is "bf16": that is what resolves `"bf16": {"enabled": "auto"}`
+        in configs/deepspeed/*.json to on, DeepSpeed's bf16 mode whose optimizer steps fp32 master
+        weights (with None it resolved to off: bf16 weights stepped in bf16, fp32 communication).
+        accelerate adds no autocast of its own under DeepSpeed. Elsewhere: `mixed`."""
+        return "bf16" if self.trained_dtype == torch.bfloat16 else self.mixed
+
+    @property
+    def matmul_dtype(self) -> Literal["bf16", "fp32"]:
+        """What the models' matrix multiplies run in: the peak MFU is measured against."""
+        return "bf16" if self.dtype == torch.bfloat16 or self.mixed == "bf16" else "fp32"
+
     def autocast(self, device_type: str) -> torch.autocast:
         """bf16 autocast on `device_type` under mixed bf16, a no-op context otherwise; for passes
         that run outside accelerate's own autocast (sampling before the Trainer exists)."""

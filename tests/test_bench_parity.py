@@ -99,7 +99,7 @@ def test_trunk_params_count_a_gqa_llama():
     )
     model = LlamaForCausalLM(config)
     # tied: the embedding matrix is counted once, as the LM head the policy's FLOPs pass through
-    assert bench._trunk_params(config) + 32 * 64 == sum(p.numel() for p in model.parameters())
+    assert bench.trunk_params(config) + 32 * 64 == sum(p.numel() for p in model.parameters())
 
 
 def test_mfu_is_the_update_flops_over_time_and_peak():

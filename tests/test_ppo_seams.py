@@ -3,6 +3,7 @@ config, an estimator without a critic means no value model anywhere, and a Rollo
 built from positional tensors."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -175,8 +176,62 @@ def test_value_optim_max_grad_norm_that_deepspeed_would_ignore_is_refused(monkey
     tiny = ROOT / "configs/tiny/ppo.yaml"
     differ = load_config(PPOStageConfig, tiny, ["optim.max_grad_norm=1.0", "value_optim.max_grad_norm=0.5"])
     with pytest.raises(ConfigError, match=r"value_optim\.max_grad_norm.*set both the same"):
-        optim.fill_deepspeed_config(accelerator, differ, 16, has_value_model=True)
-    optim.fill_deepspeed_config(accelerator, differ, 16, has_value_model=False)  # no critic: nothing ignored
+        optim.fill_deepspeed_config(accelerator, differ, 16, has_value_model=True, model=torch.nn.Linear(2, 2))
+    optim.fill_deepspeed_config(
+        accelerator, differ, 16, has_value_model=False, model=torch.nn.Linear(2, 2)
+    )  # no critic: nothing ignored
     same = load_config(PPOStageConfig, tiny, ["optim.max_grad_norm=0.5", "value_optim.max_grad_norm=0.5"])
-    optim.fill_deepspeed_config(accelerator, same, 16, has_value_model=True)
+    optim.fill_deepspeed_config(accelerator, same, 16, has_value_model=True, model=torch.nn.Linear(2, 2))
     assert plugin.deepspeed_config["gradient_clipping"] == 0.5
+
+
+def _blocks_model() -> torch.nn.Module:
+    """An embedding of 10 × 4 = 40 parameters and two blocks of Linear(4, 8) (32 + 8 = 40) and
+    Linear(8, 4) (32 + 4 = 36): 76 each."""
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(10, 4)
+    model.layers = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)) for _ in range(2)
+    )
+    return model
+
+
+def test_zero3_sizes_come_from_the_largest_layer():
+    from rlhf.distributed import fill_zero3_sizes, largest_layers, zero3_live_sizes
+
+    assert largest_layers(_blocks_model()) == (76, 40)
+    # two blocks live, the reuse distance one block
+    assert zero3_live_sizes(76, 40) == {"stage3_max_live_parameters": 152, "stage3_max_reuse_distance": 76}
+    # an embedding larger than a block (qwen2.5-0.5b: 136M against 15M) is gathered whole beside one
+    assert zero3_live_sizes(15, 136)["stage3_max_live_parameters"] == 151
+    assert zero3_live_sizes(0, 40) == {"stage3_max_live_parameters": 80, "stage3_max_reuse_distance": 40}
+    # a 7B Llama decoder layer: 4·4096² + 3·4096·11008 = 202M, above the 1e8 the JSON held
+    assert zero3_live_sizes(202_375_168, 131_072_000)["stage3_max_reuse_distance"] > 1e8
+    for name in ("zero3.json", "zero3_offload.json"):
+        ds = json.loads((ROOT / "configs/deepspeed" / name).read_text())
+        fill_zero3_sizes(ds, _blocks_model())
+        assert ds["zero_optimization"]["stage3_max_live_parameters"] == 152
+        assert ds["zero_optimization"]["stage3_max_reuse_distance"] == 76
+    kept = {"zero_optimization": {"stage3_max_live_parameters": 5, "stage3_max_reuse_distance": "auto"}}
+    fill_zero3_sizes(kept, _blocks_model())
+    assert kept["zero_optimization"] == {"stage3_max_live_parameters": 5, "stage3_max_reuse_distance": 76}
+
+
+def test_offloaded_optimizer_is_deepspeeds_cpu_adam(monkeypatch):
+    # DeepSpeed refuses torch's AdamW under optimizer offload (zero3_offload.json)
+    from stages.ppo import optim
+
+    configs = {
+        name: json.loads((ROOT / "configs/deepspeed" / name).read_text())
+        for name in ("zero3.json", "zero3_offload.json", "zero2.json")
+    }
+    assert optim.offloads_optimizer(configs["zero3_offload.json"])
+    assert not optim.offloads_optimizer(configs["zero3.json"]) and not optim.offloads_optimizer(configs["zero2.json"])
+    assert not optim.offloads_optimizer(None)
+    groups = lambda: [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1}]  # noqa: E731
+    assert isinstance(optim.build_optimizer(groups(), 0.1, configs["zero3.json"]), torch.optim.AdamW)
+    adam = pytest.importorskip("deepspeed.ops.adam")  # constructing the real one compiles a C++ op: not here
+    built = []
+    monkeypatch.setattr(adam, "DeepSpeedCPUAdam", lambda groups, **kw: built.append(kw) or "cpu-adam")
+    assert optim.build_optimizer(groups(), 0.1, configs["zero3_offload.json"]) == "cpu-adam"
+    assert built == [{"lr": 0.1, "adamw_mode": True}]

@@ -95,6 +95,8 @@ def test_policy_changes_reference_does_not(sft_dir, tmp_path):
         "tokens_per_s",
     ):
         assert f"train/ppo/{key}" in records[-1], key
+    for key in ("rollout_tokens_per_s", "train_tokens_per_s", "mfu", "mfu_train", "max_rss_gb"):  # rlhf/perf.py
+        assert 0 < records[-1][f"perf/{key}"] < (1 if "mfu" in key else float("inf")), key
     report = json.loads((out / "eval.json").read_text())
     assert {"before", "after", "final_kl"} <= set(report)
     assert (out / "value_model" / "config.json").is_file()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 import rlhf.precision
-from conftest import run_entry
+from conftest import ROOT, run_entry
 from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, SFTStageConfig, TrainConfig, load_config
 from rlhf.distributed import deepspeed_plugin, is_zero3
 from rlhf.hf_trainer import trainer_kwargs
@@ -297,3 +297,33 @@ def test_float16_and_accelerate_fp16_stop_before_anything_is_written(tmp_path):
             -3000:
         ]
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("machine", "native", "deepspeed", "expected"),
+    [
+        ("cuda", True, True, "bf16"),  # bf16 weights trained by DeepSpeed: its bf16 (fp32 master weights) must be on
+        ("cuda", True, False, "bf16"),  # fp32 trained weights under bf16 autocast, as before
+        ("cuda", False, True, None),  # fp32 weights on a GPU without bf16: nothing to turn on
+        ("cpu", False, True, None),
+    ],
+)
+def test_accelerator_mixed_turns_deepspeed_bf16_on_for_bf16_weights(monkeypatch, machine, native, deepspeed, expected):
+    """PPO built its Accelerator with `mixed=None` under DeepSpeed on a bf16 GPU, which resolves
+    `"bf16": {"enabled": "auto"}` in configs/deepspeed/zero3.json to off: bf16 weights stepped by a
+    plain optimizer with no fp32 master copy. `accelerator_mixed` is what the Accelerator gets."""
+    on_machine(monkeypatch, machine, native, deepspeed)
+    p = resolve_precision(ModelInit(dtype="auto", mixed_precision="auto"))
+    assert p.accelerator_mixed == expected
+
+
+def test_deepspeed_bf16_auto_resolves_on_from_accelerator_mixed(monkeypatch):
+    # accelerate's own resolution of the JSON's "auto" from what `accelerator_mixed` hands it
+    pytest.importorskip("deepspeed")
+    from accelerate.utils import DeepSpeedPlugin
+
+    on_machine(monkeypatch, "cuda", True, True)
+    p = resolve_precision(ModelInit(dtype="auto", mixed_precision="auto"))
+    plugin = DeepSpeedPlugin(hf_ds_config=str(ROOT / "configs/deepspeed/zero3.json"))
+    plugin.set_mixed_precision(p.accelerator_mixed)
+    assert plugin.deepspeed_config["bf16"]["enabled"] is True

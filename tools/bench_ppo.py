@@ -109,6 +109,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import PPOStageConfig, load_config
+from rlhf.perf import matmul_peak, trunk_params
 from tools.bench_prompts import cpu_model, open_questions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,22 +217,12 @@ def model_sizes(directory: Path) -> dict:
     chats = [[{"role": "user", "content": p}] for p in prompts]
     texts = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    trunk = _trunk_params(config)
+    trunk = trunk_params(config)
     return {
         "policy_params": trunk + config.hidden_size * config.vocab_size,  # + the LM head's matrix
         "reward_params": trunk + config.hidden_size,  # + the scalar head
         "prompt_tokens_mean": round(sum(lengths) / len(lengths), 1),
     }
-
-
-def _trunk_params(config) -> int:
-    """A Llama-style decoder's parameters without embeddings: attention (q, o full; k, v per KV
-    head), the gated MLP's three matrices and two norms per layer, and the final norm."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    kv = (config.num_key_value_heads or config.num_attention_heads) * head_dim
-    attn = 2 * h * config.num_attention_heads * head_dim + 2 * h * kv
-    return layers * (attn + 3 * h * config.intermediate_size + 2 * h) + h
 
 
 def ours_config(trainer: str, workdir: Path, updates: int, precision: str = "fp32") -> PPOStageConfig:
@@ -439,28 +430,6 @@ def update_flops(trainer: str, setup: dict, response_tokens: float) -> dict[str,
         train += 6 * scorer * tokens * epochs
         forwards += 2 * scorer * tokens  # the value model's values for GAE
     return {"total": train + forwards, "train": train}
-
-
-def matmul_peak(threads: int, size: int = 2048, budget_s: float = 20.0) -> dict[str, float]:
-    """This machine's measured matmul GFLOP/s at `threads`, fp32 and bf16: the best of up to 5
-    size x size products each (a CPU without bf16 instructions emulates bf16 slowly: the time
-    budget bounds it)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    peak = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # warm-up
-        best, started = float("inf"), time.perf_counter()
-        for _ in range(5):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-            if time.perf_counter() - started > budget_s / 2:
-                break
-        peak[name] = round(2 * size**3 / best / 1e9, 1)
-    return peak
 
 
 def mfu(trainer: str, summary: dict, setup: dict, peak_gflops: float) -> dict[str, float]:

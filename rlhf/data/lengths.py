@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from datasets import Dataset
+from typing import TYPE_CHECKING
 
 from rlhf.config import DataConfig
 from rlhf.data.io import DataError
+
+if TYPE_CHECKING:  # annotations only: PPO reads `context_length` on machines without `datasets`
+    from datasets import Dataset
 
 # A tokenizer that states no context (transformers' VERY_LARGE_INTEGER, ~1e30) gets this many tokens.
 UNSTATED_CONTEXT = 2048

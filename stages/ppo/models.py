@@ -33,7 +33,7 @@ from rlhf.registry import (
 )
 from rlhf.reward_client import RewardClient
 from stages.ppo.advantages import Estimator
-from stages.ppo.optim import adamw, fill_deepspeed_config, param_groups
+from stages.ppo.optim import build_optimizer, fill_deepspeed_config, param_groups
 from stages.ppo.rewards import Source, SourceContext, build_sources, connect_reward_server
 
 
@@ -231,8 +231,10 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         if m is not None:
             disable_dropout(m)
     model = PolicyAndValue(policy, value_model)
-    optimizer = adamw(param_groups(policy, value_model, cfg), lr=cfg.optim.lr)
-    fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size, value_model is not None)
+    plugin = deepspeed_plugin(accelerator)
+    ds_config = plugin.deepspeed_config if plugin is not None else None
+    optimizer = build_optimizer(param_groups(policy, value_model, cfg), cfg.optim.lr, ds_config)
+    fill_deepspeed_config(accelerator, cfg, policy.config.hidden_size, value_model is not None, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_policy = prepare_frozen(ref_policy, accelerator) if ref_policy is not None else None
     reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None

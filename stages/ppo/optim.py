@@ -9,7 +9,7 @@ import math
 import torch
 
 from rlhf.config import ConfigError, OptimConfig, PPOStageConfig
-from rlhf.distributed import deepspeed_plugin
+from rlhf.distributed import deepspeed_plugin, fill_zero3_sizes
 
 
 def param_groups(policy: torch.nn.Module, value_model: torch.nn.Module | None, cfg: PPOStageConfig) -> list[dict]:
@@ -27,6 +27,24 @@ def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     this CPU: about a seventh of a critic-free update's time (docs/benchmarks.md)."""
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def offloads_optimizer(ds_config: dict | None) -> bool:
+    """Whether a DeepSpeed config (None: no DeepSpeed) puts the optimizer on the CPU or NVMe."""
+    offload = ((ds_config or {}).get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def build_optimizer(groups: list[dict], lr: float, ds_config: dict | None) -> torch.optim.Optimizer:
+    """`adamw`, or DeepSpeed's CPU Adam (AdamW mode) where the DeepSpeed config offloads the
+    optimizer: DeepSpeed refuses a torch optimizer there ("ZeRO-Offload with a client provided
+    optimizer"), since its offloaded step runs on the CPU copy of the fp32 weights."""
+    if not offloads_optimizer(ds_config):
+        return adamw(groups, lr)
+    # deepspeed is optional (`.[deepspeed]`): imported only by a run whose config offloads to it
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)
 
 
 def _group(module: torch.nn.Module, optim: OptimConfig) -> dict:
@@ -80,9 +98,12 @@ def clip_gradients(accelerator, model, cfg: PPOStageConfig) -> None:
             accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], optim.max_grad_norm)
 
 
-def fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int, has_value_model: bool) -> None:
+def fill_deepspeed_config(
+    accelerator, cfg: PPOStageConfig, hidden_size: int, has_value_model: bool, model: torch.nn.Module
+) -> None:
     """Fill the DeepSpeed config's "auto" entries that accelerate would read off a dataloader and
-    a model config: PPO has no dataloader, and its module (policy + value) no single config.
+    a model config: PPO has no dataloader, and its module (policy + value) no single config; and
+    ZeRO-3's gathering limits, sized from `model`'s largest layer (`fill_zero3_sizes`).
     The engine clips the gradient norm of the whole module, policy and value model together, to
     optim.max_grad_norm: a different value_optim.max_grad_norm would be ignored, so it is refused."""
     plugin = deepspeed_plugin(accelerator)
@@ -108,3 +129,4 @@ def fill_deepspeed_config(accelerator, cfg: PPOStageConfig, hidden_size: int, ha
     ):
         if zero.get(key) == "auto":
             zero[key] = value
+    fill_zero3_sizes(ds, model)

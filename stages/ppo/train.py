@@ -36,6 +36,7 @@ from rlhf.config import ConfigError, PPOStageConfig
 from rlhf.distributed import is_zero3, process_state, wait_for_main
 from rlhf.evaluation import evaluate_in_loop
 from rlhf.finite import finite_flag
+from rlhf.perf import clock, device_peak_flops
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import fingerprint
 from stages.ppo.advantages import (
@@ -70,6 +71,7 @@ from stages.ppo.saving import (
     save_models,
 )
 from stages.ppo.scores import RunningMoments, normalize_scores, score_episodes
+from stages.ppo.throughput import perf_metrics, step_cost
 
 log = logging.getLogger("rlhf.ppo")
 
@@ -79,7 +81,7 @@ def train(cfg: PPOStageConfig) -> dict:
     precision = resolve_precision(cfg.model_init)  # dtype, autocast, attention: decided once, here
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
-        mixed_precision=precision.mixed,  # None: accelerate's (`accelerate launch` config)
+        mixed_precision=precision.accelerator_mixed,  # None: accelerate's (`accelerate launch` config)
     )
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     started = time.time()
@@ -94,6 +96,7 @@ def train(cfg: PPOStageConfig) -> dict:
     running = RunningMoments()
     reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, engine)
     log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
+    cost = step_cost(accelerator.unwrap_model(models.model), models.reward_model, cfg, reuse_logprobs)  # perf/mfu
     # A checksum of the reference, checked again at the end (ZeRO-3 shards weights: not checked there).
     reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
     ref_fingerprint = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
@@ -116,19 +119,19 @@ def train(cfg: PPOStageConfig) -> dict:
     )
     models.model.train()
     while state["step"] < cfg.train.max_steps:
-        step, t0 = state["step"], time.time()
+        step, t0 = state["step"], clock(accelerator.device)  # phase times wait for the GPU's queued work
         set_lr(models.optimizer, step, cfg)
         batch = prompt_batch(len(data.prompt_ids), step, cfg.rollout.prompts_per_step, accelerator, cfg.seed)
         rollout, scored, sampling, t_gen = make_rollout(
             models, engine, data, batch, cfg, kl_ctl, running, accelerator, step
         )
-        t_score = time.time()
+        t_score = clock(accelerator.device)
         engine.sleep()  # an engine's own GPU memory goes back to the trainer meanwhile
         stats = ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step, kl_coef=kl_ctl.value)
         stats.update(sampling)
-        t_train = time.time()
+        t_train = clock(accelerator.device)
         engine.update_weights(models.model)  # the next rollout samples from the updated policy
-        t_sync = time.time()
+        t_sync = clock(accelerator.device)
 
         seq_kl = accelerator.gather(rollout.kl.sum(1)).mean().item()
         kl_ctl.update(seq_kl, rollout.scores.shape[0] * accelerator.num_processes)
@@ -137,6 +140,8 @@ def train(cfg: PPOStageConfig) -> dict:
         timings = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
         timings["sync"] = t_sync - t_train
         metrics = step_metrics(rollout, scored, stats, kl_ctl, models.optimizer, accelerator, timings)
+        peak = device_peak_flops(accelerator.device, models.precision.matmul_dtype)  # measured once on a CPU
+        metrics.update(perf_metrics(cost, rollout, round(stats["epochs_run"]), timings, peak, accelerator))
         _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, running, accelerator, tracking, out)
         bar.set_postfix(score=f"{metrics['train/ppo/score']:.3f}", kl=f"{seq_kl:.3f}", beta=f"{kl_ctl.value:.3f}")
         bar.update(1)
@@ -180,7 +185,7 @@ def make_rollout(
     response = sampled.response_ids
     R = response.shape[1]
     input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer)
-    t_gen = time.time()
+    t_gen = clock(accelerator.device)
 
     # 2. log-probs under policy and reference; values (the math on them in fp32, whatever the
     #    models compute in)
