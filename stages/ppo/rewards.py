@@ -35,6 +35,7 @@ from rlhf.registry import sequence_scores
 from rlhf.reward_client import RemoteRewardError, RewardClient, ServedModelChanged
 from rlhf.reward_functions import RewardFunctionError, checked_scores, load_reward_function
 from rlhf.tasks import rule_reward
+from stages.ppo.rollout import in_micro_batches
 
 
 @dataclass(kw_only=True)
@@ -60,6 +61,7 @@ class SourceContext:
     accelerator: object  # accelerate.Accelerator
     reward_model: torch.nn.Module | None = None  # the frozen reward model (`reward_model`), placed
     reward_client: RewardClient | None = None  # the reward server's client (a `remote` source), connected
+    forward_batch_size: int | None = None  # rollout.forward_batch_size: a model source's forward, rows at a time
 
 
 SOURCES: dict[str, Callable[[str, RewardSourceConfig, SourceContext], Source]] = {}
@@ -90,11 +92,17 @@ def build_sources(cfg: PPORewardConfig, ctx: SourceContext) -> dict[str, Source]
 @reward_source("model")
 def model_source(name: str, cfg: ModelSourceConfig, ctx: SourceContext) -> Source:
     """The reward model's score of the sampled tokens themselves (no decode and re-encode), in the
-    stage's autocast. Its dtype is the model's; the weighted sum reads it in fp32."""
+    stage's autocast, `forward_batch_size` episodes at a time. Its dtype is the model's; the weighted
+    sum reads it in fp32."""
 
     def score(episodes: Episodes) -> torch.Tensor:
         with torch.no_grad(), ctx.accelerator.autocast():
-            return sequence_scores(ctx.reward_model, episodes.input_ids, episodes.attention_mask)
+            return in_micro_batches(
+                lambda ids, mask: sequence_scores(ctx.reward_model, ids, mask),
+                ctx.forward_batch_size,
+                episodes.input_ids,
+                episodes.attention_mask,
+            )
 
     return score
 

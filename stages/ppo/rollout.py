@@ -7,6 +7,7 @@ stop token: EOS or the chat template's end of turn (rlhf/registry/turns.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -25,6 +26,11 @@ class Generated:
     ended: (
         torch.Tensor
     )  # (B,) bool, it stopped at a stop token (False: cut off at max_new_tokens or the model's length)
+
+    def to(self, device: torch.device) -> Generated:
+        """Every tensor on `device` (no copy where it is there already)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Generated(**{name: None if t is None else t.to(device) for name, t in moved.items()})
 
 
 @dataclass(kw_only=True)
@@ -76,3 +82,21 @@ def response_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
     EOS or the template's end of turn; all of it if cut off), 0 on the padding after."""
     positions = torch.arange(width, device=lengths.device)
     return (positions[None, :] < lengths[:, None]).long()
+
+
+def in_micro_batches(fn: Callable, size: int | None, *rows: torch.Tensor):
+    """fn(*rows) computed on `size` rows at a time (None: all at once), its outputs (a tensor, None,
+    or a tuple of them, each (B, ...)) concatenated back along the rows. For the rollout's no-grad
+    forwards: a forward's activations and fp32 full-vocabulary logits then exist for `size` rows at a
+    time; each row is computed as in the whole batch (same padding and width), so the result is too."""
+    B = rows[0].shape[0]
+    if size is None or size >= B:
+        return fn(*rows)
+    parts = [fn(*(t[i : i + size] for t in rows)) for i in range(0, B, size)]
+    if not isinstance(parts[0], tuple):
+        return _cat(parts)
+    return tuple(_cat([p[k] for p in parts]) for k in range(len(parts[0])))
+
+
+def _cat(parts: list) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts)

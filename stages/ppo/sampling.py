@@ -117,7 +117,10 @@ def sample_groups(models, engine, data, batch, cfg, accelerator, step: int, with
 
     def draw(prompts: list[int]) -> tuple[list[int], Generated]:
         episodes = [i for i in prompts for _ in range(n)]
-        return episodes, engine.generate([data.prompt_ids[i] for i in episodes], roll.generation, with_logprobs)
+        sampled = engine.generate([data.prompt_ids[i] for i in episodes], roll.generation, with_logprobs)
+        # the one move onto the models' device, for every engine: vLLM answers on the CPU, and the
+        # policy, reference and reward forwards (and every tensor built from the samples) run there
+        return episodes, sampled.to(accelerator.device)
 
     if not roll.dynamic_sampling:
         episodes, sampled = draw(batch)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 import torch
 from accelerate import Accelerator
@@ -58,9 +59,9 @@ from stages.ppo.losses import (
     value_loss,
 )
 from stages.ppo.masked import masked, masked_sums, moments
-from stages.ppo.models import Models, build_models, reference_logits
+from stages.ppo.models import Models, build_models, rollout_forwards
 from stages.ppo.optim import clip_gradients, drop_policy_gradients, set_lr
-from stages.ppo.rollout import Rollout, Scored
+from stages.ppo.rollout import Rollout, Scored, in_micro_batches
 from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
 from stages.ppo.saving import (
     finish_run,
@@ -183,22 +184,25 @@ def make_rollout(
     with_logprobs = reuse_logprobs or engine.own_weights or cfg.rollout.importance_correction == "tis"
     batch, sampled, sampling = sample_groups(models, engine, data, batch, cfg, accelerator, step, with_logprobs)
     response = sampled.response_ids
-    R = response.shape[1]
     input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer)
     t_gen = clock(accelerator.device)
 
     # 2. log-probs under policy and reference; values (the math on them in fp32, whatever the
-    #    models compute in)
-    with torch.no_grad(), accelerator.autocast():
-        logits, values = model(input_ids, attention_mask, R, with_logits=not reuse_logprobs)
-        if reuse_logprobs:
-            logprobs = sampled.logprobs.masked_fill(resp_mask == 0, 0.0)  # (B, R)
-        else:
-            logprobs = logprobs_from_logits(logits.float() / gen.temperature, response)  # (B, R)
-        engine_logprobs = None if sampled.logprobs is None else sampled.logprobs.masked_fill(resp_mask == 0, 0.0)
-        ref = reference_logits(accelerator.unwrap_model(model), models.ref_policy, input_ids, attention_mask, R)
-        ref_logprobs = logprobs_from_logits(ref.float() / gen.temperature, response)  # (B, R)
-        del logits, ref
+    #    models compute in), rollout.forward_batch_size episodes at a time
+    forwards = partial(
+        rollout_forwards,
+        model,
+        models.ref_policy,
+        accelerator,
+        temperature=gen.temperature,
+        with_logprobs=not reuse_logprobs,
+    )
+    logprobs, ref_logprobs, values = in_micro_batches(
+        forwards, cfg.rollout.forward_batch_size, input_ids, attention_mask, response
+    )  # (B, R) each
+    if reuse_logprobs:
+        logprobs = sampled.logprobs.masked_fill(resp_mask == 0, 0.0)  # (B, R)
+    engine_logprobs = None if sampled.logprobs is None else sampled.logprobs.masked_fill(resp_mask == 0, 0.0)
 
     # 3. score: reward model at the response's last real token, rule rewards, EOS penalty
     scored = score_episodes(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator)

