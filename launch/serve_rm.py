@@ -1,9 +1,9 @@
-"""Serve a reward model (any stage-2 output) over HTTP for PPO's `reward.remote` (docs/rewards.md).
+"""Serve a reward model (any stage-2 output) over HTTP for PPO's `remote` reward source (docs/rewards.md).
 
 python launch/serve_rm.py runs/x/rm --port 8000 [--host 127.0.0.1] [--batch-size 64] [--max-len N]
     [--max-body-mb 16] [--idle-timeout 30] [--request-timeout 600]
 
-then  ... launch/stage3_ppo.py ... reward.remote.url=http://127.0.0.1:8000/score
+then  ... launch/stage3_ppo.py ... 'reward.sources.served={kind: remote, url: "http://127.0.0.1:8000/score"}'
 """
 
 import argparse

@@ -29,6 +29,10 @@ from accelerate.utils import broadcast_object_list, gather_object
 from rlhf.config import NOT_HASHED, WEIGHTS_NEUTRAL, ConfigError, config_hash, dump_yaml
 from rlhf.model_card import launch_command, model_card
 
+# The stages whose outputs a run directory holds (runs/<name>/<stage>/), in pipeline order: the
+# kinds a pipeline's `stages` may list (rlhf/pipeline.py) and the stages its report reads (rlhf/report.py).
+STAGES = ("sft", "rm", "ppo", "dpo")
+
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 _STEP = re.compile(r"^(?:checkpoint|step)-(\d+)$")

@@ -5,6 +5,7 @@ writer (full model or LoRA adapter + tokenizer, optionally merged weights)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from rlhf.checkpoint import agreed_checkpoint, mark_complete
 from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig
 from rlhf.distributed import deepspeed_plugin, fill_zero3_sizes, whole_models
+from rlhf.finite import finite_flag
 from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy, build_scalar_model, merge_lora
 from rlhf.tracking import Tracking
@@ -101,7 +103,7 @@ class FiniteGuard(TrainerCallback):
     """Stops the run (FloatingPointError, exit code 3) at the first non-finite gradient, before
     the optimizer writes it into the weights, and at non-finite weights before any checkpoint or
     the final save: a diverged model is never saved as finished, and the last good checkpoint
-    stays the newest. PPO's loop does the same (stages/ppo/train.py `_stop_if_not_finite`).
+    stays the newest. PPO's loop does the same, with the same check (rlhf/finite.py).
     Under DeepSpeed the gradients live in its engine, so the weights (each process's shard) are
     checked at every step instead. Every process agrees (a flag summed over processes): none waits."""
 
@@ -123,11 +125,10 @@ class FiniteGuard(TrainerCallback):
             if norm is not None:
                 self._check([torch.as_tensor(float(norm))], f"gradient norm at step {state.global_step}")
         if control.should_save or state.global_step >= state.max_steps or self.trainer.is_deepspeed_enabled:
-            params = [getattr(p, "ds_tensor", p) for p in self.trainer.model.parameters()]
-            self._check(params, f"weights after step {state.global_step}")
+            self._check(self.trainer.model.parameters(), f"weights after step {state.global_step}")
 
-    def _check(self, tensors: list[torch.Tensor], what: str) -> None:
-        bad = any(not torch.isfinite(t).all() for t in tensors if t.numel())
+    def _check(self, tensors: Iterable[torch.Tensor], what: str) -> None:
+        bad = not torch.isfinite(finite_flag(tensors)).item()
         device = self.trainer.accelerator.device
         flag = self.trainer.accelerator.reduce(torch.tensor(float(bad), device=device), "sum")
         if flag.item() > 0:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.checkpoint import (
+    STAGES,
     ManifestError,
     OutputInUseError,
     content_hash,
@@ -78,7 +79,6 @@ KINDS: dict[str, StageKind] = {
     # an RLHF round's comparisons (rounds > 1 only; wired by round_wiring below)
     "label": StageKind("launch/stage2_label.py", LabelStageConfig, lambda cfg, run: {}, ("ppo",)),
 }
-STAGES = ("sft", "rm", "ppo", "dpo")  # the kinds a pipeline's `stages` may list, in pipeline order
 ROUND_STAGES = ("label", "rm", "ppo")  # what each round after the first runs, in runs/<name>/round-K/
 SPECS = (*STAGES, "label")  # the stage configs a pipeline holds (`<stage>.<key>=value` overrides go to them)
 

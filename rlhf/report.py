@@ -28,12 +28,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import font_manager
 
-from rlhf.checkpoint import atomic_write_json, atomic_write_text
+from rlhf.checkpoint import STAGES, atomic_write_json, atomic_write_text
 from rlhf.proxy_gold import best_gold, divergence, run_points
 from rlhf.tasks import TASKS
 from rlhf.tracking import metrics_records
-
-STAGES = ("sft", "rm", "ppo", "dpo")
 
 # Fonts that hold the Chinese of seed 000's prompts, in order of preference: Debian's
 # fonts-noto-cjk, Adobe's name for the same design, macOS's and Windows' own, WenQuanYi.
@@ -52,8 +50,8 @@ SMOOTH_MIN = 20
 SMOOTH_WEIGHT = 0.9  # s_t = 0.9·s_(t−1) + 0.1·x_t: about the last ten points
 
 # (plot file, title, [(metric key, label)], y-label): one line per metric present in the run. The
-# run's task adds its own lines (`Task.curves`, e.g. its rule rewards on ppo_score), and
-# ppo_eval_accuracy gets one line per digit bucket the run logged.
+# run's task adds its own lines (`Task.curves`), ppo_score one line per reward source the run logged
+# (train/reward/<name>), and ppo_eval_accuracy one line per digit bucket.
 CURVES = [
     ("sft_loss", "SFT: training loss", [("train/sft/loss", "loss")], "cross-entropy"),
     ("sft_token_accuracy", "SFT: token accuracy on answers", [("train/sft/mean_token_accuracy", "train")], "accuracy"),
@@ -67,10 +65,7 @@ CURVES = [
     (
         "ppo_score",
         "PPO: score",
-        [
-            ("train/ppo/score", "score"),
-            ("train/ppo/rm_score", "reward model"),
-        ],
+        [("train/ppo/score", "score")],
         "score",
     ),
     (
@@ -154,13 +149,18 @@ def run_task(stages: dict) -> str | None:
 
 
 def curves_for(stages: dict) -> list[tuple[str, str, list[tuple[str, str]], str]]:
-    """CURVES with the run's task lines added, and one held-out line per digit bucket PPO logged."""
+    """CURVES with the run's task lines added, one line per reward source and one held-out line per
+    digit bucket PPO logged."""
     task = TASKS.get(run_task(stages) or "")
     prefix = "eval/ppo/accuracy_"
     names = [k.removeprefix(prefix) for k in stages["ppo"]["series"] if k.startswith(prefix)]
     buckets = sorted((d for d in names if d.isdigit()), key=int)
     extra: dict[str, list[tuple[str, str]]] = {
-        "ppo_eval_accuracy": [(f"eval/ppo/accuracy_{d}", f"{d}-digit") for d in buckets]
+        "ppo_eval_accuracy": [(f"eval/ppo/accuracy_{d}", f"{d}-digit") for d in buckets],
+        # each reward source (and the overlong penalty) under its name, in the order the run logged them
+        "ppo_score": [
+            (k, k.removeprefix("train/reward/")) for k in stages["ppo"]["series"] if k.startswith("train/reward/")
+        ],
     }
     for plot, key, label in task.curves if task else ():
         extra.setdefault(plot, []).append((key, label))

@@ -1,4 +1,4 @@
-"""PPO's client of a reward model served over HTTP (`launch/serve_rm.py`, `reward.remote`).
+"""PPO's client of a reward model served over HTTP (`launch/serve_rm.py`, a `remote` reward source).
 
 One POST per step and process: {"prompts": [chat messages], "responses": [str]} -> {"scores":
 [float], "fingerprint": str}, over one pooled connection (httpx). Connection errors, time-outs and
@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from rlhf.config.stages import RemoteRewardConfig
+from rlhf.config.rewards import RemoteSourceConfig
 
 log = logging.getLogger("rlhf.reward_client")
 
@@ -42,7 +42,7 @@ class RewardClient:
     """One process's client: a pooled connection (no new connection per request) that never goes
     through a proxy to this machine, and the fingerprint of the served model."""
 
-    def __init__(self, cfg: RemoteRewardConfig):
+    def __init__(self, cfg: RemoteSourceConfig):
         self.cfg = cfg
         self.fingerprint: str | None = None
         # http_proxy would route even 127.0.0.1 through the proxy (urllib did), which cannot reach it

@@ -1,4 +1,4 @@
-"""Your own reward functions for PPO: `reward.functions: {"package.module:function": weight}`.
+"""Your own reward functions for PPO: a reward source `{kind: function, function: "package.module:function"}`.
 
 A reward function is any importable callable
 
@@ -16,9 +16,10 @@ called by keyword once per PPO step on each process's episodes:
   (e.g. `tests`); a row without a field gives None there. Accept `**fields` to ignore the rest.
   A data field called `prompts` or `responses` is not passed (those names are taken).
 
-It returns one finite float per response. This module is a leaf (no `rlhf` imports), so the
-config checks can import functions before any model loads; errors name the function.
-See docs/rewards.md.
+It returns one finite float per response. The task rules are reward functions of the same form
+(`rlhf.tasks.rule_reward`), checked by the same call. The config checks only the spec's form;
+the function is imported when the stage starts (stages/ppo/rewards.py), and errors name it.
+This module is a leaf (no `rlhf` imports). See docs/rewards.md.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def call_reward_function(
 ) -> list[float]:
     """`spec`'s scores of the responses, checked: one finite float per response."""
     fn = load_reward_function(spec)  # the module is imported once; later calls are a dict look-up
+    return checked_scores(fn, spec, prompts, responses, fields)
+
+
+def checked_scores(
+    fn: Callable, spec: str, prompts: Sequence[list[dict]], responses: Sequence[str], fields: dict[str, list]
+) -> list[float]:
+    """fn(prompts=…, responses=…, **fields), checked: one finite float per response; errors name `spec`."""
     try:
         out = fn(prompts=list(prompts), responses=list(responses), **fields)
     except Exception as e:  # the user's code: keep its traceback in the log, name it in the one-line error

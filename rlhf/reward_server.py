@@ -1,5 +1,5 @@
-"""A reward model over HTTP: any stage-2 output (or registry preset) served by uvicorn, for PPO's
-`reward.remote` or any other client. API (docs/rewards.md):
+"""A reward model over HTTP: any stage-2 output (or registry preset) served by uvicorn, for
+PPO's `remote` reward source or any other client. API (docs/rewards.md):
 
     POST /score  {"prompts": [chat messages | str], "responses": [str]}  -> {"scores": [float], "fingerprint": str}
     POST /score  {"input_ids": [[int]]}   (prompt + response + EOS, as a rollout)  -> the same

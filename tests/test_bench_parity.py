@@ -47,7 +47,8 @@ def test_ours_grpo_matches_trl_grpo_settings(tmp_path):
     assert ours.optim.weight_decay == trl.weight_decay == 0.0
     assert ours.optim.max_grad_norm is None and trl.max_grad_norm == 0.0
     # reward: the sequence-classification model alone, raw scores
-    assert ours.reward.model_weight == 1.0 and not ours.reward.rules and ours.reward.normalize == "none"
+    assert {n: (s.kind, s.weight) for n, s in ours.reward.active().items()} == {"rm": ("model", 1.0)}
+    assert ours.reward.normalize == "none"
     assert ours.reward.missing_eos_penalty is None and not trl.mask_truncated_completions
 
 

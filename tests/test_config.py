@@ -169,7 +169,7 @@ def test_no_float_field_takes_nan_or_inf(cls, path, bad):
             load_config(cls, path, [f"{key}={bad}"])
         assert err.value.key == key and "finite" in str(err.value), key
     with pytest.raises(ConfigError, match="finite"):  # dict values too
-        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [f"reward.rules={{subtraction: {bad}}}"])
+        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [f"reward.sources.rm.weight={bad}"])
 
 
 def test_nan_in_a_yaml_file_names_file_and_key(tmp_path):
@@ -232,6 +232,7 @@ def test_logprobs_from_generation_refused_where_pi_old_would_not_be_a_trainer_fo
         )
     assert err.value.key == key and "\n" not in str(err.value)
     load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["rollout.logprobs_from_generation=null", *overrides])
+
 
 def test_a_key_given_twice_in_yaml_is_refused(tmp_path):
     # The JSON loader refuses duplicate keys; PyYAML kept the last one without a word.

@@ -1,15 +1,17 @@
 """The gold measure (issue 16): the task's checker is logged beside the learned reward on every
 PPO step (`train/ppo/gold`) and at every evaluation (`eval/ppo/gold_accuracy`), and it enters the
-score only when a rule in `reward.rules` puts it there."""
+score only when a rule source puts it there."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from accelerate import Accelerator
 
 from conftest import ROOT
 from rlhf.config import ModelInit, PPOStageConfig, load_config
 from rlhf.registry import load_tokenizer, resolve
+from stages.ppo.rewards import SourceContext, build_sources
 from stages.ppo.scores import gold_scores, score_episodes
 
 # three prompts: 52 - 17 = 35 (answered right), 90 - 8 = 82 (answered 81), one without an answer
@@ -29,13 +31,13 @@ def _score(*overrides):
     width = max(len(r) for r in rows)
     response = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
     # no reward model: the score is the rules'; the tiny tokenizer's turns end at EOS
-    models = SimpleNamespace(
-        tokenizer=tokenizer, reward_model=None, reward_client=None, stop_ids=(tokenizer.eos_token_id,)
-    )
+    accelerator = Accelerator(cpu=True)
+    sources = build_sources(cfg.reward, SourceContext(accelerator=accelerator))
+    models = SimpleNamespace(tokenizer=tokenizer, reward_sources=sources, stop_ids=(tokenizer.eos_token_id,))
     data = SimpleNamespace(prompts=ROWS)
     mask = torch.cat([torch.ones(3, 4, dtype=torch.long), (response != tokenizer.pad_token_id).long()], dim=1)
     has_eos = torch.ones(3, dtype=torch.bool)
-    return score_episodes(models, data, [0, 1, 2], None, mask, response, has_eos, cfg, Accelerator(cpu=True))
+    return score_episodes(models, data, [0, 1, 2], None, mask, response, has_eos, cfg, accelerator)
 
 
 def test_gold_checks_each_answer_and_is_nan_without_one():
@@ -47,12 +49,24 @@ def test_gold_checks_each_answer_and_is_nan_without_one():
 
 def test_gold_is_logged_but_not_in_the_score_unless_a_rule_puts_it_there():
     # the score: partial credit per digit (a reward function); 81 for 82 has one of two digits right
-    digits = '{"rlhf.tasks.subtraction:digits_reward": 1.0}'
-    scored = _score("reward.rules={}", f"reward.functions={digits}", "reward.model_weight=0")
+    digits = '{kind: function, function: "rlhf.tasks.subtraction:digits_reward"}'
+    scored = _score(f"reward.sources.digits={digits}", "reward.sources.rm=null")
     assert scored.gold_scores[:2].tolist() == [1.0, 0.0]
     assert scored.raw_scores.tolist() == [1.0, 0.5, 1.0]  # the digits alone: gold added nothing
     # configured: the subtraction rule (the same checker, reading the question) is the score;
     # 7 - 9 = -2 is right by the rule although the row carries no answer to check it against
-    ruled = _score("reward.rules={subtraction: 2.0}", "reward.model_weight=0")
+    ruled = _score("reward.sources.subtraction={kind: rule, weight: 2.0}", "reward.sources.rm=null")
+    assert ruled.components["subtraction"].tolist() == [1.0, 0.0, 1.0]  # logged before its weight
     assert ruled.raw_scores.tolist() == [2.0, 0.0, 2.0]
     assert ruled.gold_scores[:2].tolist() == [1.0, 0.0]
+
+
+def test_the_overlong_penalty_is_shaping_logged_beside_the_sources():
+    # max_new_tokens 8, buffer 6: free up to 2 tokens; each response is 2 characters + EOS = 3 tokens,
+    # one over: −1/6 each (DAPO eq. 13), added after the sources' weighted sum
+    scored = _score(
+        "reward.sources.subtraction={kind: rule, weight: 2.0}", "reward.sources.rm=null", "reward.overlong_buffer=6"
+    )
+    assert list(scored.components) == ["subtraction", "overlong"]
+    assert scored.components["overlong"].tolist() == pytest.approx([-1 / 6] * 3)
+    assert scored.raw_scores.tolist() == pytest.approx([2 - 1 / 6, -1 / 6, 2 - 1 / 6])

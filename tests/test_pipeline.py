@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_entry
+from rlhf import pipeline as pipeline_module
+from rlhf import report as report_module
+from rlhf.checkpoint import STAGES
 from rlhf.cli import parse
 from rlhf.config import ConfigError
 from rlhf.pipeline import KINDS, check_held_out_agree, jobs, load_pipeline, resolved_stage_config
@@ -80,6 +83,11 @@ def run(tmp_path_factory):
     result = pipeline(runs, "mini", "ppo.train.max_steps=8")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return runs / "mini", result
+
+
+def test_the_stage_names_are_defined_once():
+    """The pipeline's stages and the report's are one tuple (rlhf/checkpoint.py), not two copies that can drift."""
+    assert pipeline_module.STAGES is STAGES and report_module.STAGES is STAGES
 
 
 def test_stages_chain_and_summary(run):
@@ -146,6 +154,8 @@ def test_report_embeds_every_plot_with_the_runs_own_data(run):
     assert list(zip(plotted["x"], plotted["y"], strict=True)) == sft_loss and len(sft_loss) >= 5
     assert data["ppo_kl"]["KL (per response)"]["y"] == [v for _, v in stages["ppo"]["series"]["train/ppo/kl"]]
     assert len(data["ppo_kl"]["β"]["x"]) == 8
+    # each reward source is a line of its own on ppo_score, by its name: the tiny default's reward model
+    assert data["ppo_score"]["rm"]["y"] == [v for _, v in stages["ppo"]["series"]["train/reward/rm"]]
     rm_eval = json.loads((run_dir / "rm" / "eval.json").read_text())
     assert data["rm_score_histogram"]["chosen"] == rm_eval["scores"]["chosen"]
     # tables: accuracy per digit bucket for base, SFT and PPO; samples before and after PPO

@@ -10,7 +10,6 @@ from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
 from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from stages.ppo.masked import last_index, masked_mean, masked_sums, masked_var, masked_whiten, moments
 from stages.ppo.optim import adamw
-from stages.ppo.train import _finite_flag
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 M = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -239,16 +238,6 @@ def test_ppo_optimizer_steps_as_plain_adamw_per_group():
     for a, b in zip(ours, reference, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
     assert not torch.equal(ours[0], start[0])
-
-
-def test_finite_flag_catches_nan_or_inf_in_any_tensor():
-    tensors = [torch.randn(4, 4) for _ in range(50)] + [torch.empty(0)]  # an empty ZeRO-3 shard
-    assert _finite_flag(tensors).item() == 0.0
-    for bad in (float("nan"), float("inf"), float("-inf")):
-        broken = [t.clone() for t in tensors]
-        broken[37][2, 1] = bad
-        assert math.isnan(_finite_flag(iter(broken)).item())  # any iterable, e.g. a generator of grads
-    assert _finite_flag([]).item() == 0.0
 
 
 def test_an_inf_at_padding_stays_out_of_rewards_advantages_and_losses():

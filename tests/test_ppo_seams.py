@@ -74,7 +74,12 @@ def test_an_estimator_without_a_critic_builds_no_value_model(sft_dir, tmp_path, 
 
     monkeypatch.setattr(ppo_train, "build_models", build_models)
     out = tmp_path / "ppo"
-    overrides = [f"policy={sft_dir}", "reward_model=null", "reward.model_weight=0", "reward.rules={subtraction: 1.0}"]
+    overrides = [
+        f"policy={sft_dir}",
+        "reward_model=null",
+        "reward.sources.rm=null",
+        "reward.sources.subtraction={kind: rule}",
+    ]
     overrides += [*FAST, f"output_dir={out}", "train.max_steps=2", "train.save_every=0"]
     overrides += ["ppo.advantage_estimator=reward_to_go"]
     ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))

@@ -168,7 +168,7 @@ def test_lora_reference_is_the_policy_without_adapter(sft_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "reward",
-    [["reward_model=null", "reward.model_weight=0", "reward.rules={subtraction: 1.0}"], ["reward.rules={}"]],
+    [["reward_model=null", "reward.sources.rm=null", "reward.sources.subtraction={kind: rule, weight: 1.0}"], []],
     ids=["rule-only", "rm-only"],
 )
 def test_rule_only_and_reward_model_only(sft_dir, tmp_path, reward):
@@ -180,7 +180,7 @@ def test_rule_only_and_reward_model_only(sft_dir, tmp_path, reward):
 @pytest.mark.slow
 def test_nan_reward_stops_before_the_weights(sft_dir, tmp_path):
     # A diverged reward model (NaN in its score head) scores every response NaN. (The config
-    # refuses a NaN reward.model_weight, the way this test used to provoke it.)
+    # refuses a NaN source weight, the way this test used to provoke it.)
     source = resolve("tiny-llama")
     tokenizer = load_tokenizer(source, ModelInit())
     diverged = build_scalar_model(source, ModelInit(), tokenizer, seed=0)
@@ -196,7 +196,7 @@ def test_nan_reward_stops_before_the_weights(sft_dir, tmp_path):
 
 # the reward model's scores (not the rule's, all -1 for a random policy) make every group's answers differ
 GRPO_RESUME = ["ppo.advantage_estimator=grpo", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4"]
-GRPO_RESUME += ["ppo.kl_in=loss", "ppo.kl_estimator=k3", "rollout.dynamic_sampling=true", "reward.model_weight=1"]
+GRPO_RESUME += ["ppo.kl_in=loss", "ppo.kl_estimator=k3", "rollout.dynamic_sampling=true", "reward.sources.rm.weight=1"]
 
 
 # the vLLM engine (`make vllm`): its own copy of the weights must be the resumed policy's, and its samples the same.
@@ -289,7 +289,12 @@ def test_policy_learns_what_the_reward_asks(sft_dir, tmp_path, monkeypatch, vari
 
     monkeypatch.setitem(RULES, "digits", digit_share)
     out = tmp_path / "learn"
-    overrides = [f"policy={sft_dir}", "reward_model=null", "reward.model_weight=0", "reward.rules={digits: 1.0}"]
+    overrides = [
+        f"policy={sft_dir}",
+        "reward_model=null",
+        "reward.sources.rm=null",
+        "reward.sources.digits={kind: rule, weight: 1.0}",
+    ]
     overrides += [*FAST, f"output_dir={out}", "train.max_steps=60", "train.save_every=0", "rollout.prompts_per_step=32"]
     overrides += ["ppo.minibatches=4", "ppo.epochs=2", "optim.lr=3e-3", "optim.scheduler=constant", "ppo.kl_coef=0.01"]
     overrides += ["reward.missing_eos_penalty=null"]
@@ -498,7 +503,12 @@ def test_group_sampling_and_dynamic_sampling(sft_dir, tmp_path, monkeypatch):
 
     monkeypatch.setitem(RULES, "sevens", sevens)
     out = tmp_path / "groups"
-    overrides = [f"policy={sft_dir}", "reward_model=null", "reward.model_weight=0", "reward.rules={sevens: 1.0}"]
+    overrides = [
+        f"policy={sft_dir}",
+        "reward_model=null",
+        "reward.sources.rm=null",
+        "reward.sources.sevens={kind: rule, weight: 1.0}",
+    ]
     overrides += [*FAST, f"output_dir={out}", "train.max_steps=3", "train.save_every=0", "tracking.samples_every=1"]
     overrides += ["rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "ppo.advantage_estimator=grpo"]
     overrides += ["ppo.kl_in=loss", "ppo.kl_estimator=k3"]  # grpo with the KL in the reward is refused

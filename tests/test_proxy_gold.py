@@ -96,7 +96,7 @@ def test_keep_best_is_refused_without_evaluations_or_without_a_proxy():
     with pytest.raises(ConfigError, match=r"train\.eval_every"):
         load_config(PPOStageConfig, tiny, ["train.keep_best=gold", "train.eval_every=0"])
     with pytest.raises(ConfigError, match="reward_model is null"):
-        load_config(PPOStageConfig, tiny, ["train.keep_best=proxy", "reward_model=null", "reward.model_weight=0"])
+        load_config(PPOStageConfig, tiny, ["train.keep_best=proxy", "reward_model=null", "reward.sources.rm=null"])
 
 
 @pytest.mark.slow

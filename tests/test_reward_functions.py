@@ -1,11 +1,13 @@
-"""Your own reward functions (`reward.functions: {"module:function": weight}`): the prompt rows'
-other fields reach them, the subtraction checker is one of them, a function that cannot be
-imported is refused before anything loads, and one that returns nonsense stops the run naming it."""
+"""Your own reward functions (a reward source `{kind: function, function: "module:function"}`): the
+prompt rows' other fields reach them, the subtraction checker is one of them, a config naming a
+function loads without importing it, one that cannot be imported is refused when the stage starts,
+before any model loads, and one that returns nonsense stops the run naming it."""
 
 import json
 import random
 
 import pytest
+from accelerate import Accelerator
 from test_ppo_stage import FAST  # the stage tests' fast settings
 
 from conftest import ROOT, run_entry
@@ -22,6 +24,7 @@ from rlhf.tasks.subtraction import (
     subtraction_exact,
 )
 from rlhf.tracking import read_metrics
+from stages.ppo.rewards import SourceContext, build_sources
 
 CALLS: list[dict] = []  # what `difficulty_reward` was given, step by step (the in-process PPO run)
 
@@ -85,19 +88,33 @@ def test_the_subtraction_functions_equal_the_rules():
     assert digits_reward(prompts, responses) == subtraction_digits(questions, responses)
 
 
+def _function_source(spec: str) -> PPOStageConfig:
+    return load_config(
+        PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [f'reward.sources.mine={{kind: function, function: "{spec}"}}']
+    )
+
+
 @pytest.mark.parametrize(
     ("spec", "says"),
     [
         ("no_such_module:f", "cannot import 'no_such_module'"),
         ("rlhf.tasks.subtraction:no_such_function", "has no 'no_such_function'"),
-        ("rlhf.tasks.subtraction", "expected 'package.module:function'"),
         ("rlhf.tasks.subtraction:PROMPT", "is not callable"),
     ],
 )
-def test_a_function_that_cannot_be_imported_is_refused_by_the_config(spec, says):
+def test_a_function_is_imported_when_the_stage_starts_not_when_the_config_loads(spec, says):
+    cfg = _function_source(spec)  # loads: the config checks only the spec's form, importing nothing
+    assert cfg.reward.sources["mine"].function == spec
+    with pytest.raises(ConfigError) as e:  # the stage's start (stages/ppo/models.py builds them first)
+        build_sources(cfg.reward, SourceContext(accelerator=Accelerator(cpu=True)))
+    assert "config key 'reward.sources.mine.function'" in str(e.value) and says in str(e.value)
+    assert "\n" not in str(e.value)  # one line
+
+
+def test_a_function_spec_of_the_wrong_form_is_refused_by_the_config():
     with pytest.raises(ConfigError) as e:
-        load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [f'reward.functions={{"{spec}": 1.0}}'])
-    assert f"config key 'reward.functions.{spec}'" in str(e.value) and says in str(e.value)
+        _function_source("rlhf.tasks.subtraction")
+    assert "reward.sources.mine.function': expected 'package.module:function'" in str(e.value)
 
 
 @pytest.mark.slow
@@ -105,13 +122,13 @@ def test_the_stage_refuses_an_unimportable_function_before_loading_anything(tmp_
     result = run_entry(
         "launch/stage3_ppo.py",
         "policy=no/such/policy",
-        'reward.functions={"my_rewards:correct": 1.0}',
+        'reward.sources.mine={kind: function, function: "my_rewards:correct"}',
         f"output_dir={tmp_path / 'ppo'}",
         timeout=600,
     )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert "reward.functions.my_rewards:correct" in last and "cannot import 'my_rewards'" in last, last
+    assert "reward.sources.mine.function" in last and "cannot import 'my_rewards'" in last, last
     assert not (tmp_path / "ppo").exists()
 
 
@@ -134,7 +151,7 @@ def test_a_function_returning_nonsense_is_an_error_naming_it(name, says):
 @pytest.mark.slow
 def test_reward_functions_score_a_ppo_run_with_the_rows_fields(tmp_path):
     """In a real (tiny, in-process) PPO run the function gets each prompt with its own row's
-    fields, its weighted score is the sequence score, and each function is logged as fn_<name>."""
+    fields, its weighted score is the sequence score, and each source is logged as train/reward/<name>."""
     import stages.ppo.train as ppo_train
 
     rng, rows = random.Random(0), []
@@ -145,9 +162,11 @@ def test_reward_functions_score_a_ppo_run_with_the_rows_fields(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "ppo"
-    functions = '{"test_reward_functions:difficulty_reward": 1.0, "rlhf.tasks.subtraction:exact_reward": 0.0}'
-    overrides = ["policy=tiny-llama", "reward_model=null", "reward.model_weight=0", "reward.rules={subtraction: 0.0}"]
-    overrides += [f"reward.functions={functions}", "reward.missing_eos_penalty=null", f"data.train={data}"]
+    overrides = ["policy=tiny-llama", "reward_model=null", "reward.sources.rm=null"]
+    overrides += ["reward.sources.subtraction={kind: rule, weight: 0.0}"]
+    overrides += ['reward.sources.difficulty={kind: function, function: "test_reward_functions:difficulty_reward"}']
+    overrides += ['reward.sources.exact={kind: function, function: "rlhf.tasks.subtraction:exact_reward", weight: 0}']
+    overrides += ["reward.missing_eos_penalty=null", f"data.train={data}"]
     overrides += [*FAST, f"output_dir={out}", "train.max_steps=2", "train.save_every=0"]
     CALLS.clear()
     ppo_train.train(load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides))
@@ -163,6 +182,6 @@ def test_reward_functions_score_a_ppo_run_with_the_rows_fields(tmp_path):
     assert len(records) == 2
     for record, call in zip(records, CALLS, strict=True):
         expected = sum(d + 0.5 * (n is not None) for d, n in zip(call["difficulty"], call["note"], strict=True))
-        assert record["train/ppo/fn_test_reward_functions.difficulty_reward"] == pytest.approx(expected / 16)
+        assert record["train/reward/difficulty"] == pytest.approx(expected / 16)
         assert record["train/ppo/score"] == pytest.approx(expected / 16)  # weight 1; the others weigh 0
-        assert record["train/ppo/fn_rlhf.tasks.subtraction.exact_reward"] == record["train/ppo/rule_subtraction"]
+        assert record["train/reward/exact"] == record["train/reward/subtraction"]

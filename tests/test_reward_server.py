@@ -1,5 +1,5 @@
 """A reward model over HTTP, in a real server process on 127.0.0.1 (`launch/serve_rm.py`): its
-scores equal the local scorer's, requests are scored in batches, and PPO with `reward.remote`
+scores equal the local scorer's, requests are scored in batches, and PPO with a `remote` reward source
 trains from it, stops with exit code 3 naming the URL when the server dies mid-run, and resumes
 from its last checkpoint once the server is back."""
 
@@ -23,7 +23,7 @@ from test_ppo_stage import FAST  # the stage tests' fast settings
 from conftest import ROOT, run_entry, tiny_config
 from rlhf.checkpoint import checkpoint_digest
 from rlhf.config import NOT_HASHED, ModelInit, PPOStageConfig, config_hash, load_config
-from rlhf.config.stages import RemoteRewardConfig
+from rlhf.config.rewards import RemoteSourceConfig
 from rlhf.evaluation import response_rows, score_responses, score_sequences
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
 from rlhf.reward_client import RewardClient, ServedModelChanged
@@ -123,9 +123,15 @@ def test_scores_over_http_equal_local_scores(rm_dir):
 def test_ppo_with_a_remote_reward_model_stops_when_it_dies_and_resumes(rm_dir, policy_dir, tmp_path):
     proc, base = start_server(rm_dir)
     url, out = f"{base}/score", tmp_path / "ppo"
-    args = [f"policy={policy_dir}", "reward_model=null", "reward.model_weight=0", *FAST, f"output_dir={out}"]
-    args += [f"reward.remote.url={url}", "reward.remote.retries=1", "reward.remote.backoff=0.1"]
-    args += ["reward.remote.timeout=30", "train.max_steps=4", "train.save_every=2", "train.log_every=1"]
+    args = [f"policy={policy_dir}", "reward_model=null", "reward.sources.rm=null", *FAST, f"output_dir={out}"]
+    args += [f'reward.sources.served={{kind: remote, url: "{url}"}}', "reward.sources.served.retries=1"]
+    args += [
+        "reward.sources.served.backoff=0.1",
+        "reward.sources.served.timeout=30",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.log_every=1",
+    ]
     run = subprocess.Popen(
         [sys.executable, str(ROOT / "launch/stage3_ppo.py"), *tiny_config("launch/stage3_ppo.py", args), *args],
         cwd=ROOT,
@@ -166,7 +172,7 @@ def test_ppo_with_a_remote_reward_model_stops_when_it_dies_and_resumes(rm_dir, p
 
     proc, _ = start_server(rm_dir, port=port)  # the same model back on the same address
     # a longer time-out after the failure resumes the run: the client's patience is not in the checkpoint hash
-    args = [a.replace("reward.remote.timeout=30", "reward.remote.timeout=45") for a in args]
+    args = [a.replace("reward.sources.served.timeout=30", "reward.sources.served.timeout=45") for a in args]
     try:
         resumed = run_entry("launch/stage3_ppo.py", *args, timeout=600)
         served = get(f"{base}/health")["scored"]
@@ -177,12 +183,10 @@ def test_ppo_with_a_remote_reward_model_stops_when_it_dies_and_resumes(rm_dir, p
     resumed_at = int(kept[-1].split("-")[1])
     assert served == (4 - resumed_at) * 16  # every remaining step's 16 episodes were scored over HTTP
     assert json.loads((out / "manifest.json").read_text())["finished"]
-    records = [r for r in read_metrics(out / "metrics.jsonl") if "train/ppo/remote_score" in r]
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "train/reward/served" in r]
     assert [r["step"] for r in records[resumed_at - 4 :]] == list(range(resumed_at + 1, 5))
     for r in records:  # the sequence score is the remote one (weight 1), less 1 for a response without EOS
-        assert r["train/ppo/score"] == pytest.approx(
-            r["train/ppo/remote_score"] - (1 - r["train/ppo/eos_rate"]), abs=1e-5
-        )
+        assert r["train/ppo/score"] == pytest.approx(r["train/reward/served"] - (1 - r["train/ppo/eos_rate"]), abs=1e-5)
 
 
 class FakeServer(BaseHTTPRequestHandler):
@@ -233,7 +237,7 @@ def test_client_pools_one_connection_ignores_proxies_and_sends_the_fingerprint(f
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    cfg = RemoteRewardConfig(url=f"http://127.0.0.1:{fake_server.server_port}/score", retries=0)
+    cfg = RemoteSourceConfig(kind="remote", url=f"http://127.0.0.1:{fake_server.server_port}/score", retries=0)
     client = RewardClient(cfg)
     assert client.connect() == "aaaa"
     assert client.check(None) == "aaaa"  # a fresh run records it
@@ -258,10 +262,16 @@ def test_client_patience_is_not_part_of_the_config_or_checkpoint_hash():
     def ppo(*overrides):
         return load_config(PPOStageConfig, str(ROOT / "configs/tiny/ppo.yaml"), list(overrides))
 
-    url = "reward.remote.url=http://127.0.0.1:1/score"
-    cfg, moved = ppo(url), ppo("reward.remote.url=http://127.0.0.1:2/score")
+    url = 'reward.sources.served={kind: remote, url: "http://127.0.0.1:1/score"}'
+    cfg, moved = ppo(url), ppo('reward.sources.served={kind: remote, url: "http://127.0.0.1:2/score"}')
     # raised after a failure: the run resumes instead of starting again from step 0
-    patient = ppo(url, "reward.remote.timeout=600", "reward.remote.retries=9", "reward.remote.backoff=5")
+    patience = [
+        "reward.sources.served.timeout=600",
+        "reward.sources.served.retries=9",
+        "reward.sources.served.backoff=5",
+    ]
+    patient = ppo(url, *patience)
+    assert patient.reward.sources["served"].timeout == 600
     assert config_hash(patient, NOT_HASHED) == config_hash(cfg, NOT_HASHED)
     assert checkpoint_digest(patient, ()) == checkpoint_digest(cfg, ())
     assert checkpoint_digest(moved, ()) != checkpoint_digest(cfg, ())

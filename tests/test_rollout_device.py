@@ -116,6 +116,7 @@ def test_rollout_forwards_in_micro_batches_equal_one_forward_of_the_whole_batch(
     from stages.ppo.advantages import ESTIMATORS
     from stages.ppo.kl import KLController
     from stages.ppo.models import build_models
+    from stages.ppo.rewards import SourceContext, build_sources
     from stages.ppo.sampling import load_prompts
     from stages.ppo.scores import RunningMoments
 
@@ -145,6 +146,9 @@ def test_rollout_forwards_in_micro_batches_equal_one_forward_of_the_whole_batch(
 
     def rollout_with(size: int | None):
         sized = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, forward_batch_size=size))
+        # the reward sources read forward_batch_size when built (stages/ppo/models.py): built again per size
+        ctx = SourceContext(accelerator=accelerator, reward_model=models.reward_model, forward_batch_size=size)
+        models.reward_sources = build_sources(sized.reward, ctx)
         rows_seen.clear()
         rollout, scored, *_ = ppo_train.make_rollout(
             models, engine, data, batch, sized, KLController(cfg.ppo.kl_coef), RunningMoments(), accelerator, 0
@@ -152,7 +156,7 @@ def test_rollout_forwards_in_micro_batches_equal_one_forward_of_the_whole_batch(
         return rollout, scored, list(rows_seen)
 
     whole, whole_scored, rows = rollout_with(None)
-    assert whole.values is not None and whole_scored.model_scores is not None and rows == [7]
+    assert whole.values is not None and whole_scored.components["rm"] is not None and rows == [7]
     assert whole.logprobs.abs().sum() > 0 and whole.response_mask.sum().item() == 27
     for size, expected_rows in ((1, [1] * 7), (3, [3, 3, 1])):
         split, split_scored, rows = rollout_with(size)
@@ -160,7 +164,7 @@ def test_rollout_forwards_in_micro_batches_equal_one_forward_of_the_whole_batch(
         for name in ("logprobs", "ref_logprobs", "values", "rewards", "advantages"):
             diff = (getattr(split, name) - getattr(whole, name)).abs().max().item()
             assert diff <= 1e-6, f"forward_batch_size={size}: {name} moved by {diff:.2e}"
-        diff = (split_scored.model_scores - whole_scored.model_scores).abs().max().item()
+        diff = (split_scored.components["rm"] - whole_scored.components["rm"]).abs().max().item()
         assert diff <= 1e-6, f"forward_batch_size={size}: the reward model's scores moved by {diff:.2e}"
 
 

@@ -260,7 +260,7 @@ def test_report_draws_the_runs_task_curves(tmp_path):
     ppo = tmp_path / "ppo"
     ppo.mkdir()
     (ppo / "config.yaml").write_text("task:\n  name: addition_reversed\n")
-    rows = [{"step": s, "train/ppo/score": 0.1 * s, "train/ppo/rule_addition_reversed": 0.1 * s} for s in (1, 2, 3)]
+    rows = [{"step": s, "train/ppo/score": 0.1 * s, "train/reward/addition_reversed": 0.1 * s} for s in (1, 2, 3)]
     rows += [{"step": 3, "eval/ppo/accuracy": 0.5, "eval/ppo/accuracy_4": 0.2, "eval/ppo/accuracy_2": 0.9}]
     (ppo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "sft").mkdir()
@@ -268,7 +268,7 @@ def test_report_draws_the_runs_task_curves(tmp_path):
     (tmp_path / "sft" / "eval.json").write_text(json.dumps(sft_eval))
     page = write_report(tmp_path).read_text(encoding="utf-8")
     data = json.loads((tmp_path / "plots" / "data.json").read_text())
-    assert set(data["ppo_score"]) == {"score", "addition_reversed rule"}
+    assert set(data["ppo_score"]) == {"score", "addition_reversed"}  # each reward source by its name
     assert list(data["ppo_eval_accuracy"]) == ["all", "2-digit", "4-digit"]
     assert "Task accuracy: addition_reversed" in page and "4-digit" in page
 

@@ -110,7 +110,12 @@ def test_after_a_ppo_update_greedy_responses_and_logprobs_are_the_updated_policy
     from stages.ppo.sampling import load_prompts
     from stages.ppo.scores import RunningMoments
 
-    overrides = ["policy=tiny", "reward_model=null", "reward.model_weight=0", "reward.rules={subtraction: 1.0}"]
+    overrides = [
+        "policy=tiny",
+        "reward_model=null",
+        "reward.sources.rm=null",
+        "reward.sources.subtraction={kind: rule}",
+    ]
     overrides += ["model_init.mixed_precision=null", "rollout.engine=vllm", "rollout.prompts_per_step=16"]
     overrides += ["ppo.minibatches=2", "ppo.value_warmup_steps=0", "optim.lr=3e-2", "task.train_size=64"]
     overrides += ["rollout.generation.max_new_tokens=6", f"output_dir={tmp_path}", "reward.missing_eos_penalty=null"]

@@ -202,8 +202,8 @@ def ppo_step(size: str, engine: str, workdir: Path) -> dict:
         build_model(size, torch.float32).save_pretrained(policy_dir)
         build_tiny_tokenizer().save_pretrained(policy_dir)
     out = workdir / f"ppo-{engine}"
-    overrides = [f"policy={policy_dir}", f"output_dir={out}", "reward_model=null", "reward.model_weight=0"]
-    overrides += ["reward.rules={subtraction: 1.0}"]
+    overrides = [f"policy={policy_dir}", f"output_dir={out}", "reward_model=null", "reward.sources.rm=null"]
+    overrides += ["reward.sources.subtraction={kind: rule, weight: 1.0}"]
     overrides += ["share_policy_trunk=true", "rollout.prompts_per_step=64", "ppo.minibatches=4"]
     overrides += [f"rollout.generation.max_new_tokens={NEW_TOKENS}", f"rollout.engine={engine}"]
     overrides += ["train.max_steps=1", "train.save_every=0", "train.eval_every=0", "ppo.value_warmup_steps=0"]

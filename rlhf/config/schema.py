@@ -4,7 +4,9 @@
 applies the overrides, and builds the (frozen) dataclass. A YAML may name `base:` files (relative
 to it) that are deep-merged under it first (`read_yaml`). Unknown keys and wrong types fail with
 a `ConfigError` naming the dotted key; nothing is guessed or silently dropped. A dataclass may
-define `check(self) -> None` and raise `ConfigError("field", "why")` for cross-field rules.
+define `check(self) -> None` and raise `ConfigError("field", "why")` for cross-field rules,
+`MOVED_KEYS` (a replaced key -> how to write it now), and a classmethod `variant(data)` that picks
+the subclass to build from the data (a reward source's `kind`).
 """
 
 from __future__ import annotations
@@ -257,7 +259,10 @@ def from_dict(cls: type, data: Any, prefix: str = "", source: str | None = None)
         raise ConfigError(prefix or "<root>", f"expected a mapping for {cls.__name__}, got {data!r}", source)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
+    moved = getattr(cls, "MOVED_KEYS", {})  # a key a later version replaced -> how to write it now
     for key in data:
+        if key in moved and key not in fields:
+            raise ConfigError(_join(prefix, key), moved[key], source)
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean '{_join(prefix, close[0])}'?" if close else ""
@@ -301,16 +306,25 @@ def config_hash(obj: Any, ignore: tuple[str, ...] = (), leaf: Callable[[str], st
     it holds)."""
     data = to_dict(obj)
     for key in ignore:
-        *parents, last = key.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
+        _drop(data, key.split("."))
     if leaf is not None:
         data = _map_strings(data, leaf)
     blob = json.dumps(data, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _drop(node: Any, parts: list[str]) -> None:
+    """Remove the dotted key `parts` from `node`; a `*` part stands for every key at that level
+    (`reward.sources.*.timeout`: every reward source's timeout)."""
+    if not isinstance(node, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    children = list(node) if head == "*" else [head]
+    for child in children:
+        if not rest:
+            node.pop(child, None)
+        else:
+            _drop(node.get(child), rest)
 
 
 def _map_strings(data: Any, fn: Callable[[str], str]) -> Any:
@@ -325,6 +339,17 @@ def _map_strings(data: Any, fn: Callable[[str], str]) -> Any:
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _variant(tp: type, value: Any, key: str, source: str | None) -> type:
+    """The dataclass to build: `tp`, or the subclass its `variant(data)` picks (a reward source's kind)."""
+    variant = getattr(tp, "variant", None)
+    if variant is None or not isinstance(value, dict):
+        return tp
+    try:
+        return variant(value)
+    except ConfigError as e:
+        raise ConfigError(_join(key, e.key), e.message, source) from None
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
@@ -361,7 +386,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str | None) -> Any:
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _coerce(vt, v, f"{key}.{k}", source) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, {} if value is None else value, key, source)
+        return from_dict(_variant(tp, value, key, source), {} if value is None else value, key, source)
     if tp is Any:
         return _plain(value)
     if tp is bool:

@@ -24,21 +24,21 @@ from rlhf.config.parts import (
     TrackingConfig,
     TrainConfig,
 )
+from rlhf.config.rewards import MOVED_REWARD_KEYS, ModelSourceConfig, RewardSourceConfig
 from rlhf.config.schema import ConfigError
-from rlhf.reward_functions import RewardFunctionError, load_reward_function
-from rlhf.tasks import RULES, TASKS
+from rlhf.tasks import TASKS
 
 # Keys (dotted) that never change what a stage computes: left out of the config hash that
 # decides whether a finished stage can be reused, and out of a checkpoint's. How patiently the
-# reward client waits is one: raising reward.remote.timeout after a failure must resume the run,
+# reward client waits is one: raising a remote source's timeout after a failure must resume the run,
 # not restart it (which model the server scores with is checked by its fingerprint instead).
 NOT_HASHED = (
     "output_dir",
     "tracking",
     "hub",
-    "reward.remote.timeout",
-    "reward.remote.retries",
-    "reward.remote.backoff",
+    "reward.sources.*.timeout",  # `*`: every source (rlhf/config/schema.py config_hash)
+    "reward.sources.*.retries",
+    "reward.sources.*.backoff",
 )
 # Keys (dotted) that cannot change the trained weights, also left out of the hash a resumable
 # checkpoint is tied to (rlhf/checkpoint.py `checkpoint_digest`): changing how often a run logs,
@@ -351,57 +351,46 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
-class RemoteRewardConfig:
-    """A reward model served over HTTP by `launch/serve_rm.py` (API: docs/rewards.md). Each process
-    sends its own episodes' decoded chat prompts and responses once per step."""
-
-    url: str = ""  # the scoring endpoint, e.g. http://127.0.0.1:8000/score; "": no remote reward model
-    weight: float = 1.0  # weight of its score in the sequence score
-    timeout: float = 60.0  # seconds per request
-    # tries after the first failed one (connection refused, time-out, HTTP 5xx), with exponential
-    # backoff (backoff, 2·backoff, 4·backoff s); then the run stops with exit code 3, its last
-    # checkpoint intact for resume. HTTP 4xx (a bad request) is not retried.
-    retries: int = 3
-    backoff: float = 1.0
-
-    def check(self) -> None:
-        if self.url and not self.url.startswith(("http://", "https://")):
-            raise ConfigError("url", f"must be an http:// or https:// URL, got {self.url!r}")
-        if not self.timeout > 0:
-            raise ConfigError("timeout", f"must be > 0, got {self.timeout}")
-        if self.retries < 0 or self.backoff < 0:
-            raise ConfigError("retries", "retries and backoff must be >= 0")
-
-
-@dataclass(frozen=True)
 class PPORewardConfig:
-    """Step 3 of PPO: the sequence score = weighted reward-model score + weighted rule rewards +
-    weighted reward functions + weighted remote reward model score (docs/rewards.md)."""
+    """Step 3 of PPO: the sequence score = Σ weight · score over `sources` (+ the shaping terms below);
+    the sources' kinds and settings: rlhf/config/rewards.py, docs/rewards.md."""
 
-    model_weight: float = 1.0  # weight of the reward model's score (0: rule rewards only)
-    rules: dict[str, float] = field(default_factory=dict)  # rlhf.tasks.RULES name -> weight, e.g. {subtraction: 1.0}
-    # your own reward functions, "package.module:function" -> weight (rlhf/reward_functions.py), e.g.
-    # {"rlhf.tasks.subtraction:exact_reward": 1.0}; imported when the config is checked
-    functions: dict[str, float] = field(default_factory=dict)
-    remote: RemoteRewardConfig = field(default_factory=RemoteRewardConfig)  # a reward model over HTTP (serve_rm.py)
+    MOVED_KEYS = MOVED_REWARD_KEYS  # reward.model_weight / rules / functions / remote: one line each, naming sources
+
+    # name -> {kind, weight, …}, added in this order; each logged as train/reward/<name>. A variant
+    # drops a base's source with `name: null`. The default: the learned reward model alone (RLHF).
+    sources: dict[str, RewardSourceConfig | None] = field(
+        default_factory=lambda: {"rm": ModelSourceConfig(kind="model", weight=1.0)}
+    )
     normalize: Literal["none", "batch", "running"] = "none"  # whiten scores per batch or by running stats
     clip: float | None = None  # clip scores to [-clip, clip] after normalisation
     missing_eos_penalty: float | None = -1.0  # added to the score of a response that never emitted EOS
     # DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): a response longer than max_new_tokens − L (L =
     # overlong_buffer tokens) loses overlong_penalty · (length − (max_new_tokens − L)) / L, linearly up to the full
-    # penalty at max_new_tokens; null: off
+    # penalty at max_new_tokens; logged as train/reward/overlong; null: off
     overlong_buffer: int | None = None
     overlong_penalty: float = 1.0
 
+    def active(self) -> dict[str, RewardSourceConfig]:
+        """The configured sources, without those a variant dropped (`name: null`)."""
+        return {name: source for name, source in self.sources.items() if source is not None}
+
+    def of_kind(self, kind: str) -> dict[str, RewardSourceConfig]:
+        return {name: source for name, source in self.active().items() if source.kind == kind}
+
     def check(self) -> None:
-        for name in self.rules:
-            if name not in RULES:
-                raise ConfigError(f"rules.{name}", f"unknown rule reward; known: {sorted(RULES)}")
-        for spec in self.functions:
+        for name, source in self.active().items():
+            if name == "overlong":
+                raise ConfigError(f"sources.{name}", "is the overlong penalty's name in the logs; call it otherwise")
             try:
-                load_reward_function(spec)
-            except RewardFunctionError as e:
-                raise ConfigError(f"functions.{spec}", str(e)) from None
+                source.check_named(name)
+            except ConfigError as e:
+                raise ConfigError(f"sources.{name}.{e.key}", e.message) from None
+        for kind, why in (("model", "the stage has one reward_model"), ("remote", "its fingerprint is recorded")):
+            if len(self.of_kind(kind)) > 1:
+                raise ConfigError(
+                    "sources", f"at most one source of kind {kind} ({why}), got {list(self.of_kind(kind))}"
+                )
         if self.overlong_buffer is not None and self.overlong_buffer < 1:
             raise ConfigError("overlong_buffer", f"must be >= 1 token (or null: off), got {self.overlong_buffer}")
         if self.overlong_penalty < 0:
@@ -426,7 +415,7 @@ class PPOStageConfig:
     # null: the policy above. An RLHF round starting from the last round's policy may keep the SFT
     # model as its reference instead (the pipeline's round.reference); must share the tokenizer.
     reference: str | None = None
-    reward_model: str | None = None  # the RM output; null with reward.model_weight = 0 for rule rewards only
+    reward_model: str | None = None  # the RM output (a `model` reward source scores with it); null: no reward model
     value_model: str | None = None  # null: initialise from the reward model (or the policy if there is none)
     # true: the value model is a linear head on the policy's own last hidden state instead of a second
     # decoder: one forward per minibatch instead of two, no second model or its optimizer state; the
@@ -455,12 +444,14 @@ class PPOStageConfig:
             raise ConfigError("train.keep_best", "chooses among held-out evaluations: set train.eval_every > 0")
         if self.train.keep_best == "proxy" and self.reward_model is None:
             raise ConfigError("train.keep_best", "proxy reads the reward model's score; reward_model is null")
-        if self.reward_model is None and self.reward.model_weight != 0:
-            raise ConfigError("reward_model", "is null but reward.model_weight is not 0; set one or the other")
-        if self.reward_model is None and not (self.reward.rules or self.reward.functions or self.reward.remote.url):
+        if self.reward_model is None and self.reward.of_kind("model"):
+            name = next(iter(self.reward.of_kind("model")))
             raise ConfigError(
-                "reward.rules", "no reward model, rule rewards, reward functions or remote reward: nothing to optimise"
+                "reward_model",
+                f"is null but reward.sources.{name} is the reward model; set one or drop it ({name}: null)",
             )
+        if not self.reward.active():
+            raise ConfigError("reward.sources", "no reward source: nothing to optimise")
         if self.share_policy_trunk and self.value_model is not None:
             raise ConfigError("value_model", "must be null with share_policy_trunk: the value head sits on the policy")
         if self.rollout.episodes_per_step % self.ppo.minibatches:

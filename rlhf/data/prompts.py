@@ -2,7 +2,7 @@
 without an answer, `query`, a chat `messages` list (the prompt is everything before the last
 assistant turn), or HH-style `chosen` transcripts. Each becomes {"prompt": [messages],
 "answer": str | None, **the record's other fields}; the answer scores held-out generations, and
-the answer and the other fields (e.g. `tests`) reach PPO's reward functions (`reward.functions`)."""
+the answer and the other fields (e.g. `tests`) reach PPO's reward functions (a `function` reward source)."""
 
 from __future__ import annotations
 

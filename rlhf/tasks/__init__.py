@@ -1,6 +1,7 @@
 """Built-in tasks with a checker, one module each (see `base.Task`), registered in `TASKS` by name.
 A task generates training and held-out data in its own formats, scores generations, and offers
-rule rewards for PPO (`RULES`, every task's rules under their own names).
+rule rewards for PPO (`RULES`, every task's rules under their own names; `rule_reward` makes one a
+reward function).
 
 A new task is a new module that builds a `Task`, plus its line in `TASKS` below.
 """
@@ -20,6 +21,7 @@ __all__ = [
     "TaskSpec",
     "get_task",
     "gold_checker",
+    "rule_reward",
     "score_generations",
     "task_preference_records",
     "task_records",
@@ -41,8 +43,19 @@ def _all_rules(tasks: dict[str, Task]) -> dict[str, Rule]:
     return rules
 
 
-# Rule rewards for PPO (`reward.rules: {name: weight}`): RULES[name](questions, responses) -> floats.
+# Rule rewards for PPO (a reward source `{kind: rule}`): RULES[name](questions, responses) -> floats.
 RULES: dict[str, Rule] = _all_rules(TASKS)
+
+
+def rule_reward(name: str) -> Callable[..., list[float]]:
+    """The rule `name` as an ordinary reward function, `fn(prompts, responses, **fields)` (rlhf/reward_functions.py):
+    it reads each chat prompt's last user message, the question the rule checks the response against."""
+    rule = RULES[name]
+
+    def reward(prompts: Sequence[list[dict]], responses: Sequence[str], **fields) -> list[float]:
+        return rule([p[-1]["content"] for p in prompts], responses)
+
+    return reward
 
 
 def get_task(name: str | None) -> Task:

@@ -246,8 +246,4 @@ TASK = Task(
     rules={"addition_reversed": exact_rule, "addition_reversed_digits": digits_rule},
     wrong_kinds=WRONG_KINDS,
     answer_tokens=answer_chars,
-    curves=(
-        ("ppo_score", "train/ppo/rule_addition_reversed", "addition_reversed rule"),
-        ("ppo_score", "train/ppo/rule_addition_reversed_digits", "addition_reversed digits rule"),
-    ),
 )

@@ -56,7 +56,7 @@ class Task:
     # (questions, reference answers, responses) -> eval.json's task block: at least task, accuracy, n,
     # and accuracy_by_digits / n_by_digits for a task with buckets
     score: Callable[[Sequence[str], Sequence[str], Sequence[str]], dict]
-    rules: Mapping[str, Rule]  # rule rewards for PPO's reward.rules, by name (unique across tasks)
+    rules: Mapping[str, Rule]  # rule rewards for PPO's `rule` reward sources, by name (unique across tasks)
     wrong_kinds: tuple[str, ...]  # kinds of wrong answers for the reward model's pairs
     # (task config) -> the most tokens a right answer takes, before the end of turn: one per character
     # of the longest one (a digit or a sign is one token, or part of one, in every tokenizer the

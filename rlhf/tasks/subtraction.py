@@ -335,7 +335,7 @@ def accuracy_report(
     return bucket_report("subtraction", hits)
 
 
-# ---- rule rewards for PPO (reward.rules): one float per response ---------------------------------
+# ---- rule rewards for PPO (a `rule` reward source): one float per response ---------------------------------
 
 
 def _per_question(
@@ -373,7 +373,7 @@ def subtraction_digits(questions: Sequence[str], responses: Sequence[str]) -> li
     return _per_question(questions, responses, share_right)
 
 
-# ---- the same, as reward functions (`reward.functions: {"rlhf.tasks.subtraction:exact_reward": 1.0}`):
+# ---- the same, as reward functions (`{kind: function, function: "rlhf.tasks.subtraction:exact_reward"}`):
 # chat prompts in, the question read from the last user message (rlhf/reward_functions.py) ------
 
 
@@ -399,10 +399,6 @@ TASK = Task(
     rules={"subtraction": subtraction_exact, "subtraction_digits": subtraction_digits},
     wrong_kinds=WRONG_KINDS,
     answer_tokens=answer_chars,
-    curves=(
-        ("ppo_score", "train/ppo/rule_subtraction", "subtraction rule"),
-        ("ppo_score", "train/ppo/rule_subtraction_digits", "subtraction digits rule"),
-    ),
     fewshot=True,
     languages=LANGUAGES,
 )

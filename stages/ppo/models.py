@@ -13,7 +13,7 @@ second copy of the weights.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from rlhf.reward_client import RewardClient
 from stages.ppo.advantages import Estimator
 from stages.ppo.losses import logprobs_from_logits
 from stages.ppo.optim import build_optimizer, fill_deepspeed_config, param_groups
-from stages.ppo.scores import connect_reward_server
+from stages.ppo.rewards import Source, SourceContext, build_sources, connect_reward_server
 
 
 class PolicyAndValue(nn.Module):
@@ -217,12 +217,16 @@ class Models:
     stop_ids: tuple[int, ...]  # the tokens that end a response: EOS and the template's end of turn
     policy_source: ModelSource
     precision: Precision  # how the models compute (rlhf/precision.py)
-    reward_client: RewardClient | None = None  # the reward model served over HTTP (reward.remote.url)
+    reward_client: RewardClient | None = None  # the reward model served over HTTP (a `remote` reward source)
+    reward_sources: dict[str, Source] = field(default_factory=dict)  # reward.sources, built (stages/ppo/rewards.py)
 
 
 def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precision: Precision) -> Models:
     """Policy + value model (trained; no value model when the estimator needs no critic),
-    reference + reward model (frozen), and the optimizer, placed by accelerate."""
+    reference + reward model (frozen), the optimizer, placed by accelerate, and the reward sources."""
+    # built first: a function source that cannot be imported stops the stage before any model loads
+    ctx = SourceContext(accelerator=accelerator, forward_batch_size=cfg.rollout.forward_batch_size)
+    reward_sources = build_sources(cfg.reward, ctx)
     policy_source = resolve(cfg.policy)
     tokenizer = load_tokenizer(policy_source, cfg.model_init)
     policy = build_policy(
@@ -261,6 +265,9 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_policy = prepare_frozen(ref_policy, accelerator) if ref_policy is not None else None
     reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None
+    remote = next(iter(cfg.reward.of_kind("remote").values()), None)  # at most one (PPORewardConfig.check)
+    reward_client = connect_reward_server(remote, accelerator) if remote is not None else None
+    ctx.reward_model, ctx.reward_client = reward_model, reward_client  # what the sources score with
     return Models(
         model=model,
         optimizer=optimizer,
@@ -272,7 +279,8 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         stop_ids=stop_token_ids(tokenizer, policy.generation_config),
         policy_source=policy_source,
         precision=precision,
-        reward_client=connect_reward_server(cfg.reward.remote, accelerator) if cfg.reward.remote.url else None,
+        reward_client=reward_client,
+        reward_sources=reward_sources,
     )
 
 

@@ -64,10 +64,9 @@ class Scored:
     """What step 3 said of each episode, kept for the step's metrics and sample table."""
 
     raw_scores: torch.Tensor  # (B,) the combined score before normalisation
-    model_scores: torch.Tensor | None  # (B,) the reward model's score; None without one
-    rule_scores: dict[str, torch.Tensor]  # rule name -> (B,)
-    function_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # "module:function" -> (B,)
-    remote_scores: torch.Tensor | None = None  # (B,) the remote reward model's score; None without one
+    # reward source name -> (B,) its score before weighting (+ "overlong", the overlong penalty, if on);
+    # each logged as train/reward/<name>
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
     gold_scores: torch.Tensor | None = None  # (B,) the task's checker (1/0, NaN without an answer); never in the score
     has_eos: torch.Tensor  # (B,) bool, whether the response emitted EOS
     questions: list[str]  # the prompts' last user message

@@ -30,13 +30,13 @@ from functools import partial
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.nn.utils import get_total_norm
 from tqdm.auto import tqdm
 
 from rlhf.checkpoint import checkpoint_digest, start_stage
 from rlhf.config import ConfigError, PPOStageConfig
 from rlhf.distributed import is_zero3, process_state, wait_for_main
 from rlhf.evaluation import evaluate_in_loop
+from rlhf.finite import finite_flag
 from rlhf.perf import clock, device_peak_flops
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import fingerprint
@@ -151,7 +151,7 @@ def train(cfg: PPOStageConfig) -> dict:
     ref_after = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
     if ref_after != ref_fingerprint:
         raise RuntimeError(f"the frozen reference changed during PPO ({ref_fingerprint} -> {ref_after})")
-    _stop_if_not_finite(accelerator, state["step"], weights=_finite_flag(models.model.parameters()))
+    _stop_if_not_finite(accelerator, state["step"], weights=finite_flag(models.model.parameters()))
     save_models(accelerator, models.model, models.tokenizer, models.policy_source, out, cfg, models.precision)
     result = finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
     tracking.finish()
@@ -276,7 +276,7 @@ def ppo_update(
                         clip_gradients(accelerator, model, cfg)
                         # under DeepSpeed the engine holds the gradients (p.grad is None): the loss check stands
                         grads = (p.grad for p in model.parameters() if p.grad is not None)
-                        _stop_if_not_finite(accelerator, step, gradients=_finite_flag(grads))
+                        _stop_if_not_finite(accelerator, step, gradients=finite_flag(grads))
                     optimizer.step()
                     optimizer.zero_grad()
                 for k, v in stats.items():
@@ -390,14 +390,8 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         metrics["train/ppo/lr_value"] = optimizer.param_groups[1]["lr"]
     if rollout.engine_logprobs is not None:
         metrics.update(logprob_diff(rollout, accelerator))
-    if scored.model_scores is not None:
-        metrics["train/ppo/rm_score"] = gather_mean(scored.model_scores)
-    for name, values in scored.rule_scores.items():
-        metrics[f"train/ppo/rule_{name}"] = gather_mean(values)
-    for spec, values in scored.function_scores.items():
-        metrics[f"train/ppo/fn_{spec.replace(':', '.')}"] = gather_mean(values)
-    if scored.remote_scores is not None:
-        metrics["train/ppo/remote_score"] = gather_mean(scored.remote_scores)
+    for name, values in scored.components.items():  # every reward source, and the overlong penalty
+        metrics[f"train/reward/{name}"] = gather_mean(values)
     if scored.gold_scores is not None:
         gold = accelerator.gather(scored.gold_scores)
         if not gold.isnan().all():  # the share right among the sampled responses whose prompt has an answer
@@ -440,7 +434,7 @@ def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, ru
         if cfg.train.keep_best:
             keep_if_best(accelerator, cfg, state, evaluation, models, out)
     if cfg.train.save_every and step % cfg.train.save_every == 0:
-        _stop_if_not_finite(accelerator, step, weights=_finite_flag(models.model.parameters()))
+        _stop_if_not_finite(accelerator, step, weights=finite_flag(models.model.parameters()))
         save_checkpoint(accelerator, out / "checkpoints", state, kl_ctl, running, cfg.train.keep_checkpoints)
 
 
@@ -470,16 +464,6 @@ def _stop_if_not_finite(accelerator, step: int, **tensors) -> None:
             f"PPO step {step}: non-finite {', '.join(bad) or 'values on another process'}; stopping before the "
             "optimizer step so the weights stay intact. Check the reward model's scores and lower optim.lr."
         )
-
-
-def _finite_flag(tensors) -> torch.Tensor:
-    """0 if every tensor is finite, else NaN or inf (for `_stop_if_not_finite`): the largest |x|
-    over all of them, in one foreach pass (a NaN anywhere makes it NaN, an inf inf) and one
-    check, where a check per tensor cost a sixteenth of a small model's update. Under ZeRO-3 a
-    parameter's own data is this process's shard (`ds_tensor`)."""
-    data = [d for d in (getattr(t, "ds_tensor", t) for t in tensors) if d.numel()]  # a ZeRO-3 shard may be empty
-    largest = get_total_norm(data, norm_type=float("inf"))
-    return largest.cpu() * 0
 
 
 def _registered(table: dict, name: str, key: str):
