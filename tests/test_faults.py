@@ -372,6 +372,7 @@ def test_reward_server_cancels_the_jobs_of_clients_that_left_or_timed_out(monkey
         server.should_exit = True
         thread.join(30)
 
+
 # The pipeline's own faults: one line on stderr, exit code 2, nothing created.
 @pytest.mark.parametrize(
     "text, words",
