@@ -268,7 +268,7 @@ def two_nodes(stage: str, out, logs, *extra: str) -> None:
     assert "Traceback" not in tails and "terminate called" not in tails, tails
 
 
-NOT_REPRODUCIBLE = re.compile(r"(^perf/|_per_s|_per_second|runtime|time|wall|flos)")  # timings and memory differ run to run
+NOT_REPRODUCIBLE = re.compile(r"(^perf/|_per_s|_per_second|runtime|time|wall|flos)")  # timings, memory: run to run
 
 
 def _weight_files(output) -> list:
