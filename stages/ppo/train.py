@@ -98,6 +98,7 @@ def train(cfg: PPOStageConfig) -> dict:
     reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, engine)
     log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
     cost = step_cost(accelerator.unwrap_model(models.model), models.reward_model, cfg, reuse_logprobs)  # perf/mfu
+    peak = device_peak_flops(accelerator.device, models.precision.matmul_dtype)  # a CPU's is measured, once
     # A checksum of the reference, checked again at the end (ZeRO-3 shards weights: not checked there).
     reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
     ref_fingerprint = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
@@ -141,7 +142,6 @@ def train(cfg: PPOStageConfig) -> dict:
         timings = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
         timings["sync"] = t_sync - t_train
         metrics = step_metrics(rollout, scored, stats, kl_ctl, models.optimizer, accelerator, timings)
-        peak = device_peak_flops(accelerator.device, models.precision.matmul_dtype)  # measured once on a CPU
         metrics.update(perf_metrics(cost, rollout, round(stats["epochs_run"]), timings, peak, accelerator))
         _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, running, accelerator, tracking, out)
         bar.set_postfix(score=f"{metrics['train/ppo/score']:.3f}", kl=f"{seq_kl:.3f}", beta=f"{kl_ctl.value:.3f}")
