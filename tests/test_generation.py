@@ -68,7 +68,7 @@ def test_sampled_logprobs_equal_a_forward_of_the_policy():
     """PPO may take its rollout log-probs from the sampling pass: they must be the log-probs a
     forward of the policy over prompt + response gives, of logits / T over the whole vocabulary
     (top-k only narrows what is drawn)."""
-    from stages.ppo.losses import logprobs_from_logits
+    from stages.ppo.core_algos import logprobs_from_logits
     from stages.ppo.models import policy_logits
     from stages.ppo.rollout import response_mask
 

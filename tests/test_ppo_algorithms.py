@@ -12,9 +12,7 @@ from rlhf.config import ConfigError, PPOStageConfig, load_config
 from rlhf.config.stages import PPORewardConfig
 from stages.ppo import train as ppo_train
 from stages.ppo.advantages import ESTIMATORS, dr_grpo, grpo, reinforce_pp, reinforce_pp_baseline, rloo
-from stages.ppo.kl import kl_estimate
-from stages.ppo.losses import aggregate_loss, policy_loss
-from stages.ppo.masked import masked_whiten
+from stages.ppo.core_algos import aggregate_loss, kl_estimate, masked_whiten, policy_loss
 from stages.ppo.scores import overlong_penalty
 
 # Two prompts, three responses each (adjacent), two response tokens. Per-token rewards hold a KL

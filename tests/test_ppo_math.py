@@ -6,9 +6,21 @@ import pytest
 import torch
 
 from stages.ppo.advantages import explained_variance, explained_variance_sums, gae
-from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
-from stages.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from stages.ppo.masked import last_index, masked_mean, masked_sums, masked_var, masked_whiten, moments
+from stages.ppo.core_algos import (
+    KLController,
+    entropy_from_logits,
+    kl_estimate,
+    kl_penalized_rewards,
+    last_index,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sums,
+    masked_var,
+    masked_whiten,
+    moments,
+    policy_loss,
+    value_loss,
+)
 from stages.ppo.optim import adamw
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -243,8 +255,7 @@ def test_ppo_optimizer_steps_as_plain_adamw_per_group():
 def test_an_inf_at_padding_stays_out_of_rewards_advantages_and_losses():
     """k3 of a pad's log-prob can overflow to inf; inf · 0 = NaN, so masking must select, not multiply."""
     from stages.ppo.advantages import grpo, reinforce_pp
-    from stages.ppo.losses import aggregate_loss
-    from stages.ppo.masked import masked
+    from stages.ppo.core_algos import aggregate_loss, masked
 
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     kl = torch.tensor([[0.1, 0.2, math.inf], [0.1, 0.1, 0.1]])

@@ -446,7 +446,7 @@ def test_disable_dropout_also_switches_off_attention_dropout(preset):
     from transformers import AutoModelForCausalLM
 
     from rlhf.registry.presets import PRESETS
-    from stages.ppo.losses import logprobs_from_logits
+    from stages.ppo.core_algos import logprobs_from_logits
     from stages.ppo.models import disable_dropout
 
     config = PRESETS[preset].make_config()
@@ -617,7 +617,7 @@ def test_a_minibatch_gradient_does_not_depend_on_how_it_is_split(agg):
 
     from rlhf.precision import resolve_precision
     from stages.ppo.advantages import ESTIMATORS
-    from stages.ppo.losses import loss_counts
+    from stages.ppo.core_algos import loss_counts
     from stages.ppo.models import build_models
     from stages.ppo.train import minibatch_loss, ppo_update
 
@@ -679,11 +679,10 @@ def test_rollout_kl_is_exactly_zero_before_any_update(precision, lora):
 
     from rlhf.precision import resolve_precision
     from stages.ppo.advantages import ESTIMATORS
+    from stages.ppo.core_algos import KLController, RunningMoments
     from stages.ppo.engines import build_engine
-    from stages.ppo.kl import KLController
     from stages.ppo.models import build_models
     from stages.ppo.sampling import load_prompts
-    from stages.ppo.scores import RunningMoments
     from stages.ppo.train import make_rollout
 
     overrides = ["policy=tiny-llama", "reward_model=tiny-llama", "rollout.prompts_per_step=4", "ppo.minibatches=1"]

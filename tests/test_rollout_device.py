@@ -114,11 +114,10 @@ def test_rollout_forwards_in_micro_batches_equal_one_forward_of_the_whole_batch(
     from rlhf.precision import resolve_precision
     from rlhf.registry import score_head
     from stages.ppo.advantages import ESTIMATORS
-    from stages.ppo.kl import KLController
+    from stages.ppo.core_algos import KLController, RunningMoments
     from stages.ppo.models import build_models
     from stages.ppo.rewards import SourceContext, build_sources
     from stages.ppo.sampling import load_prompts
-    from stages.ppo.scores import RunningMoments
 
     overrides = ["policy=tiny-llama", "reward_model=tiny-llama", "rollout.prompts_per_step=7", "ppo.minibatches=1"]
     overrides += ["model_init.dtype=float32", "model_init.mixed_precision=null", "task.train_size=32"]

@@ -13,8 +13,8 @@ from rlhf.config import GenerationConfig, ModelInit, PPOStageConfig, load_config
 from rlhf.generation import ended_at, render_prompts
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, load_tokenizer, resolve, stop_token_ids
+from stages.ppo.core_algos import logprobs_from_logits
 from stages.ppo.engines import HFEngine, resolve_engine
-from stages.ppo.losses import logprobs_from_logits
 from stages.ppo.models import PolicyAndValue, build_models, policy_logits
 from stages.ppo.rollout import response_mask
 from stages.ppo.vllm_engine import VLLMEngine, vllm_available
@@ -106,9 +106,8 @@ def test_after_a_ppo_update_greedy_responses_and_logprobs_are_the_updated_policy
     check would catch weights left stale)."""
     from stages.ppo import train as ppo_train
     from stages.ppo.advantages import ESTIMATORS
-    from stages.ppo.kl import KLController
+    from stages.ppo.core_algos import KLController, RunningMoments
     from stages.ppo.sampling import load_prompts
-    from stages.ppo.scores import RunningMoments
 
     overrides = [
         "policy=tiny",

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from stages.ppo.advantages import explained_variance, explained_variance_sums, whiten_advantages
-from stages.ppo.masked import masked_whiten
+from stages.ppo.core_algos import masked_whiten
 
 accelerator = Accelerator(cpu=True)
 g = torch.Generator().manual_seed(0)

@@ -268,7 +268,7 @@ GROUP_STD_ESTIMATORS = ("grpo",)
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """The PPO update (InstructGPT; Ziegler et al. 2019). Losses in stages/ppo/losses.py."""
+    """The PPO update (InstructGPT; Ziegler et al. 2019). Losses in stages/ppo/core_algos.py."""
 
     epochs: int = 2  # passes over each rollout
     minibatches: int = 4  # per epoch; each is split further by train.grad_accum
@@ -304,7 +304,7 @@ class PPOConfig:
     kl_horizon: int = 10_000  # episodes over which the adaptive controller moves β
     max_approx_kl: float | None = None  # stop the epoch loop early when approx KL of an update exceeds this
     value_warmup_steps: int = 0  # first iterations train the value model only (policy lr 0): better advantages
-    # how the per-token losses become one number (stages/ppo/losses.py aggregate_loss): token_mean over the
+    # how the per-token losses become one number (stages/ppo/core_algos.py aggregate_loss): token_mean over the
     # minibatch's tokens (DAPO; what PPO here always did), seq_mean_token_mean (GRPO's per-response mean) or
     # seq_mean_token_sum_norm (each response's sum / rollout.generation.max_new_tokens; Dr. GRPO)
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"

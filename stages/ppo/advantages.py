@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.config import ConfigError, PPOStageConfig
-from stages.ppo.masked import last_index, masked, masked_sums, masked_whiten, moments
+from stages.ppo.core_algos import last_index, masked, masked_sums, masked_whiten, moments
 
 
 def gae(

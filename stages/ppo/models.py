@@ -33,7 +33,7 @@ from rlhf.registry import (
 )
 from rlhf.reward_client import RewardClient
 from stages.ppo.advantages import Estimator
-from stages.ppo.losses import logprobs_from_logits
+from stages.ppo.core_algos import logprobs_from_logits
 from stages.ppo.optim import build_optimizer, fill_deepspeed_config, param_groups
 from stages.ppo.rewards import Source, SourceContext, build_sources, connect_reward_server
 

@@ -11,33 +11,9 @@ from rlhf.config.stages import PPORewardConfig
 from rlhf.generation import decode_responses
 from rlhf.reward_functions import row_fields
 from rlhf.tasks import gold_checker
+from stages.ppo.core_algos import RunningMoments
 from stages.ppo.rewards import Episodes
 from stages.ppo.rollout import Scored
-
-
-class RunningMoments:
-    """Mean and std of every score seen so far (Chan et al.'s parallel update), for `normalize: running`."""
-
-    def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
-
-    def update(self, x: torch.Tensor) -> None:
-        n = x.numel()
-        batch_mean, batch_var = x.float().mean().item(), x.float().var(unbiased=False).item()
-        delta, total = batch_mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return max(self.var, 1e-8) ** 0.5
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
 def combine_scores(components: dict[str, torch.Tensor], has_eos: torch.Tensor, cfg: PPORewardConfig) -> torch.Tensor:

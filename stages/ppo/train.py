@@ -48,17 +48,21 @@ from stages.ppo.advantages import (
     whiten_advantages,
     whitens,
 )
-from stages.ppo.engines import ENGINES, RolloutEngine, build_engine, resolve_engine
-from stages.ppo.kl import KLController, kl_estimate, kl_penalized_rewards
-from stages.ppo.losses import (
+from stages.ppo.core_algos import (
+    KLController,
     aggregate_loss,
     entropy_from_logits,
+    kl_estimate,
+    kl_penalized_rewards,
     logprobs_from_logits,
     loss_counts,
+    masked,
+    masked_sums,
+    moments,
     policy_loss,
     value_loss,
 )
-from stages.ppo.masked import masked, masked_sums, moments
+from stages.ppo.engines import ENGINES, RolloutEngine, build_engine, resolve_engine
 from stages.ppo.models import Models, build_models, rollout_forwards
 from stages.ppo.optim import clip_gradients, drop_policy_gradients, set_lr
 from stages.ppo.rollout import Rollout, Scored, in_micro_batches
