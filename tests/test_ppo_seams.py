@@ -14,7 +14,7 @@ from conftest import ROOT
 from rlhf.config import ConfigError, LoraConfig, ModelInit, PPOStageConfig, load_config
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.tracking import read_metrics
-from stages.ppo import advantages, engines
+from stages.ppo import advantages, core_algos, engines
 from stages.ppo import train as ppo_train
 from stages.ppo.rollout import Rollout
 from stages.ppo.vllm_engine import policy_weights
@@ -49,19 +49,80 @@ def test_rollout_is_built_by_keyword_only():
     assert picked.logprobs.shape == (1, 3) and picked.values is None and picked.ref_logprobs[0, 0] == 2
 
 
-def test_unknown_engine_or_estimator_is_refused_before_any_model_loads(tmp_path):
-    for key in ("rollout.engine=nope", "ppo.advantage_estimator=nope"):
-        with pytest.raises(ConfigError, match=key.split("=")[0]):  # the engine's names are typed: refused on load
+def test_unknown_engine_estimator_or_policy_loss_is_refused_before_any_model_loads(tmp_path):
+    for key in ("rollout.engine=nope", "ppo.advantage_estimator=nope", "ppo.policy_loss=nope"):
+        with pytest.raises(ConfigError, match=key.split("=")[0]) as refused:  # engines are typed: refused on load
             cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", [key, f"output_dir={tmp_path / 'x'}"])
             ppo_train.train(cfg)
+        assert "\n" not in str(refused.value) and "nope" in str(refused.value)  # one line, naming the value
         assert not (tmp_path / "x").exists()
 
 
+@pytest.fixture
+def plugins():
+    """An estimator and a policy loss registered the way outside code registers them (the decorators),
+    removed afterwards so that the built-in registries stay as they were for the other tests."""
+    spied = []
+
+    def spy_loss(logprobs, old_logprobs, advantages_, mask, clip_range, **kwargs):
+        spied.append(kwargs["agg"])
+        zero = torch.zeros(())
+        return (logprobs * 0).sum() + 7.0, {"clipfrac": zero, "approx_kl": zero, "ratio": zero + 1}
+
+    advantages.register_estimator("reward_to_go", needs_critic=False)(reward_to_go)
+    core_algos.register_policy_loss("spy")(spy_loss)
+    yield spied
+    advantages.ESTIMATORS.pop("reward_to_go")
+    core_algos.POLICY_LOSSES.pop("spy")
+
+
+def test_an_estimator_and_a_policy_loss_registered_from_outside_are_what_a_config_naming_them_gets(plugins):
+    estimator = advantages.get_estimator("reward_to_go")
+    assert estimator.fn is reward_to_go and not estimator.needs_critic and estimator.whiten
+    with pytest.raises(ValueError, match="registered already"):  # a plug-in never replaces a built-in silently
+        advantages.register_estimator("gae", needs_critic=False)(reward_to_go)
+    with pytest.raises(ValueError, match="registered already"):
+        core_algos.register_policy_loss("clip")(reward_to_go)
+    assert advantages.get_estimator("gae").fn is advantages.gae_estimator
+
+    # the loss step of a run configured with the registered loss calls it: a stand-in model, 2 episodes
+    overrides = ["ppo.policy_loss=spy", "ppo.advantage_estimator=reward_to_go"]
+    cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", overrides)
+    advantages.check_estimator(advantages.get_estimator(cfg.ppo.advantage_estimator), cfg)
+
+    class StandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logits = torch.nn.Parameter(torch.zeros(5))
+
+        def forward(self, input_ids, attention_mask, response_length):
+            return self.logits.expand(input_ids.shape[0], response_length, 5), None  # (B, R, V), no critic
+
+    t, ids = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.long)
+    ones = torch.ones(2, 3)
+    mb = Rollout(
+        input_ids=torch.ones(2, 5, dtype=torch.long),
+        attention_mask=torch.ones(2, 5),
+        response_ids=ids,
+        response_mask=ones,
+        loss_mask=ones,
+        logprobs=t,
+        ref_logprobs=t,
+        values=None,
+        kl=t,
+        scores=t[:, 0],
+        rewards=t,
+        advantages=ones,
+        returns=None,
+    )
+    loss, stats = ppo_train.minibatch_loss(StandIn(), mb, cfg)
+    assert plugins == ["token_mean"] and loss.item() == pytest.approx(7.0) and stats["policy_loss"].item() == 7.0
+
+
 @pytest.mark.slow
-def test_an_estimator_without_a_critic_builds_no_value_model(sft_dir, tmp_path, monkeypatch):  # noqa: F811
-    """A registered estimator that needs no critic: no value model is built, trained or saved,
-    and the policy still trains (its loss and KL are logged, no value terms)."""
-    monkeypatch.setitem(advantages.ESTIMATORS, "reward_to_go", advantages.Estimator(reward_to_go, needs_critic=False))
+def test_an_estimator_without_a_critic_builds_no_value_model(sft_dir, tmp_path, monkeypatch, plugins):  # noqa: F811
+    """An estimator registered from outside that needs no critic: no value model is built, trained or
+    saved, and the policy still trains (its loss and KL are logged, no value terms)."""
     built = []
     real_build = ppo_train.build_models
 

@@ -285,8 +285,8 @@ class PPOConfig:
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE λ
     # stages/ppo/advantages.py ESTIMATORS: gae, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline (docs/ppo.md
-    # table); one needing no critic builds no value model; grpo, dr_grpo, rloo and reinforce_pp_baseline need
-    # rollout.samples_per_prompt > 1
+    # table), and any registered with @register_estimator; one needing no critic builds no value model; grpo,
+    # dr_grpo, rloo and reinforce_pp_baseline need rollout.samples_per_prompt > 1. Checked when the stage starts
     advantage_estimator: str = "gae"
     # whiten the advantages over the batch; null: as the estimator does it (gae and reinforce_pp*: yes; the group
     # estimators grpo, dr_grpo, rloo: no)
@@ -308,6 +308,9 @@ class PPOConfig:
     # minibatch's tokens (DAPO; what PPO here always did), seq_mean_token_mean (GRPO's per-response mean) or
     # seq_mean_token_sum_norm (each response's sum / rollout.generation.max_new_tokens; Dr. GRPO)
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    # the policy loss, by its name in stages/ppo/core_algos.py POLICY_LOSSES: clip, PPO's clipped surrogate (the
+    # only built-in); outside code registers more with @register_policy_loss (docs/ppo.md, "The seams")
+    policy_loss: str = "clip"
     # leave responses cut off at max_new_tokens (no EOS) out of the loss: their score judges an unfinished
     # answer (DAPO's overlong filtering, Yu et al. 2025, §3.4)
     mask_truncated: bool = False

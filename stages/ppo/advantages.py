@@ -10,11 +10,13 @@ The registry contract. An estimator is a pure function on (B, T) tensors,
 - advantages (B, T) and returns (B, T), both 0 on padding. Returns are the value model's targets
   and are ignored when there is no critic.
 
-It is registered in `ESTIMATORS` as an `Estimator` saying whether it needs a critic (when not, the
+It is registered with `@register_estimator(name, …)` (veRL's `register_adv_est`), which adds an
+`Estimator` to `ESTIMATORS` saying whether it needs a critic (when not, the
 recipe builds, trains and saves no value model and `values` is None), whether it needs groups
 (`rollout.samples_per_prompt` > 1, refused before anything loads otherwise) and whether its
 advantages are whitened over the whole batch afterwards (`ppo.whiten_advantages: null` follows
-this; the recipe does it, over every process's episodes). `ppo.advantage_estimator` picks one.
+this; the recipe does it, over every process's episodes). `ppo.advantage_estimator` picks one;
+outside code adds one by decorating its own function the same way (tests/test_ppo_seams.py).
 
 The group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline) treat a response as one action
 with the sequence reward R = Σ_t r_t (the score, minus β·Σ KL when the KL is in the reward), as
@@ -31,6 +33,47 @@ import torch
 
 from rlhf.config import ConfigError, PPOStageConfig
 from stages.ppo.core_algos import last_index, masked, masked_sums, masked_whiten, moments
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """fn(rewards, values | None, mask, *, gamma, lam, group_size) -> advantages, returns; all (B, T)."""
+
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    needs_critic: bool  # False: no value model is built, loaded, trained or saved
+    needs_groups: bool = False  # True: rollout.samples_per_prompt must be > 1
+    # whiten the advantages over the whole batch (every process) when ppo.whiten_advantages is null: PPO's usual
+    # practice, and REINFORCE++'s global normalisation. The group estimators already compare like with like
+    # (OpenRLHF and TRL do not whiten them again).
+    whiten: bool = True
+
+
+# name -> Estimator, filled by @register_estimator below (and by outside code, before the run starts)
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(
+    name: str, *, needs_critic: bool, needs_groups: bool = False, whiten: bool = True
+) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the advantage estimator `name` (veRL's `register_adv_est`):
+    `ppo.advantage_estimator: name` then picks it. Outside code adds one by decorating its function
+    in a module imported before `train()` runs; a name taken already is refused, so that a plug-in
+    never silently replaces a built-in."""
+
+    def register(fn: Callable) -> Callable:
+        if name in ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is registered already ({ESTIMATORS[name].fn.__qualname__})")
+        ESTIMATORS[name] = Estimator(fn, needs_critic=needs_critic, needs_groups=needs_groups, whiten=whiten)
+        return fn
+
+    return register
+
+
+def get_estimator(name: str) -> Estimator:
+    """The estimator registered as `name`; an unknown one is refused in one line naming the known ones."""
+    if name not in ESTIMATORS:
+        raise ConfigError("ppo.advantage_estimator", f"unknown {name!r}; known: {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name]
 
 
 def gae(
@@ -53,6 +96,7 @@ def gae(
     return advantages, returns
 
 
+@register_estimator("gae", needs_critic=True)
 def gae_estimator(
     rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +120,7 @@ def _per_token(advantage: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return per_token, per_token
 
 
+@register_estimator("grpo", needs_critic=False, needs_groups=True, whiten=False)
 def grpo(
     rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +131,7 @@ def grpo(
     return _per_token(advantage, mask)
 
 
+@register_estimator("dr_grpo", needs_critic=False, needs_groups=True, whiten=False)
 def dr_grpo(
     rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +142,7 @@ def dr_grpo(
     return _per_token(R - R.mean(1, keepdim=True), mask)
 
 
+@register_estimator("rloo", needs_critic=False, needs_groups=True, whiten=False)
 def rloo(
     rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +153,7 @@ def rloo(
     return _per_token(R - baseline, mask)
 
 
+@register_estimator("reinforce_pp", needs_critic=False)
 def reinforce_pp(
     rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +171,7 @@ def reinforce_pp(
     return returns, returns
 
 
+@register_estimator("reinforce_pp_baseline", needs_critic=False, needs_groups=True)
 def reinforce_pp_baseline(
     rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, *, gamma: float, lam: float, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,29 +184,6 @@ def reinforce_pp_baseline(
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     shifted[rows, last_index(mask)] -= R.mean(1, keepdim=True).expand_as(R).reshape(-1)
     return reinforce_pp(shifted, values, mask, gamma=gamma, lam=lam, group_size=group_size)
-
-
-@dataclass(frozen=True)
-class Estimator:
-    """fn(rewards, values | None, mask, *, gamma, lam, group_size) -> advantages, returns; all (B, T)."""
-
-    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    needs_critic: bool  # False: no value model is built, loaded, trained or saved
-    needs_groups: bool = False  # True: rollout.samples_per_prompt must be > 1
-    # whiten the advantages over the whole batch (every process) when ppo.whiten_advantages is null: PPO's usual
-    # practice, and REINFORCE++'s global normalisation. The group estimators already compare like with like
-    # (OpenRLHF and TRL do not whiten them again).
-    whiten: bool = True
-
-
-ESTIMATORS: dict[str, Estimator] = {
-    "gae": Estimator(gae_estimator, needs_critic=True),
-    "grpo": Estimator(grpo, needs_critic=False, needs_groups=True, whiten=False),
-    "dr_grpo": Estimator(dr_grpo, needs_critic=False, needs_groups=True, whiten=False),
-    "rloo": Estimator(rloo, needs_critic=False, needs_groups=True, whiten=False),
-    "reinforce_pp": Estimator(reinforce_pp, needs_critic=False),
-    "reinforce_pp_baseline": Estimator(reinforce_pp_baseline, needs_critic=False, needs_groups=True),
-}
 
 
 def explained_variance_sums(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,17 @@ worked out by hand (tests/test_ppo_math.py). Shapes: B sequences, T response tok
 2. KL(policy ‖ ref): per-token estimators, the KL-penalised per-token rewards, the fixed or
    adaptive coefficient β, and the running moments of the scores (`reward.normalize: running`).
 3. The losses and the log-prob / entropy of sampled tokens, in fp32 (callers may pass bf16
-   logits).
+   logits). Policy losses are a registry, `POLICY_LOSSES`, chosen by `ppo.policy_loss`: outside
+   code adds one with `@register_policy_loss("name")` (veRL's `register_policy_loss`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from rlhf.config import ConfigError
 
 # ------------------------------------------------------------------------------------------------
 # 1. Masked statistics
@@ -222,6 +227,33 @@ def aggregate_loss(
     return masked(x, mask).sum() / denominator
 
 
+# name -> policy loss, filled by @register_policy_loss (and by outside code, before the run starts). The contract,
+# `policy_loss`'s: fn(logprobs, old_logprobs, advantages, mask, clip_range, *, clip_range_high, agg, max_len,
+# weights, counts) -> (loss, {"clipfrac", "approx_kl", "ratio"}), all (B, T) in, scalars out.
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the policy loss `name`; `ppo.policy_loss: name` picks it.
+    A name taken already is refused, so that a plug-in never silently replaces a built-in."""
+
+    def register(fn: Callable) -> Callable:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is registered already ({POLICY_LOSSES[name].__qualname__})")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def get_policy_loss(name: str) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The policy loss registered as `name`; an unknown one is refused in one line naming the known ones."""
+    if name not in POLICY_LOSSES:
+        raise ConfigError("ppo.policy_loss", f"unknown {name!r}; known: {sorted(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
+
+
+@register_policy_loss("clip")
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

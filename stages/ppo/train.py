@@ -41,10 +41,10 @@ from rlhf.perf import clock, device_peak_flops
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import fingerprint
 from stages.ppo.advantages import (
-    ESTIMATORS,
     check_estimator,
     explained_variance,
     explained_variance_sums,
+    get_estimator,
     whiten_advantages,
     whitens,
 )
@@ -52,6 +52,7 @@ from stages.ppo.core_algos import (
     KLController,
     aggregate_loss,
     entropy_from_logits,
+    get_policy_loss,
     kl_estimate,
     kl_penalized_rewards,
     logprobs_from_logits,
@@ -59,7 +60,6 @@ from stages.ppo.core_algos import (
     masked,
     masked_sums,
     moments,
-    policy_loss,
     value_loss,
 )
 from stages.ppo.engines import ENGINES, RolloutEngine, build_engine, resolve_engine
@@ -90,8 +90,9 @@ def train(cfg: PPOStageConfig) -> dict:
     )
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
     started = time.time()
-    estimator = _registered(ESTIMATORS, cfg.ppo.advantage_estimator, "ppo.advantage_estimator")
+    estimator = get_estimator(cfg.ppo.advantage_estimator)  # registered names, checked before anything loads
     check_estimator(estimator, cfg)
+    get_policy_loss(cfg.ppo.policy_loss)
     engine_name = resolve_engine(cfg.rollout.engine, precision)  # `auto` decided (and logged) once, here
     _registered(ENGINES, engine_name, "rollout.engine")
     models = build_models(cfg, accelerator, estimator, precision)
@@ -216,7 +217,7 @@ def make_rollout(
     # 5. advantages (and returns), whitened if the estimator or ppo.whiten_advantages says so
     kl = masked(kl_estimate(logprobs, ref_logprobs, cfg.ppo.kl_estimator), resp_mask)  # (B, R)
     rewards = kl_penalized_rewards(scores, kl, kl_ctl.value if cfg.ppo.kl_in == "reward" else 0.0, resp_mask)  # (B, R)
-    estimator = ESTIMATORS[cfg.ppo.advantage_estimator]
+    estimator = get_estimator(cfg.ppo.advantage_estimator)
     advantages, returns = estimator.fn(
         rewards, values, resp_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, group_size=cfg.rollout.samples_per_prompt
     )
@@ -325,7 +326,7 @@ def minibatch_loss(
         tis = torch.exp(mb.logprobs - mb.engine_logprobs).clamp(max=cfg.rollout.tis_cap).detach()  # (B, R)
     clip_low = ppo.clip_range if ppo.clip_range_low is None else ppo.clip_range_low
     clip_high = ppo.clip_range if ppo.clip_range_high is None else ppo.clip_range_high
-    pg_loss, pg = policy_loss(
+    pg_loss, pg = get_policy_loss(ppo.policy_loss)(
         new_logprobs,
         mb.logprobs,
         mb.advantages,
