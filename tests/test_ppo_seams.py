@@ -17,6 +17,7 @@ from rlhf.tracking import read_metrics
 from stages.ppo import advantages, core_algos, engines
 from stages.ppo import train as ppo_train
 from stages.ppo.rollout import Rollout
+from stages.ppo.run import LoopState
 from stages.ppo.vllm_engine import policy_weights
 
 
@@ -296,3 +297,16 @@ def test_offloaded_optimizer_is_deepspeeds_cpu_adam(monkeypatch):
     monkeypatch.setattr(adam, "DeepSpeedCPUAdam", lambda groups, **kw: built.append(kw) or "cpu-adam")
     assert optim.build_optimizer(groups(), 0.1, configs["zero3_offload.json"]) == "cpu-adam"
     assert built == [{"lr": 0.1, "adamw_mode": True}]
+
+
+def test_loop_state_checkpoints_as_the_dict_it_replaced_and_resumes_from_one():
+    """ppo_state.json's "state" keeps the keys the untyped dict had: a checkpoint written before
+    LoopState resumes, and `best` / `reward_fingerprint` appear only once set."""
+    fresh = LoopState()
+    assert fresh.to_dict() == {"step": 0, "before": None, "kl_history": []}
+    old = {"step": 7, "before": {"accuracy": 0.5}, "kl_history": [0.1, 0.2], "best": {"by": "gold", "step": 5}}
+    state = LoopState.from_dict(json.loads(json.dumps(old)))
+    assert (state.step, state.kl_history, state.best["step"], state.reward_fingerprint) == (7, [0.1, 0.2], 5, None)
+    assert state.to_dict() == old
+    state.reward_fingerprint = "abc"
+    assert LoopState.from_dict(state.to_dict()) == state

@@ -14,6 +14,7 @@ from rlhf.proxy_gold import Point, best_gold, divergence, points_from_records
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.report import write_report
 from rlhf.tracking import read_metrics
+from stages.ppo.run import LoopState
 from stages.ppo.saving import restore_best
 
 
@@ -69,7 +70,7 @@ def _kept_dir(tmp_path):
 
 def test_keep_best_replaces_the_last_policy_when_an_earlier_one_was_better(tmp_path):
     cfg = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["train.keep_best=gold"])
-    state = {"step": 1000, "best": {"by": "gold", "step": 200, "value": 0.90}}
+    state = LoopState(step=1000, best={"by": "gold", "step": 200, "value": 0.90})
     out = _kept_dir(tmp_path / "a")
     kept = restore_best(cfg, state, {"accuracy": 0.85}, out)
     assert kept == {"by": "gold", "step": 200, "value": 0.90, "last_step": 1000, "last_step_value": 0.85}
@@ -86,7 +87,7 @@ def test_keep_best_replaces_the_last_policy_when_an_earlier_one_was_better(tmp_p
     # by the proxy: the reward model's score decides
     proxy = load_config(PPOStageConfig, ROOT / "configs/tiny/ppo.yaml", ["train.keep_best=proxy"])
     out = _kept_dir(tmp_path / "c")
-    state = {"step": 1000, "best": {"by": "proxy", "step": 200, "value": 2.0}}
+    state = LoopState(step=1000, best={"by": "proxy", "step": 200, "value": 2.0})
     assert restore_best(proxy, state, {"accuracy": 0.1, "rm_score": 2.5}, out) is None
     assert (out / "model.safetensors").read_text() == "last step"
 

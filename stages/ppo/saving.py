@@ -19,16 +19,17 @@ from rlhf.precision import Precision
 from rlhf.registry import ModelSource, build_policy, merge_lora
 from rlhf.tracking import Tracking
 from stages.ppo.models import Models
+from stages.ppo.run import LoopState
 from stages.ppo.sampling import Prompts
 
 log = logging.getLogger("rlhf.ppo")
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, kl_ctl, running, keep: int) -> None:
+def save_checkpoint(accelerator, ckpt_dir: Path, state: LoopState, kl_ctl, running, keep: int) -> None:
     """Training state (weights, optimizer, RNG of every process, β, step) written aside as
     tmp-step-N, marked complete, then renamed to step-N: a crash never leaves a half-written
     checkpoint that looks finished."""
-    final, tmp = ckpt_dir / f"step-{state['step']}", ckpt_dir / f"tmp-step-{state['step']}"
+    final, tmp = ckpt_dir / f"step-{state.step}", ckpt_dir / f"tmp-step-{state.step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -37,7 +38,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, kl_ctl, running, k
     if accelerator.is_main_process:
         atomic_write_json(
             tmp / "ppo_state.json",
-            {"state": state, "kl_controller": kl_ctl.state_dict(), "running_scores": running.state_dict()},
+            {"state": state.to_dict(), "kl_controller": kl_ctl.state_dict(), "running_scores": running.state_dict()},
         )
         mark_complete(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -84,15 +85,17 @@ def save_models(
 BEST_BY = {"gold": ("eval/ppo/gold_accuracy", "accuracy"), "proxy": ("eval/ppo/rm_score", "rm_score")}
 
 
-def keep_if_best(accelerator, cfg: PPOStageConfig, state: dict, evaluation: dict, models: Models, out: Path) -> None:
+def keep_if_best(
+    accelerator, cfg: PPOStageConfig, state: LoopState, evaluation: dict, models: Models, out: Path
+) -> None:
     """`train.keep_best`: after an in-loop evaluation, save the policy (and value model) to out/best
     when its figure beats every earlier one. Written as best.tmp and renamed, so out/best is
-    always one whole model; state["best"] (checkpointed with the step) says which."""
+    always one whole model; state.best (checkpointed with the step) says which."""
     value = evaluation.get(BEST_BY[cfg.train.keep_best][0])
     if value is None:
         return
     # to eval.json's 4 places, so that the last step's figure (rounded there) is compared like for like
-    value, best = round(value, 4), state.get("best")
+    value, best = round(value, 4), state.best
     if best is not None and value <= best["value"]:
         return
     tmp = out / "best.tmp"
@@ -104,20 +107,20 @@ def keep_if_best(accelerator, cfg: PPOStageConfig, state: dict, evaluation: dict
         shutil.rmtree(out / "best", ignore_errors=True)
         tmp.rename(out / "best")
     accelerator.wait_for_everyone()
-    state["best"] = {"by": cfg.train.keep_best, "step": state["step"], "value": value}
+    state.best = {"by": cfg.train.keep_best, "step": state.step, "value": value}
 
 
-def restore_best(cfg: PPOStageConfig, state: dict, after: dict, out: Path) -> dict | None:
+def restore_best(cfg: PPOStageConfig, state: LoopState, after: dict, out: Path) -> dict | None:
     """At the end (main process): if the kept evaluation beat the last step's (`after`), its
     model files replace the last step's in `out`. Returns what was kept, or None. out/best stays
     until the manifest is written (finish_run): removed here, a kill before the manifest left a
     rerun (resumed from the final checkpoint) without it, and keep_best silently did nothing."""
-    best, best_dir = state.get("best"), out / "best"
+    best, best_dir = state.best, out / "best"
     final = after.get(BEST_BY[cfg.train.keep_best][1]) if cfg.train.keep_best else None
     kept = None
     if best is not None and final is not None and best["value"] > final and best_dir.is_dir():
         shutil.copytree(best_dir, out, dirs_exist_ok=True)
-        kept = {**best, "last_step": state["step"], "last_step_value": final}
+        kept = {**best, "last_step": state.step, "last_step_value": final}
         log.info(
             "keep_best=%s: the policy of step %d (%.4f) replaces the last step's (%.4f)",
             best["by"],
@@ -132,20 +135,20 @@ def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, run
     """(state, tracking): the state of the newest complete checkpoint written under this config
     and these inputs (`digest`: rlhf/checkpoint.py `checkpoint_digest`), or a fresh one with the
     held-out evaluation of the starting policy ("before", every test answer kept for `changed_items`)."""
-    state = {"step": 0, "before": None, "kl_history": []}
+    state = LoopState()
     # decided on the main process for all: every process resumes the same step
     ckpt = agreed_checkpoint(out / "checkpoints", digest, cfg.train.resume, accelerator.is_main_process)
     tracking = Tracking(cfg.tracking, out, "ppo", to_dict(cfg), accelerator.is_main_process, fresh=ckpt is None)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         saved = json.loads((ckpt / "ppo_state.json").read_text())
-        state.update(saved["state"])
+        state = LoopState.from_dict(saved["state"])
         kl_ctl.load_state_dict(saved["kl_controller"])
         running.load_state_dict(saved["running_scores"])
-        log.info("resumed from %s at step %d", ckpt, state["step"])
+        log.info("resumed from %s at step %d", ckpt, state.step)
     elif (data.eval_examples or data.test_examples) and accelerator.is_main_process:
-        state["before"] = evaluate_saved(cfg.policy, cfg, data, models.precision) or None
-        log.info("before PPO: %s", summary(state["before"]))
+        state.before = evaluate_saved(cfg.policy, cfg, data, models.precision) or None
+        log.info("before PPO: %s", summary(state.before))
     wait_for_main()
     return state, tracking
 
@@ -154,8 +157,8 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
     """Evaluate the saved policy on both held-out splits (main process), then eval.json (quoting the
     test split, with the test items PPO fixed and broke) and the manifest."""
     metrics: dict = {
-        "steps": state["step"],
-        "final_kl": mean_or_nan(state["kl_history"]),
+        "steps": state.step,
+        "final_kl": mean_or_nan(state.kl_history),
         "kl_target": cfg.ppo.kl_target,
         "beta": kl_ctl.value,
         "reference_fingerprint": ref_fingerprint,
@@ -164,8 +167,8 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
         return metrics
     report = None
     if data.eval_examples or data.test_examples:
-        before, after = state["before"], evaluate_saved(str(out), cfg, data, models.precision)
-        tracking.log(_last_point(after), step=state["step"])
+        before, after = state.before, evaluate_saved(str(out), cfg, data, models.precision)
+        tracking.log(_last_point(after), step=state.step)
         kept = restore_best(cfg, state, _validation(after), out)
         if kept:  # the output is now an earlier evaluation's policy: eval.json describes that one
             after = evaluate_saved(str(out), cfg, data, models.precision)
@@ -182,7 +185,7 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
         if before and "accuracy" in after:
             report["accuracy_gain"] = round(after["accuracy"] - before["accuracy"], 4)
         metrics.update({"before": summary(before), "after": summary(after)})
-        log.info("after PPO: %s (before: %s)", summary(after), summary(state["before"]))
+        log.info("after PPO: %s (before: %s)", summary(after), summary(state.before))
     finish_stage(
         out,
         cfg,

@@ -114,19 +114,19 @@ def train(cfg: PPOStageConfig) -> dict:
     out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
     state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out, digest)
     if models.reward_client is not None:  # a resumed run is scored by the model it was scored by
-        state["reward_fingerprint"] = models.reward_client.check(state.get("reward_fingerprint"))
+        state.reward_fingerprint = models.reward_client.check(state.reward_fingerprint)
     engine.update_weights(models.model)  # a resumed policy's weights (the engine was built before they loaded)
 
     bar = tqdm(
         total=cfg.train.max_steps,
-        initial=state["step"],
+        initial=state.step,
         desc="ppo",
         disable=not (accelerator.is_main_process and cfg.tracking.progress),
         dynamic_ncols=True,
     )
     models.model.train()
-    while state["step"] < cfg.train.max_steps:
-        step, t0 = state["step"], clock(accelerator.device)  # phase times wait for the GPU's queued work
+    while state.step < cfg.train.max_steps:
+        step, t0 = state.step, clock(accelerator.device)  # phase times wait for the GPU's queued work
         set_lr(models.optimizer, step, cfg)
         batch = prompt_batch(len(data.prompt_ids), step, cfg.rollout.prompts_per_step, accelerator, cfg.seed)
         rollout, scored, sampling, t_gen = make_rollout(
@@ -142,8 +142,8 @@ def train(cfg: PPOStageConfig) -> dict:
 
         seq_kl = accelerator.gather(rollout.kl.sum(1)).mean().item()
         kl_ctl.update(seq_kl, rollout.scores.shape[0] * accelerator.num_processes)
-        state["kl_history"] = (state["kl_history"] + [seq_kl])[-10:]
-        state["step"] = step + 1
+        state.kl_history = [*state.kl_history, seq_kl][-10:]
+        state.step = step + 1
         timings = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
         timings["sync"] = t_sync - t_train
         metrics = step_metrics(rollout, scored, stats, kl_ctl, models.optimizer, accelerator, timings)
@@ -156,7 +156,7 @@ def train(cfg: PPOStageConfig) -> dict:
     ref_after = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
     if ref_after != ref_fingerprint:
         raise RuntimeError(f"the frozen reference changed during PPO ({ref_fingerprint} -> {ref_after})")
-    _stop_if_not_finite(accelerator, state["step"], weights=finite_flag(models.model.parameters()))
+    _stop_if_not_finite(accelerator, state.step, weights=finite_flag(models.model.parameters()))
     save_models(accelerator, models.model, models.tokenizer, models.policy_source, out, cfg, models.precision)
     result = finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
     tracking.finish()
@@ -417,7 +417,7 @@ def logprob_diff(rollout: Rollout, accelerator) -> dict:
 
 def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, running, accelerator, tracking, out):
     """Step 7: log the step's metrics and a few samples, evaluate held-out prompts, checkpoint."""
-    step = state["step"]
+    step = state.step
     if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
         tracking.log(metrics, step=step)
     samples_every = cfg.tracking.samples_every or cfg.train.eval_every
