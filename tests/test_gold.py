@@ -12,6 +12,7 @@ from conftest import ROOT
 from rlhf.config import ModelInit, PPOStageConfig, load_config
 from rlhf.registry import load_tokenizer, resolve
 from stages.ppo.rewards import SourceContext, build_sources
+from stages.ppo.run import PPORun
 from stages.ppo.scores import gold_scores, score_episodes
 
 # three prompts: 52 - 17 = 35 (answered right), 90 - 8 = 82 (answered 81), one without an answer
@@ -37,7 +38,8 @@ def _score(*overrides):
     data = SimpleNamespace(prompts=ROWS)
     mask = torch.cat([torch.ones(3, 4, dtype=torch.long), (response != tokenizer.pad_token_id).long()], dim=1)
     has_eos = torch.ones(3, dtype=torch.bool)
-    return score_episodes(models, data, [0, 1, 2], None, mask, response, has_eos, cfg, accelerator)
+    run = PPORun(cfg=cfg, accelerator=accelerator, models=models, engine=None, data=data, kl_ctl=None, running=None)
+    return score_episodes(run, [0, 1, 2], None, mask, response, has_eos)
 
 
 def test_gold_checks_each_answer_and_is_nan_without_one():

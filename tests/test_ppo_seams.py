@@ -209,7 +209,7 @@ def test_logprobs_from_generation_refused_for_an_engine_of_its_own():
 def test_ppo_prompts_leave_room_for_a_response_within_data_max_length():
     # Unlimited, a long prompt ran past an absolute-position model's positions mid-run.
     from rlhf.data import DataError
-    from stages.ppo.sampling import limit_prompts
+    from stages.ppo.prompts import limit_prompts
 
     tiny = ROOT / "configs/tiny/ppo.yaml"
     base = ["data.max_length=10", "rollout.generation.max_new_tokens=4"]  # room for 6 prompt tokens

@@ -467,7 +467,7 @@ def test_preset_policy_with_a_seed_is_its_own_reference_and_before(tmp_path):
     """policy=tiny-llama seed=3: the reference is the policy's initial weights (it was a seed-0
     model), and the "before" evaluation scores that same model."""
     from rlhf.evaluation import evaluate_generations, pick_samples
-    from stages.ppo.sampling import load_prompts
+    from stages.ppo.prompts import load_prompts
 
     out = tmp_path / "seeded"
     args = ["seed=3", "train.max_steps=1", "train.save_every=0", "task.eval_size=4"]
@@ -682,7 +682,8 @@ def test_rollout_kl_is_exactly_zero_before_any_update(precision, lora):
     from stages.ppo.core_algos import KLController, RunningMoments
     from stages.ppo.engines import build_engine
     from stages.ppo.models import build_models
-    from stages.ppo.sampling import load_prompts
+    from stages.ppo.prompts import load_prompts
+    from stages.ppo.run import PPORun
     from stages.ppo.train import make_rollout
 
     overrides = ["policy=tiny-llama", "reward_model=tiny-llama", "rollout.prompts_per_step=4", "ppo.minibatches=1"]
@@ -698,7 +699,10 @@ def test_rollout_kl_is_exactly_zero_before_any_update(precision, lora):
         assert all(p.abs().sum() == 0 for n, p in models.model.named_parameters() if "lora_B" in n)
     data = load_prompts(cfg, models.tokenizer)
     engine = build_engine("hf", models.model, models.tokenizer, accelerator, resolved, cfg.rollout)
-    kl_ctl = KLController(cfg.ppo.kl_coef)
-    rollout, *_ = make_rollout(models, engine, data, [0, 1, 2, 3], cfg, kl_ctl, RunningMoments(), accelerator, 0)
+    kl_ctl, running = KLController(cfg.ppo.kl_coef), RunningMoments()
+    run = PPORun(
+        cfg=cfg, accelerator=accelerator, models=models, engine=engine, data=data, kl_ctl=kl_ctl, running=running
+    )
+    rollout, *_ = make_rollout(run, [0, 1, 2, 3], 0)
     assert rollout.response_mask.sum() > 0
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs) and rollout.kl.abs().max().item() == 0.0

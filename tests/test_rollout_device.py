@@ -12,6 +12,7 @@ from conftest import ROOT
 from rlhf.config import PPOStageConfig, load_config
 from stages.ppo import train as ppo_train
 from stages.ppo.rollout import Generated
+from stages.ppo.run import PPORun
 
 
 class _Reached(Exception):
@@ -83,8 +84,11 @@ def test_an_engines_samples_reach_the_forwards_on_the_models_device():
         reward_model=None,
     )
     data = SimpleNamespace(prompt_ids=[[5, 6], [7, 8, 9]], prompts=[{}, {}])
+    run = PPORun(
+        cfg=cfg, accelerator=accelerator, models=models, engine=CPUEngine(), data=data, kl_ctl=None, running=None
+    )
     with pytest.raises(_Reached):
-        ppo_train.make_rollout(models, CPUEngine(), data, [0, 1], cfg, None, None, accelerator, 0)
+        ppo_train.make_rollout(run, [0, 1], 0)
     assert model.seen and all(d == model.weight.device for d in model.seen), model.seen
 
 
@@ -116,8 +120,8 @@ def test_rollout_forwards_in_micro_batches_equal_one_forward_of_the_whole_batch(
     from stages.ppo.advantages import ESTIMATORS
     from stages.ppo.core_algos import KLController, RunningMoments
     from stages.ppo.models import build_models
+    from stages.ppo.prompts import load_prompts
     from stages.ppo.rewards import SourceContext, build_sources
-    from stages.ppo.sampling import load_prompts
 
     overrides = ["policy=tiny-llama", "reward_model=tiny-llama", "rollout.prompts_per_step=7", "ppo.minibatches=1"]
     overrides += ["model_init.dtype=float32", "model_init.mixed_precision=null", "task.train_size=32"]
@@ -149,9 +153,16 @@ def test_rollout_forwards_in_micro_batches_equal_one_forward_of_the_whole_batch(
         ctx = SourceContext(accelerator=accelerator, reward_model=models.reward_model, forward_batch_size=size)
         models.reward_sources = build_sources(sized.reward, ctx)
         rows_seen.clear()
-        rollout, scored, *_ = ppo_train.make_rollout(
-            models, engine, data, batch, sized, KLController(cfg.ppo.kl_coef), RunningMoments(), accelerator, 0
+        run = PPORun(
+            cfg=sized,
+            accelerator=accelerator,
+            models=models,
+            engine=engine,
+            data=data,
+            kl_ctl=KLController(cfg.ppo.kl_coef),
+            running=RunningMoments(),
         )
+        rollout, scored, *_ = ppo_train.make_rollout(run, batch, 0)
         return rollout, scored, list(rows_seen)
 
     whole, whole_scored, rows = rollout_with(None)

@@ -107,7 +107,8 @@ def test_after_a_ppo_update_greedy_responses_and_logprobs_are_the_updated_policy
     from stages.ppo import train as ppo_train
     from stages.ppo.advantages import ESTIMATORS
     from stages.ppo.core_algos import KLController, RunningMoments
-    from stages.ppo.sampling import load_prompts
+    from stages.ppo.prompts import load_prompts
+    from stages.ppo.run import PPORun
 
     overrides = [
         "policy=tiny",
@@ -131,9 +132,16 @@ def test_after_a_ppo_update_greedy_responses_and_logprobs_are_the_updated_policy
     sampled = GenerationConfig(max_new_tokens=6, do_sample=True)
 
     before = engine.generate(probe_prompts, sampled, True)
-    rollout, *_ = ppo_train.make_rollout(
-        models, engine, data, list(range(16)), cfg, KLController(0.0, None, 1), RunningMoments(), accelerator, 0
+    run = PPORun(
+        cfg=cfg,
+        accelerator=accelerator,
+        models=models,
+        engine=engine,
+        data=data,
+        kl_ctl=KLController(0.0, None, 1),
+        running=RunningMoments(),
     )
+    rollout, *_ = ppo_train.make_rollout(run, list(range(16)), 0)
     ppo_train.ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, 0)
     engine.update_weights(models.model)
 

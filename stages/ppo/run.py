@@ -1,9 +1,45 @@
-"""What a PPO run carries from step to step: `LoopState`, checkpointed with the step (torchtune's
-recipe attributes, in place of an untyped dict)."""
+"""A PPO run's state as two objects (torchtune's recipe attributes, OpenRLHF's `Experience`), in
+place of 9-12 positional arguments and an untyped dict:
+
+- `PPORun`: what `train()` builds once — the config, the accelerator, the models, the rollout
+  engine, the prompts, β's controller, the running score moments, tracking, the output directory
+  and what a step costs — and every phase of the loop reads (sampling, scoring, saving);
+- `LoopState`: what changes from step to step, checkpointed with the step."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from rlhf.config import PPOStageConfig
+from rlhf.tracking import Tracking
+from stages.ppo.core_algos import KLController, RunningMoments
+from stages.ppo.engines import RolloutEngine
+from stages.ppo.models import Models
+from stages.ppo.prompts import Prompts
+from stages.ppo.throughput import StepCost
+
+
+@dataclass(kw_only=True)
+class PPORun:
+    """Built once by `train()` (stages/ppo/train.py `setup`), by keyword. The last ones are unset only
+    where a test rolls out or scores without a run directory."""
+
+    cfg: PPOStageConfig
+    accelerator: Accelerator
+    models: Models  # policy + value (one module), reference, reward sources, optimizer, tokenizer
+    engine: RolloutEngine  # samples the responses (hf or vllm)
+    data: Prompts  # training prompts and the held-out splits
+    kl_ctl: KLController  # β, fixed or adapted toward ppo.kl_target; checkpointed
+    running: RunningMoments  # the scores' running mean and std (reward.normalize: running); checkpointed
+    out: Path | None = None  # the output directory, taken (start_stage) once everything loaded
+    tracking: Tracking | None = None
+    cost: StepCost | None = None  # the FLOPs each step's passes cost (perf/mfu)
+    peak_flops: float | None = None  # the device's peak, for perf/mfu
+    ref_fingerprint: str | None = None  # the frozen reference's checksum, checked again at the end (None: ZeRO-3)
+    started: float = 0.0  # time.time() when train() began (the manifest's duration)
 
 
 @dataclass

@@ -11,24 +11,21 @@ from pathlib import Path
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from rlhf.checkpoint import agreed_checkpoint, atomic_write_json, finish_stage, mark_complete, prune_checkpoints
-from rlhf.config import PPOStageConfig, to_dict
+from rlhf.checkpoint import atomic_write_json, finish_stage, mark_complete, prune_checkpoints
+from rlhf.config import PPOStageConfig
 from rlhf.distributed import wait_for_main, whole_models
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
-from rlhf.precision import Precision
-from rlhf.registry import ModelSource, build_policy, merge_lora
-from rlhf.tracking import Tracking
-from stages.ppo.models import Models
-from stages.ppo.run import LoopState
-from stages.ppo.sampling import Prompts
+from rlhf.registry import build_policy, merge_lora
+from stages.ppo.run import LoopState, PPORun
 
 log = logging.getLogger("rlhf.ppo")
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, state: LoopState, kl_ctl, running, keep: int) -> None:
+def save_checkpoint(run: PPORun, state: LoopState) -> None:
     """Training state (weights, optimizer, RNG of every process, β, step) written aside as
-    tmp-step-N, marked complete, then renamed to step-N: a crash never leaves a half-written
-    checkpoint that looks finished."""
+    out/checkpoints/tmp-step-N, marked complete, then renamed to step-N: a crash never leaves a
+    half-written checkpoint that looks finished."""
+    accelerator, ckpt_dir = run.accelerator, run.out / "checkpoints"
     final, tmp = ckpt_dir / f"step-{state.step}", ckpt_dir / f"tmp-step-{state.step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -38,22 +35,25 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: LoopState, kl_ctl, runni
     if accelerator.is_main_process:
         atomic_write_json(
             tmp / "ppo_state.json",
-            {"state": state.to_dict(), "kl_controller": kl_ctl.state_dict(), "running_scores": running.state_dict()},
+            {
+                "state": state.to_dict(),
+                "kl_controller": run.kl_ctl.state_dict(),
+                "running_scores": run.running.state_dict(),
+            },
         )
         mark_complete(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        prune_checkpoints(ckpt_dir, keep)
+        prune_checkpoints(ckpt_dir, run.cfg.train.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
-def save_models(
-    accelerator, model, tokenizer, policy_source: ModelSource, out: Path, cfg: PPOStageConfig, precision: Precision
-) -> None:
-    """The policy as a full Hugging Face model directory in `out` (with LoRA: the adapter in
-    out/adapter and the merged weights in out); the value model in out/value_model, or with
-    `share_policy_trunk` its head alone in out/value_head.safetensors; nothing more without a
-    critic."""
+def save_models(run: PPORun, out: Path) -> None:
+    """The policy as a full Hugging Face model directory in `out` (run.out, or out/best.tmp; with
+    LoRA: the adapter in out/adapter and the merged weights in out); the value model in
+    out/value_model, or with `share_policy_trunk` its head alone in out/value_head.safetensors;
+    nothing more without a critic."""
+    accelerator, cfg, model, tokenizer = run.accelerator, run.cfg, run.models.model, run.models.tokenizer
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards on the main process
     if not accelerator.is_main_process:
         return
@@ -65,7 +65,7 @@ def save_models(
     if cfg.lora.enabled:
         unwrapped.policy.save_pretrained(str(out / "adapter"), state_dict=parts["policy"])
         with whole_models():
-            merged = build_policy(policy_source, cfg.model_init, tokenizer, precision=precision)
+            merged = build_policy(run.models.policy_source, cfg.model_init, tokenizer, precision=run.models.precision)
         merged = merge_lora(PeftModel.from_pretrained(merged, str(out / "adapter")))  # fp32: as trained
         merged.save_pretrained(str(out))
     else:
@@ -85,12 +85,11 @@ def save_models(
 BEST_BY = {"gold": ("eval/ppo/gold_accuracy", "accuracy"), "proxy": ("eval/ppo/rm_score", "rm_score")}
 
 
-def keep_if_best(
-    accelerator, cfg: PPOStageConfig, state: LoopState, evaluation: dict, models: Models, out: Path
-) -> None:
+def keep_if_best(run: PPORun, state: LoopState, evaluation: dict) -> None:
     """`train.keep_best`: after an in-loop evaluation, save the policy (and value model) to out/best
     when its figure beats every earlier one. Written as best.tmp and renamed, so out/best is
     always one whole model; state.best (checkpointed with the step) says which."""
+    accelerator, cfg, out = run.accelerator, run.cfg, run.out
     value = evaluation.get(BEST_BY[cfg.train.keep_best][0])
     if value is None:
         return
@@ -102,7 +101,7 @@ def keep_if_best(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    save_models(accelerator, models.model, models.tokenizer, models.policy_source, tmp, cfg, models.precision)
+    save_models(run, tmp)
     if accelerator.is_main_process:
         shutil.rmtree(out / "best", ignore_errors=True)
         tmp.rename(out / "best")
@@ -131,47 +130,48 @@ def restore_best(cfg: PPOStageConfig, state: LoopState, after: dict, out: Path) 
     return kept
 
 
-def resume_or_start(cfg, accelerator, models: Models, data: Prompts, kl_ctl, running, out: Path, digest: str):
-    """(state, tracking): the state of the newest complete checkpoint written under this config
-    and these inputs (`digest`: rlhf/checkpoint.py `checkpoint_digest`), or a fresh one with the
-    held-out evaluation of the starting policy ("before", every test answer kept for `changed_items`)."""
+def resume_or_start(run: PPORun, ckpt: Path | None) -> LoopState:
+    """The state of checkpoint `ckpt` (the newest complete one written under this config and these
+    inputs, agreed by every process: rlhf/checkpoint.py `agreed_checkpoint`) with the weights,
+    optimizer, RNG, β and running moments it holds loaded into `run`; or, with None, a fresh one
+    with the held-out evaluation of the starting policy ("before", every test answer kept for
+    `changed_items`)."""
+    cfg, accelerator, data = run.cfg, run.accelerator, run.data
     state = LoopState()
-    # decided on the main process for all: every process resumes the same step
-    ckpt = agreed_checkpoint(out / "checkpoints", digest, cfg.train.resume, accelerator.is_main_process)
-    tracking = Tracking(cfg.tracking, out, "ppo", to_dict(cfg), accelerator.is_main_process, fresh=ckpt is None)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         saved = json.loads((ckpt / "ppo_state.json").read_text())
         state = LoopState.from_dict(saved["state"])
-        kl_ctl.load_state_dict(saved["kl_controller"])
-        running.load_state_dict(saved["running_scores"])
+        run.kl_ctl.load_state_dict(saved["kl_controller"])
+        run.running.load_state_dict(saved["running_scores"])
         log.info("resumed from %s at step %d", ckpt, state.step)
     elif (data.eval_examples or data.test_examples) and accelerator.is_main_process:
-        state.before = evaluate_saved(cfg.policy, cfg, data, models.precision) or None
+        state.before = evaluate_saved(run, cfg.policy) or None
         log.info("before PPO: %s", summary(state.before))
     wait_for_main()
-    return state, tracking
+    return state
 
 
-def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, tracking, out, models, started) -> dict:
+def finish_run(run: PPORun, state: LoopState) -> dict:
     """Evaluate the saved policy on both held-out splits (main process), then eval.json (quoting the
     test split, with the test items PPO fixed and broke) and the manifest."""
+    cfg, data, out = run.cfg, run.data, run.out
     metrics: dict = {
         "steps": state.step,
         "final_kl": mean_or_nan(state.kl_history),
         "kl_target": cfg.ppo.kl_target,
-        "beta": kl_ctl.value,
-        "reference_fingerprint": ref_fingerprint,
+        "beta": run.kl_ctl.value,
+        "reference_fingerprint": run.ref_fingerprint,
     }
-    if not accelerator.is_main_process:
+    if not run.accelerator.is_main_process:
         return metrics
     report = None
     if data.eval_examples or data.test_examples:
-        before, after = state.before, evaluate_saved(str(out), cfg, data, models.precision)
-        tracking.log(_last_point(after), step=state.step)
+        before, after = state.before, evaluate_saved(run, str(out))
+        run.tracking.log(_last_point(after), step=state.step)
         kept = restore_best(cfg, state, _validation(after), out)
         if kept:  # the output is now an earlier evaluation's policy: eval.json describes that one
-            after = evaluate_saved(str(out), cfg, data, models.precision)
+            after = evaluate_saved(run, str(out))
             metrics["kept"] = kept
         report = {
             "split": after.get("split"),
@@ -191,10 +191,10 @@ def finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data: Prompts, 
         cfg,
         stage="ppo",
         model=cfg.policy,
-        base_model=models.policy_source.root,
+        base_model=run.models.policy_source.root,
         inputs=(cfg.policy, cfg.reward_model, cfg.value_model, cfg.reference),
         metrics=metrics,
-        started=started,
+        started=run.started,
         eval_report=report,
         extra={
             "reward_model": cfg.reward_model,
@@ -219,15 +219,18 @@ def _last_point(after: dict) -> dict:
     return last
 
 
-def evaluate_saved(policy_dir: str, cfg: PPOStageConfig, data: Prompts, precision: Precision) -> dict:
+def evaluate_saved(run: PPORun, policy_dir: str) -> dict:
+    """Both held-out splits' evaluation of the policy saved in `policy_dir` (the run's config's
+    reward model and generation settings, in fp32 like every stage's eval.json)."""
+    cfg = run.cfg
     return evaluate_directory(
         policy_dir,
         cfg.reward_model,
-        data.held_out(),
+        run.data.held_out(),
         cfg.task.name,
         cfg.generation,
         cfg.model_init,
-        precision,
+        run.models.precision,
         seed=cfg.seed,
     )
 

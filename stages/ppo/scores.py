@@ -14,6 +14,7 @@ from rlhf.tasks import gold_checker
 from stages.ppo.core_algos import RunningMoments
 from stages.ppo.rewards import Episodes
 from stages.ppo.rollout import Scored
+from stages.ppo.run import PPORun
 
 
 def combine_scores(components: dict[str, torch.Tensor], has_eos: torch.Tensor, cfg: PPORewardConfig) -> torch.Tensor:
@@ -62,12 +63,21 @@ def gold_scores(task_name: str | None, answers: Sequence[str | None], texts: Seq
     return torch.tensor(gold, device=device, dtype=torch.float32)
 
 
-def score_episodes(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator) -> Scored:
+def score_episodes(
+    run: PPORun,
+    batch: list[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response: torch.Tensor,
+    has_eos: torch.Tensor,
+) -> Scored:
     """Step 3: every reward source's score of each response, their weighted sum (+ the missing-EOS
-    and overlong shaping), before normalisation."""
+    and overlong shaping), before normalisation. `batch`: each row's prompt index; input_ids and
+    attention_mask (B, P + R), response (B, R), has_eos (B,) as `episode_tensors` gives them."""
+    models, cfg = run.models, run.cfg
     lengths = attention_mask[:, -response.shape[1] :].sum(1)  # as the engine said: up to its stop, or cut off
     texts = decode_responses(models.tokenizer, response, lengths, has_eos)  # each without its stop token
-    rows = [data.prompts[i] for i in batch]
+    rows = [run.data.prompts[i] for i in batch]
     episodes = Episodes(
         prompts=[row["prompt"] for row in rows],  # chat messages
         responses=texts,
@@ -78,7 +88,7 @@ def score_episodes(models, data, batch, input_ids, attention_mask, response, has
     components = {name: source(episodes) for name, source in models.reward_sources.items()}  # each (B,)
     raw = combine_scores(components, has_eos, cfg.reward)  # (B,)
     # the gold measure: logged, never added to `raw` (a rule source is how to optimise it)
-    gold = gold_scores(cfg.task.name, [row.get("answer") for row in rows], texts, accelerator.device)
+    gold = gold_scores(cfg.task.name, [row.get("answer") for row in rows], texts, run.accelerator.device)
     if cfg.reward.overlong_buffer is not None:  # DAPO's soft overlong punishment: shaping, logged beside the sources
         components["overlong"] = overlong_penalty(lengths, cfg.rollout.generation.max_new_tokens, cfg.reward)
         raw = raw + components["overlong"]

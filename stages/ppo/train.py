@@ -32,14 +32,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from rlhf.checkpoint import checkpoint_digest, start_stage
-from rlhf.config import ConfigError, PPOStageConfig
+from rlhf.checkpoint import agreed_checkpoint, checkpoint_digest, start_stage
+from rlhf.config import ConfigError, PPOStageConfig, to_dict
 from rlhf.distributed import is_zero3, process_state, wait_for_main
 from rlhf.evaluation import evaluate_in_loop
 from rlhf.finite import finite_flag
 from rlhf.perf import clock, device_peak_flops
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import fingerprint
+from rlhf.tracking import Tracking
 from stages.ppo.advantages import (
     check_estimator,
     explained_variance,
@@ -50,6 +51,7 @@ from stages.ppo.advantages import (
 )
 from stages.ppo.core_algos import (
     KLController,
+    RunningMoments,
     aggregate_loss,
     entropy_from_logits,
     get_policy_loss,
@@ -65,8 +67,10 @@ from stages.ppo.core_algos import (
 from stages.ppo.engines import ENGINES, RolloutEngine, build_engine, resolve_engine
 from stages.ppo.models import Models, build_models, rollout_forwards
 from stages.ppo.optim import clip_gradients, drop_policy_gradients, set_lr
+from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import Rollout, Scored, in_micro_batches
-from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
+from stages.ppo.run import LoopState, PPORun
+from stages.ppo.sampling import episode_tensors, prompt_batch, sample_groups
 from stages.ppo.saving import (
     finish_run,
     keep_if_best,
@@ -75,13 +79,36 @@ from stages.ppo.saving import (
     save_checkpoint,
     save_models,
 )
-from stages.ppo.scores import RunningMoments, normalize_scores, score_episodes
+from stages.ppo.scores import normalize_scores, score_episodes
 from stages.ppo.throughput import perf_metrics, step_cost
 
 log = logging.getLogger("rlhf.ppo")
 
 
 def train(cfg: PPOStageConfig) -> dict:
+    run, state = setup(cfg)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=state.step,
+        desc="ppo",
+        disable=not (run.accelerator.is_main_process and cfg.tracking.progress),
+        dynamic_ncols=True,
+    )
+    run.models.model.train()
+    while state.step < cfg.train.max_steps:
+        metrics = ppo_step(run, state)
+        kl, beta = metrics["train/ppo/kl"], run.kl_ctl.value
+        bar.set_postfix(score=f"{metrics['train/ppo/score']:.3f}", kl=f"{kl:.3f}", beta=f"{beta:.3f}")
+        bar.update(1)
+    bar.close()
+    return finish(run, state)
+
+
+def setup(cfg: PPOStageConfig) -> tuple[PPORun, LoopState]:
+    """Everything the loop reads, built once, in this order (the seeded draws depend on it): the
+    accelerator, the models, the prompts, the engine; then the output directory, tracking and the
+    state to go on from (a checkpoint's, or a fresh one with the "before" evaluation)."""
+    started = time.time()
     process_state()  # the process group, CPU-only machines included (rlhf/distributed.py)
     precision = resolve_precision(cfg.model_init)  # dtype, autocast, attention: decided once, here
     accelerator = Accelerator(
@@ -89,7 +116,6 @@ def train(cfg: PPOStageConfig) -> dict:
         mixed_precision=precision.accelerator_mixed,  # None: accelerate's (`accelerate launch` config)
     )
     set_seed(cfg.seed, device_specific=True)  # each process samples different responses
-    started = time.time()
     estimator = get_estimator(cfg.ppo.advantage_estimator)  # registered names, checked before anything loads
     check_estimator(estimator, cfg)
     get_policy_loss(cfg.ppo.policy_loss)
@@ -98,96 +124,97 @@ def train(cfg: PPOStageConfig) -> dict:
     models = build_models(cfg, accelerator, estimator, precision)
     data = load_prompts(cfg, models.tokenizer)
     engine = build_engine(engine_name, models.model, models.tokenizer, accelerator, precision, cfg.rollout)
-    kl_ctl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-    running = RunningMoments()
     reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, engine)
     log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
     cost = step_cost(accelerator.unwrap_model(models.model), models.reward_model, cfg, reuse_logprobs)  # perf/mfu
     peak = device_peak_flops(accelerator.device, models.precision.matmul_dtype)  # a CPU's is measured, once
-    # A checksum of the reference, checked again at the end (ZeRO-3 shards weights: not checked there).
-    reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
-    ref_fingerprint = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
+    ref_fingerprint = _reference_fingerprint(models, accelerator)  # checked again at the end
     # Everything loaded: only now take the output directory (a bad input leaves it as it was).
-    digest = checkpoint_digest(
-        cfg, (cfg.policy, cfg.reward_model, cfg.value_model, cfg.reference)
-    )  # reads the inputs' manifests
+    digest = checkpoint_digest(cfg, (cfg.policy, cfg.reward_model, cfg.value_model, cfg.reference))  # reads manifests
     out = start_stage(cfg.output_dir, cfg, accelerator.is_main_process)
-    state, tracking = resume_or_start(cfg, accelerator, models, data, kl_ctl, running, out, digest)
+    # decided on the main process for all: every process resumes the same step
+    ckpt = agreed_checkpoint(out / "checkpoints", digest, cfg.train.resume, accelerator.is_main_process)
+    tracking = Tracking(cfg.tracking, out, "ppo", to_dict(cfg), accelerator.is_main_process, fresh=ckpt is None)
+    run = PPORun(
+        cfg=cfg,
+        accelerator=accelerator,
+        models=models,
+        engine=engine,
+        data=data,
+        kl_ctl=KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon),
+        running=RunningMoments(),
+        out=out,
+        tracking=tracking,
+        cost=cost,
+        peak_flops=peak,
+        ref_fingerprint=ref_fingerprint,
+        started=started,
+    )
+    state = resume_or_start(run, ckpt)
     if models.reward_client is not None:  # a resumed run is scored by the model it was scored by
         state.reward_fingerprint = models.reward_client.check(state.reward_fingerprint)
     engine.update_weights(models.model)  # a resumed policy's weights (the engine was built before they loaded)
+    return run, state
 
-    bar = tqdm(
-        total=cfg.train.max_steps,
-        initial=state.step,
-        desc="ppo",
-        disable=not (accelerator.is_main_process and cfg.tracking.progress),
-        dynamic_ncols=True,
-    )
-    models.model.train()
-    while state.step < cfg.train.max_steps:
-        step, t0 = state.step, clock(accelerator.device)  # phase times wait for the GPU's queued work
-        set_lr(models.optimizer, step, cfg)
-        batch = prompt_batch(len(data.prompt_ids), step, cfg.rollout.prompts_per_step, accelerator, cfg.seed)
-        rollout, scored, sampling, t_gen = make_rollout(
-            models, engine, data, batch, cfg, kl_ctl, running, accelerator, step
-        )
-        t_score = clock(accelerator.device)
-        engine.sleep()  # an engine's own GPU memory goes back to the trainer meanwhile
-        stats = ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step, kl_coef=kl_ctl.value)
-        stats.update(sampling)
-        t_train = clock(accelerator.device)
-        engine.update_weights(models.model)  # the next rollout samples from the updated policy
-        t_sync = clock(accelerator.device)
 
-        seq_kl = accelerator.gather(rollout.kl.sum(1)).mean().item()
-        kl_ctl.update(seq_kl, rollout.scores.shape[0] * accelerator.num_processes)
-        state.kl_history = [*state.kl_history, seq_kl][-10:]
-        state.step = step + 1
-        timings = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
-        timings["sync"] = t_sync - t_train
-        metrics = step_metrics(rollout, scored, stats, kl_ctl, models.optimizer, accelerator, timings)
-        metrics.update(perf_metrics(cost, rollout, round(stats["epochs_run"]), timings, peak, accelerator))
-        _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, running, accelerator, tracking, out)
-        bar.set_postfix(score=f"{metrics['train/ppo/score']:.3f}", kl=f"{seq_kl:.3f}", beta=f"{kl_ctl.value:.3f}")
-        bar.update(1)
-    bar.close()
+def ppo_step(run: PPORun, state: LoopState) -> dict:
+    """One iteration: steps 1–5 (`make_rollout`), 6 (`ppo_update`), then β's update and step 7
+    (`_log_and_save`); advances `state`. Returns the step's metrics."""
+    cfg, accelerator, models = run.cfg, run.accelerator, run.models
+    step, t0 = state.step, clock(accelerator.device)  # phase times wait for the GPU's queued work
+    set_lr(models.optimizer, step, cfg)
+    batch = prompt_batch(len(run.data.prompt_ids), step, cfg.rollout.prompts_per_step, accelerator, cfg.seed)
+    rollout, scored, sampling, t_gen = make_rollout(run, batch, step)
+    t_score = clock(accelerator.device)
+    run.engine.sleep()  # an engine's own GPU memory goes back to the trainer meanwhile
+    stats = ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step, kl_coef=run.kl_ctl.value)
+    stats.update(sampling)
+    t_train = clock(accelerator.device)
+    run.engine.update_weights(models.model)  # the next rollout samples from the updated policy
+    t_sync = clock(accelerator.device)
 
-    ref_after = None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
-    if ref_after != ref_fingerprint:
-        raise RuntimeError(f"the frozen reference changed during PPO ({ref_fingerprint} -> {ref_after})")
+    seq_kl = accelerator.gather(rollout.kl.sum(1)).mean().item()
+    run.kl_ctl.update(seq_kl, rollout.scores.shape[0] * accelerator.num_processes)
+    state.kl_history = [*state.kl_history, seq_kl][-10:]
+    state.step = step + 1
+    timings = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
+    timings["sync"] = t_sync - t_train
+    metrics = step_metrics(run, rollout, scored, stats, timings)
+    metrics.update(perf_metrics(run.cost, rollout, round(stats["epochs_run"]), timings, run.peak_flops, accelerator))
+    _log_and_save(run, state, metrics, rollout, scored)
+    return metrics
+
+
+def finish(run: PPORun, state: LoopState) -> dict:
+    """The end: the reference unchanged and the weights finite, the models saved, the held-out
+    evaluation, eval.json and the manifest (`finish_run`); then the engine and accelerate torn down."""
+    accelerator, models = run.accelerator, run.models
+    ref_after = _reference_fingerprint(models, accelerator)
+    if ref_after != run.ref_fingerprint:
+        raise RuntimeError(f"the frozen reference changed during PPO ({run.ref_fingerprint} -> {ref_after})")
     _stop_if_not_finite(accelerator, state.step, weights=finite_flag(models.model.parameters()))
-    save_models(accelerator, models.model, models.tokenizer, models.policy_source, out, cfg, models.precision)
-    result = finish_run(cfg, accelerator, state, kl_ctl, ref_fingerprint, data, tracking, out, models, started)
-    tracking.finish()
+    save_models(run, run.out)
+    result = finish_run(run, state)
+    run.tracking.finish()
     wait_for_main()  # the held-out evaluation of the saved policy ran on the main process alone
     # vLLM's own teardown first: it destroys its process groups and the default one it shares,
     # which the trainer's teardown then finds gone (and skips) instead of the other way round
-    engine.close()
+    run.engine.close()
     accelerator.end_training()
     return result
 
 
-def make_rollout(
-    models: Models,
-    engine: RolloutEngine,
-    data: Prompts,
-    batch: list[int],
-    cfg: PPOStageConfig,
-    kl_ctl: KLController,
-    running: RunningMoments,
-    accelerator,
-    step: int,
-) -> tuple[Rollout, Scored, dict, float]:
+def make_rollout(run: PPORun, batch: list[int], step: int) -> tuple[Rollout, Scored, dict, float]:
     """Steps 1–5 for this process's prompts `batch`: (rollout, what step 3 said, what dynamic
     sampling did, time when generation ended). The rollout holds samples_per_prompt episodes per
     prompt, adjacent."""
-    gen, tokenizer, model = cfg.rollout.generation, models.tokenizer, models.model
+    cfg, accelerator, models = run.cfg, run.accelerator, run.models
+    gen, tokenizer = cfg.rollout.generation, models.tokenizer
     # 1. generate n responses per prompt, keeping the sampled tokens' log-probs when they equal what
     #    a forward of the policy would give, or when they are compared to it (an engine of its own, TIS)
-    reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, engine)
-    with_logprobs = reuse_logprobs or engine.own_weights or cfg.rollout.importance_correction == "tis"
-    batch, sampled, sampling = sample_groups(models, engine, data, batch, cfg, accelerator, step, with_logprobs)
+    reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, run.engine)
+    with_logprobs = reuse_logprobs or run.engine.own_weights or cfg.rollout.importance_correction == "tis"
+    batch, sampled, sampling = sample_groups(run, batch, step, with_logprobs)
     response = sampled.response_ids
     input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer)
     t_gen = clock(accelerator.device)
@@ -196,7 +223,7 @@ def make_rollout(
     #    models compute in), rollout.forward_batch_size episodes at a time
     forwards = partial(
         rollout_forwards,
-        model,
+        models.model,
         models.ref_policy,
         accelerator,
         temperature=gen.temperature,
@@ -210,13 +237,14 @@ def make_rollout(
     engine_logprobs = None if sampled.logprobs is None else sampled.logprobs.masked_fill(resp_mask == 0, 0.0)
 
     # 3. score: reward model at the response's last real token, rule rewards, EOS penalty
-    scored = score_episodes(models, data, batch, input_ids, attention_mask, response, has_eos, cfg, accelerator)
-    scores = normalize_scores(scored.raw_scores, accelerator.gather(scored.raw_scores), cfg.reward, running)
+    scored = score_episodes(run, batch, input_ids, attention_mask, response, has_eos)
+    scores = normalize_scores(scored.raw_scores, accelerator.gather(scored.raw_scores), cfg.reward, run.running)
 
     # 4. KL-penalised per-token rewards (with ppo.kl_in: loss the KL is a loss term instead: β = 0 here);
     # 5. advantages (and returns), whitened if the estimator or ppo.whiten_advantages says so
     kl = masked(kl_estimate(logprobs, ref_logprobs, cfg.ppo.kl_estimator), resp_mask)  # (B, R)
-    rewards = kl_penalized_rewards(scores, kl, kl_ctl.value if cfg.ppo.kl_in == "reward" else 0.0, resp_mask)  # (B, R)
+    beta = run.kl_ctl.value if cfg.ppo.kl_in == "reward" else 0.0
+    rewards = kl_penalized_rewards(scores, kl, beta, resp_mask)  # (B, R)
     estimator = get_estimator(cfg.ppo.advantage_estimator)
     advantages, returns = estimator.fn(
         rewards, values, resp_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, group_size=cfg.rollout.samples_per_prompt
@@ -362,8 +390,9 @@ def minibatch_loss(
     return loss * scale, stats
 
 
-def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimizer, accelerator, timings: dict) -> dict:
+def step_metrics(run: PPORun, rollout: Rollout, scored: Scored, stats: dict, timings: dict) -> dict:
     """Step 7's numbers, averaged over every process's episodes: `train/ppo/…`."""
+    accelerator, optimizer = run.accelerator, run.models.optimizer
     gather_mean = lambda t: accelerator.gather(t).float().mean().item()  # noqa: E731
     mask, n_episodes = rollout.response_mask, rollout.scores.shape[0] * accelerator.num_processes
     n_tokens = accelerator.gather(mask.sum()).sum().item()
@@ -374,7 +403,7 @@ def step_metrics(rollout: Rollout, scored: Scored, stats: dict, kl_ctl, optimize
         "train/ppo/reward": gather_mean(rollout.rewards.sum(1)),
         "train/ppo/kl": gather_mean(rollout.kl.sum(1)),
         "train/ppo/kl_k3": gather_mean(k3.sum(1)),
-        "train/ppo/beta": kl_ctl.value,
+        "train/ppo/beta": run.kl_ctl.value,
         "train/ppo/response_length": gather_mean(mask.sum(1).float()),
         "train/ppo/eos_rate": gather_mean(scored.has_eos.float()),
         "train/ppo/lr_policy": optimizer.param_groups[0]["lr"],
@@ -415,9 +444,9 @@ def logprob_diff(rollout: Rollout, accelerator) -> dict:
     return {"rollout/logprob_diff_mean": mean, "rollout/logprob_diff_max": biggest.item()}
 
 
-def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, running, accelerator, tracking, out):
+def _log_and_save(run: PPORun, state: LoopState, metrics: dict, rollout: Rollout, scored: Scored) -> None:
     """Step 7: log the step's metrics and a few samples, evaluate held-out prompts, checkpoint."""
-    step = state.step
+    cfg, accelerator, models, tracking, step = run.cfg, run.accelerator, run.models, run.tracking, state.step
     if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
         tracking.log(metrics, step=step)
     samples_every = cfg.tracking.samples_every or cfg.train.eval_every
@@ -431,16 +460,16 @@ def _log_and_save(cfg, state, metrics, rollout, scored, models, data, kl_ctl, ru
             models.reward_model,
             accelerator,
             models.tokenizer,
-            data.eval_examples,
+            run.data.eval_examples,
             cfg.task.name,
             cfg.generation,
         )
         tracking.log(evaluation, step=step)
         if cfg.train.keep_best:
-            keep_if_best(accelerator, cfg, state, evaluation, models, out)
+            keep_if_best(run, state, evaluation)
     if cfg.train.save_every and step % cfg.train.save_every == 0:
         _stop_if_not_finite(accelerator, step, weights=finite_flag(models.model.parameters()))
-        save_checkpoint(accelerator, out / "checkpoints", state, kl_ctl, running, cfg.train.keep_checkpoints)
+        save_checkpoint(run, state)
 
 
 def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, accelerator, engine: RolloutEngine) -> bool:
@@ -458,6 +487,13 @@ def _logprobs_from_generation(cfg: PPOStageConfig, precision: Precision, acceler
     if cfg.rollout.logprobs_from_generation is not None:
         return cfg.rollout.logprobs_from_generation
     return not engine.own_weights and precision.dtype == torch.float32 and accelerator.mixed_precision == "no"
+
+
+def _reference_fingerprint(models: Models, accelerator) -> str | None:
+    """A checksum of the frozen reference (its own copy, or the policy without its adapter); None
+    under ZeRO-3, which shards the weights."""
+    reference = models.ref_policy or accelerator.unwrap_model(models.model).policy
+    return None if is_zero3(accelerator) else fingerprint(reference, frozen_only=True)
 
 
 def _stop_if_not_finite(accelerator, step: int, **tensors) -> None:
