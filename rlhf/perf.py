@@ -1,7 +1,8 @@
 """What a step costs and how fast it ran: a FLOP model of a decoder's forward and backward, the
 device's peak (a table of GPU peaks, a measured matmul peak on a CPU, measured once per process),
-peak memory, and a clock that waits for the GPU. Pure functions of shapes and token counts, shared
-by the PPO loop's `perf/…` metrics, tools/gpu_check.py and tools/bench_ppo.py.
+peak memory, a clock that waits for the GPU and the phase timer built on it. Pure functions of
+shapes and token counts, shared by the PPO loop's `perf/…` metrics, tools/gpu_check.py and
+tools/bench_ppo.py.
 
 FLOP counting follows Kaplan et al. 2020 (2 FLOPs per matmul parameter per token forward) and
 PaLM's appendix B (the attention scores' own FLOPs), with causal attention counted as the half of
@@ -13,6 +14,8 @@ import functools
 import resource
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +171,19 @@ def clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+@contextmanager
+def timer(name: str, timings: dict[str, float], device: torch.device) -> Iterator[None]:
+    """Time one phase of a step (veRL's `marked_timer`): `with timer("generate", timings, device):`
+    adds the phase's seconds to timings[name], read by `clock` at both ends so that a GPU's queued
+    work is charged to the phase that queued it. The loop logs each entry as
+    train/ppo/time_<name>_s and perf/… reads them; a phase that raises is still charged."""
+    start = clock(device)
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + clock(device) - start
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:

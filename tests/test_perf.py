@@ -157,3 +157,20 @@ def test_flop_model_of_the_qwen_shape_the_device_check_runs():
         model = AutoModelForCausalLM.from_config(PRESETS["qwen2.5-0.5b-shape"].make_config())
     m = perf.flop_model(model)
     assert m == perf.FlopModel(params=494_032_768 - 136_134_656, head=136_134_656, layers=24, attn_dim=896)
+
+
+def test_timer_feeds_each_phase_its_seconds_through_the_synced_clock(monkeypatch):
+    """`timer` (veRL's marked_timer) reads `clock` (which waits for the GPU's queued work) at both
+    ends of a phase and adds the difference to timings[name]: a phase entered twice sums, and a
+    phase that raises is still charged."""
+    ticks = iter([1.0, 3.5, 10.0, 10.25, 20.0, 24.0])
+    seen = []
+    monkeypatch.setattr(perf, "clock", lambda device: seen.append(device) or next(ticks))
+    timings: dict[str, float] = {}
+    with perf.timer("generate", timings, torch.device("cpu")):
+        pass
+    with perf.timer("generate", timings, torch.device("cpu")):
+        pass
+    with pytest.raises(RuntimeError), perf.timer("train", timings, torch.device("cpu")):
+        raise RuntimeError("a phase that fails")
+    assert timings == {"generate": 2.75, "train": 4.0} and seen == [torch.device("cpu")] * 6

@@ -37,7 +37,7 @@ from rlhf.config import ConfigError, PPOStageConfig, to_dict
 from rlhf.distributed import is_zero3, process_state, wait_for_main
 from rlhf.evaluation import evaluate_in_loop
 from rlhf.finite import finite_flag
-from rlhf.perf import clock, device_peak_flops
+from rlhf.perf import device_peak_flops, timer
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import fingerprint
 from rlhf.tracking import Tracking
@@ -161,24 +161,22 @@ def ppo_step(run: PPORun, state: LoopState) -> dict:
     """One iteration: steps 1–5 (`make_rollout`), 6 (`ppo_update`), then β's update and step 7
     (`_log_and_save`); advances `state`. Returns the step's metrics."""
     cfg, accelerator, models = run.cfg, run.accelerator, run.models
-    step, t0 = state.step, clock(accelerator.device)  # phase times wait for the GPU's queued work
+    step, device = state.step, accelerator.device
+    timings: dict[str, float] = {}  # seconds per phase (rlhf/perf.py `timer`): generate, score, train, sync
     set_lr(models.optimizer, step, cfg)
     batch = prompt_batch(len(run.data.prompt_ids), step, cfg.rollout.prompts_per_step, accelerator, cfg.seed)
-    rollout, scored, sampling, t_gen = make_rollout(run, batch, step)
-    t_score = clock(accelerator.device)
-    run.engine.sleep()  # an engine's own GPU memory goes back to the trainer meanwhile
-    stats = ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step, kl_coef=run.kl_ctl.value)
+    rollout, scored, sampling = make_rollout(run, batch, step, timings)
+    with timer("train", timings, device):
+        run.engine.sleep()  # an engine's own GPU memory goes back to the trainer meanwhile
+        stats = ppo_update(models.model, models.optimizer, accelerator, rollout, cfg, step, kl_coef=run.kl_ctl.value)
     stats.update(sampling)
-    t_train = clock(accelerator.device)
-    run.engine.update_weights(models.model)  # the next rollout samples from the updated policy
-    t_sync = clock(accelerator.device)
+    with timer("sync", timings, device):
+        run.engine.update_weights(models.model)  # the next rollout samples from the updated policy
 
     seq_kl = accelerator.gather(rollout.kl.sum(1)).mean().item()
     run.kl_ctl.update(seq_kl, rollout.scores.shape[0] * accelerator.num_processes)
     state.kl_history = [*state.kl_history, seq_kl][-10:]
     state.step = step + 1
-    timings = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
-    timings["sync"] = t_sync - t_train
     metrics = step_metrics(run, rollout, scored, stats, timings)
     metrics.update(perf_metrics(run.cost, rollout, round(stats["epochs_run"]), timings, run.peak_flops, accelerator))
     _log_and_save(run, state, metrics, rollout, scored)
@@ -204,53 +202,56 @@ def finish(run: PPORun, state: LoopState) -> dict:
     return result
 
 
-def make_rollout(run: PPORun, batch: list[int], step: int) -> tuple[Rollout, Scored, dict, float]:
+def make_rollout(
+    run: PPORun, batch: list[int], step: int, timings: dict[str, float] | None = None
+) -> tuple[Rollout, Scored, dict]:
     """Steps 1–5 for this process's prompts `batch`: (rollout, what step 3 said, what dynamic
-    sampling did, time when generation ended). The rollout holds samples_per_prompt episodes per
-    prompt, adjacent."""
-    cfg, accelerator, models = run.cfg, run.accelerator, run.models
-    gen, tokenizer = cfg.rollout.generation, models.tokenizer
-    # 1. generate n responses per prompt, keeping the sampled tokens' log-probs when they equal what
-    #    a forward of the policy would give, or when they are compared to it (an engine of its own, TIS)
-    reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, run.engine)
-    with_logprobs = reuse_logprobs or run.engine.own_weights or cfg.rollout.importance_correction == "tis"
-    batch, sampled, sampling = sample_groups(run, batch, step, with_logprobs)
-    response = sampled.response_ids
-    input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, tokenizer)
-    t_gen = clock(accelerator.device)
+    sampling did); step 1's seconds go to timings["generate"], steps 2–5's to timings["score"]. The
+    rollout holds samples_per_prompt episodes per prompt, adjacent."""
+    cfg, accelerator, models, device = run.cfg, run.accelerator, run.models, run.accelerator.device
+    timings = {} if timings is None else timings
+    with timer("generate", timings, device):
+        # 1. generate n responses per prompt, keeping the sampled tokens' log-probs when they equal what a
+        #    forward of the policy would give, or when they are compared to it (an engine of its own, TIS)
+        reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, run.engine)
+        with_logprobs = reuse_logprobs or run.engine.own_weights or cfg.rollout.importance_correction == "tis"
+        batch, sampled, sampling = sample_groups(run, batch, step, with_logprobs)
+        response = sampled.response_ids
+        input_ids, attention_mask, resp_mask, has_eos = episode_tensors(sampled, models.tokenizer)
 
-    # 2. log-probs under policy and reference; values (the math on them in fp32, whatever the
-    #    models compute in), rollout.forward_batch_size episodes at a time
-    forwards = partial(
-        rollout_forwards,
-        models.model,
-        models.ref_policy,
-        accelerator,
-        temperature=gen.temperature,
-        with_logprobs=not reuse_logprobs,
-    )
-    logprobs, ref_logprobs, values = in_micro_batches(
-        forwards, cfg.rollout.forward_batch_size, input_ids, attention_mask, response
-    )  # (B, R) each
-    if reuse_logprobs:
-        logprobs = sampled.logprobs.masked_fill(resp_mask == 0, 0.0)  # (B, R)
-    engine_logprobs = None if sampled.logprobs is None else sampled.logprobs.masked_fill(resp_mask == 0, 0.0)
+    with timer("score", timings, device):
+        # 2. log-probs under policy and reference; values (the math on them in fp32, whatever the
+        #    models compute in), rollout.forward_batch_size episodes at a time
+        forwards = partial(
+            rollout_forwards,
+            models.model,
+            models.ref_policy,
+            accelerator,
+            temperature=cfg.rollout.generation.temperature,
+            with_logprobs=not reuse_logprobs,
+        )
+        logprobs, ref_logprobs, values = in_micro_batches(
+            forwards, cfg.rollout.forward_batch_size, input_ids, attention_mask, response
+        )  # (B, R) each
+        if reuse_logprobs:
+            logprobs = sampled.logprobs.masked_fill(resp_mask == 0, 0.0)  # (B, R)
+        engine_logprobs = None if sampled.logprobs is None else sampled.logprobs.masked_fill(resp_mask == 0, 0.0)
 
-    # 3. score: reward model at the response's last real token, rule rewards, EOS penalty
-    scored = score_episodes(run, batch, input_ids, attention_mask, response, has_eos)
-    scores = normalize_scores(scored.raw_scores, accelerator.gather(scored.raw_scores), cfg.reward, run.running)
+        # 3. score: reward model at the response's last real token, rule rewards, EOS penalty
+        scored = score_episodes(run, batch, input_ids, attention_mask, response, has_eos)
+        scores = normalize_scores(scored.raw_scores, accelerator.gather(scored.raw_scores), cfg.reward, run.running)
 
-    # 4. KL-penalised per-token rewards (with ppo.kl_in: loss the KL is a loss term instead: β = 0 here);
-    # 5. advantages (and returns), whitened if the estimator or ppo.whiten_advantages says so
-    kl = masked(kl_estimate(logprobs, ref_logprobs, cfg.ppo.kl_estimator), resp_mask)  # (B, R)
-    beta = run.kl_ctl.value if cfg.ppo.kl_in == "reward" else 0.0
-    rewards = kl_penalized_rewards(scores, kl, beta, resp_mask)  # (B, R)
-    estimator = get_estimator(cfg.ppo.advantage_estimator)
-    advantages, returns = estimator.fn(
-        rewards, values, resp_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, group_size=cfg.rollout.samples_per_prompt
-    )
-    if whitens(estimator, cfg):
-        advantages = whiten_advantages(advantages, resp_mask, accelerator)  # over every process's tokens
+        # 4. KL-penalised per-token rewards (with ppo.kl_in: loss the KL is a loss term instead: β = 0 here);
+        # 5. advantages (and returns), whitened if the estimator or ppo.whiten_advantages says so
+        kl = masked(kl_estimate(logprobs, ref_logprobs, cfg.ppo.kl_estimator), resp_mask)  # (B, R)
+        beta = run.kl_ctl.value if cfg.ppo.kl_in == "reward" else 0.0
+        rewards = kl_penalized_rewards(scores, kl, beta, resp_mask)  # (B, R)
+        estimator = get_estimator(cfg.ppo.advantage_estimator)
+        advantages, returns = estimator.fn(
+            rewards, values, resp_mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam, group_size=cfg.rollout.samples_per_prompt
+        )
+        if whitens(estimator, cfg):
+            advantages = whiten_advantages(advantages, resp_mask, accelerator)  # over every process's tokens
     _stop_if_not_finite(accelerator, step, scores=scores, rewards=rewards, advantages=advantages)
     rollout = Rollout(
         input_ids=input_ids,
@@ -269,7 +270,7 @@ def make_rollout(run: PPORun, batch: list[int], step: int) -> tuple[Rollout, Sco
         advantages=advantages,
         returns=returns if values is not None else None,
     )
-    return rollout, scored, sampling, t_gen
+    return rollout, scored, sampling
 
 
 def ppo_update(
@@ -407,10 +408,7 @@ def step_metrics(run: PPORun, rollout: Rollout, scored: Scored, stats: dict, tim
         "train/ppo/response_length": gather_mean(mask.sum(1).float()),
         "train/ppo/eos_rate": gather_mean(scored.has_eos.float()),
         "train/ppo/lr_policy": optimizer.param_groups[0]["lr"],
-        "train/ppo/time_generate_s": timings["generate"],
-        "train/ppo/time_score_s": timings["score"],
-        "train/ppo/time_train_s": timings["train"],
-        "train/ppo/time_sync_s": timings["sync"],
+        **{f"train/ppo/time_{phase}_s": seconds for phase, seconds in timings.items()},  # each timed phase
         "train/ppo/tokens_per_s": n_tokens / elapsed,
         "train/ppo/episodes_per_s": n_episodes / elapsed,
         **{f"train/ppo/{k}": v for k, v in stats.items()},
