@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from rlhf.checkpoint import agreed_checkpoint, mark_complete
-from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig
+from rlhf.checkpoint import agreed_checkpoint, checkpoint_digest, mark_complete, start_stage
+from rlhf.config import ConfigError, LoraConfig, ModelInit, OptimConfig, TrainConfig, to_dict
 from rlhf.distributed import deepspeed_plugin, fill_zero3_sizes, whole_models
 from rlhf.finite import finite_flag
 from rlhf.precision import Precision
@@ -175,6 +175,22 @@ def resume_point(output_dir: Path, train: TrainConfig, digest: str, state) -> st
     checkpoints of another config or input are moved aside, ones a crash cut short removed."""
     newest = agreed_checkpoint(output_dir / "checkpoints", digest, train.resume, state.is_main_process)
     return str(newest) if newest else None
+
+
+def start_and_resume(trainer, cfg, out: Path, stage: str, inputs: tuple[str | None, ...], state) -> tuple:
+    """A trainer stage's step "everything loaded", the same in each: take the output directory (the
+    inputs' manifests read first, for `checkpoint_digest`: a bad input leaves it as it was), find the
+    checkpoint to resume from (`resume_point`), start tracking (fresh unless resuming) and add the
+    tracking and non-finite callbacks. Returns (the checkpoint to resume from or None, tracking)."""
+    digest = checkpoint_digest(cfg, inputs)  # reads the inputs' manifests: before the output is touched
+    start_stage(out, cfg, state.is_main_process)
+    resume = resume_point(out, cfg.train, digest, state)
+    tracking = Tracking(cfg.tracking, out, stage, to_dict(cfg), state.is_main_process, fresh=resume is None)
+    trainer.add_callback(TrackingCallback(tracking, stage))
+    trainer.add_callback(FiniteGuard(stage, trainer))
+    if resume:
+        log.info("resuming from %s", resume)
+    return resume, tracking
 
 
 def save_output(

@@ -22,17 +22,16 @@ from accelerate.utils import set_seed
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
+from rlhf.checkpoint import finish_stage
 from rlhf.config import DataConfig, DPOStageConfig, to_dict
 from rlhf.data import HeldOut, load_held_out
 from rlhf.data.lengths import context_length
 from rlhf.distributed import process_state, wait_for_main
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.generation import render_prompts
-from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
+from rlhf.hf_trainer import save_output, start_and_resume, train_from, trainer_kwargs
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import build_policy, cast_trainable, end_of_turn_id, load_tokenizer, resolve
-from rlhf.tracking import Tracking
 from stages.reward.pairs import preference_pairs
 
 log = logging.getLogger("rlhf.dpo")
@@ -67,25 +66,10 @@ def train(cfg: DPOStageConfig) -> dict:
     held_out = load_held_out(DataConfig(test=cfg.data.test, test_split=cfg.data.test_split), cfg.task)
 
     # 3. Tokens: the chat-rendered prompt, then each answer and EOS (the sequence the policy writes).
-    max_length = context_length(cfg.data, tokenizer)  # data.max_length, or the model's context
-    train_rows, over = limit_pair_length(
-        encode_dpo_pairs(tokenizer, pairs.train), dataclasses.replace(cfg.data, max_length=max_length)
-    )
-    if over:
-        log.warning(
-            "%d training pairs longer than data.max_length=%d were %s",
-            over,
-            max_length,
-            "dropped" if cfg.data.overlong == "drop" else "truncated",
-        )
-    eval_rows = encode_dpo_pairs(tokenizer, pairs.eval)
+    train_rows, eval_rows, over = _tokens(cfg, tokenizer, pairs)
 
     # 4. The SFT model's held-out accuracy, loaded from its directory as a user would (main process).
-    before = None
-    if (held_out.validation or held_out.test) and state.is_main_process:
-        before = _evaluate_saved(cfg.policy, cfg, held_out, precision) or None
-        log.info("before DPO: %s", summary(before))
-    wait_for_main()
+    before = _evaluate_before(cfg, held_out, precision, state)
 
     # 5. The policy and its frozen reference, in TRL's DPOTrainer.
     trainer = _build_trainer(cfg, source, tokenizer, precision, out, train_rows, eval_rows)
@@ -93,14 +77,7 @@ def train(cfg: DPOStageConfig) -> dict:
     # 6. Everything loaded: take the output directory, then train, resuming from the newest
     #    complete checkpoint of this config and input; then the held-out pairs: the share the
     #    policy's implicit reward β·r ranks right, and the margin.
-    digest = checkpoint_digest(cfg, (cfg.policy,))  # reads the input's manifest: before the output is touched
-    start_stage(out, cfg, state.is_main_process)
-    resume = resume_point(out, cfg.train, digest, state)
-    tracking = Tracking(cfg.tracking, out, "dpo", to_dict(cfg), state.is_main_process, fresh=resume is None)
-    trainer.add_callback(TrackingCallback(tracking, "dpo"))
-    trainer.add_callback(FiniteGuard("dpo", trainer))
-    if resume:
-        log.info("resuming from %s", resume)
+    resume, tracking = start_and_resume(trainer, cfg, out, "dpo", (cfg.policy,), state)
     train_loss = train_from(trainer, resume)  # the final checkpoint: no further step
     pair_report = _evaluate_pairs(trainer) if eval_rows else None
 
@@ -130,6 +107,33 @@ def train(cfg: DPOStageConfig) -> dict:
     tracking.finish()
     wait_for_main()
     return metrics
+
+
+def _tokens(cfg: DPOStageConfig, tokenizer, pairs) -> tuple[list[dict], list[dict], int]:
+    """(train rows, eval rows, how many training pairs were longer than data.max_length: dropped or
+    truncated as data.overlong says)."""
+    max_length = context_length(cfg.data, tokenizer)  # data.max_length, or the model's context
+    train_rows, over = limit_pair_length(
+        encode_dpo_pairs(tokenizer, pairs.train), dataclasses.replace(cfg.data, max_length=max_length)
+    )
+    if over:
+        log.warning(
+            "%d training pairs longer than data.max_length=%d were %s",
+            over,
+            max_length,
+            "dropped" if cfg.data.overlong == "drop" else "truncated",
+        )
+    return train_rows, encode_dpo_pairs(tokenizer, pairs.eval), over
+
+
+def _evaluate_before(cfg: DPOStageConfig, held_out: HeldOut, precision: Precision, state) -> dict | None:
+    """The SFT model's held-out accuracy (main process; the others wait), None without held-out prompts."""
+    before = None
+    if (held_out.validation or held_out.test) and state.is_main_process:
+        before = _evaluate_saved(cfg.policy, cfg, held_out, precision) or None
+        log.info("before DPO: %s", summary(before))
+    wait_for_main()
+    return before
 
 
 def _build_trainer(cfg, source, tokenizer, precision: Precision, out: Path, train_rows, eval_rows):

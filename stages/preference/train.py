@@ -22,16 +22,15 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from datasets import Dataset
 
-from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
+from rlhf.checkpoint import finish_stage
 from rlhf.config import DataConfig, to_dict
 from rlhf.data import DataError, HeldOut, load_held_out
 from rlhf.data.lengths import context_length
 from rlhf.distributed import process_state
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
-from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from
+from rlhf.hf_trainer import save_output, start_and_resume, train_from
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
-from rlhf.tracking import Tracking
 from stages.reward.pairs import PreferencePairs
 
 log = logging.getLogger("rlhf.preference")
@@ -97,15 +96,8 @@ def train_preference(cfg, method: Method) -> dict:
 
     # 6. Everything loaded: take the output directory, then train, resuming from the newest complete
     #    checkpoint of this config and input. The held-out examples are scored before and after.
-    digest = checkpoint_digest(cfg, (cfg.policy,))  # reads the input's manifest: before the output is touched
-    start_stage(out, cfg, state.is_main_process)
-    resume = resume_point(out, cfg.train, digest, state)
-    tracking = Tracking(cfg.tracking, out, method.name, to_dict(cfg), state.is_main_process, fresh=resume is None)
-    trainer.add_callback(TrackingCallback(tracking, method.name))
-    trainer.add_callback(FiniteGuard(method.name, trainer))
+    resume, tracking = start_and_resume(trainer, cfg, out, method.name, (cfg.policy,), state)
     pairs_before = _evaluate_pairs(trainer, method) if eval_rows and resume is None else None
-    if resume:
-        log.info("resuming from %s", resume)
     train_loss = train_from(trainer, resume)  # the final checkpoint: no further step
     pairs_after = _evaluate_pairs(trainer, method) if eval_rows else None
 

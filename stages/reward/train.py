@@ -21,13 +21,13 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
-from rlhf.config import ConfigError, RMStageConfig, to_dict
+from rlhf.checkpoint import finish_stage
+from rlhf.config import ConfigError, RMStageConfig
 from rlhf.data.lengths import context_length, limit_length
 from rlhf.distributed import is_zero3, process_state, wait_for_main, whole_models
 from rlhf.evaluation import flatten_metrics, score_sequences
 from rlhf.generation import render_prompts
-from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
+from rlhf.hf_trainer import save_output, start_and_resume, train_from, trainer_kwargs
 from rlhf.precision import resolve_precision
 from rlhf.registry import (
     build_scalar_model,
@@ -38,7 +38,6 @@ from rlhf.registry import (
     load_tokenizer,
     resolve,
 )
-from rlhf.tracking import Tracking
 from stages.reward.loss import pair_accuracy, pairwise_loss, response_lm_loss
 from stages.reward.pairs import preference_pairs
 
@@ -121,25 +120,16 @@ def train(cfg: RMStageConfig) -> dict:
     # 2. Pairs: a file in any preference format, or generated for the task; with the task's
     #    pairs, a share of the rejected answers are the init model's own mistakes.
     pairs = preference_pairs(cfg, source, tokenizer, precision)
-    train_pairs, eval_pairs, train_dropped = pairs.train, pairs.eval, pairs.train_dropped
-    train_source, eval_source = pairs.train_source, pairs.eval_source
 
     # 3. Tokens: chat-rendered prompt + response + EOS, exactly the sequence PPO will score.
     # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.
-    trainer, eval_rows, over = _reward_trainer(cfg, source, tokenizer, precision, out, train_pairs, eval_pairs)
+    trainer, eval_rows, over = _reward_trainer(cfg, source, tokenizer, precision, out, pairs.train, pairs.eval)
     # the weights it starts from (an RLHF round continues the last round's RM: the manifest proves it)
     init_fingerprint = None if is_zero3(trainer.accelerator) else fingerprint(trainer.model)
 
     # 5. Everything loaded: take the output directory, then train, resuming from the newest
     #    complete checkpoint of this config and input if there is one.
-    digest = checkpoint_digest(cfg, (cfg.model,))  # reads the input's manifest: before the output is touched
-    start_stage(out, cfg, state.is_main_process)
-    resume = resume_point(out, cfg.train, digest, state)
-    tracking = Tracking(cfg.tracking, out, "rm", to_dict(cfg), state.is_main_process, fresh=resume is None)
-    trainer.add_callback(TrackingCallback(tracking, "rm"))
-    trainer.add_callback(FiniteGuard("rm", trainer))
-    if resume:
-        log.info("resuming from %s", resume)
+    resume, tracking = start_and_resume(trainer, cfg, out, "rm", (cfg.model,), state)
     train_loss = train_from(trainer, resume)  # the final checkpoint: no further step
 
     # 6. Save a standard sequence-classification directory (adapter with LoRA) + tokenizer.
@@ -148,25 +138,15 @@ def train(cfg: RMStageConfig) -> dict:
 
     # 7. Evaluate the saved directory on held-out pairs: accuracy (per kind of wrong answer),
     #    margin and the score distributions of chosen and rejected.
-    metrics: dict = {
-        "train_loss": train_loss,
-        "overlong": over,
-        "dropped": dict(train_dropped),
-        "init_fingerprint": init_fingerprint,
-    }
+    metrics: dict = {"train_loss": train_loss, "overlong": over, "dropped": dict(pairs.train_dropped)}
+    metrics["init_fingerprint"] = init_fingerprint
     if state.is_main_process:
         eval_report = None
-        if eval_pairs:
-            saved = resolve(str(out))
-            with whole_models():
-                rm_tokenizer = load_tokenizer(saved, cfg.model_init)
-                reward_model = build_scalar_model(saved, cfg.model_init, rm_tokenizer, precision=precision)
-            report = evaluate_pairs(reward_model, tokenizer, eval_pairs, eval_rows)
-            eval_report = {**report, "eval_source": eval_source}
+        if pairs.eval:
+            report = _evaluate_saved(out, cfg, tokenizer, pairs.eval, eval_rows, precision)
+            eval_report = {**report, "eval_source": pairs.eval_source}
             metrics.update({k: v for k, v in report.items() if k != "scores"})
-            flat = {"accuracy": report["accuracy"], "margin": report["mean_margin"]}
-            flat.update({f"accuracy_{k}": v for k, v in report["accuracy_by_kind"].items()})
-            tracking.log(flatten_metrics(flat, "eval/rm"), step=trainer.state.global_step)
+            tracking.log(_tracked(report), step=trainer.state.global_step)
 
         # 8. eval.json, then the manifest, written last: its presence means the directory is complete.
         finish_stage(
@@ -179,11 +159,27 @@ def train(cfg: RMStageConfig) -> dict:
             metrics=metrics,
             started=started,
             eval_report=eval_report,
-            extra={"data": {"train": train_source, "eval": eval_source}},
+            extra={"data": {"train": pairs.train_source, "eval": pairs.eval_source}},
         )
     tracking.finish()
     wait_for_main()
     return metrics
+
+
+def _evaluate_saved(out: Path, cfg: RMStageConfig, tokenizer, eval_pairs, eval_rows, precision) -> dict:
+    """`evaluate_pairs` of the saved directory, loaded as PPO loads it."""
+    saved = resolve(str(out))
+    with whole_models():
+        rm_tokenizer = load_tokenizer(saved, cfg.model_init)
+        reward_model = build_scalar_model(saved, cfg.model_init, rm_tokenizer, precision=precision)
+    return evaluate_pairs(reward_model, tokenizer, eval_pairs, eval_rows)
+
+
+def _tracked(report: dict) -> dict:
+    """The held-out pairs' figures as eval/rm/… metrics: accuracy (per kind of wrong answer) and margin."""
+    flat = {"accuracy": report["accuracy"], "margin": report["mean_margin"]}
+    flat.update({f"accuracy_{k}": v for k, v in report["accuracy_by_kind"].items()})
+    return flatten_metrics(flat, "eval/rm")
 
 
 def _check_tied_embeddings(config) -> None:

@@ -16,16 +16,15 @@ from accelerate.utils import set_seed
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from rlhf.checkpoint import checkpoint_digest, finish_stage, start_stage
-from rlhf.config import SFTStageConfig, to_dict
+from rlhf.checkpoint import finish_stage
+from rlhf.config import SFTStageConfig
 from rlhf.data import HeldOut, load_held_out, load_records, normalize_sft
 from rlhf.data.lengths import context_length, limit_length
 from rlhf.distributed import process_state, wait_for_main, whole_models
 from rlhf.evaluation import evaluate_held_out, for_eval_json, summary, tracked_metrics
-from rlhf.hf_trainer import FiniteGuard, TrackingCallback, resume_point, save_output, train_from, trainer_kwargs
+from rlhf.hf_trainer import save_output, start_and_resume, train_from, trainer_kwargs
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
-from rlhf.tracking import Tracking
 
 log = logging.getLogger("rlhf.sft")
 
@@ -47,11 +46,7 @@ def train(cfg: SFTStageConfig) -> dict:
     source = resolve(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model_init)
     model = build_policy(source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True)
-    base = None
-    if cfg.evaluate_base and state.is_main_process:
-        base = evaluate_held_out(model, tokenizer, held_out, cfg.task.name, cfg.generation) or None
-        log.info("base model, held out: %s", summary(base))
-    wait_for_main()  # the base evaluation: the others' next collective would give up on a long one
+    base = _evaluate_base(cfg, model, tokenizer, held_out, state)  # with evaluate_base
 
     # 3. TRL's SFTTrainer. Loss on the completion for prompt/completion data, on every assistant
     #    turn for multi-turn chats; we truncate or drop over-long examples ourselves, to count them.
@@ -59,14 +54,7 @@ def train(cfg: SFTStageConfig) -> dict:
 
     # 4. Everything loaded: take the output directory, then train, resuming from the newest
     #    complete checkpoint of this config and input if there is one.
-    digest = checkpoint_digest(cfg, (cfg.model,))  # reads the input's manifest: before the output is touched
-    start_stage(out, cfg, state.is_main_process)
-    resume = resume_point(out, cfg.train, digest, state)
-    tracking = Tracking(cfg.tracking, out, "sft", to_dict(cfg), state.is_main_process, fresh=resume is None)
-    trainer.add_callback(TrackingCallback(tracking, "sft"))
-    trainer.add_callback(FiniteGuard("sft", trainer))
-    if resume:
-        log.info("resuming from %s", resume)
+    resume, tracking = start_and_resume(trainer, cfg, out, "sft", (cfg.model,), state)
     train_loss = train_from(trainer, resume)  # the final checkpoint: no further step
 
     # 5. Save a standard Hugging Face directory (adapter with LoRA) + tokenizer.
@@ -77,11 +65,10 @@ def train(cfg: SFTStageConfig) -> dict:
     #    greedily with the chat template. Main process only; the others wait.
     metrics: dict = {"train_loss": train_loss, "overlong": over, "format": fmt}
     if state.is_main_process:
-        eval_report = None
+        sources = {"train": train_source, "eval": held_out.validation_source, "test": held_out.test_source}
         evaluation = _evaluate_saved(out, cfg, tokenizer, held_out, precision)
+        eval_report = _eval_report(evaluation, held_out, base)
         if evaluation:
-            sources = {"validation_source": held_out.validation_source, "test_source": held_out.test_source}
-            eval_report = {**for_eval_json(evaluation), **sources, "base": for_eval_json(base)}
             metrics.update(summary(evaluation))
             tracking.log(tracked_metrics(evaluation, "sft"), step=trainer.state.global_step)
 
@@ -96,10 +83,7 @@ def train(cfg: SFTStageConfig) -> dict:
             metrics=metrics,
             started=started,
             eval_report=eval_report,
-            extra={
-                "data": {"train": train_source, "eval": held_out.validation_source, "test": held_out.test_source},
-                "format": fmt,
-            },
+            extra={"data": sources, "format": fmt},
         )
     tracking.finish()
     wait_for_main()
@@ -137,6 +121,24 @@ def _sft_trainer(cfg: SFTStageConfig, model, tokenizer, out: Path, precision, tr
             "dropped" if cfg.data.overlong == "drop" else "truncated",
         )
     return trainer, over
+
+
+def _evaluate_base(cfg: SFTStageConfig, model, tokenizer, held_out: HeldOut, state) -> dict | None:
+    """With `evaluate_base`: the base model's held-out accuracy (main process), eval.json's "base"."""
+    base = None
+    if cfg.evaluate_base and state.is_main_process:
+        base = evaluate_held_out(model, tokenizer, held_out, cfg.task.name, cfg.generation) or None
+        log.info("base model, held out: %s", summary(base))
+    wait_for_main()  # the base evaluation: the others' next collective would give up on a long one
+    return base
+
+
+def _eval_report(evaluation: dict, held_out: HeldOut, base: dict | None) -> dict | None:
+    """eval.json: the saved model's held-out evaluation with its sources and the base's; None without one."""
+    if not evaluation:
+        return None
+    sources = {"validation_source": held_out.validation_source, "test_source": held_out.test_source}
+    return {**for_eval_json(evaluation), **sources, "base": for_eval_json(base)}
 
 
 def _evaluate_saved(out: Path, cfg: SFTStageConfig, tokenizer, held_out: HeldOut, precision) -> dict:
