@@ -30,7 +30,7 @@ from matplotlib import font_manager
 
 from rlhf.checkpoint import STAGES, atomic_write_json, atomic_write_text
 from rlhf.proxy_gold import best_gold, divergence, run_points
-from rlhf.tasks import TASKS
+from rlhf.tasks import TASKS, bucket_figures
 from rlhf.tracking import metrics_records
 
 # Fonts that hold the Chinese of seed 000's prompts, in order of preference: Debian's
@@ -455,13 +455,13 @@ def _accuracy_tables(stages: dict) -> list[str]:
 
 def _accuracy_table(title: str, rows: list[tuple[str, dict]], note: str) -> str:
     e = html.escape
-    buckets = sorted({d for _, r in rows for d in r.get("accuracy_by_digits", {})}, key=int)
-    sizes = rows[-1][1].get("n_by_digits", {})
-    head = "".join(f"<th>{e(d)}-digit{f' (n {sizes[d]})' if d in sizes else ''}</th>" for d in buckets)
+    buckets = list(dict.fromkeys(d for _, r in rows for d in bucket_figures(r)[0]))  # in the tasks' order
+    _, _, sizes, bucket_name = bucket_figures(rows[-1][1])
+    head = "".join(f"<th>{e(bucket_name(d))}{f' (n {sizes[d]})' if d in sizes else ''}</th>" for d in buckets)
     body = ""
     for name, r in rows:
-        errors = r.get("stderr_by_digits", {})
-        cells = "".join(f"<td>{_pm(r.get('accuracy_by_digits', {}).get(d), errors.get(d))}</td>" for d in buckets)
+        accuracy, errors, _, _ = bucket_figures(r)
+        cells = "".join(f"<td>{_pm(accuracy.get(d), errors.get(d))}</td>" for d in buckets)
         body += (
             f"<tr><td>{e(name)}</td><td>{_pm(r.get('accuracy'), r.get('stderr'))}</td>{cells}"
             f"<td>{_fmt(r.get('rm_score'))}</td></tr>"

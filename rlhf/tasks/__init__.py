@@ -19,6 +19,7 @@ __all__ = [
     "Rule",
     "Task",
     "TaskSpec",
+    "bucket_figures",
     "get_task",
     "gold_checker",
     "rule_reward",
@@ -87,6 +88,16 @@ def task_preference_records(
     realistic wrong one of a kind in `kinds` (None: all the task's kinds), drawn by `weights`."""
     t = get_task(task.name)
     return t.preference_records(task, t.wrong_kinds if kinds is None else kinds, size, split, weights)
+
+
+def bucket_figures(report: dict) -> tuple[dict, dict, dict, Callable[[str], str]]:
+    """A task report's per-bucket accuracy, standard error and count, and each bucket's name: digit
+    buckets (`accuracy_by_digits`, "5-digit") or named kinds (`accuracy_by_kind`, e.g. "lowercase").
+    Empty for a report without buckets."""
+    for by, name in (("digits", lambda d: f"{d}-digit"), ("kind", str)):
+        if isinstance(report.get(f"accuracy_by_{by}"), dict):
+            return report[f"accuracy_by_{by}"], report.get(f"stderr_by_{by}", {}), report.get(f"n_by_{by}", {}), name
+    return {}, {}, {}, str
 
 
 def score_generations(task_name: str | None, prompts: list[str], answers: list[str], responses: list[str]) -> dict:
