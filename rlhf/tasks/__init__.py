@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from rlhf.tasks import addition_reversed, subtraction
+from rlhf.tasks import addition_reversed, constraints, subtraction
 from rlhf.tasks.base import Rule, Task, TaskSpec, exact_match
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
 TASKS: dict[str, Task] = {
     "subtraction": subtraction.TASK,
     "addition_reversed": addition_reversed.TASK,
+    "constraints": constraints.TASK,
 }
 
 
