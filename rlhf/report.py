@@ -446,7 +446,7 @@ def _accuracy_tables(stages: dict) -> list[str]:
         "test": "drawn with its own seed, no training or validation item among them, used by nothing else",
         "validation": "the split in-loop evaluation, any choice of checkpoint and tuning read: not an unbiased figure",
     }
-    out = [_accuracy_table(f"Task accuracy: {task}, {split} split (exact match)", rows, notes.get(split, ""))]
+    out = [_accuracy_table(f"Task accuracy: {task}, {split} split (the task's checker)", rows, notes.get(split, ""))]
     validation = [(name, r["validation"]) for name, r in rows if r.get("validation")]
     if validation:
         out.append(_accuracy_table(f"Task accuracy: {task}, validation split", validation, notes["validation"]))

@@ -100,7 +100,7 @@ def test_tracked_metrics_keep_the_splits_apart():
 
 def test_report_quotes_the_test_split_with_standard_errors(run_dir):
     page = write_report(run_dir).read_text(encoding="utf-8")
-    assert "Task accuracy: subtraction, test split (exact match)" in page
+    assert "Task accuracy: subtraction, test split (the task's checker)" in page
     assert "2-digit (n 4)" in page
     # after PPO: all, 2-digit (± 0.2165, stored to 4 places), 5-digit
     assert re.search(r"<td>PPO</td><td>0\.625 ± 0\.165</td><td>0\.750 ± 0\.21[67]</td><td>0\.500 ± 0\.250</td>", page)
