@@ -238,3 +238,13 @@ def test_fewshot_and_other_languages_are_refused():
     with pytest.raises(ConfigError) as err:
         load_config(SFTStageConfig, sft, ["task.name=constraints", "task.prompt_language=fr"])
     assert err.value.key == "task.prompt_language"
+
+
+def test_sft_on_the_constraints_task_without_data_is_refused_with_where_its_data_comes_from():
+    # the task's training records hold no reference text: SFT on them would learn the constraint's JSON
+    cfg = load_config(SFTStageConfig, None, ["task.name=constraints", "task.train_size=8", "task.test_per_bucket=50"])
+    with pytest.raises(DataError, match=r"data.train.*no reference answers to train on.*best.jsonl"):
+        load_records(cfg.data, cfg.task, "train")
+    # PPO and the label stage draw its prompts (with their own offsets) as before
+    records, _ = load_records(cfg.data, cfg.task, "train", generate=lambda: task_records(cfg.task, "train", 20))
+    assert len(records) == 8 and "answer" in records[0].data
