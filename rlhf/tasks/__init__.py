@@ -73,7 +73,8 @@ def gold_checker(task_name: str | None) -> Callable[[str, str], bool]:
 
 
 def task_records(task: TaskSpec, split: str, seed_offset: int = 0) -> list[dict]:
-    """Generated records for `split` ("train": SFT records; "eval", the validation split, and
+    """Generated records for `split` ("train": SFT records, prompt-only for a task that is not
+    `imitable`; "eval", the validation split, and
     "test": {"prompt", "answer"}), in the task's formats. Training items depend on data_seed +
     seed_offset (PPO draws fresh prompts with an offset) and never include a test item."""
     t = get_task(task.name)

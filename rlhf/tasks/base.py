@@ -41,8 +41,9 @@ class Task:
     """
 
     name: str
-    # (task config, seed offset) -> SFT records {"messages": [user, assistant]}; PPO draws its
-    # prompts with an offset so they differ from the SFT set
+    # (task config, seed offset) -> SFT records {"messages": [user, assistant]} (a task that is not
+    # `imitable`: prompt-only {"prompt": [user], "answer"}); PPO draws its prompts with an offset so
+    # they differ from the SFT set
     train_records: Callable[[TaskSpec, int], list[dict]]
     # (task config) -> the validation split's records {"prompt", "answer"} (in-loop evaluation, tuning)
     eval_records: Callable[[TaskSpec], list[dict]]
