@@ -458,17 +458,18 @@ def _accuracy_table(title: str, rows: list[tuple[str, dict]], note: str) -> str:
     buckets = list(dict.fromkeys(d for _, r in rows for d in bucket_figures(r)[0]))  # in the tasks' order
     _, _, sizes, bucket_name = bucket_figures(rows[-1][1])
     head = "".join(f"<th>{e(bucket_name(d))}{f' (n {sizes[d]})' if d in sizes else ''}</th>" for d in buckets)
+    # the answers' length where the task reports it: a policy gaming a learned reward often does it by length
+    words = any("mean_words" in r for _, r in rows)
+    head += "<th>RM score</th>" + ("<th>mean words</th>" if words else "")
     body = ""
     for name, r in rows:
         accuracy, errors, _, _ = bucket_figures(r)
         cells = "".join(f"<td>{_pm(accuracy.get(d), errors.get(d))}</td>" for d in buckets)
-        body += (
-            f"<tr><td>{e(name)}</td><td>{_pm(r.get('accuracy'), r.get('stderr'))}</td>{cells}"
-            f"<td>{_fmt(r.get('rm_score'))}</td></tr>"
-        )
+        cells += f"<td>{_fmt(r.get('rm_score'))}</td>" + (f"<td>{_fmt(r.get('mean_words'), 1)}</td>" if words else "")
+        body += f"<tr><td>{e(name)}</td><td>{_pm(r.get('accuracy'), r.get('stderr'))}</td>{cells}</tr>"
     return (
         f"<h2>{title}</h2><p class=dim>± one standard error, sqrt(p(1 − p)/n) per bucket; {e(note)}</p>"
-        f"<table><tr><th>model</th><th>all</th>{head}<th>RM score</th></tr>{body}</table>"
+        f"<table><tr><th>model</th><th>all</th>{head}</tr>{body}</table>"
     )
 
 

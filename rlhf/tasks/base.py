@@ -53,7 +53,7 @@ class Task:
     # (task config, kinds, size, split, weights per kind | None) -> {"prompt", "chosen", "rejected", "kind"}
     preference_records: Callable[[TaskSpec, Sequence[str], int, str, Sequence[float] | None], list[dict]]
     is_correct: Callable[[str, str], bool]  # (response, reference answer) -> right?
-    bucket: Callable[[str], int]  # question -> its bucket (digits; the constraints task: its kind's index)
+    bucket: Callable[[str], int | str]  # question -> its bucket as `score` keys it (digits; constraints: the kind)
     # (questions, reference answers, responses) -> eval.json's task block: at least task, accuracy, n,
     # and accuracy_by_digits / n_by_digits for a task with digit buckets (accuracy_by_kind / n_by_kind
     # for one with kinds, `bucket_report`)
