@@ -1,6 +1,8 @@
 # Two commands do all the set-up (see the README):
 #   make pipeline   set up, then run SFT -> RM -> PPO on the built-in tiny default
 #   make pipeline-smollm2   the same on SmolLM2-135M-Instruct, a real pretrained chat model (LoRA)
+#   make pipeline-constraints   RLHF on open-ended text with a gold measure: SmolLM2 under instruction
+#                   constraints (its own samples labelled by the checker -> SFT -> RM -> PPO, and DPO)
 #   make test       set up (both environments below), then run the tests: the suite in .venv, the
 #                   vLLM engine's tests in .venv-vllm
 #   make test-fast  the fast tier (pure math, configs, data, unit tests; no training): run it before
@@ -43,7 +45,7 @@ else
 VLLM_DROP ?= torchvision torchaudio torchcodec
 endif
 
-.PHONY: setup pipeline pipeline-smollm2 test test-fast vllm test-vllm gpu-check gpu-wheels
+.PHONY: setup pipeline pipeline-smollm2 pipeline-constraints test test-fast vllm test-vllm gpu-check gpu-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -74,6 +76,10 @@ pipeline: setup
 # converted once into ~/.cache/rlhf (RLHF_CACHE=...); runs/smollm2/ (docs/real-model.md)
 pipeline-smollm2: setup
 	HF_HUB_OFFLINE=1 $(PY) launch/pipeline.py --config configs/smollm2-135m/pipeline.yaml
+
+# the constraints task on SmolLM2-135M-Instruct: runs/smollm2-constraints/ (docs/constraints.md)
+pipeline-constraints: setup
+	HF_HUB_OFFLINE=1 $(PY) launch/pipeline.py --config configs/smollm2-135m/constraints.yaml
 
 # the whole suite in .venv (the vLLM tests skip there), then the vLLM engine's tests (`-m vllm`)
 # in .venv-vllm, one file per process: vLLM keeps process-wide state (its distributed groups) that

@@ -30,7 +30,7 @@ from rlhf.distributed import whole_models
 from rlhf.generation import gathered_for_generation, generate_answers, left_pad, render_prompts
 from rlhf.precision import Precision
 from rlhf.registry import build_policy, build_scalar_model, end_of_turn_id, load_tokenizer, resolve, sequence_scores
-from rlhf.tasks import get_task, score_generations
+from rlhf.tasks import get_task, gold_checker, score_generations
 
 
 def evaluate_generations(
@@ -57,12 +57,13 @@ def evaluate_generations(
     if reward_model is not None:
         metrics["rm_score"] = round(score_sequences(reward_model, sequences, tokenizer.pad_token_id).mean().item(), 4)
     bucket = get_task(task_name).bucket if task_name is not None else None
+    check = gold_checker(task_name)
     items = [
         {
             "prompt": q,
             "response": r,
             "answer": a,
-            "correct": r.strip() == a.strip(),
+            "correct": check(r, a),
             "bucket": str(bucket(q)) if bucket else None,
         }
         for q, r, a in zip(questions, responses, answers, strict=True)

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from rlhf.config import GenerationConfig
@@ -196,8 +197,9 @@ def generate_answers(
     texts: list[str] = []
     ended: list[bool] = []
     sequences: list[list[int]] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    try:  # a bar where there is more than one batch: held-out evaluation, labelling, mining
+        for start in tqdm(starts, desc="generating", unit="batch", disable=len(starts) < 2, leave=False):
             rows = render_prompts(tokenizer, prompts[start : start + batch_size])
             _, responses, _ = generate_ids(model, tokenizer, rows, gen)
             texts += response_texts(tokenizer, responses, stops)

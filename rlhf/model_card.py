@@ -10,6 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from rlhf.tasks import bucket_figures
+
 # what each stage is, in a sentence, with the method's paper
 METHODS = {
     "sft": "supervised fine-tuning (cross-entropy on the answers)",
@@ -77,7 +79,7 @@ def _figures(report: dict, metrics: dict) -> list[str]:
         out.append("")
     shown = set(_NOT_FIGURES)
     if rows and rows[-1][0] == "this model":  # its headline is in the table above
-        shown |= {"accuracy", "stderr", "accuracy_by_digits"}
+        shown |= {"accuracy", "stderr", "accuracy_by_digits", "accuracy_by_kind"}
     others = _numbers({k: v for k, v in report.items() if k not in shown})
     others += _numbers({k: v for k, v in metrics.items() if k in ("train_loss", "wall_time_s", "overlong")})
     if others:
@@ -93,10 +95,8 @@ def _acc(e: dict) -> str:
 
 
 def _buckets(e: dict) -> str:
-    by_bucket = e.get("accuracy_by_digits")
-    if not isinstance(by_bucket, dict):
-        return ""
-    return ", ".join(f"{k}: {v:.3f}" for k, v in by_bucket.items() if _is_number(v))
+    by_bucket, _, _, name = bucket_figures(e)
+    return ", ".join(f"{name(k)}: {v:.3f}" for k, v in by_bucket.items() if _is_number(v))
 
 
 def _is_number(v) -> bool:

@@ -67,18 +67,47 @@ class StageKind:
 
 # A new kind of stage is a new line here (and a StageSpec field of PipelineConfig).
 KINDS: dict[str, StageKind] = {
-    "sft": StageKind("launch/stage1_sft.py", SFTStageConfig, lambda cfg, run: {"model": cfg.model}),
-    "rm": StageKind("launch/stage2_rm.py", RMStageConfig, lambda cfg, run: {"model": str(run / "sft")}, ("sft",)),
+    "sft": StageKind(
+        "launch/stage1_sft.py", SFTStageConfig, lambda cfg, run: {"model": cfg.model, **_sampled(cfg, run)}
+    ),
+    "rm": StageKind(
+        "launch/stage2_rm.py", RMStageConfig, lambda cfg, run: {"model": str(run / "sft"), **_pairs(cfg, run)}, ("sft",)
+    ),
     "ppo": StageKind(
         "launch/stage3_ppo.py",
         PPOStageConfig,
         lambda cfg, run: {"policy": str(run / "sft"), "reward_model": str(run / "rm")},
         ("sft", "rm"),
     ),
-    "dpo": StageKind("launch/stage3_dpo.py", DPOStageConfig, lambda cfg, run: {"policy": str(run / "sft")}, ("sft",)),
-    # an RLHF round's comparisons (rounds > 1 only; wired by round_wiring below)
-    "label": StageKind("launch/stage2_label.py", LabelStageConfig, lambda cfg, run: {}, ("ppo",)),
+    "dpo": StageKind(
+        "launch/stage3_dpo.py",
+        DPOStageConfig,
+        lambda cfg, run: {"policy": str(run / "sft"), **_pairs(cfg, run)},
+        ("sft",),
+    ),
+    # the starting model's own samples, labelled (first in `stages`): SFT data by rejection sampling
+    # (best.jsonl) and the pairs of the RM and DPO; in rounds after the first, the last policy's
+    # comparisons (wired by round_wiring below)
+    "label": StageKind(
+        "launch/stage2_label.py",
+        LabelStageConfig,
+        lambda cfg, run: {"policy": cfg.model, "reward_model": None, "round": 1},
+    ),
 }
+
+
+def _sampled(cfg: PipelineConfig, run: Path) -> dict[str, str]:
+    """SFT's data where a first `label` stage sampled the model: its passing answers (best of K)."""
+    return {"data.train": str(run / "label" / "best.jsonl")} if "label" in cfg.stages else {}
+
+
+def _pairs(cfg: PipelineConfig, run: Path) -> dict[str, str]:
+    """The RM's and DPO's pairs where a first `label` stage made them: its labelled comparisons."""
+    if "label" not in cfg.stages:
+        return {}
+    return {"data.train": str(run / "label" / "pairs.jsonl"), "data.eval": str(run / "label" / "eval_pairs.jsonl")}
+
+
 ROUND_STAGES = ("label", "rm", "ppo")  # what each round after the first runs, in runs/<name>/round-K/
 SPECS = (*STAGES, "label")  # the stage configs a pipeline holds (`<stage>.<key>=value` overrides go to them)
 
@@ -111,7 +140,8 @@ class PipelineConfig:
     num_processes: int | None = None  # override the accelerate config's process count
     main_process_port: int | None = None  # for several pipelines on one machine
     report: bool = True  # write runs/<name>/report.html at the end
-    # the stages this pipeline runs, in order: [sft, rm, ppo], or [sft, dpo] for DPO instead of RM + PPO
+    # the stages this pipeline runs, in order: [sft, rm, ppo], or [sft, dpo] for DPO instead of RM + PPO;
+    # [label, sft, rm, ppo]: sample the model first, SFT on its passing answers, RM / DPO on its pairs
     stages: tuple[str, ...] = ("sft", "rm", "ppo")
     sft: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/sft.yaml"))
     rm: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/rm.yaml"))
@@ -127,8 +157,10 @@ class PipelineConfig:
         if self.rounds > 1 and not {"rm", "ppo"} <= set(self.stages):
             raise ConfigError("rounds", "rounds after the first continue the RM and PPO: stages must hold rm and ppo")
         for i, stage in enumerate(self.stages):
-            if stage not in STAGES:
-                raise ConfigError("stages", f"unknown stage {stage!r}; known: {list(STAGES)}")
+            if stage not in KINDS:
+                raise ConfigError("stages", f"unknown stage {stage!r}; known: {list(KINDS)}")
+            if stage == "label" and i != 0:
+                raise ConfigError("stages", "label samples the starting model: it can only come first")
             missing = [n for n in KINDS[stage].needs if n not in self.stages[:i]]
             if missing:
                 raise ConfigError("stages", f"{stage} reads the output of {missing[0]}, which must come before it")
@@ -427,11 +459,12 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"),
         path = run_dir / stage / name
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    sft, rm, ppo, dpo = (load(s, "eval.json") if s in stages else {} for s in ("sft", "rm", "ppo", "dpo"))
+    label, sft, rm, ppo, dpo = (load(s, "eval.json") if s in stages else {} for s in ("label", *STAGES))
     for stage in stages:
         manifest = load(stage, "manifest.json")
         wall = manifest.get("metrics", {}).get("wall_time_s")
         rows.append((stage, "wall time", f"{wall:.0f} s" if wall else "-"))
+    rows += label_rows(label, "label")
     if sft:
         rows += _accuracy_rows("sft", "", sft)
     if rm:
@@ -477,6 +510,11 @@ def _accuracy_rows(stage: str, when: str, evaluation: dict | None) -> list[tuple
         return []
     split = evaluation.get("split", "held-out")
     rows = [(stage, f"{split} accuracy{when}", _acc(evaluation))]
+    errors = evaluation.get("stderr_by_kind", {})
+    for kind, value in evaluation.get("accuracy_by_kind", {}).items():  # a task with named buckets
+        rows.append((stage, f"  {kind}{when}", f"{value:.3f} ± {errors.get(kind, float('nan')):.3f}"))
+    if evaluation.get("mean_words") is not None:
+        rows.append((stage, f"  mean words{when}", f"{evaluation['mean_words']:.1f}"))
     if evaluation.get("validation"):
         rows.append((stage, f"  validation accuracy{when}", _acc(evaluation["validation"])))
     return rows
@@ -495,13 +533,7 @@ def round_rows(round_dir: Path, name: str) -> list[tuple[str, str, str]]:
     for stage in ROUND_STAGES:
         wall = load(stage, "manifest.json").get("metrics", {}).get("wall_time_s")
         rows.append((f"{name}/{stage}", "wall time", f"{wall:.0f} s" if wall else "-"))
-    if label:
-        train = label.get("train", {})
-        agreement = train.get("gold_agreement")
-        rows.append((f"{name}/label", f"pairs ({label.get('labeller')})", str(train.get("pairs", "-"))))
-        rows.append(
-            (f"{name}/label", "labeller agrees with gold", f"{agreement:.3f}" if agreement is not None else "-")
-        )
+    rows += label_rows(label, f"{name}/label")
     before, after = label.get("rm_accuracy_before"), (rm.get("accuracy_by_kind") or {}).get(name)
     if before is not None or after is not None:
         text = " -> ".join(f"{x:.3f}" if x is not None else "-" for x in (before, after))
@@ -512,6 +544,33 @@ def round_rows(round_dir: Path, name: str) -> list[tuple[str, str, str]]:
         kl, target = ppo.get("final_kl"), ppo.get("kl_target")
         rows.append((f"{name}/ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
         rows += proxy_gold_rows(round_dir / "ppo", ppo, f"{name}/ppo")
+    return rows
+
+
+def label_rows(label: dict, name: str) -> list[tuple[str, str, str]]:
+    """A label stage's lines: its pairs, the prompts with a passing answer (best of K, the SFT data of
+    rejection sampling), the share of samples the checker passes, and each labeller's agreement
+    with the checker on the pairs it can decide."""
+    if not label:
+        return []
+    train, held_out = label.get("train", {}), label.get("eval", {})
+
+    def share(x: float | None) -> str:
+        return f"{x:.3f}" if x is not None else "-"
+
+    rows = [
+        (
+            name,
+            f"pairs ({label.get('labeller')})",
+            f"{train.get('pairs', '-')} (held out {held_out.get('pairs', '-')})",
+        ),
+        (name, "prompts with a passing answer", f"{train.get('best_of_k', '-')} of {train.get('prompts', '-')}"),
+        (name, "samples the checker passes", share(train.get("policy_gold"))),
+        (name, "labeller agrees with gold", share(train.get("gold_agreement"))),
+    ]
+    for key in sorted(k for k in held_out if k.endswith("_gold_agreement") and k != "gold_agreement"):
+        n = held_out.get(key.replace("agreement", "decidable_pairs"))
+        rows.append((name, f"{key.split('_')[0]} agrees with gold (held out)", f"{share(held_out[key])} on {n} pairs"))
     return rows
 
 

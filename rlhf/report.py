@@ -30,7 +30,7 @@ from matplotlib import font_manager
 
 from rlhf.checkpoint import STAGES, atomic_write_json, atomic_write_text
 from rlhf.proxy_gold import best_gold, divergence, run_points
-from rlhf.tasks import TASKS
+from rlhf.tasks import TASKS, bucket_figures
 from rlhf.tracking import metrics_records
 
 # Fonts that hold the Chinese of seed 000's prompts, in order of preference: Debian's
@@ -446,7 +446,7 @@ def _accuracy_tables(stages: dict) -> list[str]:
         "test": "drawn with its own seed, no training or validation item among them, used by nothing else",
         "validation": "the split in-loop evaluation, any choice of checkpoint and tuning read: not an unbiased figure",
     }
-    out = [_accuracy_table(f"Task accuracy: {task}, {split} split (exact match)", rows, notes.get(split, ""))]
+    out = [_accuracy_table(f"Task accuracy: {task}, {split} split (the task's checker)", rows, notes.get(split, ""))]
     validation = [(name, r["validation"]) for name, r in rows if r.get("validation")]
     if validation:
         out.append(_accuracy_table(f"Task accuracy: {task}, validation split", validation, notes["validation"]))
@@ -455,20 +455,21 @@ def _accuracy_tables(stages: dict) -> list[str]:
 
 def _accuracy_table(title: str, rows: list[tuple[str, dict]], note: str) -> str:
     e = html.escape
-    buckets = sorted({d for _, r in rows for d in r.get("accuracy_by_digits", {})}, key=int)
-    sizes = rows[-1][1].get("n_by_digits", {})
-    head = "".join(f"<th>{e(d)}-digit{f' (n {sizes[d]})' if d in sizes else ''}</th>" for d in buckets)
+    buckets = list(dict.fromkeys(d for _, r in rows for d in bucket_figures(r)[0]))  # in the tasks' order
+    _, _, sizes, bucket_name = bucket_figures(rows[-1][1])
+    head = "".join(f"<th>{e(bucket_name(d))}{f' (n {sizes[d]})' if d in sizes else ''}</th>" for d in buckets)
+    # the answers' length where the task reports it: a policy gaming a learned reward often does it by length
+    words = any("mean_words" in r for _, r in rows)
+    head += "<th>RM score</th>" + ("<th>mean words</th>" if words else "")
     body = ""
     for name, r in rows:
-        errors = r.get("stderr_by_digits", {})
-        cells = "".join(f"<td>{_pm(r.get('accuracy_by_digits', {}).get(d), errors.get(d))}</td>" for d in buckets)
-        body += (
-            f"<tr><td>{e(name)}</td><td>{_pm(r.get('accuracy'), r.get('stderr'))}</td>{cells}"
-            f"<td>{_fmt(r.get('rm_score'))}</td></tr>"
-        )
+        accuracy, errors, _, _ = bucket_figures(r)
+        cells = "".join(f"<td>{_pm(accuracy.get(d), errors.get(d))}</td>" for d in buckets)
+        cells += f"<td>{_fmt(r.get('rm_score'))}</td>" + (f"<td>{_fmt(r.get('mean_words'), 1)}</td>" if words else "")
+        body += f"<tr><td>{e(name)}</td><td>{_pm(r.get('accuracy'), r.get('stderr'))}</td>{cells}</tr>"
     return (
         f"<h2>{title}</h2><p class=dim>± one standard error, sqrt(p(1 − p)/n) per bucket; {e(note)}</p>"
-        f"<table><tr><th>model</th><th>all</th>{head}<th>RM score</th></tr>{body}</table>"
+        f"<table><tr><th>model</th><th>all</th>{head}</tr>{body}</table>"
     )
 
 

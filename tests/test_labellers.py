@@ -9,10 +9,10 @@ import pytest
 
 from conftest import ROOT, run_entry
 from rlhf.config import ModelInit
-from rlhf.data import Record, normalize_preferences
+from rlhf.data import Record, normalize_preferences, normalize_sft
 from rlhf.registry import build_policy, load_tokenizer, resolve
 from rlhf.reward_functions import RewardFunctionError
-from stages.reward.label import pair_records
+from stages.reward.label import best_records, pair_records, split_report
 from stages.reward.labellers import LABELLERS, Labelling, gold_agreement, ranked_pairs
 
 Q = "请计算：{} = ，直接返回计算结果"
@@ -123,3 +123,22 @@ def refuse(prompt, a, b):
 def test_a_labeller_that_raises_is_a_one_line_labeller_error():
     with pytest.raises(RewardFunctionError, match=r"labeller 'test_labellers:refuse' raised KeyError: 'grader"):
         LABELLERS["function"](_job(function="test_labellers:refuse"))
+
+
+def test_rejection_sampling_keeps_each_prompts_first_passing_answer_as_an_sft_record():
+    job = Labelling(
+        prompts=PROMPTS, responses=[["-35", "35", "035"], ["81", "80"]], answers=ANSWERS, task="subtraction"
+    )
+    # the first passing answer in sampling order (not the shortest); a prompt with none gives nothing
+    assert best_records(job) == [{"messages": [*PROMPTS[0], {"role": "assistant", "content": "35"}]}]
+    records, fmt = normalize_sft([Record(r, f"line {i + 1}") for i, r in enumerate(best_records(job))])
+    assert fmt == "messages" and records[0]["completion"][-1]["content"] == "35"
+
+
+def test_a_compared_labeller_is_measured_against_the_checker_on_the_same_samples():
+    job = _job(function="test_labellers:prefer_shorter")
+    report = split_report(job, LABELLERS["rule"](job), ("function",))
+    assert (report["pairs"], report["gold_agreement"], report["best_of_k"]) == (3, 1.0, 2)
+    # prefer_shorter decides two of the checker's pairs and gets one right (as above)
+    assert (report["function_gold_agreement"], report["function_gold_decidable_pairs"]) == (0.5, 2)
+    assert report["function_pairs"] == 3 and report["policy_gold"] == 2 / 5

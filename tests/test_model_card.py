@@ -41,7 +41,7 @@ def test_the_card_holds_base_model_data_method_figures_and_command(tmp_path):
     assert card.startswith("---\n") and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "Direct Preference Optimization" in card and "`runs/x/sft`" in card
     assert "| data (train) | `pairs.jsonl (prompt)` |" in card
-    assert "| before | test | 0.6125 ± 0.0109 | 2: 0.980, 5: 0.245 |" in card
+    assert "| before | test | 0.6125 ± 0.0109 | 2-digit: 0.980, 5-digit: 0.245 |" in card
     assert "| after | test | 0.6542 ± 0.0106 |" in card
     assert "| this model | 0.862 | 0.4187 | 1.9311 |" in card  # the held-out pairs: accuracy, loss, margin
     assert "| accuracy_gain | 0.0417 |" in card and "| train_loss | 0.5123 |" in card

@@ -398,3 +398,24 @@ def test_rounds_use_the_pipelines_label_config_and_their_held_out_splits_are_che
         with pytest.raises(ConfigError) as err:
             check_held_out_agree(load_pipeline(pipeline_yaml, ["rounds=2", *overrides]))
         assert err.value.key == key and "same held-out splits" in str(err.value)
+
+
+def test_a_first_label_stage_feeds_sft_its_passing_answers_and_rm_and_dpo_its_pairs(tmp_path):
+    # The own-samples pipeline (configs/smollm2-135m/constraints.yaml): sample the starting model,
+    # SFT on its answers the checker passes (rejection sampling), RM and DPO on the labelled pairs.
+    tiny = str(ROOT / "configs/tiny/pipeline.yaml")
+    cfg = load_pipeline(tiny, [f"runs_dir={tmp_path}", "name=own", "stages=[label, sft, rm, ppo, dpo]"])
+    configs = {j.name: resolved_stage_config(cfg, j) for j in jobs(cfg)}
+    run = tmp_path / "own"
+    assert list(configs) == ["label", "sft", "rm", "ppo", "dpo"]
+    assert (configs["label"].policy, configs["label"].round, configs["label"].reward_model) == ("tiny", 1, None)
+    assert configs["label"].output_dir == str(run / "label")
+    assert configs["sft"].data.train == str(run / "label/best.jsonl") and configs["sft"].model == "tiny"
+    for stage in ("rm", "dpo"):
+        data = configs[stage].data
+        assert (data.train, data.eval) == (str(run / "label/pairs.jsonl"), str(run / "label/eval_pairs.jsonl"))
+    # without it, nothing changes: the stages read their configured (here: generated) data
+    plain = {j.name: resolved_stage_config(load_pipeline(tiny, []), j) for j in jobs(load_pipeline(tiny, []))}
+    assert plain["sft"].data.train is None and plain["rm"].data.train is None
+    with pytest.raises(ConfigError, match="label samples the starting model: it can only come first"):
+        load_pipeline(tiny, ["stages=[sft, label, rm, ppo]"])

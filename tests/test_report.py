@@ -100,7 +100,7 @@ def test_tracked_metrics_keep_the_splits_apart():
 
 def test_report_quotes_the_test_split_with_standard_errors(run_dir):
     page = write_report(run_dir).read_text(encoding="utf-8")
-    assert "Task accuracy: subtraction, test split (exact match)" in page
+    assert "Task accuracy: subtraction, test split (the task's checker)" in page
     assert "2-digit (n 4)" in page
     # after PPO: all, 2-digit (± 0.2165, stored to 4 places), 5-digit
     assert re.search(r"<td>PPO</td><td>0\.625 ± 0\.165</td><td>0\.750 ± 0\.21[67]</td><td>0\.500 ± 0\.250</td>", page)
@@ -199,3 +199,38 @@ def test_a_torn_last_line_of_metrics_jsonl_is_skipped_and_ended_on_resume(tmp_pa
     tracker.log({"train/ppo/score": 0.75}, step=2)
     tracker.file.close()
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_a_task_with_named_kinds_is_reported_by_kind_with_the_answers_length(tmp_path):
+    # the constraints task: buckets are kinds, and the answers' length shows length hacking
+    from rlhf.tasks import constraints as C
+
+    prompts = [
+        C.prompt_of(C.REQUESTS[0], "tea", "lowercase", None),
+        C.prompt_of(C.REQUESTS[0], "tea", "no_commas", None),
+    ]
+    answers = [C.answer_of("lowercase", None), C.answer_of("no_commas", None)]
+
+    def evaluation(responses: list[str]) -> dict:
+        items = [
+            {"prompt": q, "answer": a, "response": r, "correct": C.is_correct(r, a), "bucket": C.TASK.bucket(q)}
+            for q, a, r in zip(prompts, answers, responses, strict=True)
+        ]
+        return {"split": "test", **C.TASK.score(prompts, answers, responses), "items": items}
+
+    before, after = evaluation(["Tea, hot.", "Tea, hot."]), evaluation(["tea is hot and good", "Tea is hot"])
+    ppo = tmp_path / "ppo"
+    ppo.mkdir()
+    (ppo / "config.yaml").write_text("task:\n  name: constraints\n")
+    report = {"split": "test", "before": for_eval_json(before), "after": for_eval_json(after)}
+    report["changed"] = changed_items(before, after)
+    (ppo / "eval.json").write_text(json.dumps(report))
+    page = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "<th>lowercase (n 1)</th><th>no_commas (n 1)</th><th>RM score</th><th>mean words</th>" in page
+    assert re.search(
+        r"<td>PPO</td><td>1\.000 ± 0\.000</td><td>1\.000 ± 0\.000</td><td>1\.000 ± 0\.000</td><td>-</td><td>4\.0</td>",
+        page,
+    )
+    assert "lowercase: fixed 1, broke 0 of 1" in page and "no_commas: fixed 1, broke 0 of 1" in page
+    text = summary_table(tmp_path, ("ppo",))
+    assert re.search(r"lowercase after\s+1\.000 ± 0\.000", text) and re.search(r"mean words before\s+2\.0", text)

@@ -160,7 +160,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """A built-in task with a checker (rlhf/tasks: seed 000's subtraction, addition_reversed), which
+    """A built-in task with a checker (rlhf/tasks: seed 000's subtraction, addition_reversed, constraints), which
     generates the training and held-out data when `data.train` / `data.eval` are null, and scores
     generations."""
 

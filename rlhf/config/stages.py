@@ -570,11 +570,15 @@ class LabellerConfig:
     function: str = ""  # for `function`: "package.module:function(prompt, a, b) -> 0 | 1 | None"
     judge: str = ""  # for `judge`: a causal LM (preset, directory or hub id) that picks A or B
     principle: str = "The better response answers the question correctly and says nothing else."
+    # other labellers run on the same samples only to measure their agreement with the task's
+    # checker (eval.json's <name>_gold_agreement), e.g. [judge] beside the rule: RLAIF's agreement
+    compare: tuple[Literal["rule", "function", "judge"], ...] = ()
 
     def check(self) -> None:
-        if self.name == "function" and ":" not in self.function:
+        used = (self.name, *self.compare)
+        if "function" in used and ":" not in self.function:
             raise ConfigError("function", f"labeller 'function' needs 'package.module:function', got {self.function!r}")
-        if self.name == "judge" and not self.judge:
+        if "judge" in used and not self.judge:
             raise ConfigError("judge", "labeller 'judge' needs a model (preset, directory or hub id)")
 
 

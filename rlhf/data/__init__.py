@@ -10,7 +10,7 @@ from rlhf.data.io import DataError, Record, read_records
 from rlhf.data.preference import normalize_preferences
 from rlhf.data.sft import detect_sft_format, normalize_sft, reference_answer
 from rlhf.data.sources import map_columns, mix
-from rlhf.tasks import task_records
+from rlhf.tasks import get_task, task_records
 from rlhf.tasks.base import BucketExhausted
 
 __all__ = [
@@ -41,6 +41,13 @@ def load_records(
                 return [], "none"
             raise DataError("data.train", None, "no training data: set data.train or a built-in task")
         label = f"task:{task.name}/{split}"
+        if split == "train" and generate is None and not get_task(task.name).imitable:
+            raise DataError(
+                "data.train",
+                None,
+                f"task {task.name!r} has no reference answers to train on: give your data, e.g. the model's own "
+                "passing answers (the label stage's best.jsonl; a pipeline with stages [label, sft, ...] wires it)",
+            )
         try:
             generated = generate() if generate else task_records(task, split)
         except BucketExhausted as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from rlhf.tasks import addition_reversed, subtraction
+from rlhf.tasks import addition_reversed, constraints, subtraction
 from rlhf.tasks.base import Rule, Task, TaskSpec, exact_match
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Rule",
     "Task",
     "TaskSpec",
+    "bucket_figures",
     "get_task",
     "gold_checker",
     "rule_reward",
@@ -30,6 +31,7 @@ __all__ = [
 TASKS: dict[str, Task] = {
     "subtraction": subtraction.TASK,
     "addition_reversed": addition_reversed.TASK,
+    "constraints": constraints.TASK,
 }
 
 
@@ -71,7 +73,8 @@ def gold_checker(task_name: str | None) -> Callable[[str, str], bool]:
 
 
 def task_records(task: TaskSpec, split: str, seed_offset: int = 0) -> list[dict]:
-    """Generated records for `split` ("train": SFT records; "eval", the validation split, and
+    """Generated records for `split` ("train": SFT records, prompt-only for a task that is not
+    `imitable`; "eval", the validation split, and
     "test": {"prompt", "answer"}), in the task's formats. Training items depend on data_seed +
     seed_offset (PPO draws fresh prompts with an offset) and never include a test item."""
     t = get_task(task.name)
@@ -87,6 +90,16 @@ def task_preference_records(
     realistic wrong one of a kind in `kinds` (None: all the task's kinds), drawn by `weights`."""
     t = get_task(task.name)
     return t.preference_records(task, t.wrong_kinds if kinds is None else kinds, size, split, weights)
+
+
+def bucket_figures(report: dict) -> tuple[dict, dict, dict, Callable[[str], str]]:
+    """A task report's per-bucket accuracy, standard error and count, and each bucket's name: digit
+    buckets (`accuracy_by_digits`, "5-digit") or named kinds (`accuracy_by_kind`, e.g. "lowercase").
+    Empty for a report without buckets."""
+    for by, name in (("digits", lambda d: f"{d}-digit"), ("kind", str)):
+        if isinstance(report.get(f"accuracy_by_{by}"), dict):
+            return report[f"accuracy_by_{by}"], report.get(f"stderr_by_{by}", {}), report.get(f"n_by_{by}", {}), name
+    return {}, {}, {}, str
 
 
 def score_generations(task_name: str | None, prompts: list[str], answers: list[str], responses: list[str]) -> dict:

@@ -41,8 +41,9 @@ class Task:
     """
 
     name: str
-    # (task config, seed offset) -> SFT records {"messages": [user, assistant]}; PPO draws its
-    # prompts with an offset so they differ from the SFT set
+    # (task config, seed offset) -> SFT records {"messages": [user, assistant]} (a task that is not
+    # `imitable`: prompt-only {"prompt": [user], "answer"}); PPO draws its prompts with an offset so
+    # they differ from the SFT set
     train_records: Callable[[TaskSpec, int], list[dict]]
     # (task config) -> the validation split's records {"prompt", "answer"} (in-loop evaluation, tuning)
     eval_records: Callable[[TaskSpec], list[dict]]
@@ -52,9 +53,10 @@ class Task:
     # (task config, kinds, size, split, weights per kind | None) -> {"prompt", "chosen", "rejected", "kind"}
     preference_records: Callable[[TaskSpec, Sequence[str], int, str, Sequence[float] | None], list[dict]]
     is_correct: Callable[[str, str], bool]  # (response, reference answer) -> right?
-    bucket: Callable[[str], int]  # question -> its digit bucket, as `score` counts it
+    bucket: Callable[[str], int | str]  # question -> its bucket as `score` keys it (digits; constraints: the kind)
     # (questions, reference answers, responses) -> eval.json's task block: at least task, accuracy, n,
-    # and accuracy_by_digits / n_by_digits for a task with buckets
+    # and accuracy_by_digits / n_by_digits for a task with digit buckets (accuracy_by_kind / n_by_kind
+    # for one with kinds, `bucket_report`)
     score: Callable[[Sequence[str], Sequence[str], Sequence[str]], dict]
     rules: Mapping[str, Rule]  # rule rewards for PPO's `rule` reward sources, by name (unique across tasks)
     wrong_kinds: tuple[str, ...]  # kinds of wrong answers for the reward model's pairs
@@ -66,6 +68,9 @@ class Task:
     curves: tuple[tuple[str, str, str], ...] = ()
     fewshot: bool = False  # whether the generators honour task.fewshot
     languages: tuple[str, ...] = ()  # the prompt languages the generators honour (task.prompt_language)
+    # the generated training records hold a reference answer SFT can train on; False: prompt-only
+    # records (the constraints task: its SFT data comes from rejection sampling of the model's own samples)
+    imitable: bool = True
 
 
 def exact_match(response: str, answer: str) -> bool:
@@ -73,10 +78,13 @@ def exact_match(response: str, answer: str) -> bool:
     return response.strip() == str(answer).strip()
 
 
-def bucket_report(task: str, hits: Mapping[int, Sequence[bool]]) -> dict:
-    """eval.json's task block from exact-match hits per digit bucket: accuracy overall and per
-    bucket, one standard error of each, and the counts (every task reports in this shape; the
-    report reads it).
+def bucket_report(
+    task: str, hits: Mapping[int, Sequence[bool]] | Mapping[str, Sequence[bool]], by: str = "digits"
+) -> dict:
+    """eval.json's task block from hits per bucket: accuracy overall and per bucket, one standard
+    error of each, and the counts (every task reports in this shape; the report reads it). The
+    per-bucket keys are `accuracy_by_<by>`, `stderr_by_<by>`, `n_by_<by>`: digit buckets for the
+    arithmetic tasks, constraint kinds (`by="kind"`) for the constraints task.
 
     A bucket's standard error is the binomial sqrt(p(1 − p)/n). The buckets are fixed strata (the
     held-out sets split evenly over them), so the overall one is the stratified
@@ -89,9 +97,9 @@ def bucket_report(task: str, hits: Mapping[int, Sequence[bool]]) -> dict:
         "task": task,
         "accuracy": round(sum(flat) / max(len(flat), 1), 4),
         "stderr": round(math.sqrt(spread) / max(len(flat), 1), 4),
-        "accuracy_by_digits": {str(k): round(p, 4) for k, p in rates.items()},
-        "stderr_by_digits": {str(k): round(standard_error(p, len(hits[k])), 4) for k, p in rates.items()},
-        "n_by_digits": {str(k): len(v) for k, v in sorted(hits.items())},
+        f"accuracy_by_{by}": {str(k): round(p, 4) for k, p in rates.items()},
+        f"stderr_by_{by}": {str(k): round(standard_error(p, len(hits[k])), 4) for k, p in rates.items()},
+        f"n_by_{by}": {str(k): len(v) for k, v in sorted(hits.items())},
         "n": len(flat),
     }
 

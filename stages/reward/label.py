@@ -7,7 +7,12 @@ the reward model's accuracy before and after its refresh). One process; one file
   2. K sampled answers per prompt from the policy (distinct, non-empty ones kept)
   3. the labeller's ordered pairs; their agreement with the task's checker
   4. the reward model before the refresh scores the held-out pairs ("before" accuracy)
-  5. pairs.jsonl, eval_pairs.jsonl, eval.json, manifest.json
+  5. pairs.jsonl, eval_pairs.jsonl, best.jsonl, eval.json, manifest.json
+
+best.jsonl is rejection sampling (best of K): per training prompt, the first sampled answer the
+task's checker passes, as an SFT record. Sampling the starting model this way (the pipeline's
+first-round `label` stage, e.g. configs/smollm2-135m/constraints.yaml) gives SFT data of the
+model's own passing answers and the reward model's pairs from one pass of sampling.
 
     accelerate launch launch/stage2_label.py --config configs/tiny/label.yaml policy=runs/x/ppo reward_model=runs/x/rm
 """
@@ -47,12 +52,7 @@ def label(cfg: LabelStageConfig) -> dict:
     rows = fresh_prompts(cfg)
     with whole_models():
         policy = build_policy(source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision).eval()
-        judge, judge_tokenizer = None, None
-        if cfg.labeller.name == "judge":
-            judge_source = resolve(cfg.labeller.judge)
-            judge_tokenizer = load_tokenizer(judge_source, cfg.model_init)
-            judge = build_policy(judge_source, cfg.model_init, judge_tokenizer, seed=cfg.seed, precision=precision)
-            judge = judge.eval()
+        judge, judge_tokenizer = load_judge(cfg, precision)
     if not state.is_main_process:  # one process labels; the others wait for the manifest
         wait_for_main()
         return {}
@@ -60,8 +60,9 @@ def label(cfg: LabelStageConfig) -> dict:
     split = {"train": rows[: cfg.prompts], "eval": rows[cfg.prompts :]}
     report: dict = {"labeller": cfg.labeller.name, "samples_per_prompt": cfg.samples_per_prompt}
     pairs: dict[str, list[dict]] = {}
+    best: list[dict] = []
     for name, part in split.items():
-        # 2. K answers per prompt; 3. the labeller's pairs
+        # 2. K answers per prompt; 3. the labeller's pairs (and the other labellers' agreement)
         job = Labelling(
             prompts=[r["prompt"] for r in part],
             responses=sample_answers(policy, tokenizer, [r["prompt"] for r in part], cfg),
@@ -74,15 +75,10 @@ def label(cfg: LabelStageConfig) -> dict:
         )
         found = LABELLERS[cfg.labeller.name](job)
         pairs[name] = pair_records(job, found, f"round-{cfg.round}")
-        agreement, decidable = gold_agreement(job, found)
-        report[name] = {
-            "prompts": len(part),
-            "pairs": len(pairs[name]),
-            "policy_gold": policy_gold(job),
-            "gold_agreement": agreement,
-            "gold_decidable_pairs": decidable,
-        }
-        log.info("%s: %d prompts -> %d pairs; agreement with gold %s", name, len(part), len(pairs[name]), agreement)
+        if name == "train":
+            best = best_records(job)
+        report[name] = split_report(job, found, cfg.labeller.compare if name == "eval" else ())
+        log.info("%s: %d prompts -> %d pairs; %s", name, len(part), len(pairs[name]), report[name])
 
     # 4. the reward model before its refresh, on the held-out pairs of this policy's samples
     if cfg.reward_model and pairs["eval"]:
@@ -90,9 +86,9 @@ def label(cfg: LabelStageConfig) -> dict:
     # 5. the files; the output directory is taken only now, so that a labeller that fails leaves
     #    an earlier output as it was
     out = start_stage(cfg.output_dir, cfg, True, every_process=False)  # the others have returned
-    for name, file in (("train", "pairs.jsonl"), ("eval", "eval_pairs.jsonl")):
-        atomic_write_text(out / file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs[name]))
-    metrics = {"pairs": len(pairs["train"]), "eval_pairs": len(pairs["eval"])}
+    for file, records in (("pairs.jsonl", pairs["train"]), ("eval_pairs.jsonl", pairs["eval"]), ("best.jsonl", best)):
+        atomic_write_text(out / file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    metrics = {"pairs": len(pairs["train"]), "eval_pairs": len(pairs["eval"]), "best": len(best)}
     finish_stage(
         out,
         cfg,
@@ -106,6 +102,38 @@ def label(cfg: LabelStageConfig) -> dict:
     )
     wait_for_main()
     return metrics
+
+
+def load_judge(cfg: LabelStageConfig, precision) -> tuple[torch.nn.Module | None, object]:
+    """The judge's model and tokenizer where the labeller or a compared one is `judge`, else None."""
+    if "judge" not in (cfg.labeller.name, *cfg.labeller.compare):
+        return None, None
+    judge_source = resolve(cfg.labeller.judge)
+    judge_tokenizer = load_tokenizer(judge_source, cfg.model_init)
+    judge = build_policy(judge_source, cfg.model_init, judge_tokenizer, seed=cfg.seed, precision=precision)
+    return judge.eval(), judge_tokenizer
+
+
+def split_report(job: Labelling, found, compare: tuple[str, ...]) -> dict:
+    """eval.json's block for one split: prompts, pairs, prompts with a passing answer (best of K),
+    the share of answers the checker passes, the labeller's agreement with the checker, and that of
+    each labeller in `compare` (run on the same samples only to be measured, e.g. the judge: RLAIF's
+    agreement with the human stand-in; the held-out split only, as a judge reads every pair twice)."""
+    agreement, decidable = gold_agreement(job, found)
+    out = {
+        "prompts": len(job.prompts),
+        "pairs": sum(len(f) for f in found),
+        "best_of_k": len(best_records(job)),
+        "policy_gold": policy_gold(job),
+        "gold_agreement": agreement,
+        "gold_decidable_pairs": decidable,
+    }
+    for name in compare:
+        other = LABELLERS[name](job)
+        share, n = gold_agreement(job, other)
+        out[f"{name}_gold_agreement"], out[f"{name}_gold_decidable_pairs"] = share, n
+        out[f"{name}_pairs"] = sum(len(f) for f in other)
+    return out
 
 
 def fresh_prompts(cfg: LabelStageConfig) -> list[dict]:
@@ -138,6 +166,19 @@ def pair_records(job: Labelling, found: list[list[tuple[int, int]]], kind: str) 
         for prompt, responses, ordered in zip(job.prompts, job.responses, found, strict=True)
         for better, worse in ordered
     ]
+
+
+def best_records(job: Labelling) -> list[dict]:
+    """Rejection sampling: per prompt, the first of its sampled answers (in sampling order, so no
+    preference for short or long ones) that the task's checker passes, as an SFT record
+    {"messages": [*prompt, assistant]}; prompts with none (or no reference answer) give nothing."""
+    check = gold_checker(job.task)
+    out = []
+    for prompt, responses, answer in zip(job.prompts, job.responses, job.answers, strict=True):
+        passing = [r for r in responses if answer is not None and check(r, answer)]
+        if passing:
+            out.append({"messages": [*prompt, {"role": "assistant", "content": passing[0]}]})
+    return out
 
 
 def policy_gold(job: Labelling) -> float | None:
