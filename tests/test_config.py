@@ -34,7 +34,8 @@ STAGE_CLASSES |= {"kto.yaml": KTOStageConfig, "orpo.yaml": ORPOStageConfig, "sim
 
 
 def stage_class(path: Path):
-    if path.name.startswith("pipeline"):  # pipeline.yaml, pipeline_dpo.yaml
+    # pipeline.yaml, pipeline_dpo.yaml, and a pipeline named for its experiment (smollm2-135m/constraints.yaml)
+    if path.name.startswith("pipeline") or "\nstages:" in path.read_text(encoding="utf-8"):
         from rlhf.pipeline import PipelineConfig
 
         return PipelineConfig
