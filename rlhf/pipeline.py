@@ -466,7 +466,7 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"),
         rows.append((stage, "wall time", f"{wall:.0f} s" if wall else "-"))
     rows += label_rows(label, "label")
     if sft:
-        rows += _accuracy_rows("sft", "", sft)
+        rows += _accuracy_rows("sft", " of the base model", sft.get("base")) + _accuracy_rows("sft", "", sft)
     if rm:
         rows.append(("rm", "pairwise accuracy", f"{rm.get('accuracy', float('nan')):.3f}"))
         if rm.get("accuracy_generated") is not None and "onpolicy" in rm.get("accuracy_by_kind", {}):
@@ -489,8 +489,8 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"),
     if any("validation accuracy" in r[1] for r in rows):
         lines += [
             "",
-            "  accuracy: exact match, ± one standard error; the test split is used by nothing else, the validation",
-            "  split by in-loop evaluation and tuning",
+            "  accuracy: the task's checker, ± one standard error; the test split is used by nothing else, the",
+            "  validation split by in-loop evaluation and tuning",
         ]
     lines += [
         "",
