@@ -105,7 +105,10 @@ def judge_margins(job: Labelling, items: Sequence[tuple[list[dict], str, str]], 
             for p, a, b in items[start : start + batch_size]
         ]
         ids, mask = left_pad(render_prompts(tok, chats), tok.pad_token_id, device)
-        logits = job.judge(input_ids=ids, attention_mask=mask).logits[:, -1].float().log_softmax(-1)  # (b, V)
+        # the LM head on the last position only: full-vocabulary logits of every position cost more
+        # than the trunk at a real vocabulary (49k for SmolLM2) and are never read
+        out_logits = job.judge(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+        logits = out_logits[:, -1].float().log_softmax(-1)  # (b, V)
         out += (logits[:, letters[0]] - logits[:, letters[1]]).tolist()
     return out
 
