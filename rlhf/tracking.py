@@ -206,18 +206,20 @@ def _accelerate_tracker(name: str, project: str, run_name: str, output_dir: Path
 
 
 def wandb_logged_in() -> bool:
-    """Whether wandb has a key without asking, read as wandb reads it and without the network:
-    WANDB_API_KEY (or an identity-token file), else the server's entry in the netrc file that
-    `wandb login` writes (~/.netrc, or $NETRC). wandb/sdk/lib/wbauth/authenticate.py, `_use_system_auth`."""
+    """Whether wandb has a key without asking, found as wandb's own CLI finds it (`_configured_api_key`
+    in wandb/cli/cli.py) and without the network: WANDB_API_KEY (or an identity-token file), a key in
+    wandb's settings, else the entry for the server (WANDB_BASE_URL, or the host `wandb login --host`
+    saved in ~/.config/wandb/settings) in the netrc file that `wandb login` writes (~/.netrc, $NETRC)."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    try:  # wandb's own reader (wandb >= 0.22 or so); imported here: `import wandb` is slow, and only wandb runs need it
-        from wandb.sdk.lib.urls import DEFAULT_BASE_URL
+    try:  # imported here: `import wandb` takes seconds, and only a wandb run needs it
+        from wandb.sdk import wandb_setup
         from wandb.sdk.lib.wbauth import read_netrc_auth
-    except ImportError:
+    except ImportError:  # a wandb before wbauth (0.2x): its netrc entry by the standard library
         return _netrc_has_key(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
     try:
-        return read_netrc_auth(host=os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL) is not None
+        settings = wandb_setup.singleton().settings  # its files and environment; starts no service
+        return bool(settings.api_key or read_netrc_auth(host=settings.base_url))
     except Exception as e:  # a malformed key or host: wandb would refuse it too
         warnings.warn(f"wandb: stored login not usable ({e}); running offline", stacklevel=2)
         return False

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import pytest
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+from wandb.sdk import wandb_setup
 
 import rlhf.tracking as tracking
 from rlhf.config import TRACKERS, ConfigError, SFTStageConfig, TrackingConfig, load_config
@@ -45,11 +46,17 @@ def test_a_tracker_whose_package_is_missing_is_dropped_naming_the_pip_install(tm
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    """A HOME of its own and no wandb credentials in the environment."""
+    """A HOME of its own, no wandb credentials in the environment, and wandb's settings read afresh
+    (wandb keeps them in a per-process singleton, restored after the test)."""
     for name in WANDB_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    forget_wandb_settings(monkeypatch)
     return tmp_path
+
+
+def forget_wandb_settings(monkeypatch) -> None:
+    monkeypatch.setattr(wandb_setup, "_singleton", None)
 
 
 def write_netrc(home: Path, machine: str) -> None:
@@ -100,8 +107,19 @@ def test_a_login_for_another_server_or_the_environment_key(home, monkeypatch):
     write_netrc(home, "wandb.example.com")
     assert not wandb_logged_in()  # the default server has no key
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    forget_wandb_settings(monkeypatch)
     assert wandb_logged_in()  # the configured server has one
     monkeypatch.delenv("WANDB_BASE_URL")
+    forget_wandb_settings(monkeypatch)
+    assert not wandb_logged_in()
+    # `wandb login --host https://wandb.example.com` saves the host in wandb's settings file
+    (home / ".config/wandb").mkdir(parents=True)
+    (home / ".config/wandb/settings").write_text("[default]\nbase_url = https://wandb.example.com\n")
+    forget_wandb_settings(monkeypatch)
+    assert wandb_logged_in()
+    (home / ".netrc").unlink()
+    forget_wandb_settings(monkeypatch)
+    assert not wandb_logged_in()
     monkeypatch.setenv("WANDB_API_KEY", KEY)
     assert wandb_logged_in()
 
