@@ -111,7 +111,7 @@ class Tracking:
                 if cfg.wandb_mode != "disabled":
                     self._start_wandb(cfg, run_name, output_dir, config)
             else:
-                self._start(_accelerate_tracker(name, cfg.project, run_name, output_dir), config)
+                self._start_other(name, cfg.project, run_name, output_dir, config)
 
     @property
     def names(self) -> list[str]:
@@ -157,6 +157,14 @@ class Tracking:
             return False
         self.trackers.append(tracker)
         return True
+
+    def _start_other(self, name: str, project: str, run_name: str, output_dir: Path, config: dict) -> None:
+        try:
+            tracker = _accelerate_tracker(name, project, run_name, output_dir)
+        except Exception as e:  # a constructor may read its settings (an API key, a server) and refuse
+            warnings.warn(f"{name} tracking disabled: {e}", stacklevel=3)
+            return
+        self._start(tracker, config)
 
     def _start_wandb(self, cfg: TrackingConfig, run_name: str, output_dir: Path, config: dict) -> None:
         mode = cfg.wandb_mode

@@ -44,6 +44,18 @@ def test_a_tracker_whose_package_is_missing_is_dropped_naming_the_pip_install(tm
     run.finish()
 
 
+def test_a_tracker_that_refuses_to_start_is_dropped_and_the_run_goes_on(tmp_path, monkeypatch):
+    def refuse(name, *args):
+        raise ValueError("no API key")  # as a constructor that reads its settings would
+
+    monkeypatch.setattr(tracking, "_installed", lambda name: True)
+    monkeypatch.setattr(tracking, "_accelerate_tracker", refuse)
+    with pytest.warns(UserWarning, match="aim tracking disabled: no API key"):
+        run = Tracking(TrackingConfig(report_to=("aim",)), tmp_path, "sft", {})
+    assert run.names == ["jsonl"]
+    run.finish()
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A HOME of its own, no wandb credentials in the environment, and wandb's settings read afresh
