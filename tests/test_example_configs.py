@@ -47,3 +47,10 @@ def test_each_example_starts_from_the_preset_or_an_earlier_examples_output():
     assert load("sft.yaml").model == "smollm2-135m-instruct"
     assert load("ppo.yaml").reward_model == outputs["rm.yaml"]
     assert Path(outputs["sft.yaml"]) == Path("runs/mine/sft")
+
+
+def test_the_ppo_example_updates_the_policy():
+    # the first value_warmup_steps train the value head alone (policy lr 0): the recipe's 5 in a
+    # 5-step example left the policy exactly the SFT model (KL 0, held-out score unchanged)
+    cfg = load("ppo.yaml")
+    assert cfg.ppo.value_warmup_steps < cfg.train.max_steps // 2
