@@ -60,7 +60,7 @@ from stages.ppo.losses import (
 )
 from stages.ppo.masked import masked, masked_sums, moments
 from stages.ppo.models import Models, build_models, rollout_forwards
-from stages.ppo.optim import clip_gradients, drop_policy_gradients, set_lr
+from stages.ppo.optim import clip_gradients, drop_policy_gradients, set_lr, warmup_note
 from stages.ppo.rollout import Rollout, Scored, in_micro_batches
 from stages.ppo.sampling import Prompts, episode_tensors, load_prompts, prompt_batch, sample_groups
 from stages.ppo.saving import (
@@ -97,6 +97,8 @@ def train(cfg: PPOStageConfig) -> dict:
     running = RunningMoments()
     reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, engine)
     log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
+    if note := warmup_note(models.optimizer, cfg):
+        log.warning(note)
     cost = step_cost(accelerator.unwrap_model(models.model), models.reward_model, cfg, reuse_logprobs)  # perf/mfu
     peak = device_peak_flops(accelerator.device, models.precision.matmul_dtype)  # a CPU's is measured, once
     # A checksum of the reference, checked again at the end (ZeRO-3 shards weights: not checked there).
