@@ -188,6 +188,7 @@ def finish_stage(
     if eval_report is not None:
         atomic_write_json(out / "eval.json", eval_report)
     metrics["wall_time_s"] = round(time.time() - started, 1)
+    digest = content_hash(cfg)  # one value in the card and the manifest
     if stage != "label":  # every stage but the labelling one writes a model: its card, README.md
         card = model_card(
             stage=stage,
@@ -197,7 +198,7 @@ def finish_stage(
             eval_report=eval_report,
             data=(extra or {}).get("data"),
             command=launch_command(),
-            config_hash=config_hash(cfg, ignore=NOT_HASHED),
+            config_hash=digest,
         )
         atomic_write_text(out / "README.md", card)
     return write_manifest(
@@ -206,7 +207,7 @@ def finish_stage(
         model=model,
         base_model=base_model,
         init_from=model if from_stage else None,
-        config_hash=content_hash(cfg),
+        config_hash=digest,
         metrics=metrics,
         lora=cfg.lora.enabled if hasattr(cfg, "lora") else False,  # a labelling stage trains nothing
         inputs=input_hashes(*inputs),

@@ -1,9 +1,11 @@
 """Metrics to wandb, TensorBoard and `metrics.jsonl`, through accelerate's tracker classes.
 
 Everything lands under the stage's output directory: `metrics.jsonl` (always), `tensorboard/`,
-and `wandb/` (offline runs unless WANDB_API_KEY is set; sync them later with `wandb sync`).
-A tracker that fails to start (no network, no wandb) is dropped with a warning: tracking never
-fails a run. Only the main process logs.
+and `wandb/` (online when wandb has a key without asking: WANDB_API_KEY or a stored `wandb login`;
+offline otherwise, to sync later with `wandb sync`). Any other tracker accelerate has (mlflow,
+comet_ml, aim, ...: rlhf.config.TRACKERS) is started by its accelerate class and writes where its
+own settings say (MLflow: MLFLOW_TRACKING_URI). A tracker whose package is missing, or that fails to
+start (no network), is dropped with a warning: tracking never fails a run. Only the main process logs.
 
 Metric keys follow one scheme across stages: `train/<stage>/<name>` and `eval/<stage>/<name>`.
 """
@@ -13,16 +15,24 @@ from __future__ import annotations
 import json
 import logging
 import math
+import netrc
 import os
 import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
+from accelerate.tracking import (
+    LOGGER_TYPE_TO_CLASS,
+    GeneralTracker,
+    TensorBoardTracker,
+    WandBTracker,
+    get_available_trackers,
+)
 
-from rlhf.config import TrackingConfig
+from rlhf.config import TRACKERS, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +102,16 @@ class Tracking:
             shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
         run_name = cfg.run_name or f"{output_dir.parent.name}-{stage}"
         self.trackers.append(JSONLTracker(run_name, output_dir))
-        if "tensorboard" in cfg.report_to:
-            self._start(TensorBoardTracker(run_name, output_dir / "tensorboard"), config)
-        if "wandb" in cfg.report_to and cfg.wandb_mode != "disabled":
-            self._start_wandb(cfg, run_name, output_dir, config)
+        for name in dict.fromkeys(cfg.report_to):  # in order, once each
+            if not _installed(name):
+                warnings.warn(f"{name} tracking disabled: not installed (pip install {TRACKERS[name]})", stacklevel=2)
+            elif name == "tensorboard":
+                self._start(TensorBoardTracker(run_name, output_dir / "tensorboard"), config)
+            elif name == "wandb":
+                if cfg.wandb_mode != "disabled":
+                    self._start_wandb(cfg, run_name, output_dir, config)
+            else:
+                self._start_other(name, cfg.project, run_name, output_dir, config)
 
     @property
     def names(self) -> list[str]:
@@ -114,7 +130,7 @@ class Tracking:
             try:
                 if tracker.name == "tensorboard":
                     tracker.writer.add_text(name, _markdown_table(columns, rows), global_step=step)
-                else:
+                elif hasattr(tracker, "log_table"):  # mlflow, aim, ... have none: scalars only
                     tracker.log_table(name, columns=columns, data=rows, step=step)
             except Exception as e:
                 warnings.warn(f"tracker {tracker.name} failed to log table {name}: {e}", stacklevel=2)
@@ -142,10 +158,18 @@ class Tracking:
         self.trackers.append(tracker)
         return True
 
+    def _start_other(self, name: str, project: str, run_name: str, output_dir: Path, config: dict) -> None:
+        try:
+            tracker = _accelerate_tracker(name, project, run_name, output_dir)
+        except Exception as e:  # a constructor may read its settings (an API key, a server) and refuse
+            warnings.warn(f"{name} tracking disabled: {e}", stacklevel=3)
+            return
+        self._start(tracker, config)
+
     def _start_wandb(self, cfg: TrackingConfig, run_name: str, output_dir: Path, config: dict) -> None:
         mode = cfg.wandb_mode
         if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            mode = "online" if wandb_logged_in() else "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
         for attempt in (mode, "offline") if mode == "online" else (mode,):
             tracker = WandBTracker(
@@ -169,6 +193,54 @@ def finish_open_trackers() -> None:
     """End every tracker still open (a stage that raised): files flushed, wandb runs closed."""
     for tracking in list(_OPEN):
         tracking.finish()
+
+
+def _installed(name: str) -> bool:
+    """Whether accelerate finds the tracker's package (its `is_<name>_available`, read at import)."""
+    return name in {str(t) for t in get_available_trackers()}
+
+
+def _accelerate_tracker(name: str, project: str, run_name: str, output_dir: Path) -> GeneralTracker:
+    """accelerate's tracker `name`, built as `Accelerator.init_trackers` builds it: the project first,
+    then the logging directory for the trackers that keep files (aim: <output_dir>/aim)."""
+    cls = LOGGER_TYPE_TO_CLASS[name]
+    if cls.requires_logging_directory:
+        return cls(project, output_dir / name)
+    if name == "mlflow":  # the project is mlflow's experiment; the run is named as the others are
+        return cls(project, run_name=run_name)
+    if name == "dvclive":  # its files beside the others, not in the working directory
+        return cls(run_name, dir=str(output_dir / "dvclive"))
+    return cls(project)
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb has a key without asking, found as wandb's own CLI finds it (`_configured_api_key`
+    in wandb/cli/cli.py) and without the network: WANDB_API_KEY (or an identity-token file), a key in
+    wandb's settings, else the entry for the server (WANDB_BASE_URL, or the host `wandb login --host`
+    saved in ~/.config/wandb/settings) in the netrc file that `wandb login` writes (~/.netrc, $NETRC)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:  # imported here: `import wandb` takes seconds, and only a wandb run needs it
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+    except ImportError:  # a wandb before wbauth (0.2x): its netrc entry by the standard library
+        return _netrc_has_key(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    try:
+        settings = wandb_setup.singleton().settings  # its files and environment; starts no service
+        return bool(settings.api_key or read_netrc_auth(host=settings.base_url))
+    except Exception as e:  # a malformed key or host: wandb would refuse it too
+        warnings.warn(f"wandb: stored login not usable ({e}); running offline", stacklevel=2)
+        return False
+
+
+def _netrc_has_key(base_url: str) -> bool:
+    """The stored key for `base_url`'s host in the netrc file, for a wandb without `wbauth`."""
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        creds = netrc.netrc(path).authenticators(urlsplit(base_url).netloc)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(creds and creds[2])
 
 
 def _wandb_settings():

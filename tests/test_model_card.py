@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT, run_entry
 from rlhf import hub as hub_module
-from rlhf.checkpoint import finish_stage, start_stage
+from rlhf.checkpoint import finish_stage, read_manifest, start_stage
 from rlhf.config import ConfigError, DPOStageConfig, HubConfig, load_config
 from rlhf.hub import HubError, check_hub, push_output
 from rlhf.model_card import launch_command, model_card
@@ -47,6 +47,17 @@ def test_the_card_holds_base_model_data_method_figures_and_command(tmp_path):
     assert "| accuracy_gain | 0.0417 |" in card and "| train_loss | 0.5123 |" in card
     assert launch_command() in card
     assert not list(tmp_path.glob(".README.md.tmp*"))  # written aside and renamed
+
+
+def test_the_cards_config_hash_is_the_manifests(tmp_path):
+    # a config naming a data file: the manifest hashes what the file holds (content_hash), and the
+    # card, which once hashed the path as written, must quote the same value
+    data = ROOT / "data/examples/pairs_prompt.jsonl"
+    cfg = load_config(DPOStageConfig, ROOT / "configs/tiny/dpo.yaml", [f"output_dir={tmp_path}", f"data.train={data}"])
+    start_stage(tmp_path, cfg, True)
+    finish_stage(tmp_path, cfg, stage="dpo", model="tiny", base_model="tiny", inputs=(), metrics={}, started=0.0)
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert f"(hash `{read_manifest(tmp_path)['config_hash']}`)" in card
 
 
 def test_the_command_is_the_one_typed(monkeypatch):

@@ -706,3 +706,18 @@ def test_rollout_kl_is_exactly_zero_before_any_update(precision, lora):
     rollout, *_ = make_rollout(run, [0, 1, 2, 3], 0)
     assert rollout.response_mask.sum() > 0
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs) and rollout.kl.abs().max().item() == 0.0
+
+
+def test_a_value_warmup_covering_the_whole_run_is_warned_of():
+    # a trial run cut to fewer steps than the recipe's warm-up would leave the policy as it started
+    from stages.ppo.optim import warmup_note
+
+    two = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)]}], lr=0.1)  # policy, value
+    one = torch.optim.SGD([torch.zeros(1)], lr=0.1)  # no value model: no warm-up
+    cfg = _ppo_config("ppo.value_warmup_steps=5", "train.max_steps=5")
+    assert warmup_note(two, cfg) == (
+        "ppo.value_warmup_steps=5 covers all train.max_steps=5: only the value model trains, "
+        "the policy is never updated"
+    )
+    assert warmup_note(one, cfg) is None
+    assert warmup_note(two, _ppo_config("ppo.value_warmup_steps=5", "train.max_steps=6")) is None

@@ -1,6 +1,7 @@
 """Typed, validated configs: shared parts composed per stage, loaded from YAML + overrides."""
 
 from rlhf.config.parts import (
+    TRACKERS,
     DataConfig,
     GenerationConfig,
     HubConfig,
@@ -28,6 +29,7 @@ from rlhf.config.stages import (
 
 __all__ = [
     "NOT_HASHED",
+    "TRACKERS",
     "WEIGHTS_NEUTRAL",
     "CPOStageConfig",
     "ConfigError",

@@ -283,17 +283,39 @@ class GenerationConfig:
             raise ConfigError("top_k", f"must be >= 0, got {self.top_k}")
 
 
+# The trackers `tracking.report_to` may name: accelerate's (accelerate.tracking.LOGGER_TYPE_TO_CLASS,
+# tests/test_tracking.py keeps the two in step), each with the pip package that provides it; one
+# that is not installed is dropped with a warning naming it (rlhf/tracking.py).
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow-skinny",
+    "comet_ml": "comet-ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     """Where metrics go. metrics.jsonl in the output directory is always written."""
 
-    report_to: tuple[Literal["wandb", "tensorboard"], ...] = ("tensorboard", "wandb")
-    project: str = "rlhf"  # wandb project
+    report_to: tuple[str, ...] = ("tensorboard", "wandb")  # any of TRACKERS above, e.g. [mlflow]
+    project: str = "rlhf"  # the project (wandb, comet_ml, swanlab, trackio, clearml), mlflow's experiment
     group: str | None = None  # wandb group (the pipeline sets it to the run name)
     run_name: str | None = None  # None: derived from the output directory
-    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY is set
+    # auto: online when wandb finds a key without asking (WANDB_API_KEY or the one `wandb login` stored)
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     progress: bool = True  # progress bar with ETA on the console
     samples_every: int = 0  # steps between tables of sample generations (PPO); 0: with each evaluation
+
+    def check(self) -> None:
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ConfigError("report_to", f"unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,17 @@ def set_lr(optimizer, step: int, cfg: PPOStageConfig) -> None:
         optimizer.param_groups[0]["lr"] = 0.0
 
 
+def warmup_note(optimizer, cfg: PPOStageConfig) -> str | None:
+    """A warning when the value warm-up covers the whole run: the policy would end exactly as it
+    started (its rate 0 at every step), which a short trial run of a long recipe does silently."""
+    if len(optimizer.param_groups) > 1 and cfg.ppo.value_warmup_steps >= cfg.train.max_steps:
+        return (
+            f"ppo.value_warmup_steps={cfg.ppo.value_warmup_steps} covers all train.max_steps="
+            f"{cfg.train.max_steps}: only the value model trains, the policy is never updated"
+        )
+    return None
+
+
 def drop_policy_gradients(optimizer) -> None:
     """During the value warm-up: the policy's gradients (group 0) set to None, so AdamW skips its
     parameters and leaves their moments and step count as they were; an lr of 0 alone keeps the

@@ -66,7 +66,7 @@ from stages.ppo.core_algos import (
 )
 from stages.ppo.engines import ENGINES, RolloutEngine, build_engine, resolve_engine
 from stages.ppo.models import Models, build_models, rollout_forwards
-from stages.ppo.optim import clip_gradients, drop_policy_gradients, set_lr
+from stages.ppo.optim import clip_gradients, drop_policy_gradients, set_lr, warmup_note
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import Rollout, Scored, in_micro_batches
 from stages.ppo.run import LoopState, PPORun
@@ -126,6 +126,8 @@ def setup(cfg: PPOStageConfig) -> tuple[PPORun, LoopState]:
     engine = build_engine(engine_name, models.model, models.tokenizer, accelerator, precision, cfg.rollout)
     reuse_logprobs = _logprobs_from_generation(cfg, models.precision, accelerator, engine)
     log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
+    if note := warmup_note(models.optimizer, cfg):
+        log.warning(note)
     cost = step_cost(accelerator.unwrap_model(models.model), models.reward_model, cfg, reuse_logprobs)  # perf/mfu
     peak = device_peak_flops(accelerator.device, models.precision.matmul_dtype)  # a CPU's is measured, once
     ref_fingerprint = _reference_fingerprint(models, accelerator)  # checked again at the end
