@@ -137,7 +137,7 @@ def test_rejection_sampling_keeps_each_prompts_first_passing_answer_as_an_sft_re
 
 def test_a_compared_labeller_is_measured_against_the_checker_on_the_same_samples():
     job = _job(function="test_labellers:prefer_shorter")
-    report = split_report(job, LABELLERS["rule"](job), ("function",))
+    report = split_report(job, LABELLERS["rule"](job), len(best_records(job)), ("function",))
     assert (report["pairs"], report["gold_agreement"], report["best_of_k"]) == (3, 1.0, 2)
     # prefer_shorter decides two of the checker's pairs and gets one right (as above)
     assert (report["function_gold_agreement"], report["function_gold_decidable_pairs"]) == (0.5, 2)

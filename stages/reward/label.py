@@ -75,9 +75,10 @@ def label(cfg: LabelStageConfig) -> dict:
         )
         found = LABELLERS[cfg.labeller.name](job)
         pairs[name] = pair_records(job, found, f"round-{cfg.round}")
+        passing = best_records(job)
         if name == "train":
-            best = best_records(job)
-        report[name] = split_report(job, found, cfg.labeller.compare if name == "eval" else ())
+            best = passing
+        report[name] = split_report(job, found, len(passing), cfg.labeller.compare if name == "eval" else ())
         log.info("%s: %d prompts -> %d pairs; %s", name, len(part), len(pairs[name]), report[name])
 
     # 4. the reward model before its refresh, on the held-out pairs of this policy's samples
@@ -114,7 +115,7 @@ def load_judge(cfg: LabelStageConfig, precision) -> tuple[torch.nn.Module | None
     return judge.eval(), judge_tokenizer
 
 
-def split_report(job: Labelling, found, compare: tuple[str, ...]) -> dict:
+def split_report(job: Labelling, found, best_of_k: int, compare: tuple[str, ...]) -> dict:
     """eval.json's block for one split: prompts, pairs, prompts with a passing answer (best of K),
     the share of answers the checker passes, the labeller's agreement with the checker, and that of
     each labeller in `compare` (run on the same samples only to be measured, e.g. the judge: RLAIF's
@@ -123,7 +124,7 @@ def split_report(job: Labelling, found, compare: tuple[str, ...]) -> dict:
     out = {
         "prompts": len(job.prompts),
         "pairs": sum(len(f) for f in found),
-        "best_of_k": len(best_records(job)),
+        "best_of_k": best_of_k,
         "policy_gold": policy_gold(job),
         "gold_agreement": agreement,
         "gold_decidable_pairs": decidable,
