@@ -249,6 +249,31 @@ def path_identity(value: str) -> str:
     return "dir:" + digest.hexdigest()[:16]
 
 
+# What a stage writes beside the model files (reports, logs, training state): none of it changes
+# what the model answers, so `model_files_digest` leaves it out.
+NOT_MODEL_FILES = (MANIFEST, LOCK, "eval.json", "README.md", "metrics.jsonl", "config.yaml", "training_args.bin")
+NOT_MODEL_DIRS = ("checkpoints", "evaluations", "tensorboard", "wandb", "logs", "best", "best.tmp")
+
+
+def model_files_digest(path: str | Path) -> str:
+    """The identity of the model a saved directory holds: the digest of the bytes of its model
+    files (weights, configs, tokenizer, chat template; NOT_MODEL_FILES / NOT_MODEL_DIRS left out)
+    and, for a LoRA adapter, of the base model its adapter_config.json names (`path_identity`).
+    Two directories answer alike when their digests agree, however they were written or named."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        if rel.parts[0] in NOT_MODEL_DIRS or (len(rel.parts) == 1 and rel.name in NOT_MODEL_FILES):
+            continue
+        digest.update(f"{rel.as_posix()}\0{_file_digest(f)}\0".encode())
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
+        digest.update(f"base\0{path_identity(base)}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

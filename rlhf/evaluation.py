@@ -9,6 +9,8 @@ and nothing else reads. Tracked numbers keep them apart: `eval/<stage>/…` is t
 - `evaluate_held_out`: the same on both splits, as eval.json records one model;
 - `evaluate_directory`: that for a saved stage output, loaded as a user would, plus the reward
   model's mean score of its answers;
+- `AnswerMemo`: a saved model's greedy held-out answers, kept in its directory by content, so that
+  the next stage's "before" (PPO's or DPO's of the SFT model) reads them instead of generating again;
 - `changed_items`: the test items whose answer turned right or wrong between two evaluations;
 - `evaluate_in_loop`: the validation split during training, the prompts split across processes;
 - `score_sequences` / `score_responses`: the one reward-model scorer (PPO's held-out scores, the
@@ -18,12 +20,18 @@ and nothing else reads. Tracked numbers keep them apart: `eval/<stage>/…` is t
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
 from transformers import PreTrainedTokenizerBase
 
+from rlhf.checkpoint import atomic_write_text, model_files_digest
 from rlhf.config import GenerationConfig, ModelInit
 from rlhf.data import HeldOut, reference_answer
 from rlhf.distributed import whole_models
@@ -31,6 +39,81 @@ from rlhf.generation import gathered_for_generation, generate_answers, left_pad,
 from rlhf.precision import Precision
 from rlhf.registry import build_policy, build_scalar_model, end_of_turn_id, load_tokenizer, resolve, sequence_scores
 from rlhf.tasks import get_task, gold_checker, score_generations
+
+log = logging.getLogger("rlhf.evaluation")
+
+GENERATION_BATCH = 128  # prompts a held-out generate() call takes: the padding, and so the answers, follow it
+
+
+@dataclass(frozen=True)
+class AnswerMemo:
+    """A saved model's greedy answers to held-out prompts, kept in its directory (`evaluations/`)
+    under a digest of everything an answer depends on: the model's files (`model_files_digest`:
+    weights, tokenizer, chat template; an adapter's base), the prompts, the generation settings, the
+    loading settings and precision, the batch and the torch version. The stage that wrote the model
+    stores them (`writable`); a later stage evaluating the same files the same way (PPO's and DPO's
+    "before" of the SFT model) reads them instead of generating again. Anything changed is a miss,
+    never a stale answer; sampled generation is never kept."""
+
+    directory: Path
+    identity: str
+    writable: bool
+
+    @classmethod
+    def of(
+        cls, model_dir: str | Path, gen: GenerationConfig, init: ModelInit, precision: Precision, writable: bool
+    ) -> AnswerMemo | None:
+        """The memo of the model saved in `model_dir` (None for sampled generation or no directory)."""
+        path = Path(model_dir)
+        if gen.do_sample or not path.is_dir():
+            return None
+        settings = {
+            "model": model_files_digest(path),
+            "generation": asdict(gen),
+            "init": {k: v for k, v in asdict(init).items() if k != "gradient_checkpointing"},
+            "precision": repr(precision),
+            "batch": GENERATION_BATCH,
+            "torch": torch.__version__,
+        }
+        return cls(path / "evaluations", json.dumps(settings, sort_keys=True, default=str), writable)
+
+    def _file(self, prompts: Sequence[list[dict]]) -> Path:
+        key = hashlib.sha256((self.identity + json.dumps(list(prompts), sort_keys=True)).encode()).hexdigest()
+        return self.directory / f"answers-{key[:20]}.json"
+
+    def load(self, prompts: Sequence[list[dict]]) -> tuple[list[str], list[list[int]]] | None:
+        """(responses, sequences) as `generate_answers` gave them, or None if not kept."""
+        path = self._file(prompts)
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if len(kept.get("responses", [])) != len(prompts) or len(kept.get("sequences", [])) != len(prompts):
+            return None
+        log.info(
+            "held-out answers of %s to %d prompts: kept from an earlier evaluation (%s)",
+            self.directory.parent,
+            len(prompts),
+            path.name,
+        )
+        return kept["responses"], kept["sequences"]
+
+    def store(self, prompts: Sequence[list[dict]], responses: list[str], sequences: list[list[int]]) -> None:
+        if self.writable:
+            atomic_write_text(self._file(prompts), json.dumps({"responses": responses, "sequences": sequences}))
+
+
+def _answers(
+    model, tokenizer, prompts, gen: GenerationConfig, memo: AnswerMemo | None
+) -> tuple[list[str], list[list[int]]]:
+    """Greedy (or sampled) answers and their token ids: kept ones from `memo`, else generated (and kept)."""
+    kept = memo.load(prompts) if memo is not None else None
+    if kept is not None:
+        return kept
+    responses, _, sequences = generate_answers(model, tokenizer, prompts, gen, batch_size=GENERATION_BATCH)
+    if memo is not None:
+        memo.store(prompts, responses, sequences)
+    return responses, sequences
 
 
 def evaluate_generations(
@@ -40,18 +123,20 @@ def evaluate_generations(
     task_name: str | None,
     gen: GenerationConfig,
     reward_model: torch.nn.Module | None = None,
+    memo: AnswerMemo | None = None,
 ) -> tuple[dict, list[dict]]:
     """(metrics, items): the task's report (exact-match accuracy and its standard error, overall
     and per bucket) of the model's answers to the examples that carry a reference answer, and one
     item per such example: {"prompt" (the question), "response", "answer", "correct", "bucket"}
     (the bucket as the report keys it; None without a task). With a reward model, its mean score of
-    the generated token ids as a PPO rollout reads them (`rm_score`)."""
+    the generated token ids as a PPO rollout reads them (`rm_score`). `memo`: where the saved
+    model's answers are kept (`AnswerMemo`)."""
     scored = [e for e in examples if reference_answer(e) is not None]
     if not scored:
         return {}, []
     prompts = [e["prompt"] for e in scored]
     answers = [reference_answer(e) for e in scored]
-    responses, _, sequences = generate_answers(model, tokenizer, prompts, gen)
+    responses, sequences = _answers(model, tokenizer, prompts, gen, memo)
     questions = [p[-1]["content"] for p in prompts]
     metrics = score_generations(task_name, questions, answers, responses)
     if reward_model is not None:
@@ -85,6 +170,7 @@ def evaluate_held_out(
     task_name: str | None,
     gen: GenerationConfig,
     reward_model: torch.nn.Module | None = None,
+    memo: AnswerMemo | None = None,
 ) -> dict:
     """One model on both held-out splits, as eval.json records it: the test split's report at the
     top level (`split: "test"`; with no test split, the validation split's, `split: "validation"`),
@@ -94,7 +180,7 @@ def evaluate_held_out(
     reports = {}
     for split, examples in (("test", held_out.test), ("validation", held_out.validation)):
         scored = [e for e in examples if reference_answer(e) is not None]
-        metrics, items = evaluate_generations(model, tokenizer, scored, task_name, gen, reward_model)
+        metrics, items = evaluate_generations(model, tokenizer, scored, task_name, gen, reward_model, memo)
         if not items:
             continue
         reports[split] = (metrics, items)
@@ -187,10 +273,13 @@ def evaluate_directory(
     init: ModelInit,
     precision: Precision,
     seed: int = 0,
+    keep: bool = False,
 ) -> dict:
     """`evaluate_held_out` of a saved policy, greedy, loaded as a user would, with the reward
     model's mean score of its answers. Main process only, plain (unsharded) models. `seed`: the
-    stage's, so that a built-in preset (a random init) is the model the stage trains."""
+    stage's, so that a built-in preset (a random init) is the model the stage trains. Answers kept
+    in the directory by an earlier evaluation of the same files are read, not generated again; `keep`
+    (the stage evaluating its own output) keeps these for the next stage (`AnswerMemo`)."""
     source = resolve(policy_dir)
     tokenizer = load_tokenizer(source, init)
     with whole_models():
@@ -201,7 +290,8 @@ def evaluate_directory(
         with whole_models():
             rm_tokenizer = load_tokenizer(rm_source, init)
             reward_model = build_scalar_model(rm_source, init, rm_tokenizer, precision=precision).eval()
-    return evaluate_held_out(policy, tokenizer, held_out, task_name, gen, reward_model)
+    memo = AnswerMemo.of(policy_dir, gen, init, precision, writable=keep)
+    return evaluate_held_out(policy, tokenizer, held_out, task_name, gen, reward_model, memo)
 
 
 def evaluate_in_loop(

@@ -167,7 +167,7 @@ def _held_out_report(cfg, out, held_out: HeldOut, before, pair_report, precision
     the held-out pairs."""
     if not (held_out.validation or held_out.test):
         return ({"pairs": pair_report} if pair_report else None), {}
-    after = _evaluate_saved(str(out), cfg, held_out, precision)
+    after = _evaluate_saved(str(out), cfg, held_out, precision, keep=True)
     report = {
         "split": after.get("split"),
         "before": for_eval_json(before),
@@ -252,7 +252,10 @@ def _evaluate_pairs(trainer: DPOTrainer) -> dict:
     return {name: round(report[key], 4) for name, key in keys.items() if key in report}
 
 
-def _evaluate_saved(policy_dir: str, cfg: DPOStageConfig, held_out: HeldOut, precision: Precision) -> dict:
+def _evaluate_saved(
+    policy_dir: str, cfg: DPOStageConfig, held_out: HeldOut, precision: Precision, keep: bool = False
+) -> dict:
+    """The saved policy's held-out evaluation; `keep`: its answers kept for a later stage (this stage's output)."""
     return evaluate_directory(
-        policy_dir, None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed
+        policy_dir, None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed, keep=keep
     )

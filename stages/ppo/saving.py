@@ -167,11 +167,11 @@ def finish_run(run: PPORun, state: LoopState) -> dict:
         return metrics
     report = None
     if data.eval_examples or data.test_examples:
-        before, after = state.before, evaluate_saved(run, str(out))
+        before, after = state.before, evaluate_saved(run, str(out), keep=True)
         run.tracking.log(_last_point(after), step=state.step)
         kept = restore_best(cfg, state, _validation(after), out)
         if kept:  # the output is now an earlier evaluation's policy: eval.json describes that one
-            after = evaluate_saved(run, str(out))
+            after = evaluate_saved(run, str(out), keep=True)
             metrics["kept"] = kept
         report = {
             "split": after.get("split"),
@@ -219,9 +219,10 @@ def _last_point(after: dict) -> dict:
     return last
 
 
-def evaluate_saved(run: PPORun, policy_dir: str) -> dict:
+def evaluate_saved(run: PPORun, policy_dir: str, keep: bool = False) -> dict:
     """Both held-out splits' evaluation of the policy saved in `policy_dir` (the run's config's
-    reward model and generation settings, in fp32 like every stage's eval.json)."""
+    reward model and generation settings, in fp32 like every stage's eval.json); `keep`: its
+    answers kept for a later stage (this run's output; rlhf/evaluation.py `AnswerMemo`)."""
     cfg = run.cfg
     return evaluate_directory(
         policy_dir,
@@ -232,6 +233,7 @@ def evaluate_saved(run: PPORun, policy_dir: str) -> dict:
         cfg.model_init,
         run.models.precision,
         seed=cfg.seed,
+        keep=keep,
     )
 
 

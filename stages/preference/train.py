@@ -164,7 +164,7 @@ def _held_out_report(
         metrics["pairs"] = pairs
     if not (held_out.validation or held_out.test):
         return ({"pairs": pairs} if pairs else None), {}
-    after = _evaluate_saved(str(out), cfg, held_out, precision)
+    after = _evaluate_saved(str(out), cfg, held_out, precision, keep=True)
     report = {
         "split": after.get("split"),
         "before": for_eval_json(before),
@@ -181,7 +181,8 @@ def _held_out_report(
     return report, after
 
 
-def _evaluate_saved(policy_dir: str, cfg, held_out: HeldOut, precision: Precision) -> dict:
+def _evaluate_saved(policy_dir: str, cfg, held_out: HeldOut, precision: Precision, keep: bool = False) -> dict:
+    """The saved policy's held-out evaluation; `keep`: its answers kept for a later stage (this stage's output)."""
     return evaluate_directory(
-        policy_dir, None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed
+        policy_dir, None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed, keep=keep
     )

@@ -20,8 +20,8 @@ from rlhf.checkpoint import finish_stage
 from rlhf.config import SFTStageConfig
 from rlhf.data import HeldOut, load_held_out, load_records, normalize_sft
 from rlhf.data.lengths import context_length, limit_length
-from rlhf.distributed import process_state, wait_for_main, whole_models
-from rlhf.evaluation import evaluate_held_out, for_eval_json, summary, tracked_metrics
+from rlhf.distributed import process_state, wait_for_main
+from rlhf.evaluation import evaluate_directory, evaluate_held_out, for_eval_json, summary, tracked_metrics
 from rlhf.hf_trainer import save_output, start_and_resume, train_from, trainer_kwargs
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
@@ -66,7 +66,7 @@ def train(cfg: SFTStageConfig) -> dict:
     metrics: dict = {"train_loss": train_loss, "overlong": over, "format": fmt}
     if state.is_main_process:
         sources = {"train": train_source, "eval": held_out.validation_source, "test": held_out.test_source}
-        evaluation = _evaluate_saved(out, cfg, tokenizer, held_out, precision)
+        evaluation = _evaluate_saved(out, cfg, held_out, precision)
         eval_report = _eval_report(evaluation, held_out, base)
         if evaluation:
             metrics.update(summary(evaluation))
@@ -141,12 +141,12 @@ def _eval_report(evaluation: dict, held_out: HeldOut, base: dict | None) -> dict
     return {**for_eval_json(evaluation), **sources, "base": for_eval_json(base)}
 
 
-def _evaluate_saved(out: Path, cfg: SFTStageConfig, tokenizer, held_out: HeldOut, precision) -> dict:
+def _evaluate_saved(out: Path, cfg: SFTStageConfig, held_out: HeldOut, precision) -> dict:
     """Held-out accuracy of what was saved, loaded as a user would: the directory itself, generating
-    greedily with the chat template. {} without held-out data."""
+    greedily with the chat template; its answers kept in `out` for the next stage's "before"
+    (rlhf/evaluation.py `AnswerMemo`). {} without held-out data."""
     if not (held_out.validation or held_out.test):
         return {}
-    saved = resolve(str(out))
-    with whole_models():
-        eval_model = build_policy(saved, cfg.model_init, load_tokenizer(saved, cfg.model_init), precision=precision)
-    return evaluate_held_out(eval_model, tokenizer, held_out, cfg.task.name, cfg.generation)
+    return evaluate_directory(
+        str(out), None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed, keep=True
+    )
