@@ -10,7 +10,7 @@ from datasets import Dataset, DatasetDict
 
 from rlhf.config import DataConfig, TaskConfig
 from rlhf.data import DataError, load_records, normalize_preferences, normalize_sft, read_records
-from rlhf.data.lengths import limit_length
+from rlhf.data.lengths import limit_length, warn_overlong
 
 QUESTION = "请计算：52 - 17 = ，直接返回计算结果"
 CANONICAL = {"prompt": [{"role": "user", "content": QUESTION}], "completion": [{"role": "assistant", "content": "35"}]}
@@ -217,6 +217,17 @@ def test_a_length_limit_that_leaves_nothing_says_so(mode):
     short = {"input_ids": [1] * 4, "labels": [-100, -100, 5, 6]}
     kept, over = limit_length(Dataset.from_list([*rows, short]), 6, mode)
     assert over == 4 and len(kept) == 1  # truncated to 6 tokens, the long ones have no trained token left
+
+
+def test_every_stage_warns_of_overlong_training_data_in_one_line(caplog):
+    warn_overlong(0, 10, "pairs", 128, "drop")
+    assert not caplog.records
+    warn_overlong(3, 10, "pairs", 128, "drop")
+    warn_overlong(2, 5, "examples", 64, "truncate")
+    assert [r.getMessage() for r in caplog.records] == [
+        "3 of 10 training pairs longer than data.max_length=128 were dropped",
+        "2 of 5 training examples longer than data.max_length=64 were truncated",
+    ]
 
 
 def test_a_numeric_answer_reaches_ppo_and_label_prompts_as_text():

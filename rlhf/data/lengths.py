@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,8 @@ from rlhf.data.io import DataError
 
 if TYPE_CHECKING:  # annotations only: PPO reads `context_length` on machines without `datasets`
     from datasets import Dataset
+
+log = logging.getLogger("rlhf.data")
 
 # A tokenizer that states no context (transformers' VERY_LARGE_INTEGER, ~1e30) gets this many tokens.
 UNSTATED_CONTEXT = 2048
@@ -51,6 +54,14 @@ def limit_length(
         dataset = dataset.filter(lambda row: any(t != -100 for t in row["labels"][1:]))
     _refuse_empty(len(dataset), len(lengths), len(over), max_length, mode)
     return dataset, len(over)
+
+
+def warn_overlong(over: int, total: int, what: str, max_length: int, mode: str) -> None:
+    """The one warning every training stage gives when `over` of its `total` training `what`
+    ("examples", "pairs") were longer than data.max_length (dropped or truncated, as `mode` says)."""
+    if over:
+        done = "dropped" if mode == "drop" else "truncated"
+        log.warning("%d of %d training %s longer than data.max_length=%d were %s", over, total, what, max_length, done)
 
 
 def _refuse_empty(left: int, total: int, over: int, max_length: int, mode: str) -> None:

@@ -25,7 +25,7 @@ from trl import DPOConfig, DPOTrainer
 from rlhf.checkpoint import finish_stage
 from rlhf.config import DataConfig, DPOStageConfig, to_dict
 from rlhf.data import HeldOut, load_held_out
-from rlhf.data.lengths import context_length
+from rlhf.data.lengths import context_length, warn_overlong
 from rlhf.distributed import process_state, wait_for_main
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.generation import render_prompts
@@ -116,13 +116,7 @@ def _tokens(cfg: DPOStageConfig, tokenizer, pairs) -> tuple[list[dict], list[dic
     train_rows, over = limit_pair_length(
         encode_dpo_pairs(tokenizer, pairs.train), dataclasses.replace(cfg.data, max_length=max_length)
     )
-    if over:
-        log.warning(
-            "%d training pairs longer than data.max_length=%d were %s",
-            over,
-            max_length,
-            "dropped" if cfg.data.overlong == "drop" else "truncated",
-        )
+    warn_overlong(over, len(pairs.train), "pairs", max_length, cfg.data.overlong)
     return train_rows, encode_dpo_pairs(tokenizer, pairs.eval), over
 
 

@@ -25,7 +25,7 @@ from datasets import Dataset
 from rlhf.checkpoint import finish_stage
 from rlhf.config import DataConfig, to_dict
 from rlhf.data import DataError, HeldOut, load_held_out
-from rlhf.data.lengths import context_length
+from rlhf.data.lengths import context_length, warn_overlong
 from rlhf.distributed import process_state
 from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
 from rlhf.hf_trainer import save_output, start_and_resume, train_from
@@ -77,9 +77,7 @@ def train_preference(cfg, method: Method) -> dict:
     # 3. Tokens: the chat-rendered prompt, then each answer and the end of turn (what the policy writes).
     data = dataclasses.replace(cfg.data, max_length=context_length(cfg.data, tokenizer))  # null: the model's context
     train_rows, over = method.limit(method.encode(tokenizer, examples.train), data)
-    if over:
-        what = "dropped" if data.overlong == "drop" else "truncated"
-        log.warning("%d training examples longer than data.max_length=%d were %s", over, data.max_length, what)
+    warn_overlong(over, len(examples.train), "examples", data.max_length, data.overlong)
     if not train_rows:
         raise DataError(examples.train_source, None, f"no example fits data.max_length={data.max_length}")
     eval_rows = method.limit(method.encode(tokenizer, examples.eval), data)[0] if examples.eval else []

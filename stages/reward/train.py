@@ -23,7 +23,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from rlhf.checkpoint import finish_stage
 from rlhf.config import ConfigError, RMStageConfig
-from rlhf.data.lengths import context_length, limit_length
+from rlhf.data.lengths import context_length, limit_length, warn_overlong
 from rlhf.distributed import is_zero3, process_state, wait_for_main, whole_models
 from rlhf.evaluation import flatten_metrics, score_sequences
 from rlhf.generation import render_prompts
@@ -261,13 +261,7 @@ def _reward_trainer(cfg: RMStageConfig, source, tokenizer, precision, out: Path,
     train_set, over = limit_length(
         Dataset.from_list(train_rows), max_length, cfg.data.overlong, columns=("chosen_ids", "rejected_ids")
     )
-    if over:
-        log.warning(
-            "%d training pairs longer than data.max_length=%d were %s",
-            over,
-            max_length,
-            "dropped" if cfg.data.overlong == "drop" else "truncated",
-        )
+    warn_overlong(over, len(train_rows), "pairs", max_length, cfg.data.overlong)
     eval_rows = encode_pairs(tokenizer, eval_pairs, use_margin)
 
     # 4. TRL's RewardTrainer with our loss; the reward head starts from the init model's body.

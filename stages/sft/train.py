@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from rlhf.checkpoint import finish_stage
 from rlhf.config import SFTStageConfig
 from rlhf.data import HeldOut, load_held_out, load_records, normalize_sft
-from rlhf.data.lengths import context_length, limit_length
+from rlhf.data.lengths import context_length, limit_length, warn_overlong
 from rlhf.distributed import process_state, wait_for_main
 from rlhf.evaluation import evaluate_directory, evaluate_held_out, for_eval_json, summary, tracked_metrics
 from rlhf.hf_trainer import save_output, start_and_resume, train_from, trainer_kwargs
@@ -112,14 +112,7 @@ def _sft_trainer(cfg: SFTStageConfig, model, tokenizer, out: Path, precision, tr
     cast_trainable(trainer.model, precision.trained_dtype)
     max_length = context_length(cfg.data, tokenizer)
     trainer.train_dataset, over = limit_length(trainer.train_dataset, max_length, cfg.data.overlong)
-    if over:
-        log.warning(
-            "%d of %d training examples longer than data.max_length=%d were %s",
-            over,
-            len(train_examples),
-            max_length,
-            "dropped" if cfg.data.overlong == "drop" else "truncated",
-        )
+    warn_overlong(over, len(train_examples), "examples", max_length, cfg.data.overlong)
     return trainer, over
 
 
