@@ -2,7 +2,8 @@
 #   make pipeline   set up, then run SFT -> RM -> PPO on the built-in tiny default
 #   make pipeline-smollm2   the same on SmolLM2-135M-Instruct, a real pretrained chat model (LoRA)
 #   make pipeline-constraints   RLHF on open-ended text with a gold measure: SmolLM2 under instruction
-#                   constraints (its own samples labelled by the checker -> SFT -> RM -> PPO, and DPO)
+#                   constraints (its own samples labelled by the checker -> SFT -> RM -> PPO; under an hour
+#                   on 2 cores); make pipeline-constraints-dpo adds DPO from the same SFT model and pairs
 #   make test       set up (both environments below), then run the tests: the suite in .venv, the
 #                   vLLM engine's tests in .venv-vllm
 #   make test-fast  the fast tier (pure math, configs, data, unit tests; no training): run it before
@@ -45,7 +46,7 @@ else
 VLLM_DROP ?= torchvision torchaudio torchcodec
 endif
 
-.PHONY: setup pipeline pipeline-smollm2 pipeline-constraints test test-fast vllm test-vllm gpu-check gpu-wheels
+.PHONY: setup pipeline pipeline-smollm2 pipeline-constraints pipeline-constraints-dpo test test-fast vllm test-vllm gpu-check gpu-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -80,6 +81,10 @@ pipeline-smollm2: setup
 # the constraints task on SmolLM2-135M-Instruct: runs/smollm2-constraints/ (docs/constraints.md)
 pipeline-constraints: setup
 	HF_HUB_OFFLINE=1 $(PY) launch/pipeline.py --config configs/smollm2-135m/constraints.yaml
+
+# ... and DPO beside PPO, from the same SFT model and pairs (the finished stages are reused)
+pipeline-constraints-dpo: setup
+	HF_HUB_OFFLINE=1 $(PY) launch/pipeline.py --config configs/smollm2-135m/constraints.yaml 'stages=[label,sft,rm,ppo,dpo]'
 
 # the whole suite in .venv (the vLLM tests skip there), then the vLLM engine's tests (`-m vllm`)
 # in .venv-vllm, one file per process: vLLM keeps process-wide state (its distributed groups) that
