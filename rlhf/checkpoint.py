@@ -243,10 +243,7 @@ def path_identity(value: str) -> str:
         return "stage:" + _file_digest(path / MANIFEST)
     if (path / LOCK).exists() or (path / "checkpoints").exists():
         return "unfinished:" + str(path.resolve())
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{f.relative_to(path).as_posix()}\0{_file_digest(f)}\0".encode())
-    return "dir:" + digest.hexdigest()[:16]
+    return "dir:" + _tree_digest(path, lambda rel: True).hexdigest()[:16]
 
 
 # What a stage writes beside the model files (reports, logs, training state): none of it changes
@@ -261,17 +258,26 @@ def model_files_digest(path: str | Path) -> str:
     and, for a LoRA adapter, of the base model its adapter_config.json names (`path_identity`).
     Two directories answer alike when their digests agree, however they were written or named."""
     path = Path(path)
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path)
-        if rel.parts[0] in NOT_MODEL_DIRS or (len(rel.parts) == 1 and rel.name in NOT_MODEL_FILES):
-            continue
-        digest.update(f"{rel.as_posix()}\0{_file_digest(f)}\0".encode())
+    digest = _tree_digest(path, _is_model_file)
     adapter = path / "adapter_config.json"
     if adapter.is_file():
         base = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
         digest.update(f"base\0{path_identity(base)}\0".encode())
     return digest.hexdigest()[:16]
+
+
+def _is_model_file(rel: Path) -> bool:
+    return rel.parts[0] not in NOT_MODEL_DIRS and not (len(rel.parts) == 1 and rel.name in NOT_MODEL_FILES)
+
+
+def _tree_digest(path: Path, include):
+    """sha256 over the relative path and bytes of every file under `path` that `include(rel)` accepts."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        if include(rel):
+            digest.update(f"{rel.as_posix()}\0{_file_digest(f)}\0".encode())
+    return digest
 
 
 def _file_digest(path: Path) -> str:

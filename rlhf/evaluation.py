@@ -294,6 +294,15 @@ def evaluate_directory(
     return evaluate_held_out(policy, tokenizer, held_out, task_name, gen, reward_model, memo)
 
 
+def evaluate_stage_output(policy_dir: str, cfg, held_out: HeldOut, precision: Precision, keep: bool = False) -> dict:
+    """`evaluate_directory` with a stage config's task, generation, loading settings and seed, and no
+    reward model (SFT's, DPO's and the preference stages' held-out evaluation of a saved policy);
+    `keep`: the stage evaluates its own output, whose answers it keeps for the next stage."""
+    return evaluate_directory(
+        policy_dir, None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed, keep=keep
+    )
+
+
 def evaluate_in_loop(
     model, reward_model, accelerator, tokenizer, examples: list[dict], task_name: str | None, gen: GenerationConfig
 ) -> dict:

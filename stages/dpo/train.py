@@ -27,7 +27,7 @@ from rlhf.config import DataConfig, DPOStageConfig, to_dict
 from rlhf.data import HeldOut, load_held_out
 from rlhf.data.lengths import context_length, warn_overlong
 from rlhf.distributed import process_state, wait_for_main
-from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
+from rlhf.evaluation import changed_items, evaluate_stage_output, for_eval_json, summary, tracked_metrics
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import save_output, start_and_resume, train_from, trainer_kwargs
 from rlhf.precision import Precision, resolve_precision
@@ -124,7 +124,7 @@ def _evaluate_before(cfg: DPOStageConfig, held_out: HeldOut, precision: Precisio
     """The SFT model's held-out accuracy (main process; the others wait), None without held-out prompts."""
     before = None
     if (held_out.validation or held_out.test) and state.is_main_process:
-        before = _evaluate_saved(cfg.policy, cfg, held_out, precision) or None
+        before = evaluate_stage_output(cfg.policy, cfg, held_out, precision) or None
         log.info("before DPO: %s", summary(before))
     wait_for_main()
     return before
@@ -161,7 +161,7 @@ def _held_out_report(cfg, out, held_out: HeldOut, before, pair_report, precision
     the held-out pairs."""
     if not (held_out.validation or held_out.test):
         return ({"pairs": pair_report} if pair_report else None), {}
-    after = _evaluate_saved(str(out), cfg, held_out, precision, keep=True)
+    after = evaluate_stage_output(str(out), cfg, held_out, precision, keep=True)
     report = {
         "split": after.get("split"),
         "before": for_eval_json(before),
@@ -244,12 +244,3 @@ def _evaluate_pairs(trainer: DPOTrainer) -> dict:
     report = trainer.evaluate()
     keys = {"loss": "eval_loss", "accuracy": "eval_rewards/accuracies", "margin": "eval_rewards/margins"}
     return {name: round(report[key], 4) for name, key in keys.items() if key in report}
-
-
-def _evaluate_saved(
-    policy_dir: str, cfg: DPOStageConfig, held_out: HeldOut, precision: Precision, keep: bool = False
-) -> dict:
-    """The saved policy's held-out evaluation; `keep`: its answers kept for a later stage (this stage's output)."""
-    return evaluate_directory(
-        policy_dir, None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed, keep=keep
-    )

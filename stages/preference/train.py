@@ -27,7 +27,7 @@ from rlhf.config import DataConfig, to_dict
 from rlhf.data import DataError, HeldOut, load_held_out
 from rlhf.data.lengths import context_length, warn_overlong
 from rlhf.distributed import process_state
-from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
+from rlhf.evaluation import changed_items, evaluate_stage_output, for_eval_json, summary, tracked_metrics
 from rlhf.hf_trainer import save_output, start_and_resume, train_from
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
@@ -85,7 +85,7 @@ def train_preference(cfg, method: Method) -> dict:
     # 4. The starting model's held-out accuracy, loaded from its directory as a user would (main process).
     before = None
     if (held_out.validation or held_out.test) and state.is_main_process:
-        before = _evaluate_saved(cfg.policy, cfg, held_out, precision) or None
+        before = evaluate_stage_output(cfg.policy, cfg, held_out, precision) or None
         log.info("before %s: %s", method.name, summary(before))
     state.wait_for_everyone()
 
@@ -162,7 +162,7 @@ def _held_out_report(
         metrics["pairs"] = pairs
     if not (held_out.validation or held_out.test):
         return ({"pairs": pairs} if pairs else None), {}
-    after = _evaluate_saved(str(out), cfg, held_out, precision, keep=True)
+    after = evaluate_stage_output(str(out), cfg, held_out, precision, keep=True)
     report = {
         "split": after.get("split"),
         "before": for_eval_json(before),
@@ -177,10 +177,3 @@ def _held_out_report(
     metrics.update({"before": summary(before), "after": summary(after)})
     log.info("after %s: %s (before: %s)", method.name, summary(after), summary(before))
     return report, after
-
-
-def _evaluate_saved(policy_dir: str, cfg, held_out: HeldOut, precision: Precision, keep: bool = False) -> dict:
-    """The saved policy's held-out evaluation; `keep`: its answers kept for a later stage (this stage's output)."""
-    return evaluate_directory(
-        policy_dir, None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed, keep=keep
-    )

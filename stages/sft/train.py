@@ -21,7 +21,7 @@ from rlhf.config import SFTStageConfig
 from rlhf.data import HeldOut, load_held_out, load_records, normalize_sft
 from rlhf.data.lengths import context_length, limit_length, warn_overlong
 from rlhf.distributed import process_state, wait_for_main
-from rlhf.evaluation import evaluate_directory, evaluate_held_out, for_eval_json, summary, tracked_metrics
+from rlhf.evaluation import evaluate_held_out, evaluate_stage_output, for_eval_json, summary, tracked_metrics
 from rlhf.hf_trainer import save_output, start_and_resume, train_from, trainer_kwargs
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
@@ -140,6 +140,4 @@ def _evaluate_saved(out: Path, cfg: SFTStageConfig, held_out: HeldOut, precision
     (rlhf/evaluation.py `AnswerMemo`). {} without held-out data."""
     if not (held_out.validation or held_out.test):
         return {}
-    return evaluate_directory(
-        str(out), None, held_out, cfg.task.name, cfg.generation, cfg.model_init, precision, seed=cfg.seed, keep=True
-    )
+    return evaluate_stage_output(str(out), cfg, held_out, precision, keep=True)
