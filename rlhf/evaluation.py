@@ -199,6 +199,24 @@ def for_eval_json(evaluation: dict | None) -> dict | None:
     return {k: v for k, v in evaluation.items() if k != "items"} if evaluation else evaluation
 
 
+def before_after_report(before: dict | None, after: dict, validation_source, test_source, **extra) -> dict:
+    """eval.json's held-out report of a stage that trains a model it was given (PPO, DPO, the
+    preference stages): the quoted split, both evaluations, the items fixed and broken, `extra` (the
+    stage's own entries, e.g. its held-out pairs), where the splits came from, and the gain."""
+    report = {
+        "split": after.get("split"),
+        "before": for_eval_json(before),
+        "after": for_eval_json(after),
+        "changed": changed_items(before, after),
+        **extra,
+        "validation_source": validation_source,
+        "test_source": test_source,
+    }
+    if before and "accuracy" in after:
+        report["accuracy_gain"] = round(after["accuracy"] - before["accuracy"], 4)
+    return report
+
+
 def changed_items(before: dict | None, after: dict | None, per_bucket: int = 5) -> dict:
     """The quoted split's items whose exact match changed from `before` to `after` (two evaluations
     of the same items), per bucket: {bucket: {"n", "n_fixed", "n_broke", "fixed": [...], "broke":

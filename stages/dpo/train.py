@@ -27,7 +27,7 @@ from rlhf.config import DataConfig, DPOStageConfig, to_dict
 from rlhf.data import HeldOut, load_held_out
 from rlhf.data.lengths import context_length, warn_overlong
 from rlhf.distributed import process_state, wait_for_main
-from rlhf.evaluation import changed_items, evaluate_stage_output, for_eval_json, summary, tracked_metrics
+from rlhf.evaluation import before_after_report, evaluate_stage_output, summary, tracked_metrics
 from rlhf.generation import render_prompts
 from rlhf.hf_trainer import save_output, start_and_resume, train_from, trainer_kwargs
 from rlhf.precision import Precision, resolve_precision
@@ -162,17 +162,7 @@ def _held_out_report(cfg, out, held_out: HeldOut, before, pair_report, precision
     if not (held_out.validation or held_out.test):
         return ({"pairs": pair_report} if pair_report else None), {}
     after = evaluate_stage_output(str(out), cfg, held_out, precision, keep=True)
-    report = {
-        "split": after.get("split"),
-        "before": for_eval_json(before),
-        "after": for_eval_json(after),
-        "changed": changed_items(before, after),
-        "pairs": pair_report,
-        "validation_source": held_out.validation_source,
-        "test_source": held_out.test_source,
-    }
-    if before and "accuracy" in after:
-        report["accuracy_gain"] = round(after["accuracy"] - before["accuracy"], 4)
+    report = before_after_report(before, after, held_out.validation_source, held_out.test_source, pairs=pair_report)
     metrics.update({"before": summary(before), "after": summary(after), "pairs": pair_report})
     log.info("after DPO: %s (before: %s)", summary(after), summary(before))
     return report, after

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from rlhf.checkpoint import atomic_write_json, finish_stage, mark_complete, prune_checkpoints
 from rlhf.config import PPOStageConfig
 from rlhf.distributed import wait_for_main, whole_models
-from rlhf.evaluation import changed_items, evaluate_directory, for_eval_json, summary, tracked_metrics
+from rlhf.evaluation import before_after_report, evaluate_directory, summary, tracked_metrics
 from rlhf.registry import build_policy, merge_lora
 from stages.ppo.run import LoopState, PPORun
 
@@ -173,17 +173,7 @@ def finish_run(run: PPORun, state: LoopState) -> dict:
         if kept:  # the output is now an earlier evaluation's policy: eval.json describes that one
             after = evaluate_saved(run, str(out), keep=True)
             metrics["kept"] = kept
-        report = {
-            "split": after.get("split"),
-            "before": for_eval_json(before),
-            "after": for_eval_json(after),
-            "changed": changed_items(before, after),
-            **metrics,
-            "validation_source": data.eval_source,
-            "test_source": data.test_source,
-        }
-        if before and "accuracy" in after:
-            report["accuracy_gain"] = round(after["accuracy"] - before["accuracy"], 4)
+        report = before_after_report(before, after, data.eval_source, data.test_source, **metrics)
         metrics.update({"before": summary(before), "after": summary(after)})
         log.info("after PPO: %s (before: %s)", summary(after), summary(state.before))
     finish_stage(

@@ -27,7 +27,7 @@ from rlhf.config import DataConfig, to_dict
 from rlhf.data import DataError, HeldOut, load_held_out
 from rlhf.data.lengths import context_length, warn_overlong
 from rlhf.distributed import process_state
-from rlhf.evaluation import changed_items, evaluate_stage_output, for_eval_json, summary, tracked_metrics
+from rlhf.evaluation import before_after_report, evaluate_stage_output, summary, tracked_metrics
 from rlhf.hf_trainer import save_output, start_and_resume, train_from
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
@@ -163,17 +163,7 @@ def _held_out_report(
     if not (held_out.validation or held_out.test):
         return ({"pairs": pairs} if pairs else None), {}
     after = evaluate_stage_output(str(out), cfg, held_out, precision, keep=True)
-    report = {
-        "split": after.get("split"),
-        "before": for_eval_json(before),
-        "after": for_eval_json(after),
-        "changed": changed_items(before, after),
-        "pairs": pairs,
-        "validation_source": held_out.validation_source,
-        "test_source": held_out.test_source,
-    }
-    if before and "accuracy" in after:
-        report["accuracy_gain"] = round(after["accuracy"] - before["accuracy"], 4)
+    report = before_after_report(before, after, held_out.validation_source, held_out.test_source, pairs=pairs)
     metrics.update({"before": summary(before), "after": summary(after)})
     log.info("after %s: %s (before: %s)", method.name, summary(after), summary(before))
     return report, after
