@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from transformers import LlamaConfig
+
 from tools import bench_ppo as bench
 from tools.bench_peers import trl_grpo as peer
 
@@ -110,3 +112,17 @@ def test_mfu_is_the_update_flops_over_time_and_peak():
     assert bench.mfu("ours_grpo", summary, setup, 1e-6) == {"mfu": 0.68}
     summary["ours_grpo"]["train_seconds_per_update"] = 1.0  # 960 FLOPs in 1 s: 960 / 1000
     assert bench.mfu("ours_grpo", summary, setup, 1e-6)["mfu_train"] == 0.96
+
+
+def test_setup_json_names_the_shape_of_the_model_benched(tmp_path):
+    # a --model run's setup.json said hidden 128 / layers 4 (SETUP's tiny shape) beside a 135M model
+    bench.build_setup(tmp_path)
+    assert {k: json.loads((tmp_path / "setup.json").read_text())[k] for k in ("hidden", "layers", "heads", "ffn")} == {
+        "hidden": 128, "layers": 4, "heads": 4, "ffn": 512}
+    config_path = tmp_path / "policy" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96)
+    config_path.write_text(json.dumps(config))
+    sizes = bench.model_sizes(tmp_path)
+    assert (sizes["hidden"], sizes["layers"], sizes["heads"], sizes["ffn"]) == (64, 2, 2, 96)
+    assert sizes["policy_params"] == bench.trunk_params(LlamaConfig.from_dict(config)) + 64 * config["vocab_size"]

@@ -218,7 +218,11 @@ def model_sizes(directory: Path) -> dict:
     texts = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     trunk = trunk_params(config)
-    return {
+    return {  # the shape of the model benched: a --model run's, not the tiny one SETUP describes
+        "hidden": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "ffn": config.intermediate_size,
         "policy_params": trunk + config.hidden_size * config.vocab_size,  # + the LM head's matrix
         "reward_params": trunk + config.hidden_size,  # + the scalar head
         "prompt_tokens_mean": round(sum(lengths) / len(lengths), 1),
