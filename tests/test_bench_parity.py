@@ -118,10 +118,16 @@ def test_setup_json_names_the_shape_of_the_model_benched(tmp_path):
     # a --model run's setup.json said hidden 128 / layers 4 (SETUP's tiny shape) beside a 135M model
     bench.build_setup(tmp_path)
     assert {k: json.loads((tmp_path / "setup.json").read_text())[k] for k in ("hidden", "layers", "heads", "ffn")} == {
-        "hidden": 128, "layers": 4, "heads": 4, "ffn": 512}
+        "hidden": 128,
+        "layers": 4,
+        "heads": 4,
+        "ffn": 512,
+    }
     config_path = tmp_path / "policy" / "config.json"
     config = json.loads(config_path.read_text())
-    config.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96)
+    config.update(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96
+    )
     config_path.write_text(json.dumps(config))
     sizes = bench.model_sizes(tmp_path)
     assert (sizes["hidden"], sizes["layers"], sizes["heads"], sizes["ffn"]) == (64, 2, 2, 96)
