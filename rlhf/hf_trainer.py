@@ -1,14 +1,16 @@
-"""What the two Trainer-based stages (sft, reward) share: our config -> TrainingArguments fields,
+"""What the Trainer-based stages (sft, reward, dpo, kto, ...) share: our config -> TrainingArguments fields,
 a callback that forwards logs to our trackers and marks finished checkpoints, and the output
 writer (full model or LoRA adapter + tokenizer, optionally merged weights)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import trl.trainer.utils as trl_utils
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
@@ -163,10 +165,27 @@ def train_from(trainer, resume: str | None) -> float | None:
     if plugin is not None:  # the config transformers finalises and DeepSpeed reads when train() starts
         fill_zero3_sizes(plugin.hf_ds_config.config, trainer.model)
     try:
-        return trainer.train(resume_from_checkpoint=resume).training_loss
+        with compact_fused_lm_head():
+            return trainer.train(resume_from_checkpoint=resume).training_loss
     except _TrainedToTheEnd:
         log.info("%s is the final checkpoint (step %d): nothing left to train", resume, trainer.state.global_step)
         return None
+
+
+@contextmanager
+def compact_fused_lm_head() -> Iterator[None]:
+    """TRL's fused LM head (its SFT, DPO and KTO trainers) projects through the vocabulary only the
+    positions that have a label on a Triton device (CUDA, XPU), and every position elsewhere, to keep
+    tile shapes fixed for compilers such as Neuron's. A CPU runs eagerly, so that is wasted work: in
+    SmolLM2's SFT ~50 of 60 positions are prompt, each a 49k-vocabulary projection forward and back,
+    half the step (6.7 -> 3.4 s, loss and gradients equal to the bit; docs/real-model.md). While this
+    is open, a CPU compacts too (TRL reads `_use_triton` on each forward; tests/test_trl_contract.py)."""
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 def resume_point(output_dir: Path, train: TrainConfig, digest: str, state) -> str | None:

@@ -10,7 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import trl
+import trl.trainer.utils as trl_utils
 from datasets import Dataset
 from packaging.requirements import Requirement
 from transformers import TrainerCallback
@@ -18,6 +20,7 @@ from trl import DPOTrainer, RewardConfig, RewardTrainer
 
 from rlhf.config import DPOStageConfig, ModelInit, load_config
 from rlhf.distributed import process_state
+from rlhf.hf_trainer import compact_fused_lm_head
 from rlhf.precision import resolve_precision
 from rlhf.registry import build_policy, build_scalar_model, load_tokenizer, resolve
 from stages.dpo.train import PairDPOTrainer, dpo_args, encode_dpo_pairs
@@ -140,3 +143,38 @@ def test_dpo_trainer_prepare_dataset_is_called_with_our_signature(tmp_path, monk
     )
     assert calls == ["train"], changed(DPOTrainer, "_prepare_dataset", ours, "is no longer called on the train set")
     assert trainer.train_dataset.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
+
+
+def test_fused_lm_head_compacts_on_cpu_with_the_same_loss(monkeypatch):
+    """`compact_fused_lm_head` (rlhf/hf_trainer.py, around every TRL trainer's train()): on a CPU the
+    fused head projects only the labelled positions, and the loss and gradients are those of every
+    position projected. TRL decides compaction with `trl.trainer.utils._use_triton`."""
+    ours = "compact_fused_lm_head (rlhf/hf_trainer.py)"
+    assert "compact = _use_triton(" in inspect.getsource(trl_utils.add_fused_lm_head), (
+        f"trl {trl.__version__}: add_fused_lm_head no longer decides compaction with _use_triton; {ours} relies on "
+        f"it. Adapt it to the new TRL, then move the trl pin in pyproject.toml"
+    )
+    source = resolve("tiny-llama")
+    model = build_policy(source, ModelInit(), load_tokenizer(source, ModelInit()), None, seed=0, precision=None)
+    trl_utils.add_fused_lm_head(model)
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :9] = -100  # the prompt: the last 3 tokens of each row are scored (11 positions after the shift)
+    rows: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", lambda h, *a: rows.append(len(h)) or apply(h, *a))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=input_ids, labels=labels, fused_lm_head=True).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full_loss, full_grads = loss_and_grads()
+    with compact_fused_lm_head():
+        compact_loss, compact_grads = loss_and_grads()
+    assert rows == [2 * 11, 2 * 3], f"rows projected (every position, then the labelled ones): {rows}"
+    torch.testing.assert_close(compact_loss, full_loss)
+    for compact, full in zip(compact_grads, full_grads, strict=True):
+        torch.testing.assert_close(compact, full)
+    assert trl_utils._use_triton(torch.device("cpu")) is False, "the context must restore TRL's own choice"
