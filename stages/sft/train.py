@@ -50,7 +50,7 @@ def train(cfg: SFTStageConfig) -> dict:
 
     # 3. TRL's SFTTrainer. Loss on the completion for prompt/completion data, on every assistant
     #    turn for multi-turn chats; we truncate or drop over-long examples ourselves, to count them.
-    trainer, over = _sft_trainer(cfg, model, tokenizer, out, precision, train_examples, held_out.validation)
+    trainer, over = sft_trainer(cfg, model, tokenizer, out, precision, train_examples, held_out.validation)
 
     # 4. Everything loaded: take the output directory, then train, resuming from the newest
     #    complete checkpoint of this config and input if there is one.
@@ -90,7 +90,7 @@ def train(cfg: SFTStageConfig) -> dict:
     return metrics
 
 
-def _sft_trainer(cfg: SFTStageConfig, model, tokenizer, out: Path, precision, train_examples, eval_examples):
+def sft_trainer(cfg: SFTStageConfig, model, tokenizer, out: Path, precision, train_examples, eval_examples):
     """(trainer, over): TRL's SFTTrainer on our examples, and how many were longer than data.max_length."""
     multi_turn = "messages" in train_examples[0]
     args = SFTConfig(
