@@ -172,6 +172,12 @@ def train_from(trainer, resume: str | None) -> float | None:
         return None
 
 
+def evaluate(trainer) -> dict:
+    """`trainer.evaluate()` on its eval dataset, with the fused LM head compacted as in `train_from`."""
+    with compact_fused_lm_head():
+        return trainer.evaluate()
+
+
 @contextmanager
 def compact_fused_lm_head() -> Iterator[None]:
     """TRL's fused LM head (its SFT, DPO and KTO trainers) projects through the vocabulary only the
@@ -180,7 +186,7 @@ def compact_fused_lm_head() -> Iterator[None]:
     SmolLM2's SFT ~50 of 60 positions are prompt, each a 49k-vocabulary projection forward and back:
     half the step (bf16 autocast 4.2 -> 2.1 s, fp32 6.4 -> 3.8 s, loss and gradients equal to the bit;
     tools/bench_sft_step.py). While this is open, a CPU compacts too (TRL reads `_use_triton` on each
-    forward; tests/test_trl_contract.py)."""
+    forward; tests/test_trl_contract.py); `train_from` and `evaluate` open it."""
     original = trl_utils._use_triton
     trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
     try:

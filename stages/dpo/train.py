@@ -29,7 +29,7 @@ from rlhf.data.lengths import context_length, warn_overlong
 from rlhf.distributed import process_state, wait_for_main
 from rlhf.evaluation import before_after_report, evaluate_stage_output, summary, tracked_metrics
 from rlhf.generation import render_prompts
-from rlhf.hf_trainer import save_output, start_and_resume, train_from, trainer_kwargs
+from rlhf.hf_trainer import evaluate, save_output, start_and_resume, train_from, trainer_kwargs
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import build_policy, cast_trainable, end_of_turn_id, load_tokenizer, resolve
 from stages.reward.pairs import preference_pairs
@@ -231,6 +231,6 @@ def _reference_is_adapter_off(trainer: DPOTrainer) -> None:
 
 def _evaluate_pairs(trainer: DPOTrainer) -> dict:
     """The held-out pairs under the trained policy (every process takes part)."""
-    report = trainer.evaluate()
+    report = evaluate(trainer)
     keys = {"loss": "eval_loss", "accuracy": "eval_rewards/accuracies", "margin": "eval_rewards/margins"}
     return {name: round(report[key], 4) for name, key in keys.items() if key in report}

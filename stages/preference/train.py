@@ -28,7 +28,7 @@ from rlhf.data import DataError, HeldOut, load_held_out
 from rlhf.data.lengths import context_length, warn_overlong
 from rlhf.distributed import process_state
 from rlhf.evaluation import before_after_report, evaluate_stage_output, summary, tracked_metrics
-from rlhf.hf_trainer import save_output, start_and_resume, train_from
+from rlhf.hf_trainer import evaluate, save_output, start_and_resume, train_from
 from rlhf.precision import Precision, resolve_precision
 from rlhf.registry import build_policy, cast_trainable, load_tokenizer, resolve
 from stages.reward.pairs import PreferencePairs
@@ -149,7 +149,7 @@ def _evaluate_pairs(trainer, method: Method) -> dict:
     """The held-out examples under the policy now (every process takes part): the loss, and the
     method's implicit rewards of the chosen and rejected answers (their margin; for paired data
     the share ranked right) and the answers' summed log-probs."""
-    report = trainer.evaluate()
+    report = evaluate(trainer)
     return {name: round(report[key], 4) for name, key in method.pair_keys if key in report}
 
 
