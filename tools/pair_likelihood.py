@@ -22,24 +22,23 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rlhf.config import RMStageConfig, load_config
+from rlhf.generation import left_pad
 from rlhf.precision import Precision, resolve_precision
-from rlhf.registry import build_policy, load_tokenizer, resolve
+from rlhf.registry import build_policy, load_tokenizer, position_ids_from_mask, resolve
 from stages.reward.pairs import preference_pairs
 from stages.reward.train import encode_pairs
 
 
 def response_logprobs(model, rows: list[list[int]], starts: list[int], pad_id: int) -> tuple[list[float], list[float]]:
     """(summed, mean per token) log-probability of each row's tokens from `starts[i]` on, given the
-    tokens before them: one right-padded forward for all rows."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # (B, T, V)
-    token_lp = -F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-    positions = torch.arange(1, width)[None, :]  # the position of the token each entry scores
-    counted = (positions >= torch.tensor(starts)[:, None]) & (mask[:, 1:] == 1)
+    tokens before them: one forward for all rows, left-padded with generate's positions, as PPO
+    scores a rollout."""
+    ids, mask = left_pad(rows, pad_id, next(model.parameters()).device)  # (B, T)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+    token_lp = -F.cross_entropy(out.logits.float()[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    first = torch.tensor([ids.shape[1] - len(r) + s for r, s in zip(rows, starts, strict=True)], device=ids.device)
+    positions = torch.arange(1, ids.shape[1], device=ids.device)[None, :]  # the position each entry scores
+    counted = positions >= first[:, None]  # (B, T-1): the response tokens (padding sits before the row)
     sums = (token_lp * counted).sum(1)
     return sums.tolist(), (sums / counted.sum(1).clamp(min=1)).tolist()
 
