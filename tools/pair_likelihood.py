@@ -7,40 +7,40 @@ learnt to read out what its body already knows (docs/real-model.md).
     python -m tools.pair_likelihood --config configs/smollm2-135m/rm.yaml model=runs/smollm2/sft
     python -m tools.pair_likelihood --config configs/tiny/rm.yaml model=runs/tiny/sft
 
-Ends with one JSON line: `accuracy`, `accuracy_mean_per_token` (the mean log-probability per
-response token instead of the sum), `accuracy_by_kind`, `n_by_kind`, `n`.
+Ends with one JSON line: the RM stage's `accuracy`, `accuracy_generated`, `accuracy_by_kind`,
+`n_by_kind`, `n`, and `accuracy_mean_per_token` (the mean log-probability per response token
+instead of the sum).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from rlhf.config import RMStageConfig, load_config
 from rlhf.generation import left_pad
 from rlhf.precision import Precision, resolve_precision
-from rlhf.registry import build_policy, load_tokenizer, position_ids_from_mask, resolve
+from rlhf.registry import build_policy, load_tokenizer, resolve
+from stages.ppo.core_algos import logprobs_from_logits
+from stages.ppo.models import policy_logits
 from stages.reward.pairs import preference_pairs
-from stages.reward.train import encode_pairs
+from stages.reward.train import encode_pairs, pair_accuracies
 
 
 def response_logprobs(model, rows: list[list[int]], starts: list[int], pad_id: int) -> tuple[list[float], list[float]]:
     """(summed, mean per token) log-probability of each row's tokens from `starts[i]` on, given the
-    tokens before them: one forward for all rows, left-padded with generate's positions, as PPO
-    scores a rollout."""
+    tokens before them: one forward for all rows, left-padded, as PPO scores a rollout (the LM head
+    on the response positions only)."""
     ids, mask = left_pad(rows, pad_id, next(model.parameters()).device)  # (B, T)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-    token_lp = -F.cross_entropy(out.logits.float()[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    first = torch.tensor([ids.shape[1] - len(r) + s for r, s in zip(rows, starts, strict=True)], device=ids.device)
-    positions = torch.arange(1, ids.shape[1], device=ids.device)[None, :]  # the position each entry scores
-    counted = positions >= first[:, None]  # (B, T-1): the response tokens (padding sits before the row)
+    lengths = torch.tensor([len(r) - s for r, s in zip(rows, starts, strict=True)], device=ids.device)  # (B,)
+    R = int(lengths.max())  # left padding right-aligns the rows: each response is among the last R tokens
+    token_lp = logprobs_from_logits(policy_logits(model, ids, mask, R), ids[:, -R:])  # (B, R)
+    counted = torch.arange(R, device=ids.device)[None, :] >= (R - lengths)[:, None]  # (B, R)
     sums = (token_lp * counted).sum(1)
-    return sums.tolist(), (sums / counted.sum(1).clamp(min=1)).tolist()
+    return sums.tolist(), (sums / lengths.clamp(min=1)).tolist()
 
 
 @torch.no_grad()
@@ -59,16 +59,10 @@ def rank_pairs(model, rows: list[dict], pad_id: int, precision: Precision, batch
 
 
 def summary(pairs: list[dict], ranked: list[tuple]) -> dict:
-    by_kind: dict[str, list[bool]] = defaultdict(list)
-    for p, (by_sum, _) in zip(pairs, ranked, strict=True):
-        by_kind[p.get("kind", "all")].append(by_sum)
-    n = len(ranked)
+    """The RM stage's pair accuracies of the ranking by summed log-probability, and the overall one by the mean."""
     return {
-        "accuracy": round(sum(s for s, _ in ranked) / n, 4),
-        "accuracy_mean_per_token": round(sum(m for _, m in ranked) / n, 4),
-        "accuracy_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
-        "n_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
-        "n": n,
+        **pair_accuracies(pairs, [by_sum for by_sum, _ in ranked]),
+        "accuracy_mean_per_token": round(sum(m for _, m in ranked) / len(ranked), 4),
     }
 
 

@@ -218,10 +218,9 @@ def encode_pairs(tokenizer, pairs: list[dict], use_margin: bool) -> list[dict]:
     return rows
 
 
-def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dict:
-    chosen = score_sequences(model, [r["chosen_ids"] for r in rows], tokenizer.pad_token_id)  # (N,)
-    rejected = score_sequences(model, [r["rejected_ids"] for r in rows], tokenizer.pad_token_id)  # (N,)
-    right = (chosen > rejected).tolist()
+def pair_accuracies(pairs: list[dict], right: list[bool]) -> dict:
+    """How many pairs were ranked right (`right[i]`: pair i's chosen above its rejected), overall,
+    on the task's generated kinds alone and per kind."""
     by_kind: dict[str, list[bool]] = defaultdict(list)
     for p, ok in zip(pairs, right, strict=True):
         by_kind[p.get("kind", "all")].append(ok)
@@ -230,10 +229,18 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dic
         "accuracy": round(sum(right) / len(right), 4),
         # the task's generated kinds of mistakes alone, without the init model's own (on-policy) ones
         "accuracy_generated": round(sum(generated) / len(generated), 4) if generated else None,
-        "mean_margin": round((chosen - rejected).mean().item(), 4),
         "accuracy_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
         "n_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
         "n": len(right),
+    }
+
+
+def evaluate_pairs(model, tokenizer, pairs: list[dict], rows: list[dict]) -> dict:
+    chosen = score_sequences(model, [r["chosen_ids"] for r in rows], tokenizer.pad_token_id)  # (N,)
+    rejected = score_sequences(model, [r["rejected_ids"] for r in rows], tokenizer.pad_token_id)  # (N,)
+    return {
+        **pair_accuracies(pairs, (chosen > rejected).tolist()),
+        "mean_margin": round((chosen - rejected).mean().item(), 4),
         "scores": {
             "chosen": [round(x, 4) for x in chosen.tolist()],
             "rejected": [round(x, 4) for x in rejected.tolist()],
