@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     precision = resolve_precision(cfg.model_init)
     source = resolve(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model_init)
+    # the whole of the stage's pair set, training mining included: the held-out on-policy pairs are
+    # sampled after the training ones, so only this order gives the RM's own held-out set
     pairs = preference_pairs(cfg, source, tokenizer, precision).eval
     if not pairs:
         raise SystemExit(f"{args.config}: no held-out pairs (pairs.eval_size or data.eval)")
