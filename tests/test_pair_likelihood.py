@@ -33,3 +33,11 @@ def test_ranks_the_rm_stages_held_out_pairs(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     for kind, acc in result["accuracy_by_kind"].items():
         assert 0.0 <= acc <= 1.0 and result["n_by_kind"][kind] > 0
+
+
+def test_a_reference_ranks_by_the_log_ratio():
+    # pair 0: the model prefers the rejected answer, but less than the reference does: the ratio ranks it right
+    model = torch.tensor([[-3.0, -2.0, -1.5, -1.0], [-1.0, -4.0, -0.5, -2.0]], dtype=torch.float64)
+    reference = torch.tensor([[-6.0, -2.0, -3.0, -1.0], [-0.5, -5.0, -0.25, -2.5]], dtype=torch.float64)
+    assert pair_likelihood.rank_pairs(model) == [(False, False), (True, True)]
+    assert pair_likelihood.rank_pairs(model, reference) == [(True, True), (False, False)]
