@@ -62,7 +62,7 @@ class StageKind:
     script: str
     config_class: type
     wiring: Callable[[PipelineConfig, Path], dict[str, str]]
-    needs: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()  # the stages that must come before it; "a|b": one of them
 
 
 # A new kind of stage is a new line here (and a StageSpec field of PipelineConfig).
@@ -73,11 +73,16 @@ KINDS: dict[str, StageKind] = {
     "rm": StageKind(
         "launch/stage2_rm.py", RMStageConfig, lambda cfg, run: {"model": str(run / "sft"), **_pairs(cfg, run)}, ("sft",)
     ),
+    # the reward model: the RM stage's, or where there is none a DPO stage's output, whose implicit
+    # reward the PPO config reads (a reward source of kind `implicit`)
     "ppo": StageKind(
         "launch/stage3_ppo.py",
         PPOStageConfig,
-        lambda cfg, run: {"policy": str(run / "sft"), "reward_model": str(run / "rm")},
-        ("sft", "rm"),
+        lambda cfg, run: {
+            "policy": str(run / "sft"),
+            "reward_model": str(run / ("rm" if "rm" in cfg.stages else "dpo")),
+        },
+        ("sft", "rm|dpo"),
     ),
     "dpo": StageKind(
         "launch/stage3_dpo.py",
@@ -140,7 +145,8 @@ class PipelineConfig:
     num_processes: int | None = None  # override the accelerate config's process count
     main_process_port: int | None = None  # for several pipelines on one machine
     report: bool = True  # write runs/<name>/report.html at the end
-    # the stages this pipeline runs, in order: [sft, rm, ppo], or [sft, dpo] for DPO instead of RM + PPO;
+    # the stages this pipeline runs, in order: [sft, rm, ppo], or [sft, dpo] for DPO instead of RM + PPO,
+    # or [sft, dpo, ppo]: PPO on the DPO model's implicit reward (the PPO config's source of kind implicit);
     # [label, sft, rm, ppo]: sample the model first, SFT on its passing answers, RM / DPO on its pairs
     stages: tuple[str, ...] = ("sft", "rm", "ppo")
     sft: StageSpec = field(default_factory=lambda: StageSpec("configs/tiny/sft.yaml"))
@@ -161,9 +167,10 @@ class PipelineConfig:
                 raise ConfigError("stages", f"unknown stage {stage!r}; known: {list(KINDS)}")
             if stage == "label" and i != 0:
                 raise ConfigError("stages", "label samples the starting model: it can only come first")
-            missing = [n for n in KINDS[stage].needs if n not in self.stages[:i]]
+            missing = [n for n in KINDS[stage].needs if not set(n.split("|")) & set(self.stages[:i])]
             if missing:
-                raise ConfigError("stages", f"{stage} reads the output of {missing[0]}, which must come before it")
+                what = missing[0].replace("|", " or ")
+                raise ConfigError("stages", f"{stage} reads the output of {what}, which must come before it")
         # The name is one directory under runs_dir and a tracking run name: no path separators
         # or '..' that would put a run elsewhere or share another run's directories.
         bad = [c for c in ("/", "\\") if c in self.name]
@@ -473,15 +480,14 @@ def summary_table(run_dir: Path, stages: tuple[str, ...] = ("sft", "rm", "ppo"),
             rows.append(("rm", "  without on-policy pairs", f"{rm['accuracy_generated']:.3f}"))
         for kind, acc in rm.get("accuracy_by_kind", {}).items():
             rows.append(("rm", f"  on {kind}", f"{acc:.3f}"))
-    if ppo:
-        rows += _accuracy_rows("ppo", " before", ppo.get("before")) + _accuracy_rows("ppo", " after", ppo.get("after"))
-        kl, target = ppo.get("final_kl"), ppo.get("kl_target")
-        rows.append(("ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
-        rows += proxy_gold_rows(run_dir / "ppo", ppo, "ppo")
     if dpo:
         rows += _accuracy_rows("dpo", " before", dpo.get("before")) + _accuracy_rows("dpo", " after", dpo.get("after"))
         if (dpo.get("pairs") or {}).get("accuracy") is not None:
             rows.append(("dpo", "held-out pair accuracy", f"{dpo['pairs']['accuracy']:.3f}"))
+    if ppo:
+        rows += _accuracy_rows("ppo", " before", ppo.get("before")) + _accuracy_rows("ppo", " after", ppo.get("after"))
+        rows.append(("ppo", "final KL (target)", _kl(ppo)))
+        rows += proxy_gold_rows(run_dir / "ppo", ppo, "ppo")
     for k in range(2, rounds + 1):
         rows += round_rows(run_dir / f"round-{k}", f"round-{k}")
     width, stage_width = max(len(r[1]) for r in rows), max(4, *(len(r[0]) for r in rows))
@@ -541,10 +547,17 @@ def round_rows(round_dir: Path, name: str) -> list[tuple[str, str, str]]:
     if ppo:
         rows.append((f"{name}/ppo", "accuracy before", _acc(ppo.get("before") or {})))
         rows.append((f"{name}/ppo", "accuracy after", _acc(ppo.get("after") or {})))
-        kl, target = ppo.get("final_kl"), ppo.get("kl_target")
-        rows.append((f"{name}/ppo", "final KL (target)", f"{kl:.3f} ({target})" if kl is not None else "-"))
+        rows.append((f"{name}/ppo", "final KL (target)", _kl(ppo)))
         rows += proxy_gold_rows(round_dir / "ppo", ppo, f"{name}/ppo")
     return rows
+
+
+def _kl(ppo: dict) -> str:
+    """The final KL and its target, or that β was fixed (no target)."""
+    kl, target = ppo.get("final_kl"), ppo.get("kl_target")
+    if kl is None:
+        return "-"
+    return f"{kl:.3f} ({target})" if target is not None else f"{kl:.3f} (fixed β, no target)"
 
 
 def label_rows(label: dict, name: str) -> list[tuple[str, str, str]]:

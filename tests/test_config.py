@@ -29,6 +29,7 @@ STAGE_CLASSES = {
 }
 STAGE_CLASSES |= {"grpo.yaml": PPOStageConfig, "rloo.yaml": PPOStageConfig}  # stage 3 with other estimators
 STAGE_CLASSES |= {"ppo_rule.yaml": PPOStageConfig}  # stage 3 with the checker as the reward
+STAGE_CLASSES |= {"ppo_implicit.yaml": PPOStageConfig}  # stage 3 with a DPO model's implicit reward
 # stage 3 by the other preference methods (docs/preference-methods.md)
 STAGE_CLASSES |= {"kto.yaml": KTOStageConfig, "orpo.yaml": ORPOStageConfig, "simpo.yaml": CPOStageConfig}
 

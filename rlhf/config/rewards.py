@@ -7,6 +7,7 @@ in one mapping: a name -> its kind, its weight and the kind's own settings.
         subtraction: {kind: rule, weight: 1.0}            # a task rule (rlhf.tasks.RULES), by the source's name
         fmt: {kind: function, function: "my_pkg.rewards:fmt", weight: 0.1}   # your own reward function
         served: {kind: remote, url: "http://127.0.0.1:8000/score"}          # a reward model over HTTP
+        dpo: {kind: implicit, beta: 0.1}                  # a DPO model's implicit reward (`reward_model`: DPO's output)
 
 A kind is a dataclass registered here by `@reward_kind("name")` (what a config may say, checked at
 load) and a scorer registered under the same name in stages/ppo/rewards.py (how it scores, built at
@@ -42,7 +43,7 @@ def reward_kind(name: str):
 class RewardSourceConfig:
     """One reward source; `kind` picks the registered dataclass that holds its settings."""
 
-    kind: str = ""  # model, rule, function, remote, or a kind registered by outside code
+    kind: str = ""  # model, rule, function, remote, implicit, or a kind registered by outside code
     weight: float = 1.0  # its score's weight in the sequence score; 0: scored and logged, not optimised
 
     @classmethod
@@ -111,6 +112,23 @@ class RemoteSourceConfig(RewardSourceConfig):
             raise ConfigError("timeout", f"must be > 0, got {self.timeout}")
         if self.retries < 0 or self.backoff < 0:
             raise ConfigError("retries", "retries and backoff must be >= 0")
+
+
+@reward_kind("implicit")
+@dataclass(frozen=True)
+class ImplicitSourceConfig(RewardSourceConfig):
+    """A DPO model's implicit reward (Rafailov et al. 2023, eq. 5): beta · Σ_t (log π_DPO(y_t | x, y_<t)
+    − log π_ref(y_t | x, y_<t)) over the rollout's own response tokens, stop token included. π_DPO is
+    the stage's `reward_model`, a DPO stage's output (a causal LM, no scalar head); π_ref is PPO's frozen
+    reference, whose log-probs step 2 already holds, so it must be the model DPO started from. With
+    PPO's KL weight equal to beta (`ppo.kl_coef: <beta>`, `ppo.kl_target: null`) the KL-regularised
+    optimum is the DPO model itself; a smaller KL weight raises DPO's change to a power (docs/rewards.md)."""
+
+    beta: float = 0.1  # DPO's loss.beta: the reward is in the units DPO learnt it in
+
+    def check(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError("beta", f"must be > 0 (DPO's loss.beta), got {self.beta}")
 
 
 # The keys reward.sources replaced, each with how to write it now (one line, rlhf/config/schema.py MOVED_KEYS).

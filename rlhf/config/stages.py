@@ -394,6 +394,13 @@ class PPORewardConfig:
                 raise ConfigError(
                     "sources", f"at most one source of kind {kind} ({why}), got {list(self.of_kind(kind))}"
                 )
+        on_reward_model = [*self.of_kind("model"), *self.of_kind("implicit")]
+        if len(on_reward_model) > 1:
+            raise ConfigError(
+                "sources",
+                f"{on_reward_model} all read the one reward_model: a scalar-head RM (kind model) or a DPO "
+                "model (kind implicit), not both",
+            )
         if self.overlong_buffer is not None and self.overlong_buffer < 1:
             raise ConfigError("overlong_buffer", f"must be >= 1 token (or null: off), got {self.overlong_buffer}")
         if self.overlong_penalty < 0:
@@ -418,7 +425,9 @@ class PPOStageConfig:
     # null: the policy above. An RLHF round starting from the last round's policy may keep the SFT
     # model as its reference instead (the pipeline's round.reference); must share the tokenizer.
     reference: str | None = None
-    reward_model: str | None = None  # the RM output (a `model` reward source scores with it); null: no reward model
+    # the RM output (a `model` reward source scores with it), or a DPO output (an `implicit` source's
+    # model); null: no reward model
+    reward_model: str | None = None
     value_model: str | None = None  # null: initialise from the reward model (or the policy if there is none)
     # true: the value model is a linear head on the policy's own last hidden state instead of a second
     # decoder: one forward per minibatch instead of two, no second model or its optimizer state; the
@@ -440,15 +449,24 @@ class PPOStageConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     hub: HubConfig = field(default_factory=HubConfig)  # push the output to the Hub (off)
 
+    @property
+    def scalar_reward_model(self) -> str | None:
+        """The reward model as a scalar-head model (the RM stage's output): `reward_model` unless an
+        `implicit` source reads it as a DPO model."""
+        return None if self.reward.of_kind("implicit") else self.reward_model
+
     def check(self) -> None:
         if self.reference is not None and self.lora.enabled:
             raise ConfigError("reference", "must be null with LoRA: the reference is the policy with its adapter off")
         if self.train.keep_best and not self.train.eval_every:
             raise ConfigError("train.keep_best", "chooses among held-out evaluations: set train.eval_every > 0")
-        if self.train.keep_best == "proxy" and self.reward_model is None:
-            raise ConfigError("train.keep_best", "proxy reads the reward model's score; reward_model is null")
-        if self.reward_model is None and self.reward.of_kind("model"):
-            name = next(iter(self.reward.of_kind("model")))
+        if self.train.keep_best == "proxy" and self.scalar_reward_model is None:
+            raise ConfigError(
+                "train.keep_best",
+                "proxy reads a scalar-head reward model's score; reward_model is null or read as implicit",
+            )
+        if self.reward_model is None and (self.reward.of_kind("model") or self.reward.of_kind("implicit")):
+            name = next(iter({**self.reward.of_kind("model"), **self.reward.of_kind("implicit")}))
             raise ConfigError(
                 "reward_model",
                 f"is null but reward.sources.{name} is the reward model; set one or drop it ({name}: null)",

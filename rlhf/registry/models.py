@@ -242,6 +242,33 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def policy_forward(
+    policy: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    hidden_states: bool = False,
+):
+    """One forward of the policy over left-padded prompt + response, with generate's positions;
+    the LM head runs on the last `logits_to_keep` positions only, which at real vocabulary sizes
+    saves most of the forward's memory."""
+    return policy(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=logits_to_keep,
+        output_hidden_states=hidden_states,
+    )
+
+
+def policy_logits(
+    policy: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int
+) -> torch.Tensor:
+    """Logits (B, R, V) at the positions that predict the last `response_len` tokens."""
+    return policy_forward(policy, input_ids, attention_mask, response_len + 1).logits[:, :-1]
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, for left or right padding. (B, T) -> (B,)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)

@@ -13,11 +13,15 @@ second copy of the weights.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from rlhf.checkpoint import path_identity, read_manifest
 from rlhf.config import ConfigError, PPOStageConfig
 from rlhf.distributed import deepspeed_plugin, is_zero3
 from rlhf.precision import Precision
@@ -26,7 +30,8 @@ from rlhf.registry import (
     build_policy,
     build_scalar_model,
     load_tokenizer,
-    position_ids_from_mask,
+    policy_forward,
+    policy_logits,
     resolve,
     stop_token_ids,
     token_scores,
@@ -36,6 +41,10 @@ from stages.ppo.advantages import Estimator
 from stages.ppo.core_algos import logprobs_from_logits
 from stages.ppo.optim import build_optimizer, fill_deepspeed_config, param_groups
 from stages.ppo.rewards import Source, SourceContext, build_sources, connect_reward_server
+
+log = logging.getLogger("rlhf.ppo")
+# the stages whose output is a language model (no scalar head): a DPO-style one an `implicit` source reads
+LANGUAGE_MODEL_STAGES = ("sft", "ppo", "dpo", "kto", "orpo", "cpo", "simpo")
 
 
 class PolicyAndValue(nn.Module):
@@ -83,31 +92,6 @@ class ValueHead(nn.Module):
         return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
 
 
-def policy_forward(
-    policy: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    logits_to_keep: int,
-    hidden_states: bool = False,
-):
-    """One forward of the policy over left-padded prompt + response, with generate's positions;
-    the LM head runs on the last `logits_to_keep` positions only, which at real vocabulary sizes
-    saves most of the forward's memory."""
-    return policy(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=logits_to_keep,
-        output_hidden_states=hidden_states,
-    )
-
-
-def policy_logits(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
-    """Logits (B, R, V) at the positions that predict the last `response_len` tokens."""
-    return policy_forward(policy, input_ids, attention_mask, response_len + 1).logits[:, :-1]
-
-
 @torch.no_grad()
 def reference_logits(
     unwrapped: PolicyAndValue,
@@ -122,6 +106,19 @@ def reference_logits(
         return policy_logits(ref_policy, input_ids, attention_mask, response_len)
     with unwrapped.policy.disable_adapter():
         return policy_logits(unwrapped.policy, input_ids, attention_mask, response_len)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    unwrapped: PolicyAndValue,
+    ref_policy: nn.Module | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response: torch.Tensor,
+) -> torch.Tensor:
+    """(B, R) fp32 log-probs of the response tokens under the frozen reference, at temperature 1."""
+    logits = reference_logits(unwrapped, ref_policy, input_ids, attention_mask, response.shape[1])
+    return logprobs_from_logits(logits.float(), response)
 
 
 @torch.no_grad()
@@ -212,7 +209,8 @@ class Models:
     model: torch.nn.Module  # PolicyAndValue (policy + value model, or the policy alone), wrapped
     optimizer: torch.optim.Optimizer
     ref_policy: torch.nn.Module | None  # None with LoRA: the policy with its adapter switched off
-    reward_model: torch.nn.Module | None
+    reward_model: torch.nn.Module | None  # the scalar-head reward model (a `model` source's)
+    implicit_model: torch.nn.Module | None  # the DPO model an `implicit` source reads
     tokenizer: object
     stop_ids: tuple[int, ...]  # the tokens that end a response: EOS and the template's end of turn
     policy_source: ModelSource
@@ -241,11 +239,7 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         ref_policy = freeze(
             build_policy(ref_source, cfg.model_init, tokenizer, seed=cfg.seed, precision=precision, reference=True)
         )
-    reward_model = None
-    if cfg.reward_model:
-        rm_source = resolve(cfg.reward_model)
-        _check_same_tokenizer(tokenizer, load_tokenizer(rm_source, cfg.model_init), cfg.reward_model, "reward_model")
-        reward_model = freeze(build_scalar_model(rm_source, cfg.model_init, tokenizer, precision=precision))
+    reward_model, implicit_model = build_reward_model(cfg, tokenizer, precision)
     value_model = None
     if estimator.needs_critic and cfg.share_policy_trunk:
         value_model = ValueHead(policy.config.hidden_size, precision.trained_dtype)
@@ -254,7 +248,7 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         value_model = build_scalar_model(
             value_source, cfg.model_init, tokenizer, cfg.lora, seed=cfg.seed, precision=precision, trained=True
         )
-    for m in (policy, value_model, ref_policy, reward_model):
+    for m in (policy, value_model, ref_policy, reward_model, implicit_model):
         if m is not None:
             disable_dropout(m)
     model = PolicyAndValue(policy, value_model)
@@ -265,14 +259,18 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
     model, optimizer = accelerator.prepare(model, optimizer)
     ref_policy = prepare_frozen(ref_policy, accelerator) if ref_policy is not None else None
     reward_model = prepare_frozen(reward_model, accelerator) if reward_model is not None else None
+    implicit_model = prepare_frozen(implicit_model, accelerator) if implicit_model is not None else None
     remote = next(iter(cfg.reward.of_kind("remote").values()), None)  # at most one (PPORewardConfig.check)
     reward_client = connect_reward_server(remote, accelerator) if remote is not None else None
-    ctx.reward_model, ctx.reward_client = reward_model, reward_client  # what the sources score with
+    # what the sources score with
+    ctx.reward_model, ctx.reward_client, ctx.implicit_model = reward_model, reward_client, implicit_model
+    ctx.reference_logprobs = partial(reference_logprobs, accelerator.unwrap_model(model), ref_policy)
     return Models(
         model=model,
         optimizer=optimizer,
         ref_policy=ref_policy,
         reward_model=reward_model,
+        implicit_model=implicit_model,
         tokenizer=tokenizer,
         # decided once, from the policy as built (its generation_config holds the same set, which the
         # rollout engine's generate() stops at): the masks, the missing-EOS penalty and the RM read
@@ -282,6 +280,52 @@ def build_models(cfg: PPOStageConfig, accelerator, estimator: Estimator, precisi
         reward_client=reward_client,
         reward_sources=reward_sources,
     )
+
+
+def build_reward_model(
+    cfg: PPOStageConfig, tokenizer, precision: Precision
+) -> tuple[nn.Module | None, nn.Module | None]:
+    """(the scalar-head reward model, the DPO model an `implicit` source reads), frozen: `reward_model`
+    built as the one its sources read it as, or neither without one."""
+    if not cfg.reward_model:
+        return None, None
+    _check_reward_model_kind(cfg)
+    source = resolve(cfg.reward_model)
+    _check_same_tokenizer(tokenizer, load_tokenizer(source, cfg.model_init), cfg.reward_model, "reward_model")
+    if cfg.scalar_reward_model:
+        return freeze(build_scalar_model(source, cfg.model_init, tokenizer, precision=precision)), None
+    return None, freeze(build_policy(source, cfg.model_init, tokenizer, precision=precision))  # a causal LM
+
+
+def _check_reward_model_kind(cfg: PPOStageConfig) -> None:
+    """Refuse a reward model read as the wrong kind (a DPO model's random scalar head, or an RM's
+    head-less trunk as a language model), by the stage its manifest names; warn where a DPO model's
+    reference was not PPO's reference, which its implicit reward is measured against."""
+    manifest = read_manifest(cfg.reward_model) if Path(cfg.reward_model).is_dir() else None
+    stage = (manifest or {}).get("stage")
+    implicit = next(iter(cfg.reward.of_kind("implicit")), None)
+    if implicit is None and stage in LANGUAGE_MODEL_STAGES:
+        raise ConfigError(
+            "reward_model",
+            f"{cfg.reward_model} is a {stage} stage's output, a language model with no scalar head; read it as "
+            "a DPO model's implicit reward: reward.sources.<name>={kind: implicit, beta: <DPO's beta>}",
+        )
+    if implicit is not None and stage == "rm":
+        raise ConfigError(
+            f"reward.sources.{implicit}",
+            f"is of kind implicit, which reads a DPO output, but reward_model {cfg.reward_model} is a reward "
+            "model with a scalar head: use kind model",
+        )
+    trained_against = (manifest or {}).get("init_from")
+    reference = cfg.reference or cfg.policy
+    if implicit is not None and trained_against and path_identity(trained_against) != path_identity(reference):
+        log.warning(
+            "reward_model %s learnt its implicit reward against %s, but PPO's reference is %s: the reward is "
+            "beta * log(pi_DPO / pi_ref) only against the model DPO started from",
+            cfg.reward_model,
+            trained_against,
+            reference,
+        )
 
 
 def _check_same_tokenizer(policy_tok, other_tok, name: str, key: str) -> None:

@@ -9,7 +9,8 @@ registering its config dataclass there and its builder here. The built-in kinds:
 - `model`: the learned reward model on the rollout's own tokens (`reward_model`);
 - `rule`: a task rule (rlhf.tasks.RULES) as an ordinary reward function of the chat prompts;
 - `function`: your own `fn(prompts, responses, **fields)`, imported here, at the stage's start;
-- `remote`: a reward model served over HTTP (launch/serve_rm.py), asked by every process.
+- `remote`: a reward model served over HTTP (launch/serve_rm.py), asked by every process;
+- `implicit`: a DPO model's implicit reward, beta · (log π_DPO − log π_ref) of the sampled tokens.
 
 No `judge` kind yet: the judge in stages/reward/labellers.py compares two responses (A or B), it
 gives no score of one response; a pointwise judge would be a new kind here.
@@ -25,16 +26,18 @@ import torch
 from rlhf.config import ConfigError
 from rlhf.config.rewards import (
     FunctionSourceConfig,
+    ImplicitSourceConfig,
     ModelSourceConfig,
     RemoteSourceConfig,
     RewardSourceConfig,
     RuleSourceConfig,
 )
 from rlhf.config.stages import PPORewardConfig
-from rlhf.registry import sequence_scores
+from rlhf.registry import policy_logits, sequence_scores
 from rlhf.reward_client import RemoteRewardError, RewardClient, ServedModelChanged
 from rlhf.reward_functions import RewardFunctionError, checked_scores, load_reward_function
 from rlhf.tasks import rule_reward
+from stages.ppo.core_algos import logprobs_from_logits
 from stages.ppo.rollout import in_micro_batches
 
 
@@ -47,6 +50,11 @@ class Episodes:
     fields: dict[str, list]  # the prompt rows' other fields (answer, tests, …), one list of B each
     input_ids: torch.Tensor  # (B, P+R) prompt + response tokens, as the policy sampled them
     attention_mask: torch.Tensor  # (B, P+R)
+    response_ids: torch.Tensor | None = None  # (B, R) the response tokens (the last R of input_ids)
+    response_mask: torch.Tensor | None = None  # (B, R) 1 up to and including the stop token
+    # (B, R) fp32 log-probs of the response tokens under PPO's frozen reference at temperature 1, where
+    # step 2 has them (None: before step 2, as dynamic sampling scores, or at another temperature)
+    ref_logprobs: torch.Tensor | None = None
 
 
 Source = Callable[[Episodes], torch.Tensor]  # -> (B,) one score per episode, on the accelerator's device
@@ -62,6 +70,9 @@ class SourceContext:
     reward_model: torch.nn.Module | None = None  # the frozen reward model (`reward_model`), placed
     reward_client: RewardClient | None = None  # the reward server's client (a `remote` source), connected
     forward_batch_size: int | None = None  # rollout.forward_batch_size: a model source's forward, rows at a time
+    implicit_model: torch.nn.Module | None = None  # the frozen DPO model an `implicit` source reads, placed
+    # (input_ids, attention_mask, response) -> (b, R) fp32 log-probs under PPO's frozen reference at temperature 1
+    reference_logprobs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 SOURCES: dict[str, Callable[[str, RewardSourceConfig, SourceContext], Source]] = {}
@@ -105,6 +116,35 @@ def model_source(name: str, cfg: ModelSourceConfig, ctx: SourceContext) -> Sourc
             )
 
     return score
+
+
+@reward_source("implicit")
+def implicit_source(name: str, cfg: ImplicitSourceConfig, ctx: SourceContext) -> Source:
+    """beta · Σ_t (log π_DPO − log π_ref) over each response's tokens (up to and including its stop
+    token), on the sampled tokens themselves; the reference's log-probs are step 2's where it has
+    them, else one reference forward here. In the stage's autocast, `forward_batch_size` rows at a time."""
+
+    def dpo_logprobs(ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+        return logprobs_from_logits(policy_logits(ctx.implicit_model, ids, mask, response.shape[1]), response)
+
+    def score(ep: Episodes) -> torch.Tensor:
+        rows = (ep.input_ids, ep.attention_mask, ep.response_ids)
+        with torch.no_grad(), ctx.accelerator.autocast():
+            logprobs = in_micro_batches(dpo_logprobs, ctx.forward_batch_size, *rows)
+            ref = ep.ref_logprobs
+            if ref is None:
+                ref = in_micro_batches(ctx.reference_logprobs, ctx.forward_batch_size, *rows)
+        return implicit_rewards(logprobs, ref, ep.response_mask, cfg.beta)
+
+    return score
+
+
+def implicit_rewards(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """DPO's implicit reward of each response: beta · Σ_t mask_t · (logprobs_t − ref_logprobs_t).
+    (B, R) each -> (B,) fp32."""
+    return beta * ((logprobs.float() - ref_logprobs.float()) * response_mask).sum(1)
 
 
 @reward_source("rule")

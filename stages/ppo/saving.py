@@ -216,7 +216,7 @@ def evaluate_saved(run: PPORun, policy_dir: str, keep: bool = False) -> dict:
     cfg = run.cfg
     return evaluate_directory(
         policy_dir,
-        cfg.reward_model,
+        cfg.scalar_reward_model,  # its mean score of the answers (eval/ppo/rm_score); an implicit reward has none
         run.data.held_out(),
         cfg.task.name,
         cfg.generation,

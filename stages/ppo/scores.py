@@ -70,12 +70,15 @@ def score_episodes(
     attention_mask: torch.Tensor,
     response: torch.Tensor,
     has_eos: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
 ) -> Scored:
     """Step 3: every reward source's score of each response, their weighted sum (+ the missing-EOS
     and overlong shaping), before normalisation. `batch`: each row's prompt index; input_ids and
-    attention_mask (B, P + R), response (B, R), has_eos (B,) as `episode_tensors` gives them."""
+    attention_mask (B, P + R), response (B, R), has_eos (B,) as `episode_tensors` gives them;
+    ref_logprobs (B, R): step 2's reference log-probs at temperature 1, where it has them."""
     models, cfg = run.models, run.cfg
-    lengths = attention_mask[:, -response.shape[1] :].sum(1)  # as the engine said: up to its stop, or cut off
+    response_mask = attention_mask[:, -response.shape[1] :]  # as the engine said: up to its stop, or cut off
+    lengths = response_mask.sum(1)
     texts = decode_responses(models.tokenizer, response, lengths, has_eos)  # each without its stop token
     rows = [run.data.prompts[i] for i in batch]
     episodes = Episodes(
@@ -84,6 +87,9 @@ def score_episodes(
         fields=row_fields(rows),  # answer, tests, …: the prompt rows' other fields, one list each
         input_ids=input_ids,
         attention_mask=attention_mask,
+        response_ids=response,
+        response_mask=response_mask,
+        ref_logprobs=ref_logprobs,
     )
     components = {name: source(episodes) for name, source in models.reward_sources.items()}  # each (B,)
     raw = combine_scores(components, has_eos, cfg.reward)  # (B,)

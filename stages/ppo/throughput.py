@@ -30,18 +30,22 @@ class StepCost:
     full: bool  # every weight trained (False: LoRA adapters)
     checkpointing: bool  # gradient checkpointing: one more forward per backward
     reuse_logprobs: bool  # the rollout's log-probs from the sampling pass: no policy forward for them
+    implicit: FlopModel | None = None  # the DPO model of an `implicit` reward source: a forward with its LM head
 
 
-def step_cost(unwrapped, reward_model, cfg, reuse_logprobs: bool) -> StepCost:
-    """The StepCost of the unwrapped PolicyAndValue `unwrapped` and the (placed) `reward_model`."""
+def step_cost(unwrapped, reward_model, cfg, reuse_logprobs: bool, implicit_model=None) -> StepCost:
+    """The StepCost of the unwrapped PolicyAndValue `unwrapped`, the (placed) `reward_model` and
+    `implicit_model`."""
     value_model = unwrapped.value_model
     separate = value_model is not None and hasattr(value_model, "config")  # not the shared trunk's ValueHead
     reward = getattr(reward_model, "module", reward_model)  # a ZeRO-3 inference engine wraps it
+    implicit = getattr(implicit_model, "module", implicit_model)
     return StepCost(
         policy=flop_model(unwrapped.policy),
         critic=flop_model(value_model) if separate else None,
         shared_critic=value_model is not None and not separate,
         reward=flop_model(reward) if reward is not None else None,
+        implicit=flop_model(implicit) if implicit is not None else None,
         full=not cfg.lora.enabled,
         checkpointing=cfg.model_init.gradient_checkpointing,
         reuse_logprobs=reuse_logprobs,
@@ -60,6 +64,8 @@ def rollout_flops(cost: StepCost, lengths: list[int], response_tokens: int) -> f
     for scalar in (cost.critic, cost.reward):
         if scalar is not None:
             flops += forward_flops(scalar, lengths, 0)
+    if cost.implicit is not None:
+        flops += forward_flops(cost.implicit, lengths, response_tokens)
     return flops
 
 

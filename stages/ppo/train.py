@@ -128,7 +128,8 @@ def setup(cfg: PPOStageConfig) -> tuple[PPORun, LoopState]:
     log.info("rollout log-probs: %s", "from the sampling pass" if reuse_logprobs else "from a forward of the policy")
     if note := warmup_note(models.optimizer, cfg):
         log.warning(note)
-    cost = step_cost(accelerator.unwrap_model(models.model), models.reward_model, cfg, reuse_logprobs)  # perf/mfu
+    unwrapped = accelerator.unwrap_model(models.model)
+    cost = step_cost(unwrapped, models.reward_model, cfg, reuse_logprobs, models.implicit_model)  # perf/mfu
     peak = device_peak_flops(accelerator.device, models.precision.matmul_dtype)  # a CPU's is measured, once
     ref_fingerprint = _reference_fingerprint(models, accelerator)  # checked again at the end
     # Everything loaded: only now take the output directory (a bad input leaves it as it was).
@@ -239,8 +240,12 @@ def make_rollout(
             logprobs = sampled.logprobs.masked_fill(resp_mask == 0, 0.0)  # (B, R)
         engine_logprobs = None if sampled.logprobs is None else sampled.logprobs.masked_fill(resp_mask == 0, 0.0)
 
-        # 3. score: reward model at the response's last real token, rule rewards, EOS penalty
-        scored = score_episodes(run, batch, input_ids, attention_mask, response, has_eos)
+        # 3. score: reward model at the response's last real token, rule rewards, EOS penalty (a DPO
+        #    model's implicit reward reads the reference's log-probs, which are these at temperature 1)
+        at_temperature_1 = cfg.rollout.generation.temperature == 1.0
+        scored = score_episodes(
+            run, batch, input_ids, attention_mask, response, has_eos, ref_logprobs if at_temperature_1 else None
+        )
         scores = normalize_scores(scored.raw_scores, accelerator.gather(scored.raw_scores), cfg.reward, run.running)
 
         # 4. KL-penalised per-token rewards (with ppo.kl_in: loss the KL is a loss term instead: β = 0 here);
