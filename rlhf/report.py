@@ -275,8 +275,11 @@ def proxy_gold_plots(run_dir: Path, plot_dir: Path, data: dict) -> list[tuple[st
         kl, best, warning = [p.kl for p in points], best_gold(points), divergence(points)
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
         gold_ax = ax.twinx()
-        if all(p.proxy is not None for p in points):
+        has_proxy = all(p.proxy is not None for p in points)  # none: no scalar RM (rule or implicit rewards)
+        if has_proxy:
             ax.plot(kl, [p.proxy for p in points], marker="o", markersize=3, color="#c60", label="RM score (proxy)")
+        else:
+            ax.set_yticks([])
         gold_ax.plot(kl, [p.gold for p in points], marker="s", markersize=3, color="#27a", label="gold accuracy")
         gold_ax.scatter([best.kl], [best.gold], s=90, facecolors="none", edgecolors="#27a", zorder=3)
         gold_ax.annotate(
@@ -287,8 +290,10 @@ def proxy_gold_plots(run_dir: Path, plot_dir: Path, data: dict) -> list[tuple[st
             textcoords="offset points",
         )
         gold_ax.set_ylabel("gold accuracy (checker)")
-        title = f"{label}: proxy vs gold" + (" — proxy up, gold down" if warning else "")
-        _style(ax, title, "KL(policy ‖ reference), nats per response", "RM score (proxy)", legend=False)
+        title = f"{label}: proxy vs gold" if has_proxy else f"{label}: gold vs KL (no reward-model score)"
+        title += " — proxy up, gold down" if warning else ""
+        ylabel = "RM score (proxy)" if has_proxy else ""
+        _style(ax, title, "KL(policy ‖ reference), nats per response", ylabel, legend=False)
         handles = ax.get_legend_handles_labels()[0] + gold_ax.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower right")
         images.append((name, title, _save(fig, plot_dir / f"{name}.png")))
@@ -374,7 +379,7 @@ def _page(run_dir: Path, stages: dict, images: list, data: dict) -> str:
     if ppo:
         parts.append(
             f"<h2>PPO</h2><p>final KL to the reference {_fmt(ppo.get('final_kl'))} nats per response "
-            f"(target {e(str(ppo.get('kl_target')))}), β {_fmt(ppo.get('beta'))}</p>"
+            f"({_kl_target(ppo)}), β {_fmt(ppo.get('beta'))}</p>"
         )
         parts.append(_changed_section("PPO", ppo.get("changed")))
 
@@ -501,6 +506,12 @@ def _changed_section(stage: str, changed: dict | None) -> str:
 def _pm(value, se) -> str:
     """0.824 ± 0.012"""
     return _fmt(value) if se is None or _fmt(value) == "-" else f"{_fmt(value)} ± {_fmt(se)}"
+
+
+def _kl_target(ppo: dict) -> str:
+    """PPO's KL target as the report says it: a number, or that β stayed fixed."""
+    target = ppo.get("kl_target")
+    return f"target {_fmt(target)}" if target is not None else "β fixed, no target"
 
 
 def _fmt(value, digits: int = 3) -> str:
