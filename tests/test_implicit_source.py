@@ -141,17 +141,17 @@ def test_the_pipeline_gives_ppo_the_dpo_output_where_there_is_no_rm(tmp_path):
         load_pipeline(pipeline, ["stages=[sft, ppo]"])
 
 
-def _saved(path, seed: int):
-    source = resolve("tiny-llama")
-    tokenizer = load_tokenizer(source, ModelInit())
-    build_policy(source, ModelInit(), tokenizer, seed=seed).save_pretrained(path)
+def _saved(path, model, tokenizer):
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
 @pytest.mark.slow
-def test_ppo_runs_on_a_dpo_models_implicit_reward(tmp_path):
-    sft, dpo, out = _saved(tmp_path / "sft", 0), _saved(tmp_path / "dpo", 1), tmp_path / "ppo"
+def test_ppo_runs_on_a_dpo_models_implicit_reward(models, tmp_path):
+    tokenizer, reference, dpo_model = models
+    sft, dpo = _saved(tmp_path / "sft", reference, tokenizer), _saved(tmp_path / "dpo", dpo_model, tokenizer)
+    out = tmp_path / "ppo"
     fast = ["task.train_size=64", "task.eval_size=8", "task.test_per_bucket=4", "rollout.prompts_per_step=8"]
     fast += ["ppo.minibatches=2", "rollout.generation.max_new_tokens=4", "generation.max_new_tokens=4"]
     fast += ["tracking.report_to=[]", "tracking.progress=false", "train.eval_every=0", "ppo.value_warmup_steps=0"]

@@ -115,10 +115,11 @@ def reference_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """(B, R) fp32 log-probs of the response tokens under the frozen reference, at temperature 1."""
+    """(B, R) fp32 log-probs of the response tokens under the frozen reference, of softmax(logits / T)."""
     logits = reference_logits(unwrapped, ref_policy, input_ids, attention_mask, response.shape[1])
-    return logprobs_from_logits(logits.float(), response)
+    return logprobs_from_logits(logits.float() / temperature, response)
 
 
 @torch.no_grad()
@@ -142,8 +143,8 @@ def rollout_forwards(
         logits, values = model(input_ids, attention_mask, R, with_logits=with_logprobs)
         logprobs = None if logits is None else logprobs_from_logits(logits.float() / temperature, response)
         del logits
-        ref = reference_logits(accelerator.unwrap_model(model), ref_policy, input_ids, attention_mask, R)
-        ref_logprobs = logprobs_from_logits(ref.float() / temperature, response)
+        unwrapped = accelerator.unwrap_model(model)
+        ref_logprobs = reference_logprobs(unwrapped, ref_policy, input_ids, attention_mask, response, temperature)
     return logprobs, ref_logprobs, values
 
 
