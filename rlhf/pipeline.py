@@ -1,12 +1,13 @@
 """The whole pipeline in one command: SFT -> reward model -> PPO, each stage its own
 `accelerate launch` process, each stage's output feeding the next.
 
-    python launch/pipeline.py                                   # the built-in tiny default
+    python launch/pipeline.py                                   # the tiny default: SFT -> DPO -> PPO
+    python launch/pipeline.py --config configs/tiny/pipeline_rm.yaml   # the tiny SFT -> RM -> PPO
     python launch/pipeline.py --config configs/qwen2.5-0.5b/pipeline.yaml name=qwen \\
         --accelerate-config configs/accelerate/zero3.yaml --num-processes 8
-    python launch/pipeline.py name=try sft.train.max_steps=200 --from-stage rm
+    python launch/pipeline.py name=try sft.train.max_steps=200 --from-stage dpo
 
-Everything lands in runs/<name>/: sft/, rm/, ppo/, logs/<stage>.log, report.html. A stage whose
+Everything lands in runs/<name>/: sft/, rm/ (or dpo/), ppo/, logs/<stage>.log, report.html. A stage whose
 finished output was made from what its resolved config names now (manifest.json's config_hash,
 rlhf/checkpoint.py `content_hash`: data files by their bytes, earlier stages by their manifest,
 however the paths are written) is skipped; an interrupted stage resumes from its last complete checkpoint when
@@ -186,7 +187,9 @@ class PipelineConfig:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Run SFT -> RM -> PPO", formatter_class=argparse.RawTextHelpFormatter, epilog=__doc__
+        description="Run SFT -> reward model (RM or DPO) -> PPO",
+        formatter_class=argparse.RawTextHelpFormatter,
+        epilog=__doc__,
     )
     parser.add_argument("--config", default=str(ROOT / "configs/tiny/pipeline.yaml"), help="pipeline YAML")
     parser.add_argument("--from-stage", help="re-run this stage (sft, rm, ppo, round-2/rm, …) and the ones after it")

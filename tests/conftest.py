@@ -32,6 +32,9 @@ TINY_CONFIGS = {
     "launch/stage3_kto.py": "configs/tiny/kto.yaml",
     "launch/stage3_orpo.py": "configs/tiny/orpo.yaml",
     "launch/stage3_cpo.py": "configs/tiny/simpo.yaml",
+    # the pipeline tests (rounds, resume, the report's RM and proxy plots) run the SFT -> RM -> PPO road;
+    # the default file, SFT -> DPO -> PPO, has its own (test_implicit_source.py)
+    "launch/pipeline.py": "configs/tiny/pipeline_rm.yaml",
 }
 
 

@@ -105,7 +105,7 @@ def test_the_pipeline_launches_stages_as_modules_where_launch_is_not_shipped(ins
     `accelerate launch -m stages.commands <stage>`, which works from any directory."""
     import rlhf.pipeline as pipeline
 
-    cfg = pipeline.load_pipeline(str(ROOT / "configs/tiny/pipeline.yaml"), [f"runs_dir={tmp_path}"])
+    cfg = pipeline.load_pipeline(str(ROOT / "configs/tiny/pipeline_rm.yaml"), [f"runs_dir={tmp_path}"])
     assert str(ROOT / "launch/stage1_sft.py") in pipeline.launch_command(cfg, "sft")  # a checkout: its launcher
     monkeypatch.setattr(pipeline, "ROOT", installed)
     cmd = pipeline.launch_command(cfg, "rm")

@@ -144,10 +144,10 @@ def test_a_bad_value_from_a_base_names_the_base_unless_the_command_line_set_it(t
 
 
 def test_the_pipeline_config_inherits_too(tmp_path):
-    write(tmp_path, "base.yaml", f"base: {ROOT / 'configs/tiny/pipeline.yaml'}\nname: shared\n")
+    write(tmp_path, "base.yaml", f"base: {ROOT / 'configs/tiny/pipeline_rm.yaml'}\nname: shared\n")
     path = write(tmp_path, "child.yaml", "base: base.yaml\nrounds: 2\n")
     cfg = load_pipeline(str(path), ["name=mine", "sft.train.max_steps=3"])
-    stock = load_pipeline(str(ROOT / "configs/tiny/pipeline.yaml"), [])
+    stock = load_pipeline(str(ROOT / "configs/tiny/pipeline_rm.yaml"), [])
     assert (cfg.name, cfg.rounds, cfg.sft.overrides[-1]) == ("mine", 2, "train.max_steps=3")
     assert cfg.stages == stock.stages
 

@@ -1,10 +1,14 @@
 """The `implicit` reward source: a DPO model's implicit reward beta · Σ (log π_DPO − log π_ref) of the
 sampled tokens, against one unpadded forward per episode worked out here; the reference's log-probs
 from step 2 give the same reward as the source's own reference forward; configs and reward models
-of the wrong kind are refused; the pipeline wires a DPO stage's output to PPO."""
+of the wrong kind are refused; the pipeline wires a DPO stage's output to PPO, and the default
+pipeline command runs SFT -> DPO -> PPO end to end."""
 
 import json
 import logging
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,10 +133,10 @@ def test_a_reward_model_of_the_wrong_kind_is_refused(tmp_path, caplog):
 
 
 def test_the_pipeline_gives_ppo_the_dpo_output_where_there_is_no_rm(tmp_path):
-    pipeline = str(ROOT / "configs/tiny/pipeline_implicit.yaml")
+    pipeline = str(ROOT / "configs/tiny/pipeline.yaml")  # the default
     cfg = load_pipeline(pipeline, [f"runs_dir={tmp_path}"])
     configs = {j.name: resolved_stage_config(cfg, j) for j in jobs(cfg)}
-    run = tmp_path / "tiny-implicit"
+    run = tmp_path / "tiny"
     assert list(configs) == ["sft", "dpo", "ppo"]
     assert (configs["ppo"].policy, configs["ppo"].reward_model) == (str(run / "sft"), str(run / "dpo"))
     assert configs["dpo"].policy == str(run / "sft") and configs["dpo"].model_init.mixed_precision is None
@@ -171,3 +175,27 @@ def test_ppo_runs_on_a_dpo_models_implicit_reward(models, tmp_path):
     assert len(rewards) == 2 and all(r != 0 for r in rewards)  # two different models: a non-zero reward
     evaluation = json.loads((out / "eval.json").read_text())
     assert "rm_score" not in json.dumps(evaluation)  # no scalar reward model to score the answers
+
+
+@pytest.mark.slow
+def test_the_default_pipeline_command_runs_sft_then_dpo_then_ppo_on_the_implicit_reward(tmp_path):
+    """`python launch/pipeline.py` with no --config (what `make pipeline` runs), cut to a few steps a
+    stage: the DPO output is PPO's reward model, every stage finishes, the summary has a DPO row."""
+    small = ["model=tiny-llama", "sft.evaluate_base=false", "sft.train.max_steps=2", "sft.train.batch_size=8"]
+    small += ["sft.task.train_size=64", "dpo.pairs.train_size=64", "dpo.pairs.eval_size=8", "dpo.train.max_steps=2"]
+    small += ["dpo.pairs.onpolicy_fraction=0", "dpo.train.batch_size=8", "ppo.task.train_size=32"]
+    small += ["ppo.rollout.prompts_per_step=8", "ppo.ppo.minibatches=2", "ppo.rollout.generation.max_new_tokens=4"]
+    small += ["ppo.generation.max_new_tokens=4", "ppo.train.max_steps=2", "ppo.train.eval_every=0"]
+    for stage in ("sft", "dpo", "ppo"):
+        small += [f"{stage}.task.eval_size=8", f"{stage}.task.test_per_bucket=4", f"{stage}.tracking.report_to=[]"]
+        small += [f"{stage}.tracking.progress=false"]
+    cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), f"runs_dir={tmp_path}", "report=false", *small]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "tiny"  # the default file's name
+    manifests = {s: json.loads((run / s / "manifest.json").read_text()) for s in ("sft", "dpo", "ppo")}
+    assert [m["stage"] for m in manifests.values()] == ["sft", "dpo", "ppo"] and not (run / "rm").exists()
+    assert str(run / "dpo") in manifests["ppo"]["inputs"]  # PPO's reward model is the DPO output
+    rewards = [r["train/reward/dpo"] for r in read_metrics(run / "ppo" / "metrics.jsonl") if "train/reward/dpo" in r]
+    assert len(rewards) == 2
+    assert re.search(r"^\s*dpo\s+held-out pair accuracy", result.stdout, re.MULTILINE), result.stdout[-3000:]

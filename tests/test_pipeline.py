@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, tiny_config
 from rlhf import pipeline as pipeline_module
 from rlhf import report as report_module
 from rlhf.checkpoint import STAGES
@@ -117,7 +117,8 @@ def test_a_finished_run_addressed_by_another_path_from_another_directory_is_curr
     run_dir, _ = run
     runs = run_dir.parent
     other = f"{runs.parent}/../{runs.parent.name}/{runs.name}"
-    cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), f"runs_dir={other}", "name=mini", *MINI, *QUIET]
+    cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), *tiny_config("launch/pipeline.py", ())]
+    cmd += [f"runs_dir={other}", "name=mini", *MINI, *QUIET]
     cmd += ["ppo.train.max_steps=8", "--dry-run"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
@@ -239,7 +240,7 @@ def test_kill_minus_9_in_ppo_then_same_command_finishes(tmp_path):
         "rm.tracking.report_to=[]",
         "ppo.tracking.report_to=[]",
     ]
-    cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), *args]
+    cmd = [sys.executable, str(ROOT / "launch/pipeline.py"), *tiny_config("launch/pipeline.py", ()), *args]
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -366,7 +367,7 @@ def test_upstream_rerun_makes_downstream_start_afresh(tmp_path):
 def test_stages_that_would_draw_different_held_out_splits_are_refused(tmp_path):
     """One stage's test items must not be another's training items: every stage draws the same
     validation and test splits, or the pipeline stops before running anything."""
-    config = str(ROOT / "configs/tiny/pipeline.yaml")
+    config = str(ROOT / "configs/tiny/pipeline_rm.yaml")
     check_held_out_agree(load_pipeline(config, []))  # the shipped configs agree
     for override, key in (
         ("ppo.task.test_seed=7", "ppo.task.test_seed"),
@@ -387,7 +388,7 @@ def test_rounds_use_the_pipelines_label_config_and_their_held_out_splits_are_che
     check_held_out_agree(cfg)
     label = next(j for j in jobs(cfg) if j.kind == "label")
     assert resolved_stage_config(cfg, label).task.name == "addition_reversed"
-    tiny = str(ROOT / "configs/tiny/pipeline.yaml")
+    tiny = str(ROOT / "configs/tiny/pipeline_rm.yaml")
     check_held_out_agree(load_pipeline(tiny, ["rounds=3"]))
     for overrides, key in (
         (["label.config=configs/tiny/label.yaml"], "round-2/label.task.name"),
@@ -403,7 +404,7 @@ def test_rounds_use_the_pipelines_label_config_and_their_held_out_splits_are_che
 def test_a_first_label_stage_feeds_sft_its_passing_answers_and_rm_and_dpo_its_pairs(tmp_path):
     # The own-samples pipeline (configs/smollm2-135m/constraints.yaml): sample the starting model,
     # SFT on its answers the checker passes (rejection sampling), RM and DPO on the labelled pairs.
-    tiny = str(ROOT / "configs/tiny/pipeline.yaml")
+    tiny = str(ROOT / "configs/tiny/pipeline_rm.yaml")
     cfg = load_pipeline(tiny, [f"runs_dir={tmp_path}", "name=own", "stages=[label, sft, rm, ppo, dpo]"])
     configs = {j.name: resolved_stage_config(cfg, j) for j in jobs(cfg)}
     run = tmp_path / "own"

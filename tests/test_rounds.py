@@ -15,7 +15,7 @@ import time
 import pytest
 from test_pipeline import SMALLEST
 
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, tiny_config
 from rlhf.cli import parse
 from rlhf.config import ModelInit
 from rlhf.pipeline import KINDS
@@ -55,7 +55,7 @@ def test_round_two_continues_round_one_and_a_killed_round_resumes(tmp_path):
     runs, run = tmp_path / "runs", tmp_path / "runs" / "r"
     args = [f"runs_dir={runs}", "name=r", *ROUNDS]
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch/pipeline.py"), *args],
+        [sys.executable, str(ROOT / "launch/pipeline.py"), *tiny_config("launch/pipeline.py", ()), *args],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -117,7 +117,7 @@ def test_round_stages_are_wired_to_the_round_before(tmp_path):
     # the RM's data grows: every round's comparisons so far; its held-out pairs are this round's
     assert configs["round-3/rm"].pairs.extra_train == (str(r2 / "label/pairs.jsonl"), str(r3 / "label/pairs.jsonl"))
     assert configs["round-3/rm"].pairs.extra_eval == (str(r3 / "label/eval_pairs.jsonl"),)
-    # configs/tiny/pipeline.yaml's round.rm_overrides: a continuation, each comparison 13 times
+    # configs/tiny/pipeline_rm.yaml's round.rm_overrides: a continuation, each comparison 13 times
     assert configs["round-3/rm"].train.max_steps == 1500 and configs["round-3/rm"].pairs.extra_train_repeat == 13
     ppo3 = configs["round-3/ppo"]
     assert (ppo3.policy, ppo3.reward_model, ppo3.reference) == (str(r2 / "ppo"), str(r3 / "rm"), str(run / "sft"))
