@@ -368,7 +368,8 @@ def test_stages_that_would_draw_different_held_out_splits_are_refused(tmp_path):
     """One stage's test items must not be another's training items: every stage draws the same
     validation and test splits, or the pipeline stops before running anything."""
     config = str(ROOT / "configs/tiny/pipeline_rm.yaml")
-    check_held_out_agree(load_pipeline(config, []))  # the shipped configs agree
+    check_held_out_agree(load_pipeline(config, []))  # the shipped configs agree, the default's too
+    check_held_out_agree(load_pipeline(str(ROOT / "configs/tiny/pipeline.yaml"), []))
     for override, key in (
         ("ppo.task.test_seed=7", "ppo.task.test_seed"),
         ("rm.task.eval_size=24", "rm.task.eval_size"),
